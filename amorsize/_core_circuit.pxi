@@ -1,0 +1,1 @@
+# Circuit breaker state check on the call path: filled in by the reliability layer.

@@ -1,0 +1,1 @@
+# Optimizer cost model (chunk sizes, worker counts): filled in by the optimizer.

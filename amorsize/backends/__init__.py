@@ -1,0 +1,1 @@
+"""Execution backends: serial, threads, processes (and dask, where installed)."""
