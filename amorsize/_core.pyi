@@ -1,10 +1,140 @@
 """Type stubs for the compiled core ``amorsize._core``."""
 
 # --- retry ---------------------------------------------------------------------------------
+from collections.abc import Generator as _Generator
+from types import CodeType as _CodeType
+from typing import Generic as _Generic
+from typing import ParamSpec as _ParamSpec
+from typing import TypeVar as _TypeVar
+from typing import overload as _overload
+
+_RP = _ParamSpec("_RP")
+_RR = _TypeVar("_RR")
+_RT = _TypeVar("_RT")
+
 def backoff_delay(
     initial_delay: float, exponential_base: float, max_delay: float, attempt: int
 ) -> float: ...
+def seed_jitter(seed: int) -> None: ...
+def jitter_uniform() -> float: ...
+def _set_testing_state(enabled: bool, max_retries: int) -> tuple[bool, int]: ...
+def _set_exhausted_error(cls: type[BaseException]) -> None: ...
+def retry_call_core(
+    func: _Callable[..., _RT],
+    policy: _RetryPolicyCore,
+    args: tuple[_Any, ...],
+    kwargs: dict[str, _Any] | None,
+) -> _RT: ...
+
+class _RetryPolicyCore:
+    _lowered: bool
+    def _lower(
+        self,
+        max_retries: int,
+        initial_delay: float,
+        max_delay: float,
+        exponential_base: float,
+        jitter_mode: int,
+        exc_types: tuple[type[BaseException], ...],
+        on_retry: _Callable[..., object] | None,
+        max_elapsed: float,
+        retry_on_result: _Callable[[_Any], object] | None,
+        reraise: bool,
+        exc_excluded: tuple[type[BaseException], ...] = (),
+    ) -> None: ...
+    def calculate_delay(self, attempt: int, previous_delay: float | None = None) -> float: ...
+    def should_retry(self, exception: BaseException | None, attempt: int) -> bool: ...
+
+class RetryStats:
+    @property
+    def calls(self) -> int: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def exhausted(self) -> int: ...
+    def reset(self) -> None: ...
+    def as_dict(self) -> dict[str, int]: ...
+
+class _RetryingBase(_Generic[_RP, _RR]):
+    __wrapped__: _Callable[_RP, _RR]
+    __name__: str
+    __qualname__: str
+    __module__: str
+    def __init__(self, func: _Callable[_RP, _RR], policy: _RetryPolicyCore) -> None: ...
+    def __call__(self, *args: _RP.args, **kwargs: _RP.kwargs) -> _RR: ...
+    @_overload
+    def __get__(self, instance: None, owner: type | None) -> _RetryingBase[_RP, _RR]: ...
+    @_overload
+    def __get__(self, instance: object, owner: type | None) -> _Callable[..., _RR]: ...
+    @property
+    def retry_policy(self) -> _Any: ...
+    @property
+    def retry_stats(self) -> RetryStats: ...
+    @property
+    def __code__(self) -> _CodeType: ...
+    @property
+    def __defaults__(self) -> tuple[_Any, ...] | None: ...
+    @property
+    def __kwdefaults__(self) -> dict[str, _Any] | None: ...
+
+class RetryingFunction(_RetryingBase[_RP, _RR]):
+    def call_outcome(self, *args: _RP.args, **kwargs: _RP.kwargs) -> tuple[bool, _Any, int]: ...
+
+class AsyncRetryingFunction(_RetryingBase[_RP, _RR]): ...
+
+class RetryCoroutine:
+    def __await__(self) -> _Generator[_Any, None, _Any]: ...
+    def __next__(self) -> _Any: ...
+    def send(self, value: _Any) -> _Any: ...
+    def throw(self, typ: _Any, val: _Any = None, tb: _Any = None) -> _Any: ...
+    def close(self) -> None: ...
 
 # --- model ---------------------------------------------------------------------------------
+# Workload / Machine are the model's structs; pass dicts with exactly these keys.
+_Workload = dict[str, float]  # n_items t_mean t_std t_max cpu_fraction in_bytes out_bytes
+#   in_dump_s in_load_s out_dump_s out_load_s mem_per_item func_bytes
+_Machine = dict[str, float]  # cores proc_startup_s proc_startup_per_worker_s warm_workers
+#   proc_roundtrip_s per_byte_s parent_item_s worker_rss available_memory
+#   thread_startup_s thread_roundtrip_s
+
+def model_serial_seconds(w: _Workload) -> float: ...
+def model_process_seconds(w: _Workload, m: _Machine, n: float, c: float) -> float: ...
+def model_thread_seconds(w: _Workload, m: _Machine, n: float, c: float) -> float: ...
+def model_max_workers_for_memory(w: _Workload, m: _Machine, chunksize: float) -> int: ...
+def model_search(
+    w: _Workload, m: _Machine, process_ns: list[int], thread_ns: list[int]
+) -> list[tuple[int, int, int, float]]: ...
 
 # --- circuit -------------------------------------------------------------------------------
+from collections.abc import Callable as _Callable  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+
+CIRCUIT_CLOSED: int
+CIRCUIT_OPEN: int
+CIRCUIT_HALF_OPEN: int
+
+class CircuitCore:
+    state: int
+    generation: int
+    consecutive_failures: int
+    failure_threshold: int
+    failure_rate: float
+    minimum_calls: int
+    window: int
+    window_calls: int
+    window_failures: int
+    total_successes: int
+    total_failures: int
+    def __init__(
+        self, failure_threshold: int, failure_rate: float, window: int, minimum_calls: int
+    ) -> None: ...
+    def record_success(self, generation: int) -> None: ...
+    def record_failure(self, generation: int) -> bool: ...
+    def transition(self, state: int) -> int: ...
+
+class CircuitGuarded:
+    func: _Callable[..., _Any]
+    circuit_breaker: _Any
+    def __init__(self, func: _Callable[..., _Any], core: CircuitCore, breaker: _Any) -> None: ...
+    def __call__(self, *args: _Any, **kwargs: _Any) -> _Any: ...
+    def __get__(self, instance: object, owner: type | None = None) -> _Any: ...

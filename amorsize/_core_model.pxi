@@ -1,1 +1,235 @@
-# Optimizer cost model (chunk sizes, worker counts): filled in by the optimizer.
+# Optimizer cost model: predicted wall time of serial / processes(n, c) / threads(n, c)
+# runs, and the search over worker counts and chunk sizes.
+#
+# Plain numbers in and out: the optimizer fills two structs (Python dicts convert to them)
+# from the sampled profile and the machine facts; nothing here validates or does I/O.
+#
+# Timeline of a process run, as modelled (one parent, n workers, K = ceil(N / c) chunks):
+#
+#   start-up ─▶ first chunk out ─▶ [ workers compute | parent pickles inputs, unpickles
+#   results: a serial stream ] ─▶ tail: the last chunks finish unevenly ─▶ last chunk back
+#
+# The parallel middle lasts as long as its slowest constraint: the work spread over the
+# workers, the CPU time of workers and parent spread over the usable cores, or the parent's
+# serial stream alone.
+
+from libc.math cimport ceil, floor, log, sqrt
+
+cdef struct Workload:
+    double n_items          # items still to run (the sampled ones are already done)
+    double t_mean           # wall seconds per item
+    double t_std            # spread of wall seconds per item
+    double t_max            # slowest sampled item
+    double cpu_fraction     # CPU seconds / wall seconds of an item, clipped to [0, 1]
+    double in_bytes         # pickled input per item
+    double out_bytes        # pickled output per item
+    double in_dump_s        # parent: pickle one input (amortised over a chunk)
+    double in_load_s        # worker: unpickle one input
+    double out_dump_s       # worker: pickle one output
+    double out_load_s       # parent: unpickle one output
+    double mem_per_item     # bytes a worker holds per item in flight
+    double func_bytes       # pickled function, sent once per worker
+
+cdef struct Machine:
+    double cores                    # usable cores (affinity, quota)
+    double proc_startup_s           # first process worker: start + first round trip
+    double proc_startup_per_worker_s
+    double warm_workers             # process workers already running (no start-up)
+    double proc_roundtrip_s         # one small message to a worker and back
+    double per_byte_s               # moving one byte through a pipe
+    double parent_item_s            # executor bookkeeping per item in the parent
+    double worker_rss               # resident bytes of an idle worker
+    double available_memory
+    double thread_startup_s
+    double thread_roundtrip_s
+
+# Backend codes in the tuples returned by model_search.
+cdef enum:
+    _SERIAL = 0
+    _PROCESSES = 1
+    _THREADS = 2
+
+# Fraction of available memory the workers may use together (the rest is the parent's
+# and the system's headroom).
+cdef double _MEMORY_SHARE = 0.8
+# Pure-Python CPU work on several threads runs a little slower than on one (GIL hand-offs,
+# cache misses): about 10% on CPython 3.11 in benchmarks/bench_quality.py's 1 ms workload.
+cdef double _GIL_CONTENTION = 1.10
+# Chunk-size grid step: fine enough that the best grid point is within ~12% of the optimum
+# of a smooth cost curve, coarse enough that the whole search costs microseconds.
+cdef double _GRID_STEP = 1.25
+
+
+cpdef double model_serial_seconds(Workload w) noexcept:
+    """Predicted wall seconds for running the remaining items in this process.
+
+    ``n_items * t_mean``: no overhead at all, which is what parallel plans must beat.
+    """
+    return w.n_items * w.t_mean
+
+
+cdef inline double _tail(double n_active, double chunk_s, double chunk_std) noexcept:
+    """Expected extra time of the last, unevenly finishing chunks over a perfect split.
+
+    With dynamic scheduling each worker idles on average about half a chunk at the end;
+    item-time spread adds the expected maximum of n normal deviations (sqrt(2 ln n) sigma).
+    """
+    if n_active <= 1.0:
+        return 0.0
+    return 0.5 * chunk_s * (1.0 - 1.0 / n_active) + chunk_std * sqrt(2.0 * log(n_active))
+
+
+cpdef long long model_max_workers_for_memory(Workload w, Machine m, double chunksize) noexcept:
+    """How many process workers fit in memory with ``chunksize`` items in flight each."""
+    cdef double footprint = m.worker_rss + w.mem_per_item + 2.0 * chunksize * (
+        w.in_bytes + w.out_bytes)
+    if m.available_memory <= 0.0 or footprint <= 0.0:
+        return 1 << 30
+    return <long long>floor(_MEMORY_SHARE * m.available_memory / footprint)
+
+
+cpdef double model_process_seconds(Workload w, Machine m, double n, double c) noexcept:
+    """Predicted wall seconds for ``n`` process workers taking chunks of ``c`` items."""
+    cdef double N = w.n_items
+    if N <= 0.0:
+        return 0.0
+    if c < 1.0:
+        c = 1.0
+    cdef double K = ceil(N / c)
+    cdef double n_active = n if n < K else K
+    cdef double cold = n - m.warm_workers
+    cdef double startup = 0.0
+    if cold > 0.0:
+        startup = m.proc_startup_s + m.proc_startup_per_worker_s * (cold - 1.0)
+    startup += n * w.func_bytes * m.per_byte_s
+    # Per item, split between the parent (a serial stream) and the workers (parallel).
+    cdef double parent_item = (w.in_dump_s + w.out_load_s + m.parent_item_s
+                               + (w.in_bytes + w.out_bytes) * m.per_byte_s)
+    cdef double worker_item = w.t_mean + w.in_load_s + w.out_dump_s
+    cdef double worker_cpu_item = w.t_mean * w.cpu_fraction + w.in_load_s + w.out_dump_s
+    cdef double parent_total = N * parent_item + K * 0.5 * m.proc_roundtrip_s
+    cdef double worker_total = N * worker_item + K * 0.5 * m.proc_roundtrip_s
+    cdef double cpu_total = N * worker_cpu_item + parent_total
+    cdef double middle = worker_total / n_active
+    cdef double by_cores = cpu_total / m.cores
+    if by_cores > middle:
+        middle = by_cores
+    if parent_total > middle:
+        middle = parent_total
+    # A chunk's duration stretches when more CPU-bound workers than cores share them.
+    cdef double stretch = n_active * w.cpu_fraction / m.cores
+    if stretch < 1.0:
+        stretch = 1.0
+    cdef double chunk_s = c * worker_item * stretch
+    cdef double tail = _tail(n_active, chunk_s, sqrt(c) * w.t_std * stretch)
+    cdef double total = middle + tail
+    # No run is shorter than its slowest chunk, nor than its slowest item.
+    if chunk_s + w.t_max > total:
+        total = chunk_s + w.t_max
+    # Pipeline fill and drain: the first chunk goes out before anyone works, the last
+    # chunk's results come back after everyone is done.
+    total += c * parent_item + m.proc_roundtrip_s
+    return startup + total
+
+
+cpdef double model_thread_seconds(Workload w, Machine m, double n, double c) noexcept:
+    """Predicted wall seconds for ``n`` threads taking chunks of ``c`` items.
+
+    The CPU part of each item holds the GIL, so it runs one thread at a time; only the
+    rest (sleeping, waiting on I/O) overlaps.
+    """
+    cdef double N = w.n_items
+    if N <= 0.0:
+        return 0.0
+    if c < 1.0:
+        c = 1.0
+    cdef double K = ceil(N / c)
+    cdef double n_active = n if n < K else K
+    cdef double startup = n * m.thread_startup_s
+    cdef double gil_item = w.t_mean * w.cpu_fraction * (
+        _GIL_CONTENTION if n_active > 1.0 else 1.0)
+    cdef double item = w.t_mean
+    if gil_item > item:
+        item = gil_item
+    cdef double middle = (N * (item + m.parent_item_s) + K * m.thread_roundtrip_s) / n_active
+    cdef double gil_total = N * (gil_item + m.parent_item_s) + K * m.thread_roundtrip_s
+    if gil_total > middle:
+        middle = gil_total
+    cdef double chunk_s = c * item
+    cdef double total = middle + _tail(n_active, chunk_s, sqrt(c) * w.t_std)
+    if chunk_s + w.t_max > total:
+        total = chunk_s + w.t_max
+    return startup + total + m.thread_roundtrip_s
+
+
+cdef double _best_chunk(Workload w, Machine m, int backend, double n, double *best_c) noexcept:
+    """Search chunk sizes 1 .. ceil(N / n) on a geometric grid; return the best time."""
+    cdef double N = w.n_items
+    cdef double top = ceil(N / n)
+    cdef double c = 1.0, t, best = 1e300
+    cdef double extra[3]
+    cdef int i
+    extra[0] = top
+    extra[1] = ceil(N / (2.0 * n))
+    extra[2] = ceil(N / (4.0 * n))
+    best_c[0] = 1.0
+    while True:
+        if backend == _PROCESSES:
+            if model_max_workers_for_memory(w, m, c) < n:
+                break
+            t = model_process_seconds(w, m, n, c)
+        else:
+            t = model_thread_seconds(w, m, n, c)
+        if t < best:
+            best = t
+            best_c[0] = c
+        if c >= top:
+            break
+        c = floor(c * _GRID_STEP) if floor(c * _GRID_STEP) > c else c + 1.0
+        if c > top:
+            c = top
+    for i in range(3):
+        c = extra[i]
+        if c < 1.0:
+            continue
+        if backend == _PROCESSES:
+            if model_max_workers_for_memory(w, m, c) < n:
+                continue
+            t = model_process_seconds(w, m, n, c)
+        else:
+            t = model_thread_seconds(w, m, n, c)
+        if t < best:
+            best = t
+            best_c[0] = c
+    return best
+
+
+cpdef list model_search(Workload w, Machine m, list process_ns, list thread_ns):
+    """Best chunk size for each candidate worker count; ``(backend, n, chunksize, seconds)``.
+
+    ``backend`` is 0 serial, 1 processes, 2 threads; the list is sorted fastest first and
+    always holds the serial candidate. Worker counts that do not fit in memory are skipped.
+    """
+    cdef list out = [(_SERIAL, 1, 1, model_serial_seconds(w))]
+    cdef double best_c = 1.0, t
+    cdef long long n
+    if w.n_items <= 0.0:
+        return out
+    for n in process_ns:
+        if n < 1:
+            continue
+        t = _best_chunk(w, m, _PROCESSES, <double>n, &best_c)
+        if t < 1e300:
+            out.append((_PROCESSES, n, <long long>best_c, t))
+    for n in thread_ns:
+        if n < 1:
+            continue
+        t = _best_chunk(w, m, _THREADS, <double>n, &best_c)
+        if t < 1e300:
+            out.append((_THREADS, n, <long long>best_c, t))
+    out.sort(key=_seconds_key)
+    return out
+
+
+def _seconds_key(tuple cand):
+    return cand[3]

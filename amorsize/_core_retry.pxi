@@ -1,6 +1,234 @@
-# Retry hot path: backoff delay math (the jitter and the call loop join it here).
+# Retry hot path: backoff delay math, jitter sampling, the retry decision and the call loop.
+#
+# Python (amorsize/retry.py) validates a RetryPolicy once and lowers it into the C fields
+# of ``_RetryPolicyCore`` (its base class); everything below reads only those fields.
+#
+# Call path of a decorated function ``g = with_retry(f)``::
+#
+#     g(x) --vectorcall--> _retry_vectorcall --PyObject_Vectorcall--> f(x) --> result
+#                                 | f raised (exception taken out with the C API)
+#                                 v
+#                          _retry_run: _retry_after_failure (decide, delay, stats, log,
+#                          on_retry), time.sleep, call f again ...
+#
+# On the success path only a counter increment and a flag test sit between the caller and
+# ``f``: no tuple or dict is built, no Python frame is pushed, no exception state saved.
+# Coroutine functions get ``RetryCoroutine``, a hand-written coroutine with ``am_send``.
+#
+# Thread safety: every statement here runs with the GIL held and never releases it between
+# reading and writing shared state, so the plain C counter increments in ``RetryStats``
+# are atomic on CPython with the GIL (not on free-threaded builds, which are not shipped).
+# Decorrelated-jitter state is a local of ``_retry_run``: per call, never shared.
 
+cimport cython
+from cpython.object cimport PyObject
 from libc.math cimport isfinite, pow
+from libc.stdint cimport uint64_t
+
+import collections.abc as _collections_abc
+import logging as _logging
+import os as _os
+import sys as _sys
+import time as _time
+from types import MethodType as _MethodType
+
+cdef extern from "Python.h":
+    # Aliased C names: other include files declare some of these with other signatures.
+    ctypedef PyObject* (*_rt_vectorcallfunc "vectorcallfunc")(
+        PyObject*, PyObject* const*, size_t, PyObject*)
+    int _rt_long_check "PyLong_Check"(object o)
+    Py_ssize_t _rt_nargs "PyVectorcall_NARGS"(size_t nargsf)
+    long long _rt_as_ll "PyLong_AsLongLongAndOverflow"(object o, int* overflow) except? -1
+    bint _rt_coro_check "PyCoro_CheckExact"(object o)
+    int _rt_iter_send "PyIter_Send"(object iter, object arg, PyObject** presult) noexcept
+    tuple _rt_tuple_new "PyTuple_New"(Py_ssize_t n)
+    void _rt_tuple_set "PyTuple_SET_ITEM"(tuple t, Py_ssize_t i, object o)
+    void Py_INCREF(object o)
+    void Py_DECREF(object o)
+    PyObject* _rt_raw_call "PyObject_Call"(PyObject* callable, PyObject* args,
+                                           PyObject* kwargs) noexcept
+    PyObject* _rt_raw_vectorcall "PyObject_Vectorcall"(
+        PyObject* callable, PyObject* const* args, size_t nargsf, PyObject* kwnames) noexcept
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #if defined(_MSC_VER)
+    #  define AMS_TLS __declspec(thread)
+    #else
+    #  define AMS_TLS __thread
+    #endif
+    /* xoshiro256** (Blackman & Vigna), one state per thread, seeded by splitmix64.
+       A thread (re)seeds itself lazily when its generation differs from the global one:
+       on first use, after ams_rng_reseed() (seed_jitter, and in every child after fork). */
+    typedef struct { uint64_t s[4]; uint64_t gen; } ams_rng_t;
+    static AMS_TLS ams_rng_t ams_rng_tls;             /* gen 0: never seeded */
+    static uint64_t ams_rng_seed_base = 0x9E3779B97F4A7C15ULL;
+    static uint64_t ams_rng_generation = 1;
+    static uint64_t ams_rng_threads = 0;
+
+    static inline uint64_t ams_splitmix64(uint64_t *x) {
+        uint64_t z = (*x += 0x9E3779B97F4A7C15ULL);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+    static inline uint64_t ams_rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+    static void ams_rng_seed_state(ams_rng_t *r, uint64_t seed) {
+        uint64_t x = seed;
+        for (int i = 0; i < 4; i++) r->s[i] = ams_splitmix64(&x);
+        r->gen = ams_rng_generation;
+    }
+    /* Uniform double in [0, 1) with 53 random bits. */
+    static inline double ams_rng_uniform(void) {
+        ams_rng_t *r = &ams_rng_tls;
+        if (r->gen != ams_rng_generation) {
+            uint64_t k = ams_rng_threads++;
+            ams_rng_seed_state(r, ams_rng_seed_base ^ (k * 0xD1B54A32D192ED03ULL));
+        }
+        uint64_t *s = r->s;
+        uint64_t result = ams_rotl(s[1] * 5, 7) * 9;
+        uint64_t t = s[1] << 17;
+        s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+        s[2] ^= t; s[3] = ams_rotl(s[3], 45);
+        return (double)(result >> 11) * (1.0 / 9007199254740992.0);
+    }
+    /* Give a type with __await__ the am_send slot (3.10+), so that `await` and PyIter_Send
+       drive it without a StopIteration per call. */
+    static int ams_set_am_send(PyObject *type, void *fn) {
+        PyTypeObject *tp = (PyTypeObject *)type;
+        if (tp->tp_as_async == NULL) {
+            PyErr_SetString(PyExc_SystemError, "type has no async slots");
+            return -1;
+        }
+        tp->tp_as_async->am_send = (sendfunc)fn;
+    #ifdef Py_TPFLAGS_HAVE_AM_SEND
+        tp->tp_flags |= Py_TPFLAGS_HAVE_AM_SEND;
+    #endif
+        PyType_Modified(tp);
+        return 0;
+    }
+    /* The exception being raised, taken out of the thread state (new reference, with its
+       traceback attached). Cheaper than a Cython `except` clause, which records a frame. */
+    static PyObject *ams_fetch_exception(void) {
+    #if PY_VERSION_HEX >= 0x030C0000
+        return PyErr_GetRaisedException();
+    #else
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        if (t == NULL) return NULL;
+        PyErr_NormalizeException(&t, &v, &tb);
+        if (tb != NULL) {
+            PyException_SetTraceback(v, tb);
+            Py_DECREF(tb);
+        }
+        Py_DECREF(t);
+        return v;
+    #endif
+    }
+    /* Raise `exc` again, unchanged (its own traceback continues); always returns -1. */
+    static int ams_reraise(PyObject *exc) {
+    #if PY_VERSION_HEX >= 0x030C0000
+        Py_INCREF(exc);
+        PyErr_SetRaisedException(exc);
+    #else
+        PyObject *tb = PyException_GetTraceback(exc);
+        Py_INCREF(Py_TYPE(exc));
+        Py_INCREF(exc);
+        PyErr_Restore((PyObject *)Py_TYPE(exc), exc, tb);
+    #endif
+        return -1;
+    }
+    static void ams_rng_reseed(uint64_t seed) {
+        ams_rng_seed_base = seed;
+        ams_rng_threads = 0;
+        ams_rng_generation++;
+    }
+
+    /* Cython has no syntax for vectorcall on a cdef class, so the slot is set by hand
+       once at import: the instance stores its entry point at `offset`. */
+    static int ams_enable_vectorcall(PyObject *type, Py_ssize_t offset) {
+        PyTypeObject *tp = (PyTypeObject *)type;
+        tp->tp_vectorcall_offset = offset;
+        tp->tp_call = PyVectorcall_Call;
+        tp->tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL;
+        PyType_Modified(tp);
+        return 0;
+    }
+    """
+    double ams_rng_uniform() nogil
+    void ams_rng_reseed(uint64_t seed) nogil
+    int ams_enable_vectorcall(object tp, Py_ssize_t offset) except -1
+    object _rt_fetch_exception "ams_fetch_exception"()
+    int _rt_reraise "ams_reraise"(object exc) except -1
+    int ams_set_am_send(object tp, void* fn) except -1
+
+
+# Jitter strategies, as lowered by amorsize.retry (RetryPolicy.jitter).
+cdef enum:
+    JITTER_NONE = 0
+    JITTER_PROPORTIONAL = 1   # the seed's +-25 %
+    JITTER_FULL = 2           # AWS "full": U(0, d)
+    JITTER_EQUAL = 3          # AWS "equal": d/2 + U(0, d/2)
+    JITTER_DECORRELATED = 4   # AWS "decorrelated": min(cap, U(initial, 3 * previous sleep))
+
+# What _retry_after_failure tells the loop (any value >= 0 is the delay before a retry).
+cdef double _RETRY_PROPAGATE = -1.0   # not retryable: re-raise unchanged
+cdef double _RETRY_EXHAUSTED = -2.0   # retryable, but out of attempts or time
+
+_retry_logger = _logging.getLogger("amorsize")
+# Set by amorsize.retry at import: the exception class raised on exhaustion.
+_retry_exhausted_error = RuntimeError
+
+# Testing mode (amorsize.set_testing): no real sleeps, optionally fewer attempts.
+cdef bint _retry_testing = False
+cdef long long _retry_testing_cap = -1
+
+# Never retried, whatever retry_on_exceptions says: they mean "stop", not "failed"
+# (asyncio.CancelledError too, checked where asyncio is loaded).
+cdef tuple _retry_never = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def seed_jitter(uint64_t seed):
+    """Reseed the jitter generator: the calling thread's next draws become reproducible.
+
+    Other threads reseed from the same base on their next draw. Forked children reseed
+    themselves from fresh entropy automatically.
+
+    >>> seed_jitter(42); a = jitter_uniform(); seed_jitter(42); a == jitter_uniform()
+    True
+    """
+    ams_rng_reseed(seed)
+
+
+def jitter_uniform():
+    """One draw in ``[0, 1)`` from the jitter generator (for tests and diagnostics)."""
+    return ams_rng_uniform()
+
+
+def _reseed_after_fork():
+    # Fresh entropy per child, so that forked workers do not sleep in lockstep.
+    ams_rng_reseed(int.from_bytes(_os.urandom(8), "little") ^ <uint64_t>_os.getpid())
+
+
+_reseed_after_fork()
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
+def _set_testing_state(bint enabled, long long max_retries):
+    """Set the process-wide testing mode; returns the previous ``(enabled, max_retries)``."""
+    global _retry_testing, _retry_testing_cap
+    previous = (_retry_testing, _retry_testing_cap)
+    _retry_testing = enabled
+    _retry_testing_cap = max_retries
+    return previous
+
+
+def _set_exhausted_error(cls):
+    global _retry_exhausted_error
+    _retry_exhausted_error = cls
 
 
 cpdef double backoff_delay(double initial_delay, double exponential_base,
@@ -24,3 +252,683 @@ cpdef double backoff_delay(double initial_delay, double exponential_base,
     if not isfinite(d) or d > max_delay:
         return max_delay
     return d
+
+
+cdef inline double _retry_jittered(_RetryPolicyCore p, long long attempt,
+                                   double previous) noexcept:
+    cdef double d, u, lo, hi
+    if p.jitter_mode == JITTER_DECORRELATED:
+        lo = p.initial_delay
+        hi = 3.0 * previous
+        if hi < lo:
+            hi = lo
+        d = lo + ams_rng_uniform() * (hi - lo)
+    else:
+        d = backoff_delay(p.initial_delay, p.exponential_base, p.max_delay, attempt)
+        if p.jitter_mode == JITTER_PROPORTIONAL:
+            d = d * (0.75 + 0.5 * ams_rng_uniform())
+        elif p.jitter_mode == JITTER_FULL:
+            d = d * ams_rng_uniform()
+        elif p.jitter_mode == JITTER_EQUAL:
+            d = 0.5 * d + 0.5 * d * ams_rng_uniform()
+    # Keep every strategy inside [0, max_delay] (proportional jitter can overshoot the cap).
+    if not d <= p.max_delay:
+        d = p.max_delay
+    if not d >= 0.0:
+        d = 0.0
+    return d
+
+
+cdef inline long long _retry_attempt_from(object attempt) except? -2:
+    # Python ints of any size: huge attempts saturate instead of raising OverflowError.
+    cdef int overflow = 0
+    cdef long long a
+    if not _rt_long_check(attempt):
+        msg = f"attempt must be an int (attempts are numbered from 1), got {attempt!r}"
+        raise TypeError(msg)
+    a = _rt_as_ll(attempt, &overflow)
+    if overflow > 0:
+        return 0x7FFFFFFFFFFFFFFF
+    if overflow < 0 or a < 1:
+        msg = f"attempt must be >= 1 (attempts are numbered from 1), got {attempt!r}"
+        raise ValueError(msg)
+    return a
+
+
+cdef inline bint _retry_may(_RetryPolicyCore p, long long attempt) noexcept:
+    cdef long long limit = p.max_retries
+    if _retry_testing and _retry_testing_cap >= 0:
+        if limit < 0 or _retry_testing_cap < limit:
+            limit = _retry_testing_cap
+    return limit < 0 or attempt <= limit
+
+
+@cython.auto_pickle(False)
+cdef class _RetryPolicyCore:
+    """The C fields of a ``RetryPolicy``; set once by ``_lower`` and never changed after."""
+
+    cdef readonly bint _lowered
+    cdef long long max_retries
+    cdef double initial_delay, max_delay, exponential_base, max_elapsed
+    cdef int jitter_mode
+    cdef bint reraise
+    cdef bint simple   # no clock, no result check: the call path may skip the Cython loop
+    cdef tuple exc_types
+    cdef tuple exc_excluded   # subclasses of exc_types that are still not retried
+    cdef object on_retry_cb
+    cdef object result_pred
+
+    def _lower(self, long long max_retries, double initial_delay, double max_delay,
+               double exponential_base, int jitter_mode, tuple exc_types, on_retry,
+               double max_elapsed, retry_on_result, bint reraise, tuple exc_excluded=()):
+        if self._lowered:
+            raise AttributeError("a RetryPolicy is immutable: build a new one instead")
+        self.max_retries = max_retries
+        self.initial_delay = initial_delay
+        self.max_delay = max_delay
+        self.exponential_base = exponential_base
+        self.jitter_mode = jitter_mode
+        self.exc_types = exc_types
+        self.exc_excluded = exc_excluded
+        self.on_retry_cb = on_retry
+        self.max_elapsed = max_elapsed
+        self.result_pred = retry_on_result
+        self.reraise = reraise
+        self.simple = max_elapsed < 0.0 and retry_on_result is None
+        self._lowered = True
+
+    def calculate_delay(self, attempt, previous_delay=None):
+        """Seconds to sleep after ``attempt`` (numbered from 1) failed, jitter included.
+
+        Always finite and within ``[0, max_delay]``. For decorrelated jitter,
+        ``previous_delay`` is the previous sleep (default: the un-jittered backoff delay of
+        the previous attempt, ``initial_delay`` for attempt 1).
+
+        >>> from amorsize import RetryPolicy
+        >>> RetryPolicy(initial_delay=0.1, jitter=False).calculate_delay(3)
+        0.4
+        """
+        cdef long long a = _retry_attempt_from(attempt)
+        cdef double prev
+        if previous_delay is not None:
+            prev = previous_delay
+        elif a <= 1:
+            prev = self.initial_delay
+        else:
+            prev = backoff_delay(self.initial_delay, self.exponential_base, self.max_delay,
+                                 a - 1)
+        return _retry_jittered(self, a, prev)
+
+    def should_retry(self, exception, attempt):
+        """Whether to retry after ``attempt`` (numbered from 1) failed with ``exception``.
+
+        >>> from amorsize import RetryPolicy
+        >>> RetryPolicy(max_retries=2).should_retry(ValueError(), 2)
+        True
+        >>> RetryPolicy(max_retries=2).should_retry(ValueError(), 3)
+        False
+        """
+        cdef long long a = _retry_attempt_from(attempt)
+        return _retry_is_retryable(self, exception) and _retry_may(self, a)
+
+
+cdef inline bint _retry_is_retryable(_RetryPolicyCore p, object exc) except -1:
+    if exc is None:   # a result rejected by retry_on_result
+        return True
+    if not isinstance(exc, Exception):
+        # Stop signals are never retried, even by a policy that names BaseException.
+        if isinstance(exc, _retry_never):
+            return False
+        aio = _sys.modules.get("asyncio")   # imported by whoever can be cancelled
+        if aio is not None and isinstance(exc, aio.CancelledError):
+            return False
+    if not isinstance(exc, p.exc_types):
+        return False
+    return not (p.exc_excluded and isinstance(exc, p.exc_excluded))
+
+
+cdef double _retry_after_failure(_RetryPolicyCore p, object func, object exc,
+                                 long long attempt, double* previous, double start,
+                                 RetryStats stats) except? -3.0:
+    """Decide after a failed attempt: a delay >= 0 to retry, or _RETRY_PROPAGATE / _RETRY_EXHAUSTED.
+
+    Runs the retry's side effects (stats, DEBUG log, on_retry) before returning a delay.
+    """
+    cdef double delay
+    if not _retry_is_retryable(p, exc):
+        return _RETRY_PROPAGATE
+    if not _retry_may(p, attempt):
+        if stats is not None:
+            stats.exhausted += 1
+        return _RETRY_EXHAUSTED
+    delay = _retry_jittered(p, attempt, previous[0])
+    if p.max_elapsed >= 0.0 and _time.monotonic() + delay - start > p.max_elapsed:
+        if stats is not None:
+            stats.exhausted += 1
+        return _RETRY_EXHAUSTED
+    previous[0] = delay
+    if stats is not None:
+        stats.retries += 1
+    if _retry_logger.isEnabledFor(10):
+        # Lazy %-formatting: a failing __str__ is then the logging handler's problem.
+        if exc is None:
+            _retry_logger.debug(
+                "retrying %s: attempt %d failed (result rejected by retry_on_result); "
+                "next attempt in %.3f s", getattr(func, "__qualname__", func), attempt, delay)
+        else:
+            _retry_logger.debug(
+                "retrying %s: attempt %d failed (%s: %s); next attempt in %.3f s",
+                getattr(func, "__qualname__", func), attempt, type(exc).__name__, exc, delay)
+    if p.on_retry_cb is not None:
+        try:
+            p.on_retry_cb(exc, attempt, delay)
+        except Exception:
+            # The callback is monitoring: its failure must not stop the retries, nor vanish.
+            _retry_logger.warning(
+                "on_retry callback %r raised while retrying %s; retrying anyway",
+                p.on_retry_cb, getattr(func, "__qualname__", func), exc_info=True)
+    return delay
+
+
+cdef inline _retry_raise_exhausted(_RetryPolicyCore p, object func, object exc,
+                                   long long attempt, object result):
+    err = _retry_exhausted_error(exc, attempt, result,
+                                 getattr(func, "__qualname__", None))
+    if exc is None:
+        raise err
+    raise err from exc
+
+
+cdef inline double _retry_start_clock(_RetryPolicyCore p) except? -1.0:
+    if p.max_elapsed >= 0.0:
+        return _time.monotonic()
+    return 0.0
+
+
+cdef inline _retry_sleep(double delay):
+    # time.sleep is looked up now, not at import, so that users' tests can patch it.
+    if delay > 0.0 and not _retry_testing:
+        _time.sleep(delay)
+
+
+cdef inline object _rt_steal(PyObject* r):
+    # Turn a new reference returned by the C API into an object without another INCREF.
+    result = <object>r
+    Py_DECREF(result)
+    return result
+
+
+cdef object _retry_run(object func, _RetryPolicyCore p, RetryStats stats,
+                       PyObject* const* vargs, size_t nargsf, PyObject* kwnames,
+                       tuple targs, dict tkwargs, long long* attempts_out, object exc):
+    """The call-and-retry loop, for vectorcall arguments or (``targs``, ``tkwargs``).
+
+    ``exc``: the first attempt already ran (in ``_retry_vectorcall``) and raised it.
+    Exceptions are taken from the C API rather than a Cython ``except`` clause, which
+    would add a frame to every failed attempt.
+    """
+    cdef long long attempt = 1
+    cdef double previous = p.initial_delay
+    cdef double start = 0.0
+    cdef double delay
+    cdef PyObject* r
+    cdef PyObject* kw = NULL if tkwargs is None else <PyObject*>tkwargs
+    result = None
+    if p.max_elapsed >= 0.0:
+        start = _time.monotonic()
+    while True:
+        attempts_out[0] = attempt
+        if exc is None:
+            if targs is None:
+                r = _rt_raw_vectorcall(<PyObject*>func, vargs, nargsf, kwnames)
+            else:
+                r = _rt_raw_call(<PyObject*>func, <PyObject*>targs, kw)
+            if r == NULL:
+                exc = _rt_fetch_exception()
+            else:
+                result = _rt_steal(r)
+                if p.result_pred is None or not p.result_pred(result):
+                    return result
+        delay = _retry_after_failure(p, func, exc, attempt, &previous, start, stats)
+        if delay == _RETRY_PROPAGATE:
+            _rt_reraise(exc)
+        if delay == _RETRY_EXHAUSTED:
+            if exc is not None and p.reraise:
+                _rt_reraise(exc)
+            _retry_raise_exhausted(p, func, exc, attempt, result if exc is None else None)
+        _retry_sleep(delay)
+        attempt += 1
+        exc = None
+
+
+cdef class RetryStats:
+    """Counters of one decorated function, in this process: ``calls``, ``retries``,
+    ``exhausted``.
+
+    ``calls`` counts logical calls (not attempts), ``retries`` the retries made (sleeps,
+    zero-length ones included) and ``exhausted`` the calls that gave up. Increments happen
+    in C with the GIL held, so they are atomic on CPython; each worker process counts its
+    own calls.
+
+    >>> from amorsize import with_retry
+    >>> @with_retry(max_retries=1)
+    ... def f(x): return x
+    >>> f(1); f.retry_stats.calls
+    1
+    1
+    """
+
+    cdef readonly unsigned long long calls, retries, exhausted
+
+    def reset(self):
+        """Set every counter back to zero."""
+        self.calls = self.retries = self.exhausted = 0
+
+    def as_dict(self):
+        """The counters as a plain dict."""
+        return {"calls": self.calls, "retries": self.retries, "exhausted": self.exhausted}
+
+    def __repr__(self):
+        return (f"RetryStats(calls={self.calls}, retries={self.retries}, "
+                f"exhausted={self.exhausted})")
+
+
+cdef class _RetryingBase:
+    """What ``with_retry`` returns: looks like the wrapped function, retries on failure."""
+
+    cdef _rt_vectorcallfunc vectorcall
+    cdef object func
+    cdef _RetryPolicyCore policy
+    cdef RetryStats stats
+    cdef dict __dict__
+    cdef object __weakref__
+
+    def __init__(self, func, _RetryPolicyCore policy not None):
+        if not callable(func):
+            msg = f"func must be callable, got {func!r} ({type(func).__name__})"
+            raise TypeError(msg)
+        if not policy._lowered:
+            msg = "policy must be a RetryPolicy (built by amorsize.retry.RetryPolicy)"
+            raise TypeError(msg)
+        self.func = func
+        self.policy = policy
+        self.stats = RetryStats()
+        # functools.update_wrapper, minus __annotations__ (a read-only view onto func's).
+        attrs = vars(self)
+        for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+            try:
+                attrs[name] = getattr(func, name)
+            except AttributeError:
+                pass
+        attrs.update(getattr(func, "__dict__", {}))
+        attrs["__wrapped__"] = func
+
+    @property
+    def retry_policy(self):
+        """The ``RetryPolicy`` this function retries with."""
+        return self.policy
+
+    @property
+    def retry_stats(self):
+        """Thread-safe counters for this function: ``calls``, ``retries``, ``exhausted``."""
+        return self.stats
+
+    # Read through to the wrapped function, so that inspect treats this object as the
+    # function itself (inspect.iscoroutinefunction on 3.10/3.11 reads __code__'s flags).
+    @property
+    def __code__(self):
+        return self.func.__code__
+
+    @property
+    def __defaults__(self):
+        return self.func.__defaults__
+
+    @property
+    def __kwdefaults__(self):
+        return self.func.__kwdefaults__
+
+    @property
+    def __annotations__(self):
+        return self.func.__annotations__
+
+    def __get__(self, instance, owner):
+        if instance is None:
+            return self
+        return _MethodType(self, instance)
+
+    def __reduce__(self):
+        # By reference when importable as module.qualname (workers import it themselves);
+        # otherwise by value, so that cloudpickle can still ship a local function.
+        attrs = vars(self)
+        qualname = attrs.get("__qualname__")
+        module = _sys.modules.get(attrs.get("__module__"))
+        if qualname is not None and module is not None:
+            obj = module
+            for part in qualname.split("."):
+                obj = getattr(obj, part, None)
+            if obj is self:
+                return qualname
+        return (_rebuild_retrying, (type(self), self.func, self.policy))
+
+    def __repr__(self):
+        name = vars(self).get("__qualname__", repr(self.func))
+        return f"<retrying function {name} at {id(self):#x}>"
+
+
+def _rebuild_retrying(cls, func, policy):
+    return cls(func, policy)
+
+
+@cython.final
+cdef class RetryingFunction(_RetryingBase):
+    """A synchronous function decorated by ``with_retry``."""
+
+    def __cinit__(self):
+        self.vectorcall = <_rt_vectorcallfunc><void*>_retry_vectorcall
+
+    def call_outcome(self, *args, **kwargs):
+        """Run with retries and report instead of raising: ``(ok, value, attempts)``.
+
+        ``value`` is the result, or the exception that ended the call (the last attempt's
+        exception when retries ran out). ``BaseException`` that is not an ``Exception``
+        still propagates. Counts in ``retry_stats`` like a normal call.
+        """
+        cdef long long attempts = 0
+        self.stats.calls += 1
+        try:
+            result = _retry_run(self.func, self.policy, self.stats, NULL, 0, NULL,
+                                args, kwargs, &attempts, None)
+        except Exception as exc:
+            cause = exc.__cause__
+            if (isinstance(exc, _retry_exhausted_error) and cause is not None
+                    and exc.original_exception is cause):
+                return (False, cause, attempts)
+            return (False, exc, attempts)
+        return (True, result, attempts)
+
+
+cdef PyObject* _retry_vectorcall(RetryingFunction self, PyObject* const* args,
+                                 size_t nargsf, PyObject* kwnames) noexcept:
+    # The success path: one counter increment, then straight into the function. Only a
+    # failure (or a policy needing a clock or a result check) goes on to the Cython loop.
+    cdef PyObject* r
+    self.stats.calls += 1
+    if self.policy.simple:
+        r = _rt_raw_vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
+        if r != NULL:
+            return r
+        return _retry_slow_ptr(self, args, nargsf, kwnames, True)
+    return _retry_slow_ptr(self, args, nargsf, kwnames, False)
+
+
+cdef object _retry_slow(RetryingFunction self, PyObject* const* args, size_t nargsf,
+                        PyObject* kwnames, bint failed):
+    cdef long long attempts
+    exc = _rt_fetch_exception() if failed else None
+    return _retry_run(self.func, self.policy, self.stats, args, nargsf, kwnames, None, None,
+                      &attempts, exc)
+
+
+# _retry_slow returns NULL with an exception set on failure, exactly what a vectorcall entry
+# must return; this pointer lets the noexcept entry hand that NULL on unchanged.
+ctypedef PyObject* (*_rt_slow_t)(RetryingFunction, PyObject* const*, size_t, PyObject*,
+                                 bint) noexcept
+cdef _rt_slow_t _retry_slow_ptr = <_rt_slow_t><void*>_retry_slow
+
+
+@cython.final
+cdef class AsyncRetryingFunction(_RetryingBase):
+    """An ``async def`` function decorated by ``with_retry``: calling it gives a coroutine."""
+
+    def __cinit__(self):
+        self.vectorcall = <_rt_vectorcallfunc><void*>_retry_async_vectorcall
+
+    # asyncio.iscoroutinefunction() also accepts this marker (inspect reads __code__).
+    @property
+    def _is_coroutine(self):
+        import asyncio.coroutines
+        return getattr(asyncio.coroutines, "_is_coroutine", None)
+
+
+cdef object _retry_async_vectorcall(AsyncRetryingFunction self, PyObject* const* args,
+                                    size_t nargsf, PyObject* kwnames):
+    cdef Py_ssize_t n = _rt_nargs(nargsf)
+    cdef Py_ssize_t i, nk
+    cdef RetryCoroutine c = RetryCoroutine.__new__(RetryCoroutine)
+    cdef tuple targs = _rt_tuple_new(n)
+    cdef object o
+    for i in range(n):
+        o = <object>args[i]
+        Py_INCREF(o)
+        _rt_tuple_set(targs, i, o)
+    if kwnames is not NULL:
+        names = <tuple><object>kwnames
+        nk = len(names)
+        c.kwargs = {names[i]: <object>args[n + i] for i in range(nk)}
+    c.func = self.func
+    c.p = self.policy
+    c.stats = self.stats
+    c.args = targs
+    self.stats.calls += 1
+    return c
+
+
+@cython.final
+@cython.freelist(16)
+@cython.auto_pickle(False)
+cdef class RetryCoroutine:
+    """The coroutine returned by an ``async def`` function decorated by ``with_retry``.
+
+    A hand-written coroutine (``__await__``, ``send``, ``throw``, ``close``; registered as a
+    ``collections.abc.Coroutine``), because a compiled ``async def`` costs a few hundred
+    nanoseconds more per call. Each attempt awaits a fresh ``func(*args, **kwargs)``;
+    between attempts it awaits ``asyncio.sleep(delay)``, looked up when the sleep starts.
+    """
+
+    cdef object func
+    cdef _RetryPolicyCore p
+    cdef RetryStats stats
+    cdef tuple args
+    cdef dict kwargs
+    cdef object inner          # what is being awaited: an attempt, or a sleep
+    cdef long long attempt     # 0 until the first send
+    cdef double previous, start
+    cdef bint sleeping, done
+
+    def __await__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
+
+    def send(self, value):
+        """Resume with ``value`` (the coroutine protocol)."""
+        cdef PyObject* r = NULL
+        cdef int st = _rc_step(self, value, None, &r)
+        res = <object>r
+        Py_DECREF(res)
+        if st == 1:
+            return res
+        raise StopIteration(res)
+
+    def throw(self, typ, val=None, tb=None):
+        """Raise an exception inside the coroutine (the coroutine protocol)."""
+        cdef PyObject* r = NULL
+        cdef int st
+        if self.inner is None:
+            # Not started or already finished: like a native coroutine, it just raises.
+            self.done = True
+            if val is None and tb is None:
+                raise typ
+            raise typ(val).with_traceback(tb) if isinstance(typ, type) else typ
+        st = _rc_step(self, None, (typ,) if val is None and tb is None else (typ, val, tb), &r)
+        res = <object>r
+        Py_DECREF(res)
+        if st == 1:
+            return res
+        raise StopIteration(res)
+
+    def close(self):
+        """Stop the coroutine (the coroutine protocol)."""
+        inner = self.inner
+        self.inner = None
+        self.done = True
+        if inner is not None:
+            inner.close()
+
+    @property
+    def __name__(self):
+        return getattr(self.func, "__name__", type(self).__name__)
+
+    @property
+    def __qualname__(self):
+        return getattr(self.func, "__qualname__", type(self).__qualname__)
+
+    def __repr__(self):
+        return f"<retrying coroutine {self.__qualname__} attempt={self.attempt} at {id(self):#x}>"
+
+
+cdef inline object _rc_iter(object aw):
+    # What PyIter_Send can drive: a native coroutine as is, any other awaitable's __await__().
+    if _rt_coro_check(aw):
+        return aw
+    return aw.__await__()
+
+
+cdef int _rc_throw_in(object inner, tuple throw_args, PyObject** out) except -1:
+    # inner.throw(...): 1 with the yielded value, 0 with the return value, or raises.
+    try:
+        r = inner.throw(*throw_args)
+    except StopIteration as e:
+        v = e.value
+        Py_INCREF(v)
+        out[0] = <PyObject*>v
+        return 0
+    Py_INCREF(r)
+    out[0] = <PyObject*>r
+    return 1
+
+
+cdef int _rc_step(RetryCoroutine self, object value, tuple throw_args,
+                  PyObject** out) except -1:
+    """Advance the retry loop; 1: ``*out`` is yielded, 0: ``*out`` is the return value.
+
+    The same contract as ``am_send`` (PYGEN_NEXT / PYGEN_RETURN / PYGEN_ERROR).
+    """
+    cdef _RetryPolicyCore p = self.p
+    cdef PyObject* r
+    cdef int st = -1
+    cdef double delay
+    out[0] = NULL
+    if self.attempt == 0:
+        if self.done:
+            raise RuntimeError("cannot reuse already awaited coroutine")
+        self.attempt = 1
+        self.previous = p.initial_delay
+        if p.max_elapsed >= 0.0:
+            self.start = _time.monotonic()
+    while True:
+        exc = None
+        if self.inner is None:
+            if self.done:
+                raise RuntimeError("cannot reuse already awaited coroutine")
+            r = _rt_raw_call(<PyObject*>self.func, <PyObject*>self.args,
+                             NULL if self.kwargs is None else <PyObject*>self.kwargs)
+            if r == NULL:
+                exc = _rt_fetch_exception()
+            else:
+                aw = _rt_steal(r)
+                if _rt_coro_check(aw):
+                    self.inner = aw
+                else:
+                    try:
+                        self.inner = aw.__await__()
+                    except BaseException as e:
+                        exc = e
+            value = None
+        if exc is None:
+            r = NULL
+            if throw_args is not None:
+                ta = throw_args
+                throw_args = None
+                try:
+                    st = _rc_throw_in(self.inner, ta, &r)
+                except BaseException as e:
+                    exc = e
+            else:
+                st = _rt_iter_send(self.inner, value, &r)
+                if st == -1:
+                    exc = _rt_fetch_exception()
+        if exc is None:
+            if st == 1:
+                out[0] = r
+                return 1
+            # The awaited thing returned.
+            result = _rt_steal(r)
+            self.inner = None
+            value = None
+            if self.sleeping:
+                self.sleeping = False
+                self.attempt += 1
+                continue
+            if p.result_pred is None or not p.result_pred(result):
+                self.done = True
+                self.attempt = 0
+                Py_INCREF(result)
+                out[0] = <PyObject*>result
+                return 0
+        else:
+            self.inner = None
+            result = None
+            if self.sleeping:
+                # Cancelled (or failed) while sleeping: that is not an attempt failing.
+                self.done = True
+                _rt_reraise(exc)
+        delay = _retry_after_failure(p, self.func, exc, self.attempt, &self.previous,
+                                     self.start, self.stats)
+        if delay == _RETRY_PROPAGATE:
+            self.done = True
+            _rt_reraise(exc)
+        if delay == _RETRY_EXHAUSTED:
+            self.done = True
+            if exc is not None and p.reraise:
+                _rt_reraise(exc)
+            _retry_raise_exhausted(p, self.func, exc, self.attempt, result)
+        _rc_begin_sleep(self, delay)
+        value = None
+
+
+cdef inline int _rc_begin_sleep(RetryCoroutine self, double delay) except -1:
+    if delay > 0.0 and not _retry_testing:
+        import asyncio
+        # asyncio.sleep is looked up now, so that users' tests can patch it.
+        self.inner = _rc_iter(asyncio.sleep(delay))
+        self.sleeping = True
+    else:
+        self.attempt += 1
+    return 0
+
+
+cdef int _rc_am_send(RetryCoroutine self, PyObject* arg, PyObject** out) except -1:
+    return _rc_step(self, <object>arg, None, out)
+
+
+def retry_call_core(func, _RetryPolicyCore policy not None, tuple args, dict kwargs):
+    """``func(*args, **kwargs)`` with retries under ``policy`` (no stats kept)."""
+    cdef long long attempts = 0
+    if not policy._lowered:
+        msg = "policy must be a RetryPolicy (built by amorsize.retry.RetryPolicy)"
+        raise TypeError(msg)
+    return _retry_run(func, policy, None, NULL, 0, NULL, args, kwargs, &attempts, None)
+
+
+cdef _retry_enable_vectorcall():
+    cdef RetryingFunction probe = RetryingFunction.__new__(RetryingFunction)
+    cdef Py_ssize_t offset = <char*>&probe.vectorcall - <char*><void*>probe
+    ams_enable_vectorcall(RetryingFunction, offset)
+    ams_enable_vectorcall(AsyncRetryingFunction, offset)
+    ams_set_am_send(RetryCoroutine, <void*>_rc_am_send)
+    _collections_abc.Coroutine.register(RetryCoroutine)
+
+
+_retry_enable_vectorcall()

@@ -17,11 +17,18 @@ a backend only moves chunks to workers and outcomes back)::
 * A worker that dies takes its in-flight task with it: the backend re-runs that task's
   items (one item per task, so only the culprit fails again) up to a bound, then reports
   ``WorkerCrashedError`` outcomes naming the exit code. No item is lost or duplicated.
+* Fast path: a backend may yield ``OkValues`` (a list of plain results) instead of a list of
+  ``Outcome`` when every item of the task succeeded on its first attempt; the executor
+  accepts both, and ``as_outcomes`` turns either into outcomes.
+* Pausing: when ``Backend.supports_pause`` is true, the task iterator may yield ``None``
+  meaning "nothing to dispatch now, ask again after the next completion" (the executor uses
+  it to bound its reorder buffer). Backends without it never see ``None``.
 """
 
 from __future__ import annotations
 
 import abc
+import signal
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +54,70 @@ class Outcome:
     ok: bool
     value: Any
     attempts: int = 1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling an exception drops its __cause__: ship the remote traceback beside it.
+        cause = getattr(self.value, "__cause__", None) if not self.ok else None
+        if isinstance(cause, RemoteTraceback):
+            return (_rebuild_failure, (self.value, self.attempts, cause.tb))
+        return (Outcome, (self.ok, self.value, self.attempts))
+
+
+def _rebuild_failure(exc: BaseException, attempts: int, tb: str) -> Outcome:
+    exc.__cause__ = RemoteTraceback(tb)
+    return Outcome(False, exc, attempts)
+
+
+class OkValues(list):  # type: ignore[type-arg]
+    """Every item of a task succeeded on its first attempt: the plain results, in order.
+
+    A backend may yield this instead of ``[Outcome(True, v) for v in values]``: building one
+    ``Outcome`` per tiny item in the parent would cost more than the item itself.
+    """
+
+    __slots__ = ()
+
+
+def as_outcomes(outcomes: list[Outcome] | OkValues) -> list[Outcome]:
+    """The outcomes of a task, whichever form the backend yielded."""
+    if type(outcomes) is OkValues:
+        return [Outcome(True, v) for v in outcomes]
+    return outcomes
+
+
+class WorkerCrashedError(RuntimeError):
+    """The worker process running an item died (segfault, ``os._exit``, OOM killer, kill).
+
+    ``exitcode`` is the process exit code (negative: killed by signal ``-exitcode``);
+    ``attempts`` counts the crashes the item went through. Picklable with its attributes.
+
+    >>> str(WorkerCrashedError(-9, attempts=2))[:46]
+    'worker process died (killed by signal SIGKILL)'
+    """
+
+    def __init__(self, exitcode: int | None, attempts: int = 1) -> None:
+        self.exitcode = exitcode
+        self.attempts = attempts
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        code = self.exitcode
+        if code is None:
+            how = "exit code unknown"
+        elif code < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit code {code}"
+        return (
+            f"worker process died ({how}) while running this item; it crashed the worker "
+            f"{self.attempts} time(s), each time on a fresh worker"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.exitcode, self.attempts))
 
 
 class RemoteTraceback(Exception):
@@ -83,6 +154,39 @@ def run_chunk(func: Callable[[Any], Any], items: list[Any]) -> list[Outcome]:
     return out
 
 
+def run_chunk_fast(
+    func: Callable[[Any], Any], items: list[Any], *, remote: bool = True
+) -> list[Outcome] | OkValues:
+    """``run_chunk`` with the fast path: ``OkValues`` when every item succeeds.
+
+    ``remote=False`` (serial and thread backends) leaves each exception untouched, with its
+    own traceback and ``__cause__``, instead of attaching the formatted traceback.
+    """
+    values = OkValues()
+    try:
+        # extend(map(...)) runs at C speed and keeps the results computed before a raise.
+        values.extend(map(func, items))
+        return values
+    except Exception as exc:
+        first = exc
+    # Slow path: keep the results already computed, never run an item twice.
+    done = len(values)
+    out = [Outcome(True, v) for v in values]
+    out.append(_failed(first, remote))
+    for item in items[done + 1 :]:
+        try:
+            out.append(Outcome(True, func(item)))
+        except Exception as exc:
+            out.append(_failed(exc, remote))
+    return out
+
+
+def _failed(exc: BaseException, remote: bool) -> Outcome:
+    if remote:
+        return failure_outcome(exc)
+    return Outcome(False, exc, getattr(exc, "attempts", 1))
+
+
 class Backend(abc.ABC):
     """Runs tasks on workers and yields ``(task, outcomes)`` pairs as they complete.
 
@@ -92,6 +196,8 @@ class Backend(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: True when ``run`` accepts ``None`` from the task iterator as "pause dispatch".
+    supports_pause: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(
@@ -109,3 +215,7 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release workers held by this backend (called at interpreter exit for warm pools)."""
+
+    def warm_workers(self) -> int:
+        """Workers already started and idle-ready (the optimizer counts no start-up for them)."""
+        return 0

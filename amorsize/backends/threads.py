@@ -1,0 +1,106 @@
+"""Threads backend: a warm thread pool per worker count, with bounded in-flight tasks.
+
+Threads share the interpreter: nothing is pickled, exceptions keep their own traceback, and
+the GIL means this helps only when ``func`` waits (I/O, sleeps) or releases the GIL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, ClassVar, cast
+
+from amorsize.backends.base import Backend, OkValues, Outcome, Task, run_chunk_fast
+
+# Pools of different sizes kept warm at once; the least recently used beyond this is shut.
+_MAX_WARM_POOLS = 4
+
+
+def _run_local(func: Callable[[Any], Any], items: list[Any]) -> list[Outcome] | OkValues:
+    return run_chunk_fast(func, items, remote=False)
+
+
+class ThreadsBackend(Backend):
+    """Run tasks on a pool of ``n_jobs`` threads kept across calls.
+
+    At most ``min(max_in_flight, 2 * n_jobs)`` tasks are submitted at once, so an infinite
+    task iterator is consumed only as fast as the threads work through it.
+
+    >>> from amorsize.backends.base import Task
+    >>> b = ThreadsBackend()
+    >>> sorted(t.start for t, _ in b.run(abs, iter([Task(0, [-1]), Task(1, [-2])]),
+    ...                                  n_jobs=2, max_in_flight=4))
+    [0, 1]
+    >>> b.close()
+    """
+
+    name: ClassVar[str] = "threads"
+    supports_pause: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self._pools: OrderedDict[int, ThreadPoolExecutor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _pool(self, n_jobs: int) -> ThreadPoolExecutor:
+        with self._lock:
+            pool = self._pools.pop(n_jobs, None)
+            if pool is None:
+                pool = ThreadPoolExecutor(n_jobs, thread_name_prefix=f"amorsize-{n_jobs}")
+            self._pools[n_jobs] = pool
+            while len(self._pools) > _MAX_WARM_POOLS:
+                _, old = self._pools.popitem(last=False)
+                old.shutdown(wait=False)
+            return pool
+
+    def warm_workers(self) -> int:
+        """The size of the largest warm thread pool (threads start in microseconds anyway)."""
+        with self._lock:
+            return max(self._pools, default=0)
+
+    def run(
+        self,
+        func: Callable[[Any], Any],
+        tasks: Iterator[Task],
+        *,
+        n_jobs: int,
+        max_in_flight: int,
+    ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
+        """Yield each task with its outcomes in completion order."""
+        pool = self._pool(n_jobs)
+        limit = max(1, min(max_in_flight, 2 * n_jobs))
+        pending: dict[Future[list[Outcome] | OkValues], Task] = {}
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < limit:
+                    task = cast("Task | None", next(tasks, _END))
+                    if task is _END:
+                        exhausted = True
+                    elif task is None:
+                        break  # paused until something completes
+                    else:
+                        pending[pool.submit(_run_local, func, task.items)] = task
+                if not pending:
+                    if exhausted:
+                        return
+                    msg = "the task iterator paused (yielded None) with no task in flight"
+                    raise RuntimeError(msg)
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield pending.pop(fut), fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def close(self) -> None:
+        """Shut every warm pool down (running items finish; queued ones are cancelled)."""
+        with self._lock:
+            pools = list(self._pools.values())
+            self._pools.clear()
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+_END: Any = object()

@@ -1,0 +1,966 @@
+"""The ``amorsize`` command line: optimize, execute, dead-letter, demo, bench, info.
+
+Run ``amorsize --help`` (or ``python -m amorsize --help``) for the options. ``MODULE:FUNC``
+names a function the way ``python -m`` names a module: ``MODULE`` is imported with the
+current directory first on ``sys.path`` (``path/to/file.py`` works too), ``FUNC`` may be a
+dotted attribute path. Data comes from ``--data-range N`` (the ints ``0 .. N-1``, or
+``START:STOP[:STEP]``) or ``--data-file F`` (one JSON value per line; ``-`` reads stdin).
+
+Data flow of ``amorsize execute``::
+
+    --data-file / --data-range ──▶ items (parsed and checked before anything runs)
+                                     │
+    MODULE:FUNC ──▶ func ──▶ amorsize.execute_iter(func, items, ...)  (plan, run, retry,
+                                     │                                 checkpoint, DLQ)
+                                     ▼ results in input order, as they complete
+                      one JSON line per item ──▶ stdout or --output F
+                      (a failed item writes ``null`` and one line on stderr)
+
+Exit codes: 0 success; 1 some items failed (or the run raised); 2 bad input (no such module,
+not callable, bad range, unreadable or malformed file, bad option); 130 interrupted (Ctrl-C).
+
+>>> main(["info", "--json"])   # doctest: +SKIP
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from amorsize._version import __version__
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CliError",
+    "load_data",
+    "load_function",
+    "main",
+]
+
+EXIT_OK = 0
+#: Some items failed for good, or the run raised.
+EXIT_FAILED = 1
+#: Bad input: the command line, the function or the data (the conventional usage code).
+EXIT_USAGE = 2
+#: 128 + SIGINT, what shells report for a program stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
+#: 128 + SIGPIPE: the reader of our stdout went away (``amorsize execute ... | head``).
+EXIT_BROKEN_PIPE = 141
+
+# Failed items listed one per line on stderr before the rest are summarised as a count.
+_MAX_FAILURE_LINES = 10
+_BACKENDS = ("auto", "serial", "processes", "threads", "dask")
+_JITTER = {"on": True, "off": False, "full": "full", "equal": "equal",
+           "decorrelated": "decorrelated"}
+
+
+class CliError(Exception):
+    """Bad input: printed as one line on stderr, and the exit code is 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised, so that ``main`` decides the exit code)."""
+
+    def error(self, message: str) -> NoReturn:
+        msg = f"{message} (see '{self.prog} --help')"
+        raise CliError(msg)
+
+
+# --------------------------------------------------------------------------- arguments
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"must be a positive integer; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _jobs(text: str) -> int:
+    if text.strip() == "-1":
+        return -1
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        msg = f"must be a positive integer or -1 (every CPU); got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _retries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if value < -1:
+        msg = f"must be an integer >= 0, or -1 for no limit; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        msg = f"must be a number of seconds >= 0; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _base(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        msg = f"must be a number >= 1; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _data_range(text: str) -> range:
+    """``N`` (0 .. N-1) or ``START:STOP[:STEP]``, as for Python's ``range``."""
+    parts = text.split(":")
+    try:
+        if len(parts) > 3:
+            raise ValueError
+        nums = [int(p) for p in parts]
+    except ValueError:
+        msg = f"must be N or START:STOP[:STEP] with integers; got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if len(nums) == 1 and nums[0] < 0:
+        msg = f"N must be >= 0 (the items are 0 .. N-1); got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    if len(nums) == 3 and nums[2] == 0:
+        msg = f"STEP must not be 0; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return range(*nums)
+
+
+def _add_function_and_data(p: argparse.ArgumentParser, *, stdin: str) -> None:
+    p.add_argument(
+        "function", metavar="MODULE:FUNC",
+        help="the function applied to each item, e.g. mymodule:work or jobs.py:work",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--data-range", metavar="N", type=_data_range,
+        help="the items are the integers 0 .. N-1 (or START:STOP[:STEP])",
+    )
+    src.add_argument(
+        "--data-file", metavar="F",
+        help=f"the items are the JSON values in F, one per line ('-': {stdin})",
+    )
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog="amorsize",
+        description=(
+            "Decide whether and how to parallelise map(func, data), run it, survive failures."
+        ),
+        epilog=(
+            "Exit codes: 0 ok, 1 some items failed, 2 bad input, 130 interrupted. "
+            "Start with: amorsize demo"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"amorsize {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "optimize", help="print the plan for map(FUNC, data) without running it all",
+        description=(
+            "Sample FUNC on the first items, read this machine's costs and print the plan: "
+            "serial, processes or threads, n_jobs and chunksize, with the reason."
+        ),
+    )
+    _add_function_and_data(p, stdin="stdin")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--n-jobs", type=_positive_int, metavar="N", help="fix the worker count")
+    p.add_argument(
+        "--sample-size", type=_positive_int, metavar="N",
+        help="sample exactly N items (default: adapt to the item cost)",
+    )
+    p.add_argument(
+        "--backends", default="serial,processes,threads", metavar="LIST",
+        help="comma-separated backends to choose from (default: %(default)s; also: dask)",
+    )
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS",
+        help="plan for this dask.distributed scheduler too (adds dask to --backends)",
+    )
+    p.add_argument(
+        "--alternatives", type=int, default=8, metavar="K",
+        help="list up to K ranked alternatives in the report (default: %(default)s)",
+    )
+    p.set_defaults(handler=_cmd_optimize)
+
+    p = sub.add_parser(
+        "execute", help="run FUNC on every item and write the results as JSON lines",
+        description=(
+            "Run FUNC on every item as planned (or as told), in input order, writing one "
+            "JSON line per result. A failed item writes null and is reported on stderr."
+        ),
+    )
+    _add_function_and_data(p, stdin="stdin, read as it arrives")
+    p.add_argument("-o", "--output", metavar="F", help="write the results to F, not stdout")
+    p.add_argument("--backend", choices=_BACKENDS, default="auto", help="default: auto (plan)")
+    p.add_argument(
+        "--n-jobs", type=_jobs, metavar="N", help="worker count (-1: every CPU)"
+    )
+    p.add_argument("--chunksize", type=_positive_int, metavar="N", help="items per task")
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS",
+        help="run on this dask.distributed scheduler (e.g. tcp://10.0.0.5:8786); implies dask",
+    )
+    p.add_argument(
+        "--start-method", choices=("fork", "spawn", "forkserver"),
+        help="how process workers start (default: the platform's); implies processes",
+    )
+    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    p.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="print the plan and predicted vs measured time on stderr",
+    )
+    p.add_argument(
+        "--on-error", choices=("raise", "collect"), default="raise",
+        help="raise: stop at the first failed item (default); collect: run every item",
+    )
+    g = p.add_argument_group("retry (any of these turns retrying on, per item)")
+    g.add_argument(
+        "--retries", type=_retries, metavar="N",
+        help="retries after the first attempt (default 3; -1: no limit)",
+    )
+    g.add_argument(
+        "--retry-delay", type=_seconds, metavar="S", help="first delay (default 0.1 s)"
+    )
+    g.add_argument(
+        "--retry-max-delay", type=_seconds, metavar="S", help="longest delay (default 60 s)"
+    )
+    g.add_argument(
+        "--retry-backoff", type=_base, metavar="B", help="delay growth factor (default 2)"
+    )
+    g.add_argument(
+        "--retry-jitter", choices=tuple(_JITTER), help="jitter strategy (default: on, +-25%%)"
+    )
+    g.add_argument(
+        "--retry-max-elapsed", type=_seconds, metavar="S",
+        help="give up on an item once retrying it would pass S seconds",
+    )
+    g = p.add_argument_group("reliability")
+    g.add_argument(
+        "--checkpoint", metavar="PATH",
+        help="record results in this SQLite file; running again resumes where it stopped",
+    )
+    g.add_argument(
+        "--dead-letter", metavar="PATH",
+        help="record items that fail for good in this SQLite file, and go on",
+    )
+    g.add_argument(
+        "--circuit-breaker", type=_positive_int, metavar="N",
+        help="stop dispatching after N consecutive failures",
+    )
+    p.set_defaults(handler=_cmd_execute)
+
+    p = sub.add_parser(
+        "dead-letter", help="list, export, replay or clear a dead-letter file",
+        description=(
+            "Show the items recorded by execute --dead-letter PATH, export them as JSON "
+            "lines, run them again through a (fixed) function, or clear the file. The file "
+            "holds pickles: open only files you trust like code."
+        ),
+    )
+    p.add_argument("path", metavar="PATH", help="the dead-letter SQLite file")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--json", action="store_true", help="export the entries as JSON lines")
+    action.add_argument(
+        "--replay", metavar="MODULE:FUNC",
+        help="run the entries through FUNC; those that now succeed are removed",
+    )
+    action.add_argument("--clear", action="store_true", help="remove every entry")
+    p.set_defaults(handler=_cmd_dead_letter)
+
+    p = sub.add_parser(
+        "demo", help="show the decision on three contrasting workloads, run them, time them",
+        description=(
+            "Optimize and execute three built-in workloads (tiny items: serial wins; "
+            "CPU-bound items: processes; sleeping items: threads), printing predicted vs "
+            "measured time. Takes about 10 seconds."
+        ),
+    )
+    p.add_argument(
+        "--no-baseline", action="store_true",
+        help="skip timing the serial baseline of each workload (faster)",
+    )
+    p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser(
+        "bench", help="time amorsize's retry decorator against the installed peers",
+        description=(
+            "Per-call cost of a retry-decorated function that succeeds, for amorsize and "
+            "whichever of tenacity, backoff, stamina and opnieuw are installed, side by side."
+        ),
+    )
+    p.add_argument(
+        "--seconds", type=_seconds, default=1.0, metavar="S",
+        help="measuring time per contender (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(handler=_cmd_bench)
+
+    p = sub.add_parser(
+        "info", help="print the machine facts the optimizer uses",
+        description="Cores, memory, start method and measured worker costs (cached).",
+    )
+    p.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+    p.add_argument("--refresh", action="store_true", help="measure again and rewrite the cache")
+    p.set_defaults(handler=_cmd_info)
+    return parser
+
+
+# --------------------------------------------------------------------------- inputs
+def load_function(spec: str) -> Callable[[Any], Any]:
+    """Import ``MODULE:FUNC`` with the current directory first on ``sys.path``.
+
+    ``MODULE`` may also be a path to a ``.py`` file (its directory goes on ``sys.path``).
+    Raises ``CliError`` with a one-line message for every kind of bad input.
+
+    >>> load_function("math:sqrt")(9.0)
+    3.0
+    """
+    return _load(spec)[0]
+
+
+def _ship_by_value(func: Callable[[Any], Any], module: Any, where: str) -> None:
+    """Let cloudpickle send ``module``'s code by value when it lives in ``where``.
+
+    Dask workers run on other machines (or were started elsewhere): they cannot import a
+    module that sits in the caller's directory. Installed modules still go by reference.
+    """
+    try:
+        import cloudpickle
+    except ImportError:
+        return
+    path = getattr(module, "__file__", None)
+    if path and Path(path).resolve().is_relative_to(Path(where).resolve()):
+        cloudpickle.register_pickle_by_value(module)
+
+
+def _load(spec: str) -> tuple[Callable[[Any], Any], Any, str]:
+    """``(func, its module, the directory put first on sys.path)`` for ``MODULE:FUNC``."""
+    # The last colon: a Windows path (C:\\jobs\\work.py:f) has one of its own.
+    module_name, sep, attr_path = spec.rpartition(":")
+    if not sep or not module_name or not attr_path:
+        msg = f"the function must be given as MODULE:FUNC (e.g. mymodule:work); got {spec!r}"
+        raise CliError(msg)
+    where = os.getcwd()
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            msg = f"no such file {module_name!r} (from {spec!r})"
+            raise CliError(msg)
+        where = str(path.resolve().parent)
+        module_name = path.stem
+    if where not in sys.path:
+        # Like `python -m`: the caller's directory comes first. Spawned workers inherit
+        # sys.path, so they import MODULE the same way.
+        sys.path.insert(0, where)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            msg = f"no module named {module_name!r} (looked in {where} and on sys.path)"
+        else:
+            msg = f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        raise CliError(msg) from None
+    except (Exception, SystemExit) as exc:
+        msg = f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        raise CliError(msg) from None
+    obj: Any = module
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            msg = f"{module_name!r} has no attribute {attr_path!r} (from {spec!r})"
+            raise CliError(msg) from None
+    if not callable(obj):
+        msg = f"{spec!r} is not callable: it is a {type(obj).__name__} ({obj!r:.60})"
+        raise CliError(msg)
+    return obj, module, where
+
+
+def _read_lines(path: str) -> Iterator[str]:
+    if path == "-":
+        yield from sys.stdin
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from f
+    except IsADirectoryError:
+        msg = f"cannot read data file {path!r}: it is a directory"
+        raise CliError(msg) from None
+    except OSError as exc:
+        msg = f"cannot read data file {path!r}: {exc.strerror or exc}"
+        raise CliError(msg) from None
+
+
+def _parse_lines(data_file: str) -> Iterator[Any]:
+    """The JSON value of each non-blank line, or ``CliError`` naming the bad line."""
+    name = "stdin" if data_file == "-" else data_file
+    lineno = 0
+    try:
+        for lineno, line in enumerate(_read_lines(data_file), 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                msg = (
+                    f"{name}, line {lineno}: not a JSON value ({exc.msg} at column "
+                    f"{exc.colno}); the data file needs one JSON value per line"
+                )
+                raise CliError(msg) from None
+            yield value
+    except UnicodeDecodeError:
+        msg = f"{name}, line {lineno + 1}: not UTF-8 text; the data file needs JSON lines"
+        raise CliError(msg) from None
+
+
+def load_data(
+    data_range: range | None, data_file: str | None, *, stream: bool = False
+) -> Iterable[Any]:
+    """The items: a ``range``, or the JSON values of a file, one per non-blank line.
+
+    A file is parsed completely before anything runs, so a malformed line is reported
+    (with its line number) before any work is done. ``stream=True`` instead returns an
+    iterator that parses lines as they are consumed (for ``-``, stdin in a pipeline): a
+    malformed line then stops the run when it is reached.
+
+    >>> load_data(range(3), None)
+    range(0, 3)
+    """
+    if data_range is not None:
+        return data_range
+    assert data_file is not None
+    if stream:
+        return _parse_lines(data_file)
+    return list(_parse_lines(data_file))
+
+
+# --------------------------------------------------------------------------- output
+def _json_line(value: Any, index: int, state: dict[str, bool]) -> str:
+    try:
+        return json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        if not state.get("warned"):
+            state["warned"] = True
+            _err(
+                f"result of item {index} is not JSON-serialisable ({type(value).__name__}); "
+                "such results are written as their repr() string"
+            )
+        return json.dumps(repr(value))
+
+
+def _err(message: str) -> None:
+    print(f"amorsize: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _describe_failure(f: Any) -> str:
+    return f"item {f.index} failed after {f.attempts} attempt(s): {_one_line(f.exception)}"
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool) -> Iterator[None]:
+    """While results go to stdout, whatever else prints (the plan, ``func``) goes to stderr."""
+    if not active:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+# --------------------------------------------------------------------------- commands
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from amorsize.optimizer import optimize
+
+    func, module, where = _load(args.function)
+    data = load_data(args.data_range, args.data_file)
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    bad = [b for b in backends if b not in _BACKENDS[1:]]
+    if bad or not backends:
+        msg = (
+            f"argument --backends: must list names from {', '.join(_BACKENDS[1:])}; "
+            f"got {args.backends!r}"
+        )
+        raise CliError(msg)
+    client = None
+    if args.scheduler is not None:
+        try:
+            importlib.import_module("amorsize.backends.dask")
+        except ImportError as exc:
+            msg = f"the dask backend is not available: {_one_line(exc)}"
+            raise CliError(msg) from None
+        _ship_by_value(func, module, where)
+        client = _dask_client(args.scheduler)
+        if "dask" not in backends:
+            backends += ("dask",)
+    try:
+        with _stdout_to_stderr(True):
+            plan = optimize(func, data, n_jobs=args.n_jobs, sample_size=args.sample_size,
+                            backends=backends, client=client)
+    except (TypeError, ValueError, ImportError) as exc:
+        # Option checks (func's own errors while sampled become warnings in the plan).
+        raise CliError(_one_line(exc)) from None
+    finally:
+        if client is not None:
+            client.close()
+    if args.json:
+        print(json.dumps(_plan_dict(plan), indent=2, default=repr))
+    else:
+        print(plan.report(alternatives=max(args.alternatives, 0)))
+    return EXIT_OK
+
+
+def _plan_dict(plan: Any) -> dict[str, Any]:
+    p = plan.profile
+    return {
+        "backend": plan.backend,
+        "n_jobs": plan.n_jobs,
+        "chunksize": plan.chunksize,
+        "estimated_speedup": plan.estimated_speedup,
+        "estimated_seconds": {
+            "serial": plan.estimated_seconds.serial,
+            "chosen": plan.estimated_seconds.chosen,
+        },
+        "reason": plan.reason,
+        "warnings": list(plan.warnings),
+        "n_items": plan.n_items,
+        "decision_seconds": plan.decision_seconds,
+        "profile": {
+            "n_sampled": p.n_sampled,
+            "mean_seconds": p.mean_seconds,
+            "std_seconds": p.std_seconds,
+            "max_seconds": p.max_seconds,
+            "cpu_ratio": p.cpu_ratio,
+            "in_bytes": p.in_bytes,
+            "out_bytes": p.out_bytes,
+            "mem_per_item": p.mem_per_item,
+            "picklable": p.picklable,
+            "pickle_error": p.pickle_error,
+            "error_index": p.error_index,
+            "error": None if p.error is None else _one_line(p.error),
+            "sample_seconds": p.sample_seconds,
+        },
+        "alternatives": [
+            {"backend": c.backend, "n_jobs": c.n_jobs, "chunksize": c.chunksize,
+             "seconds": c.seconds, "speedup": c.speedup}
+            for c in plan.alternatives
+        ],
+        "system": plan.system.as_dict(),
+    }
+
+
+def _retry_policy(args: argparse.Namespace) -> Any:
+    given = {
+        "max_retries": args.retries,
+        "initial_delay": args.retry_delay,
+        "max_delay": args.retry_max_delay,
+        "exponential_base": args.retry_backoff,
+        "jitter": None if args.retry_jitter is None else _JITTER[args.retry_jitter],
+        "max_elapsed": args.retry_max_elapsed,
+    }
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if not kwargs:
+        return None
+    from amorsize.retry import RetryPolicy
+
+    if "max_delay" not in kwargs and kwargs.get("initial_delay", 0.0) > 60.0:
+        # `--retry-delay 120` alone means "wait 120 s", not "conflicts with the 60 s cap".
+        kwargs["max_delay"] = kwargs["initial_delay"]
+    try:
+        return RetryPolicy(**kwargs)
+    except (TypeError, ValueError) as exc:
+        msg = f"bad retry options: {exc}"
+        raise CliError(msg) from None
+
+
+def _circuit(args: argparse.Namespace) -> Any:
+    if args.circuit_breaker is None:
+        return None
+    from amorsize.circuit import CircuitBreakerPolicy
+
+    return CircuitBreakerPolicy(failure_threshold=args.circuit_breaker)
+
+
+def _check_store_path(option: str, path: str | None) -> None:
+    """The SQLite file of ``option`` can be created: its directory exists."""
+    if path is None:
+        return
+    parent = Path(path).parent
+    if not parent.is_dir():
+        msg = f"argument {option}: directory {str(parent)!r} does not exist (for {path!r})"
+        raise CliError(msg)
+    if Path(path).is_dir():
+        msg = f"argument {option}: {path!r} is a directory; give a file path"
+        raise CliError(msg)
+
+
+def _backend_option(args: argparse.Namespace) -> Any:
+    """``--backend`` / ``--start-method`` as ``execute``'s ``backend=`` (a name or a backend)."""
+    if args.backend == "serial" and args.n_jobs not in (None, 1):
+        msg = f"argument --n-jobs: must be 1 with --backend serial; got {args.n_jobs}"
+        raise CliError(msg)
+    if args.scheduler is not None and args.backend not in ("auto", "dask"):
+        msg = f"argument --scheduler: runs on dask; got --backend {args.backend}"
+        raise CliError(msg)
+    if args.backend == "dask" or args.scheduler is not None:
+        try:
+            importlib.import_module("amorsize.backends.dask")
+        except ImportError as exc:
+            msg = f"the dask backend is not available: {_one_line(exc)}"
+            raise CliError(msg) from None
+        if args.scheduler is not None:
+            return "dask"
+    if args.start_method is None:
+        return args.backend
+    if args.backend not in ("auto", "processes"):
+        msg = f"argument --start-method: applies to process workers only; got --backend {args.backend}"
+        raise CliError(msg)
+    import multiprocessing
+
+    from amorsize.backends import get_backend
+
+    methods = multiprocessing.get_all_start_methods()
+    if args.start_method not in methods:
+        msg = (
+            f"argument --start-method: {args.start_method!r} is not available on this "
+            f"platform (available: {', '.join(methods)})"
+        )
+        raise CliError(msg)
+    return get_backend("processes", start_method=args.start_method)
+
+
+#: Seconds to wait for a dask scheduler before reporting that it cannot be reached.
+_SCHEDULER_TIMEOUT_S = 10
+
+
+def _dask_client(address: str | None) -> Any:
+    """A ``distributed.Client`` connected to ``address`` (None: no client)."""
+    if address is None:
+        return None
+    import distributed
+    from distributed.comm.addressing import get_address_host_port, parse_address
+    from distributed.comm.registry import get_backend
+
+    try:
+        # A malformed address is refused here: a Client built on one fails only slowly, and
+        # then complains again when it is garbage-collected.
+        get_backend(parse_address(address)[0])
+        get_address_host_port(address)
+        client_cls: Any = distributed.Client
+        return client_cls(address, timeout=_SCHEDULER_TIMEOUT_S, set_as_default=False)
+    except (OSError, ValueError, TypeError) as exc:
+        msg = f"argument --scheduler: cannot connect to {address!r}: {_one_line(exc)}"
+        raise CliError(msg) from None
+
+
+def _open_output(path: str | None) -> IO[str]:
+    if path is None:
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")  # the caller closes it
+    except OSError as exc:
+        msg = f"cannot write output file {path!r}: {exc.strerror or exc}"
+        raise CliError(msg) from None
+
+
+def _summarise(failures: list[Any], skipped: list[Any], dead_letter: str | None) -> int:
+    """The closing stderr lines about failed and never-attempted items; the exit code."""
+    if skipped:
+        _err(f"{len(skipped)} item(s) not attempted: {_one_line(skipped[0].exception)}")
+    if not failures and not skipped:
+        return EXIT_OK
+    what = f"{len(failures)} item(s) failed"
+    more = len(failures) - _MAX_FAILURE_LINES
+    if more > 0:
+        what += f" ({more} not listed above)"
+    if skipped:
+        what += f", {len(skipped)} not attempted"
+    where = f"; failures recorded in {dead_letter}" if dead_letter else ""
+    _err(f"{what}; their result lines are null{where}")
+    return EXIT_FAILED
+
+
+def _cmd_execute(args: argparse.Namespace) -> int:
+    from amorsize.checkpoint import StoreError
+    from amorsize.circuit import CircuitOpenError
+    from amorsize.executor import ItemFailure, execute_iter
+
+    # Everything that can be checked is checked before anything runs.
+    _check_store_path("--checkpoint", args.checkpoint)
+    _check_store_path("--dead-letter", args.dead_letter)
+    func, module, where = _load(args.function)
+    # stdin streams, so that `producer | amorsize execute ... -` starts work at once and
+    # runs in bounded memory; a file is checked completely before anything runs.
+    streaming = args.data_file == "-"
+    data = load_data(args.data_range, args.data_file, stream=streaming)
+    policy = _retry_policy(args)
+    circuit = _circuit(args)
+    backend = _backend_option(args)
+    if backend == "dask":
+        _ship_by_value(func, module, where)
+    client = _dask_client(args.scheduler)
+    out = _open_output(args.output)
+    failures: list[Any] = []
+    skipped: list[Any] = []
+    state: dict[str, bool] = {}
+    try:
+        with _stdout_to_stderr(args.output is None):
+            try:
+                results = execute_iter(
+                    func, data, n_jobs=args.n_jobs, chunksize=args.chunksize,
+                    backend=backend, retry=policy, on_error=args.on_error,
+                    progress=args.progress, verbose=args.verbose, checkpoint=args.checkpoint,
+                    dead_letter=args.dead_letter, circuit_breaker=circuit, client=client,
+                )
+            except (TypeError, ValueError, ImportError, NotImplementedError, StoreError) as exc:
+                # Raised while checking the options and files, before anything ran.
+                raise CliError(_one_line(exc)) from None
+            write = out.write
+            flush = out.flush if streaming else None  # in a pipeline, pass each line on
+            for index, value in enumerate(results):
+                if isinstance(value, ItemFailure):
+                    if value.attempts == 0:  # never dispatched: one line for all, at the end
+                        skipped.append(value)
+                    else:
+                        failures.append(value)
+                        if len(failures) <= _MAX_FAILURE_LINES:
+                            _err(_describe_failure(value))
+                    write("null\n")
+                else:
+                    write(_json_line(value, index, state) + "\n")
+                if flush is not None:
+                    flush()
+            out.flush()
+    except (CliError, BrokenPipeError):
+        raise
+    except StoreError as exc:
+        # The checkpoint or dead-letter file is foreign, damaged, or from another run.
+        raise CliError(_one_line(exc)) from None
+    except Exception as exc:
+        out.flush()
+        if isinstance(exc, CircuitOpenError):
+            _err(f"run stopped: {_one_line(exc)}")
+        else:
+            hint = "" if args.on_error == "collect" else " (--on-error collect runs every item)"
+            _err(f"run stopped by a failed item: {_one_line(exc)}{hint}")
+        return EXIT_FAILED
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        if client is not None:
+            client.close()
+    return _summarise(failures, skipped, args.dead_letter)
+
+
+def _cmd_dead_letter(args: argparse.Namespace) -> int:
+    from amorsize.checkpoint import StoreError
+    from amorsize.dlq import DeadLetterQueue
+
+    if not Path(args.path).is_file():
+        # Opening would create an empty queue: a typo would look like "no failures".
+        msg = f"no dead-letter file {args.path!r}"
+        raise CliError(msg)
+    func = load_function(args.replay) if args.replay is not None else None
+    try:
+        dlq = DeadLetterQueue(args.path)
+        if args.json:
+            dlq.export_jsonl(sys.stdout)
+            return EXIT_OK
+        if args.clear:
+            print(f"removed {dlq.clear()} entries from {args.path}")
+            return EXIT_OK
+        if func is not None:
+            with _stdout_to_stderr(True):
+                report = dlq.replay(func)
+            for entry, value in report.succeeded:
+                result = _json_line(value, entry.index, {})
+                print(f"#{entry.id} item {entry.index}: now succeeds -> {result}")
+            for entry in report.failed:
+                print(f"#{entry.id} item {entry.index}: fails again")
+            for entry in report.skipped:
+                print(f"#{entry.id} item {entry.index}: cannot be replayed (stored as its repr)")
+            print(
+                f"{len(report.succeeded)} succeeded and were removed, {len(report.failed)} "
+                f"failed again, {len(report.skipped)} cannot be replayed; {dlq.count()} left"
+            )
+            return EXIT_FAILED if report.failed else EXIT_OK
+        entries = dlq.entries()
+        for entry in entries:
+            print(
+                f"#{entry.id} item {entry.index} ({entry.item_repr:.60}): {entry.exc_type}: "
+                f"{' '.join(entry.message.split()):.120} [{entry.attempts} attempt(s), "
+                f"{entry.when:%Y-%m-%d %H:%M:%S} UTC]"
+            )
+        print(f"{len(entries)} entries in {args.path}")
+        return EXIT_OK
+    except StoreError as exc:
+        raise CliError(_one_line(exc)) from None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from amorsize.demo import run_demo
+
+    run_demo(baseline=not args.no_baseline)
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from amorsize.demo import run_bench
+
+    run_bench(seconds=args.seconds, as_json=args.json)
+    return EXIT_OK
+
+
+def _optional_packages() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("psutil", "cloudpickle", "tqdm", "threadpoolctl", "platformdirs", "dask",
+                 "distributed"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    from amorsize.system import get_system_info
+
+    info = get_system_info(refresh=args.refresh)
+    optional = _optional_packages()
+    if args.json:
+        d = info.as_dict()
+        d["amorsize_version"] = __version__
+        d["python"] = platform.python_version()
+        d["platform"] = platform.platform()
+        d["optional_packages"] = optional
+        print(json.dumps(d, indent=2))
+        return EXIT_OK
+    from amorsize.optimizer import _fmt_b, _fmt_s
+
+    cache = (
+        f"read from {info.cache_path}" if info.from_cache
+        else f"measured now ({_fmt_s(info.measured_seconds)}), "
+        + (f"saved to {info.cache_path}" if info.cache_path else "not cached")
+    )
+    pools = ", ".join(
+        f"{p.get('internal_api', p.get('user_api', '?'))}={p.get('num_threads', '?')}"
+        for p in info.blas_pools
+    ) or "none loaded"
+    present = ", ".join(f"{k} {v}" for k, v in optional.items() if v) or "none"
+    absent = ", ".join(k for k, v in optional.items() if not v) or "none"
+    lines = [
+        f"amorsize {__version__} on {platform.system()} {platform.machine()}, "
+        f"{platform.python_implementation()} {platform.python_version()}",
+        f"cores: {info.logical_cores} logical, {info.physical_cores} physical, "
+        f"{info.usable_cores:g} usable by this process (affinity and CPU quota)",
+        f"available memory: {_fmt_b(info.available_memory)}",
+        f"start method: {info.start_method}",
+        f"process worker: start-up {_fmt_s(info.process_startup_s)} "
+        f"(+{_fmt_s(info.process_startup_per_worker_s)} per extra worker), round trip "
+        f"{_fmt_s(info.process_roundtrip_s)}, "
+        f"{info.transfer_s_per_byte * (1 << 20) * 1e3:.3g} ms/MB through a pipe, "
+        f"idle worker {_fmt_b(info.worker_rss_bytes)}",
+        f"thread worker: start-up {_fmt_s(info.thread_startup_s)}, round trip "
+        f"{_fmt_s(info.thread_roundtrip_s)}",
+        f"BLAS/OpenMP threads: {info.blas_threads} ({pools})",
+        f"machine facts: {cache}",
+        f"optional packages: {present}; missing: {absent}",
+    ]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    >>> main(["--version"])   # doctest: +SKIP
+    amorsize 0.1.0
+    0
+    """
+    parser = _build_parser()
+    with _one_line_diagnostics():
+        return _main(parser, argv)
+
+
+@contextlib.contextmanager
+def _one_line_diagnostics() -> Iterator[None]:
+    """Warnings and the ``amorsize`` logger's records as ``amorsize: ...`` lines on stderr."""
+    import logging
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        _err(f"warning: {message}")
+
+    logger = logging.getLogger("amorsize")
+    handler: logging.Handler | None = None
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("amorsize: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            if handler is not None:
+                logger.removeHandler(handler)
+
+
+def _main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version exit through argparse
+            return exc.code if isinstance(exc.code, int) else EXIT_OK
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except CliError as exc:
+        _err("error: " + " ".join(str(exc).split()))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away: point stdout at /dev/null so the exit flush stays quiet.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

@@ -1,0 +1,327 @@
+"""The built-in demonstrations behind ``amorsize demo`` and ``amorsize bench``.
+
+``run_demo`` runs three contrasting workloads through ``execute`` (which asks ``optimize``
+first, then runs the plan) and prints, for each, the decision, the predicted time, the
+measured time and, for comparison, the measured time of a plain serial run:
+
+* tiny items (``x * x``): no parallel plan can pay its overhead, serial wins;
+* CPU-bound pure-Python items of ~2 ms: processes run them on every usable core;
+* sleeping items (~10 ms of waiting, as I/O would): many threads overlap the waits.
+
+Its workload functions live at module level so that process workers import them by name.
+The whole demo takes a few seconds (about 6 s on a 2-core machine).
+
+``run_bench`` times a retry-decorated function that succeeds, for amorsize and each
+installed peer (tenacity, backoff, stamina, opnieuw), side by side in one process.
+
+>>> run_demo()   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+import timeit
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+__all__ = ["DemoResult", "Workload", "cpu_item", "run_bench", "run_demo", "sleep_item",
+           "tiny_item", "workloads"]
+
+# ~2 ms of pure-Python work per item on a 2.5 GHz core (CPython 3.11): slow enough that
+# two process workers pay off, fast enough that the demo stays short.
+_CPU_LOOPS = 30_000
+# Sleep per I/O-like item: long beside thread overheads (tens of microseconds).
+_SLEEP_S = 0.01
+# One timed block in ``run_bench``: long beside the timer's resolution, short enough that
+# many blocks interleave within the time budget.
+_BLOCK_S = 0.02
+
+
+def tiny_item(x: int) -> int:
+    """A microsecond-scale item: far cheaper than sending it to any worker.
+
+    >>> tiny_item(3)
+    9
+    """
+    return x * x
+
+
+def cpu_item(seed: int) -> int:
+    """About 2 ms of pure-Python arithmetic (holds the GIL throughout).
+
+    >>> 0 <= cpu_item(1) < 1_000_003
+    True
+    """
+    total = seed
+    for i in range(_CPU_LOOPS):
+        total = (total * 31 + i) % 1_000_003
+    return total
+
+
+def sleep_item(x: int) -> int:
+    """Waits ~10 ms without using the CPU, like a network or disk call.
+
+    >>> sleep_item(4)
+    4
+    """
+    time.sleep(_SLEEP_S)
+    return x
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One demo workload: a name, a function, its items and what to expect.
+
+    >>> Workload("squares", tiny_item, range(3), "serial").func(2)
+    4
+    """
+
+    name: str
+    func: Callable[[int], int]
+    data: Sequence[int]
+    expect: str
+
+
+def workloads() -> list[Workload]:
+    """The three demo workloads, sized so that each runs in about a second or less.
+
+    >>> [w.func.__name__ for w in workloads()]
+    ['tiny_item', 'cpu_item', 'sleep_item']
+    """
+    return [
+        Workload("tiny items (x * x)", tiny_item, range(200_000),
+                 "serial: no worker can be fed faster than the parent computes"),
+        Workload("CPU-bound (~2 ms of Python)", cpu_item, range(300),
+                 "processes: Python bytecode runs in parallel only in separate processes"),
+        Workload("I/O-bound (~10 ms waits)", sleep_item, range(200),
+                 "many workers, far more than cores (threads): waits overlap"),
+    ]
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What one workload's run decided and measured (times in seconds).
+
+    >>> DemoResult("tiny", "serial", "too small", 0.01, 0.012, 0.011, True).plan
+    'serial'
+    """
+
+    name: str
+    plan: str
+    reason: str
+    predicted: float | None
+    measured: float
+    serial: float | None
+    correct: bool
+
+
+def _fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x" if x < 1 else f"{x:.1f}x"
+
+
+def _plan_name(backend: str, n_jobs: int, chunksize: int) -> str:
+    return "serial" if backend == "serial" else f"{backend} x{n_jobs}, chunks of {chunksize}"
+
+
+def run_demo(*, baseline: bool = True, out: Any = None) -> list[DemoResult]:
+    """Optimize and execute each workload; print the decisions and the timings.
+
+    ``baseline=False`` skips the serial comparison runs (faster). Returns one
+    ``DemoResult`` per workload; ``correct`` checks the results against serial ones.
+
+    >>> [r.plan for r in run_demo(baseline=False)]   # doctest: +SKIP
+    ['serial', 'processes x2, chunks of 4', 'threads x64, chunks of 1']
+    """
+    from amorsize.executor import execute
+    from amorsize.system import get_system_info
+
+    out = sys.stdout if out is None else out
+
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)
+
+    say("amorsize demo: the same call, execute(func, data), on three contrasting workloads.")
+    say("Each run samples a few items, predicts every plan's wall time on this machine,")
+    say("picks the fastest (parallel only if clearly faster than serial) and runs it.")
+    # Read (or, the first time on this machine, measure) the machine facts up front, so
+    # that the one-off measurement does not count in the first workload's time.
+    info = get_system_info()
+    how = "read from the cache" if info.from_cache else (
+        f"measured now in {_fmt(info.measured_seconds)}, once per machine")
+    say(f"Machine: {info.usable_cores:g} usable cores, start method {info.start_method} ({how}).")
+    rows: list[DemoResult] = []
+    for number, w in enumerate(workloads(), 1):
+        say()
+        say(f"{number}. {w.name}: {len(w.data):,} items; expected: {w.expect}")
+        results, plan = execute(w.func, w.data, return_plan=True)
+        name = _plan_name(plan.backend, plan.n_jobs, plan.chunksize)
+        say(f"   plan: {name}")
+        say(f"   why: {plan.reason}")
+        serial_s: float | None = None
+        expected: list[int] | None = None
+        if baseline:
+            t0 = time.perf_counter()
+            expected = [w.func(x) for x in w.data]
+            serial_s = time.perf_counter() - t0
+        else:
+            expected = [w.func(x) for x in w.data[:10]]  # a spot check, ~0.1 s at most
+        correct = results[: len(expected)] == expected and len(results) == len(w.data)
+        line = f"   predicted {_fmt(plan.predicted_seconds)}, measured {_fmt(plan.wall_seconds)}"
+        if serial_s is not None:
+            line += f"; plain serial loop measured {_fmt(serial_s)}"
+            line += f" (speedup {_ratio(serial_s / plan.wall_seconds)})"
+        say(line + ("" if correct else "  RESULTS DIFFER FROM SERIAL"))
+        rows.append(
+            DemoResult(w.name, name, plan.reason, plan.predicted_seconds, plan.wall_seconds,
+                       serial_s, correct)
+        )
+    say()
+    head = f"{'workload':<30} {'plan':<32} {'predicted':>10} {'measured':>10}"
+    if baseline:
+        head += f" {'serial':>10} {'speedup':>8}"
+    say(head)
+    for r in rows:
+        line = f"{r.name:<30} {r.plan:<32} {_fmt(r.predicted):>10} {_fmt(r.measured):>10}"
+        if r.serial is not None:
+            line += f" {_fmt(r.serial):>10} {_ratio(r.serial / r.measured):>8}"
+        say(line)
+    say()
+    say("Times include the sampling and the decision. Try it on your own function:")
+    say("  amorsize optimize mymodule:work --data-range 1000")
+    say("  amorsize execute mymodule:work --data-file items.jsonl --progress -o results.jsonl")
+    return rows
+
+
+# --------------------------------------------------------------------------- bench
+def _bare(x: int) -> int:
+    return x + 1
+
+
+def _handwritten(x: int) -> int:
+    # The cheapest retry a user could write by hand: a loop around try/except.
+    for attempt in range(4):
+        try:
+            return _bare(x)
+        except Exception:
+            if attempt == 3:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _contenders() -> tuple[list[tuple[str, str, Callable[[int], int]]], list[str]]:
+    """(name, version, decorated function) for each available contender; notes on absent ones."""
+    from amorsize import _version
+    from amorsize.retry import with_retry
+
+    found: list[tuple[str, str, Callable[[int], int]]] = [
+        ("bare call", "", _bare),
+        ("hand-written try/except", "", _handwritten),
+        ("amorsize with_retry", _version.__version__, with_retry(max_retries=3)(_bare)),
+    ]
+    notes: list[str] = []
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "?"
+
+    def add(name: str, build: Callable[[Any], Callable[[int], int]]) -> None:
+        # Imported by name: the peers are optional (the ``bench`` extra), untyped for us.
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            notes.append(f"{name} is not installed: skipped (pip install {name})")
+            return
+        found.append((name, version(name), build(module)))
+
+    # Each peer set up the way its documentation shows, retrying any Exception up to
+    # 4 attempts in all, like with_retry(max_retries=3).
+    add("tenacity", lambda m: m.retry(stop=m.stop_after_attempt(4), reraise=True)(_bare))
+    add("backoff", lambda m: m.on_exception(m.expo, Exception, max_tries=4)(_bare))
+    add("stamina", lambda m: m.retry(on=Exception, attempts=4)(_bare))
+    add("opnieuw", lambda m: m.retry(
+        retry_on_exceptions=Exception,
+        max_calls_total=4,
+        retry_window_after_first_call_in_seconds=60,
+    )(_bare))
+    return found, notes
+
+
+def _calibrate(timer: timeit.Timer, target: float) -> int:
+    """The call count that takes about ``target`` seconds."""
+    number = 1
+    while True:
+        took = timer.timeit(number)
+        if took >= target / 4 or number >= 1 << 24:
+            return max(1, round(number * target / max(took, 1e-9)))
+        number *= 4
+
+
+def run_bench(*, seconds: float = 1.0, as_json: bool = False, out: Any = None) -> list[dict[str, Any]]:
+    """Per-call cost of a retry-decorated ``f(x) = x + 1`` that succeeds, per contender.
+
+    Each contender is timed in short blocks interleaved with the others, for about
+    ``seconds`` each; its best block counts.
+
+    >>> rows = run_bench(seconds=0.05)   # doctest: +SKIP
+    >>> rows[2]["contender"], rows[2]["x_amorsize"]   # doctest: +SKIP
+    ('amorsize with_retry', 1.0)
+    """
+    out = sys.stdout if out is None else out
+    contenders, notes = _contenders()
+    timers = [timeit.Timer("f(1)", globals={"f": f}) for _, _, f in contenders]
+    # Short blocks, interleaved: every contender sees the same background load, and the
+    # best block per contender is the one least disturbed by other processes.
+    block = min(_BLOCK_S, max(seconds / 5, 1e-4))
+    numbers = [_calibrate(t, block) for t in timers]
+    best = [float("inf")] * len(timers)
+    spent = 0.0
+    while True:
+        for i, (t, n) in enumerate(zip(timers, numbers, strict=True)):
+            best[i] = min(best[i], t.timeit(n) / n)
+        spent += block
+        if spent >= seconds:
+            break
+    ours = best[2]
+    bare = best[0]
+    rows = [
+        {"contender": name, "version": ver, "ns_per_call": b * 1e9,
+         "overhead_ns": (b - bare) * 1e9, "x_amorsize": b / ours if ours > 0 else None}
+        for (name, ver, _), b in zip(contenders, best, strict=True)
+    ]
+    if as_json:
+        print(json.dumps({"rows": rows, "notes": notes}, indent=2), file=out)
+        return rows
+    print(
+        f"Retry decorator overhead, success path (f(x) = x + 1), CPython "
+        f"{sys.version.split()[0]}; best of interleaved timeit rounds:",
+        file=out,
+    )
+    print(f"{'contender':<26} {'version':<10} {'ns/call':>10} {'overhead':>10} "
+          f"{'x amorsize':>11}", file=out)
+    for r in rows:
+        print(
+            f"{r['contender']:<26} {r['version']:<10} {r['ns_per_call']:>10,.0f} "
+            f"{r['overhead_ns']:>10,.0f} {r['x_amorsize']:>10.1f}x",
+            file=out,
+        )
+    for note in notes:
+        print(f"note: {note}", file=out)
+    print(
+        "The failure path, async calls and delay computation are compared in the source tree:"
+        " pytest benchmarks/bench_retry.py -m benchmark",
+        file=out,
+    )
+    return rows

@@ -1,0 +1,1076 @@
+"""``execute(func, data)``: run the optimizer's plan (or yours) on a backend.
+
+Data flow::
+
+    data ──▶ optimizer (auto) ──▶ plan: backend, n_jobs, chunksize, data', sample results
+              │                      (sampled items are never run again)
+              ▼
+    data' ──▶ _tasks(): known()/sample results ──▶ ready queue ───────────────┐
+              │ consecutive unknown items ─▶ Task(start, items)                │
+              │ allow_dispatch() / reorder window gate each Task               │
+              ▼                                                                ▼
+    backend.run(func or retry wrapper, tasks) ─▶ (task, outcomes) ─▶ _Execution.chunks():
+              on_success / on_failure, failure policy, progress  ─▶ (start, values)
+                                                                      │
+        execute: one list in input order ◀────────────────────────────┤
+        execute_iter: values in input order (reorder buffer) or as completed
+
+The loop, the observers and the ordering all run in the calling thread; only the backend
+moves chunks to workers and outcomes back (see ``amorsize.backends.base``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import math
+import multiprocessing
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Literal, cast, overload
+
+from amorsize._observers import DispatchStoppedError, RunObserver
+from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
+from amorsize.backends.base import Backend, OkValues, Outcome, Task
+from amorsize.backends.processes import available_cpus
+
+__all__ = [
+    "DispatchStoppedError",
+    "ExecutionPlan",
+    "ItemFailure",
+    "RunObserver",
+    "execute",
+    "execute_iter",
+]
+
+# Tasks in flight per worker: one running, one queued, so no worker waits for the parent.
+_IN_FLIGHT_PER_WORKER = 2
+# ordered execute_iter keeps at most this many tasks' worth of finished-but-unemitted items
+# beyond those in flight before it pauses dispatch (bounded memory on infinite input).
+_REORDER_TASKS = 4
+# Chunk size for the serial backend when none is planned: big enough that the loop costs
+# nothing per item, small enough that progress and checkpoints advance often.
+_SERIAL_CHUNK = 64
+# Items read at once from the input to ask observers which results they already hold, before
+# the plan (and its chunk size) is known.
+_SCAN_BLOCK = 256
+# Fallback when the optimizer is unavailable: four chunks per worker balance the load.
+_CHUNKS_PER_WORKER = 4
+_FALLBACK_CHUNK = 16
+
+_ON_ERROR = ("raise", "collect")
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """An item that failed for good: it sits in the item's result slot (collect mode).
+
+    ``attempts`` counts calls of ``func`` (retries included) or worker crashes; it is 0 for
+    an item never attempted because dispatch stopped.
+
+    >>> ItemFailure(3, "x", ValueError("bad"), 2)
+    ItemFailure(index=3, item='x', exception=ValueError('bad'), attempts=2)
+    """
+
+    index: int
+    item: Any
+    exception: BaseException
+    attempts: int
+
+
+@dataclass
+class ExecutionPlan:
+    """What ``execute`` decided and what happened (``return_plan=True`` returns it).
+
+    ``optimization`` is the optimizer's result when it was consulted (None when
+    ``backend``, ``n_jobs`` and ``chunksize`` were all given). Times are seconds.
+
+    >>> from amorsize import execute
+    >>> results, plan = execute(abs, [-1, -2], backend="serial", return_plan=True)
+    >>> plan.backend, plan.items, plan.failed
+    ('serial', 2, 0)
+    """
+
+    backend: str
+    n_jobs: int
+    chunksize: int
+    reason: str
+    optimization: Any = None
+    predicted_seconds: float | None = None
+    wall_seconds: float = 0.0
+    items: int = 0
+    completed: int = 0
+    failed: int = 0
+    reused: int = 0
+    skipped: int = 0
+    not_attempted: int = 0
+    failures: list[ItemFailure] = field(default_factory=list)
+
+    @property
+    def items_per_second(self) -> float:
+        """Items accounted for per second of wall time."""
+        return self.items / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def predicted_over_measured(self) -> float | None:
+        """Predicted / measured wall time (1.0 = spot on; < 1: the run took longer)."""
+        if self.predicted_seconds is None or self.wall_seconds <= 0:
+            return None
+        return self.predicted_seconds / self.wall_seconds
+
+    def __str__(self) -> str:
+        lines = [
+            f"execute: {self.backend} with n_jobs={self.n_jobs}, chunksize={self.chunksize}",
+            f"  why: {self.reason}",
+            f"  items: {self.items} ({self.completed} ok, {self.failed} failed, "
+            f"{self.not_attempted} not attempted; {self.reused} reused from sampling, "
+            f"{self.skipped} from a checkpoint)",
+            f"  measured: {self.wall_seconds:.4g} s, {self.items_per_second:,.0f} items/s",
+        ]
+        if self.predicted_seconds is not None:
+            ratio = self.predicted_over_measured
+            lines.append(
+                f"  predicted: {self.predicted_seconds:.4g} s"
+                + (f" (predicted/measured = {ratio:.2f})" if ratio is not None else "")
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        msg = f"{name} must be True or False; got {value!r}"
+        raise TypeError(msg)
+    return value
+
+
+def _check_count(name: str, value: Any, *, allow_minus_one: bool = False) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"{name} must be a positive int or None; got {value!r} ({type(value).__name__})"
+        raise TypeError(msg)
+    if allow_minus_one and value == -1:
+        return available_cpus()
+    if value < 1:
+        extra = " (or -1 for every available CPU)" if allow_minus_one else ""
+        msg = f"{name} must be >= 1{extra}; got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+def _check_backend(value: Any) -> str | Backend:
+    if isinstance(value, Backend):
+        return value
+    if value == "auto" or (isinstance(value, str) and value in BACKEND_NAMES):
+        return cast(str, value)
+    msg = (
+        f"backend must be 'auto', one of {list(BACKEND_NAMES)}, or a Backend instance "
+        f"(amorsize.backends.get_backend(...)); got {value!r}"
+    )
+    raise ValueError(msg)
+
+
+def _retry_policy(retry: Any) -> Any:
+    if retry is None or retry is False:
+        return None
+    try:
+        from amorsize.retry import RetryPolicy
+    except ImportError as exc:  # pragma: no cover - the retry module ships with amorsize
+        msg = "retry= needs amorsize.retry, which could not be imported"
+        raise NotImplementedError(msg) from exc
+    if retry is True:
+        return RetryPolicy()
+    if isinstance(retry, RetryPolicy):
+        return retry
+    msg = f"retry must be None, True, False or an amorsize.RetryPolicy; got {retry!r}"
+    raise TypeError(msg)
+
+
+class _RetryingFunc:
+    """``func`` retried per item under ``policy``; picklable when both are.
+
+    A permanent failure carries ``attempts`` (the number of calls made), which the
+    worker reports with the failure.
+    """
+
+    __slots__ = ("call", "func", "policy")
+
+    def __init__(self, func: Callable[[Any], Any], policy: Any) -> None:
+        self.__setstate__((func, policy))
+
+    def __call__(self, item: Any) -> Any:
+        calls = 0
+        func = self.func
+
+        def once(x: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return func(x)
+
+        try:
+            return self.call(once, args=(item,), policy=self.policy)
+        except Exception as exc:
+            if not isinstance(getattr(exc, "attempts", None), int):
+                with contextlib.suppress(AttributeError):  # exceptions with __slots__
+                    exc.attempts = calls  # type: ignore[attr-defined]
+            raise
+
+    def __getstate__(self) -> tuple[Any, Any]:
+        return self.func, self.policy
+
+    def __setstate__(self, state: tuple[Any, Any]) -> None:
+        from amorsize.retry import retry_call
+
+        self.func, self.policy = state
+        self.call = retry_call
+
+
+_FACTORIES = {
+    "checkpoint": ("amorsize.checkpoint", "checkpoint_observer"),
+    "dead_letter": ("amorsize.dlq", "dead_letter_observer"),
+    "circuit_breaker": ("amorsize.circuit", "circuit_observer"),
+}
+
+
+def _observer_factory(param: str) -> Callable[..., RunObserver]:
+    module_name, func_name = _FACTORIES[param]
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, func_name)
+    except (ImportError, AttributeError) as exc:
+        msg = (
+            f"{param}= needs {module_name}.{func_name}, which is not available in this "
+            f"version of amorsize ({exc})"
+        )
+        raise NotImplementedError(msg) from exc
+    return cast("Callable[..., RunObserver]", factory)
+
+
+def _build_observers(
+    func: Callable[[Any], Any],
+    data: Any,
+    checkpoint: Any,
+    dead_letter: Any,
+    circuit_breaker: Any,
+    observers: Sequence[RunObserver] | None,
+) -> list[RunObserver]:
+    out: list[RunObserver] = []
+    if checkpoint is not None:
+        out.append(_observer_factory("checkpoint")(checkpoint, func, data))
+    if dead_letter is not None:
+        out.append(_observer_factory("dead_letter")(dead_letter))
+    if circuit_breaker is not None:
+        out.append(_observer_factory("circuit_breaker")(circuit_breaker))
+    if observers is not None:
+        if isinstance(observers, RunObserver) or not isinstance(observers, Sequence):
+            msg = f"observers must be a list of RunObserver; got {observers!r}"
+            raise TypeError(msg)
+        for obs in cast("Sequence[object]", observers):
+            if not isinstance(obs, RunObserver):
+                msg = f"observers must hold RunObserver instances; got {obs!r}"
+                raise TypeError(msg)
+        out.extend(observers)
+    return out
+
+
+def _overrides(obs: RunObserver, *names: str) -> bool:
+    """Whether ``obs`` implements any of these hooks (the base class's are no-ops)."""
+    return any(getattr(type(obs), n) is not getattr(RunObserver, n) for n in names)
+
+
+def _length(data: Any) -> int | None:
+    if iter(data) is data:
+        return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _optimizer() -> Callable[..., Any] | None:
+    try:
+        from amorsize.optimizer import _optimize
+    except ImportError:
+        return None
+    return cast("Callable[..., Any]", _optimize)
+
+
+def _predicted(opt: Any) -> float | None:
+    """The optimizer's predicted wall seconds for its chosen plan (``Estimate.chosen``)."""
+    chosen = getattr(getattr(opt, "estimated_seconds", None), "chosen", None)
+    return float(chosen) if isinstance(chosen, (int, float)) else None
+
+
+@dataclass
+class _Plan:
+    backend: Backend
+    n_jobs: int
+    chunksize: int
+    reason: str
+    data: Iterable[Any]
+    sample_results: Sequence[Any]
+    optimization: Any
+    predicted: float | None
+
+
+def _make_plan(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    n_jobs: int | None,
+    chunksize: int | None,
+    backend: str | Backend,
+    client: Any,
+) -> _Plan:
+    if backend != "auto" and n_jobs is not None and chunksize is not None:
+        # Everything is decided already: no sampling.
+        be = backend if isinstance(backend, Backend) else _get(backend, client)
+        jobs = 1 if be.name == "serial" else n_jobs
+        return _Plan(be, jobs, chunksize, "given by the caller", data, (), None, None)
+    if backend == "auto":
+        in_daemon = multiprocessing.current_process().daemon
+        names: tuple[str, ...] = (
+            ("serial", "threads") if in_daemon else ("serial", "processes", "threads")
+        )
+        if client is not None or _current_dask_client() is not None:
+            names += ("dask",)
+    else:
+        be = backend if isinstance(backend, Backend) else _get(backend, client)
+        if be.name == "serial":
+            return _Plan(be, 1, chunksize or _SERIAL_CHUNK, "serial run", data, (), None, None)
+        # Serial stays in so that the optimizer always has a plan; the sizes used are those
+        # of its best plan on the requested backend.
+        names = (be.name, "serial")
+    optimize = _optimizer()
+    if optimize is None:  # pragma: no cover - the optimizer ships with amorsize
+        return _default_plan(
+            data, n_jobs, chunksize, _get("serial", client) if backend == "auto" else be
+        )
+    # Warm workers cost no start-up, which can tip a small job towards processes.
+    warm = backend.warm_workers() if isinstance(backend, Backend) else warm_workers("processes")
+    opt = optimize(
+        func,
+        data,
+        n_jobs=n_jobs,
+        sample_size=None,
+        backends=names,
+        warm_workers=warm,
+        client=client,
+    )
+    samples = tuple(getattr(opt, "sample_results", ()) or ())
+    if backend == "auto":
+        be = _get(opt.backend, client)
+        jobs, chunk, predicted = int(opt.n_jobs), int(opt.chunksize), _predicted(opt)
+        reason = str(opt.reason)
+    else:
+        best = next((c for c in opt.alternatives if c.backend == be.name), None)
+        if opt.backend == be.name:
+            jobs, chunk, predicted = int(opt.n_jobs), int(opt.chunksize), _predicted(opt)
+            reason = str(opt.reason)
+        elif best is not None:
+            jobs, chunk, predicted = int(best.n_jobs), int(best.chunksize), float(best.seconds)
+            reason = (
+                f"backend={be.name!r} as asked, with the optimizer's best plan for it "
+                f"(it would have chosen {opt.backend}: {opt.reason})"
+            )
+        else:
+            fallback = _default_plan(opt.data, n_jobs, chunksize, be)
+            jobs, chunk, predicted = fallback.n_jobs, fallback.chunksize, None
+            reason = f"backend={be.name!r} as asked, default sizes ({opt.reason})"
+    if be.name == "serial":
+        jobs = 1
+    elif n_jobs is not None:
+        jobs = n_jobs
+    overrides = [f"n_jobs={n_jobs}"] if n_jobs is not None and be.name != "serial" else []
+    if chunksize is not None:
+        chunk = chunksize
+        overrides.append(f"chunksize={chunksize}")
+    if overrides:
+        reason += f" (overridden by the caller: {', '.join(overrides)})"
+    return _Plan(be, max(1, jobs), max(1, chunk), reason, opt.data, samples, opt, predicted)
+
+
+def _default_plan(
+    data: Iterable[Any], n_jobs: int | None, chunksize: int | None, be: Backend
+) -> _Plan:
+    """Simple, safe sizes when the optimizer cannot size the run."""
+    if be.name == "serial":
+        return _Plan(be, 1, chunksize or _SERIAL_CHUNK, "serial run", data, (), None, None)
+    cpus = available_cpus()
+    jobs = n_jobs or (min(32, cpus + 4) if be.name == "threads" else cpus)
+    if chunksize is None:
+        n = _length(data)
+        chunksize = (
+            _FALLBACK_CHUNK if n is None else max(1, math.ceil(n / (_CHUNKS_PER_WORKER * jobs)))
+        )
+    return _Plan(be, jobs, chunksize, "default sizes", data, (), None, None)
+
+
+def _current_dask_client() -> Any:
+    # Without distributed imported there can be no current client: never import it here.
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from amorsize.backends.dask import current_client
+    except ImportError:
+        return None
+    return current_client()
+
+
+def _get(name: str, client: Any) -> Backend:
+    if name == "dask":
+        return get_backend("dask", client=client)
+    return get_backend(name)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Indexed:
+    """The input minus the items an observer already knows, read in blocks.
+
+    Each block is checked with one ``known_block`` call per observer; known items go
+    straight to ``ready``. The optimizer samples through the item iterator (``__next__``),
+    which records what it handed out; the executor then takes the sampled items back with
+    ``take_sampled`` and runs the rest as ``segments``: runs of consecutive unknown items,
+    never spanning two blocks (the observer sees the same blocks in ``on_success_block``).
+    """
+
+    __slots__ = ("block_size", "buffer", "handed", "it", "knowers", "next_index", "ready", "run")
+
+    def __init__(
+        self,
+        data: Iterable[Any],
+        knowers: list[RunObserver],
+        ready: deque[tuple[int, list[Any]]],
+        run: _Execution,
+    ) -> None:
+        self.it = iter(data)
+        self.knowers = knowers
+        self.ready = ready
+        self.run = run
+        # (input index, block start, item): scanned, not handed out / handed out, not taken.
+        self.buffer: deque[tuple[int, int, Any]] = deque()
+        self.handed: deque[tuple[int, int, Any]] = deque()
+        self.next_index = 0
+        # Until the plan is known; then the plan's chunk size (see ``_Execution.chunks``).
+        self.block_size = _SCAN_BLOCK
+
+    def _block(self) -> tuple[int, list[Any], dict[int, Any]] | None:
+        """The next block of input, with the results observers already know for it."""
+        items = list(islice(self.it, self.block_size))
+        if not items:
+            return None
+        start = self.next_index
+        self.next_index += len(items)
+        found: dict[int, Any] = {}
+        for obs in self.knowers:
+            for k, value in obs.known_block(start, items).items():
+                found.setdefault(k, value)
+        for k, value in found.items():
+            self.ready.append((start + k, [value]))
+        self.run.skipped += len(found)
+        return start, items, found
+
+    def __iter__(self) -> _Indexed:
+        return self
+
+    def __next__(self) -> Any:
+        while not self.buffer:
+            block = self._block()
+            if block is None:
+                raise StopIteration
+            start, items, found = block
+            self.buffer.extend((start + k, start, x) for k, x in enumerate(items) if k not in found)
+        entry = self.buffer.popleft()
+        self.handed.append(entry)
+        return entry[2]
+
+    def __length_hint__(self) -> int:
+        # An upper bound (some remaining items may be known): what sampling plans with.
+        total = self.run.n_items
+        return 0 if total is None else max(0, total - self.next_index + len(self.buffer))
+
+    def take_sampled(self, n: int) -> list[tuple[int, Any]]:
+        """``(index, item)`` of the first ``n`` items handed out (the sampled ones)."""
+        return [self.handed.popleft()[::2] for _ in range(n)]
+
+    def segments(self) -> Iterator[tuple[int, list[Any]]]:
+        """``(start, items)`` runs of consecutive unknown items, in input order."""
+        # First what sampling handed out but did not run, and what a scan left over.
+        pending = list(self.handed) + list(self.buffer)
+        self.handed.clear()
+        self.buffer.clear()
+        run: list[Any] = []
+        run_start = block = -1
+        for index, b, item in pending:
+            if run and (index != run_start + len(run) or b != block):
+                yield run_start, run
+                run = []
+            if not run:
+                run_start, block = index, b
+            run.append(item)
+        if run:
+            yield run_start, run
+        while (scanned := self._block()) is not None:
+            start, items, found = scanned
+            if not found:
+                yield start, items
+                continue
+            k0 = None
+            for k in range(len(items) + 1):
+                if k < len(items) and k not in found:
+                    if k0 is None:
+                        k0 = k
+                elif k0 is not None:
+                    yield start + k0, items[k0:k]
+                    k0 = None
+
+
+class _Execution:
+    """One run: yields ``(start, values)`` blocks of consecutive results."""
+
+    def __init__(
+        self,
+        func: Callable[[Any], Any],
+        data: Iterable[Any],
+        *,
+        n_jobs: int | None,
+        chunksize: int | None,
+        backend: str | Backend,
+        retry: Any,
+        on_error: str,
+        progress: bool,
+        verbose: bool,
+        client: Any,
+        observers: list[RunObserver],
+        ordered_window: bool,
+    ) -> None:
+        self.func = func
+        self.data = data
+        self.n_jobs = n_jobs
+        self.chunksize = chunksize
+        self.backend = backend
+        self.policy = retry
+        self.collect = on_error == "collect"
+        self.progress = progress
+        self.verbose = verbose
+        self.client = client
+        self.observers = observers
+        self.ordered_window = ordered_window
+        self.plan: ExecutionPlan | None = None
+        self.emitted = 0  # execute_iter(ordered=True) advances this: the reorder window
+        self.n_items = _length(data)
+        self.chunksize_used = 1
+        self.skipped = 0  # items a checkpoint already had
+        self.dispatched = 0  # items handed to the backend ...
+        self.finished = 0  # ... and items it gave back: the difference is in flight
+        self.stopped_by: RunObserver | None = None
+        self.leftover: tuple[int, list[Any]] | None = None
+        self.pending_chunks: Iterator[tuple[int, list[Any]]] = iter(())
+
+    # -- task generation -----------------------------------------------------------------
+
+    def _tasks(
+        self,
+        it: Iterator[Any],
+        segments: Iterator[tuple[int, list[Any]]] | None,
+        first_index: int,
+        window: int | None,
+    ) -> Iterator[Task | None]:
+        """Chunks of consecutive items to run, gated by observers and the reorder window.
+
+        ``segments`` (with observers that know results) gives runs of consecutive unknown
+        items; otherwise ``it`` gives the items from ``first_index`` on.
+        """
+        chunksize = self.chunksize_used
+        gates = [
+            o for o in self.observers if type(o).allow_dispatch is not RunObserver.allow_dispatch
+        ]
+
+        def chunks() -> Iterator[tuple[int, list[Any]]]:
+            if segments is None:
+                index = first_index
+                while items := list(islice(it, chunksize)):
+                    yield index, items
+                    index += len(items)
+                return
+            for start, run in segments:
+                if len(run) <= chunksize:
+                    yield start, run
+                    continue
+                for off in range(0, len(run), chunksize):
+                    yield start + off, run[off : off + chunksize]
+
+        self.pending_chunks = source = chunks()
+        for start, items in source:
+            for gate in gates:
+                if not gate.allow_dispatch():
+                    self.stopped_by = gate
+                    self.leftover = (start, items)
+                    return
+            if window is not None:
+                while (
+                    start + len(items) - self.emitted > window and self.dispatched > self.finished
+                ):
+                    yield None
+            self.dispatched += len(items)
+            yield Task(start, items)
+
+    # -- the main loop ---------------------------------------------------------------------
+
+    def chunks(self) -> Iterator[tuple[int, list[Any]]]:
+        """The run: ``(start, values)`` blocks of consecutive results, in completion order."""
+        t0 = time.perf_counter()
+        observers = self.observers
+        on_success = [o for o in observers if _overrides(o, "on_success", "on_success_block")]
+        knowers = [o for o in observers if _overrides(o, "known", "known_block")]
+        ready: deque[tuple[int, list[Any]]] = deque()
+        report: ExecutionPlan | None = None
+        bar = None
+        completed = False
+        gen: Iterator[tuple[Task, list[Outcome] | OkValues]] | None = None
+        try:
+            for obs in observers:
+                obs.begin(self.func)
+            # With known results (a checkpoint), the optimizer and the backend only ever see
+            # the items still to run: a resumed run samples nothing it already has.
+            stream = _Indexed(self.data, knowers, ready, self) if knowers else None
+            plan = _make_plan(
+                self.func,
+                self.data if stream is None else stream,
+                self.n_jobs,
+                self.chunksize,
+                self.backend,
+                self.client,
+            )
+            self.plan = report = ExecutionPlan(
+                backend=plan.backend.name,
+                n_jobs=plan.n_jobs,
+                chunksize=plan.chunksize,
+                reason=plan.reason,
+                optimization=plan.optimization,
+                predicted_seconds=plan.predicted,
+            )
+            if self.verbose:
+                print(plan.optimization if plan.optimization is not None else report, flush=True)
+            self.chunksize_used = plan.chunksize
+            if stream is not None:
+                stream.block_size = plan.chunksize
+            bar = self._progress_bar()
+            # Items the optimizer already ran: their results are reused, never recomputed.
+            # (With a stream, the stream itself is the data: it recorded what it handed out.)
+            it = iter(plan.data)
+            n_sampled = len(plan.sample_results)
+            sampled = (
+                [(k, next(it)) for k in range(n_sampled)]
+                if stream is None
+                else stream.take_sampled(n_sampled)
+            )
+            for (index, item), result in zip(sampled, plan.sample_results, strict=True):
+                report.reused += 1
+                for obs in on_success:
+                    obs.on_success(index, item, result)
+                ready.append((index, [result]))
+            func = self.func if self.policy is None else _RetryingFunc(self.func, self.policy)
+            be = plan.backend
+            jobs = plan.n_jobs
+            if self.n_items is not None:
+                # Never more workers than chunks left to run (no idle process to start).
+                left = self.n_items - len(plan.sample_results)
+                jobs = max(1, min(jobs, math.ceil(left / plan.chunksize)))
+            n_in_flight = _IN_FLIGHT_PER_WORKER * jobs
+            window = None
+            if self.ordered_window and be.supports_pause:
+                window = (n_in_flight + _REORDER_TASKS * jobs) * plan.chunksize
+            segments = None if stream is None else stream.segments()
+            tasks = self._tasks(it, segments, n_sampled, window)
+            gen = be.run(
+                func, cast("Iterator[Task]", tasks), n_jobs=jobs, max_in_flight=n_in_flight
+            )
+            yield from self._drain(ready, bar)
+            for task, outcomes in gen:
+                if ready:
+                    yield from self._drain(ready, bar)
+                n = len(task.items)
+                self.finished += n
+                if type(outcomes) is OkValues:
+                    report.completed += n
+                    for obs in on_success:
+                        obs.on_success_block(task.start, task.items, outcomes)
+                    if bar is not None:
+                        bar.update(n)
+                    yield task.start, outcomes
+                else:
+                    values = self._settle(task, outcomes, on_success)
+                    if bar is not None:
+                        bar.update(n)
+                    yield task.start, values
+            gen = None
+            yield from self._drain(ready, bar)
+            if self.stopped_by is not None:
+                yield from self._not_attempted(stream)
+                yield from self._drain(ready, bar)
+            # Items left unattempted mean the work is not done, even if all were reported.
+            completed = self.stopped_by is None
+        except BaseException as exc:
+            if gen is not None:
+                # Cancel pending work; on Ctrl-C also stop the workers at once (a warm pool
+                # is simply restarted by the next call).
+                getattr(gen, "close", lambda: None)()
+                gen = None
+                if not isinstance(exc, (Exception, GeneratorExit)) and report is not None:
+                    plan.backend.close()
+            raise
+        finally:
+            if gen is not None:
+                getattr(gen, "close", lambda: None)()
+            if report is not None:
+                report.skipped = self.skipped
+                report.items = report.completed + report.failed + report.not_attempted
+                report.wall_seconds = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+            try:
+                for obs in observers:
+                    obs.end(completed)
+            finally:
+                if self.verbose and report is not None and sys.exc_info()[0] is None:
+                    print(report, flush=True)
+
+    def _drain(
+        self, ready: deque[tuple[int, list[Any]]], bar: Any
+    ) -> Iterator[tuple[int, list[Any]]]:
+        """Known results (sampled, checkpointed) waiting to be handed out."""
+        assert self.plan is not None
+        while ready:
+            block = ready.popleft()
+            self.plan.completed += 1
+            if bar is not None:
+                bar.update(1)
+            yield block
+
+    def _settle(
+        self, task: Task, outcomes: list[Outcome], on_success: list[RunObserver]
+    ) -> list[Any]:
+        """Values for a task with failures: apply observers and the error policy."""
+        report = self.plan
+        assert report is not None
+        values: list[Any] = []
+        for i, out in enumerate(outcomes):
+            index = task.start + i
+            item = task.items[i]
+            if out.ok:
+                report.completed += 1
+                for obs in on_success:
+                    obs.on_success(index, item, out.value)
+                values.append(out.value)
+                continue
+            exc = cast(BaseException, out.value)
+            recorded = False
+            for obs in self.observers:
+                # Every observer hears of it (no short-circuit): the circuit breaker counts
+                # a failure even when the dead-letter queue records it.
+                recorded = obs.on_failure(index, item, exc, out.attempts) or recorded
+            failure = ItemFailure(index, item, exc, out.attempts)
+            report.failed += 1
+            report.failures.append(failure)
+            if not self.collect and not recorded:
+                raise exc
+            values.append(failure)
+        return values
+
+    def _not_attempted(self, stream: _Indexed | None) -> Iterator[tuple[int, list[Any]]]:
+        """Items never dispatched because an observer stopped dispatch."""
+        report = self.plan
+        gate = self.stopped_by
+        assert report is not None and gate is not None and self.leftover is not None
+        rest: Iterator[tuple[int, list[Any]]] = self.pending_chunks
+        count: int | None = None
+        if self.n_items is not None:
+            if stream is None:
+                count = self.n_items - self.leftover[0]
+            else:
+                # Known items among the rest are results, not "not attempted": sort them out
+                # now (a finite input) so that the counts in the stop error are exact.
+                later = list(rest)
+                rest = iter(later)
+                count = len(self.leftover[1]) + sum(len(xs) for _, xs in later)
+        counts = {
+            "completed": report.completed + len(stream.ready if stream else ()),
+            "failed": report.failed,
+            "not_attempted": count,
+        }
+        error = gate.stop_error(counts)
+        if not self.collect:
+            raise error
+        for first, xs in itertools.chain([self.leftover], rest):
+            report.not_attempted += len(xs)
+            yield first, [ItemFailure(first + i, x, error, 0) for i, x in enumerate(xs)]
+
+    def _progress_bar(self) -> Any:
+        if not self.progress:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            warnings.warn(
+                "progress=True needs tqdm, which is not installed: running without a "
+                "progress bar (pip install tqdm, or amorsize[full])",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        return tqdm(total=self.n_items, unit="item", desc="execute", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _prepare(
+    func: Any,
+    data: Any,
+    n_jobs: Any,
+    chunksize: Any,
+    backend: Any,
+    retry: Any,
+    on_error: Any,
+    progress: Any,
+    return_plan: Any,
+    verbose: Any,
+    client: Any,
+    checkpoint: Any,
+    dead_letter: Any,
+    circuit_breaker: Any,
+    observers: Any,
+    ordered_window: bool,
+) -> _Execution:
+    if not callable(func):
+        msg = f"func must be callable (it is applied to each item); got {func!r}"
+        raise TypeError(msg)
+    try:
+        iter(data)
+    except TypeError:
+        msg = f"data must be an iterable (list, range, generator...); got {type(data).__name__}"
+        raise TypeError(msg) from None
+    jobs = _check_count("n_jobs", n_jobs, allow_minus_one=True)
+    chunk = _check_count("chunksize", chunksize)
+    be = _check_backend(backend)
+    if on_error not in _ON_ERROR:
+        msg = f"on_error must be 'raise' or 'collect'; got {on_error!r}"
+        raise ValueError(msg)
+    _check_bool("progress", progress)
+    _check_bool("return_plan", return_plan)
+    _check_bool("verbose", verbose)
+    if be == "serial" and jobs not in (None, 1):
+        msg = f"n_jobs must be 1 (or None) with backend='serial'; got {n_jobs!r}"
+        raise ValueError(msg)
+    if client is not None and be not in ("auto", "dask") and not isinstance(be, Backend):
+        msg = f"client= only applies to backend='dask' or 'auto'; got backend={backend!r}"
+        raise ValueError(msg)
+    policy = _retry_policy(retry)
+    obs = _build_observers(func, data, checkpoint, dead_letter, circuit_breaker, observers)
+    return _Execution(
+        func,
+        data,
+        n_jobs=jobs,
+        chunksize=chunk,
+        backend=be,
+        retry=policy,
+        on_error=on_error,
+        progress=progress,
+        verbose=verbose,
+        client=client,
+        observers=obs,
+        ordered_window=ordered_window,
+    )
+
+
+@overload
+def execute(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    *,
+    n_jobs: int | None = ...,
+    chunksize: int | None = ...,
+    backend: str | Backend = ...,
+    retry: Any = ...,
+    on_error: Literal["raise", "collect"] = ...,
+    progress: bool = ...,
+    return_plan: Literal[False] = ...,
+    verbose: bool = ...,
+    client: Any = ...,
+    checkpoint: Any = ...,
+    dead_letter: Any = ...,
+    circuit_breaker: Any = ...,
+    observers: Sequence[RunObserver] | None = ...,
+) -> list[Any]: ...
+
+
+@overload
+def execute(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    *,
+    n_jobs: int | None = ...,
+    chunksize: int | None = ...,
+    backend: str | Backend = ...,
+    retry: Any = ...,
+    on_error: Literal["raise", "collect"] = ...,
+    progress: bool = ...,
+    return_plan: Literal[True],
+    verbose: bool = ...,
+    client: Any = ...,
+    checkpoint: Any = ...,
+    dead_letter: Any = ...,
+    circuit_breaker: Any = ...,
+    observers: Sequence[RunObserver] | None = ...,
+) -> tuple[list[Any], ExecutionPlan]: ...
+
+
+def execute(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    *,
+    n_jobs: int | None = None,
+    chunksize: int | None = None,
+    backend: str | Backend = "auto",
+    retry: Any = None,
+    on_error: Literal["raise", "collect"] = "raise",
+    progress: bool = False,
+    return_plan: bool = False,
+    verbose: bool = False,
+    client: Any = None,
+    checkpoint: Any = None,
+    dead_letter: Any = None,
+    circuit_breaker: Any = None,
+    observers: Sequence[RunObserver] | None = None,
+) -> list[Any] | tuple[list[Any], ExecutionPlan]:
+    """``[func(x) for x in data]``, run serially, on processes or on threads as planned.
+
+    ``backend="auto"`` asks the optimizer (sampled items are reused, never run twice);
+    explicit ``n_jobs`` (``-1``: every CPU), ``chunksize`` or ``backend`` (a name or a
+    ``Backend`` from ``amorsize.backends.get_backend``) override its choice.
+    ``retry=True`` or a ``RetryPolicy`` retries each item inside the worker.
+    ``on_error="raise"`` raises the first failure observed (in completion order, which is
+    input order on the serial backend) after cancelling pending work, with a worker's
+    traceback as ``__cause__``; ``"collect"`` puts an ``ItemFailure`` in each failed slot
+    and lists them in ``plan.failures``. ``return_plan=True`` returns
+    ``(results, ExecutionPlan)``. ``checkpoint=``, ``dead_letter=`` and ``circuit_breaker=``
+    plug in the reliability layer; ``observers=`` takes extra ``RunObserver`` hooks.
+
+    >>> execute(abs, [-1, -2, 3], backend="serial")
+    [1, 2, 3]
+    """
+    run = _prepare(
+        func,
+        data,
+        n_jobs,
+        chunksize,
+        backend,
+        retry,
+        on_error,
+        progress,
+        return_plan,
+        verbose,
+        client,
+        checkpoint,
+        dead_letter,
+        circuit_breaker,
+        observers,
+        False,
+    )
+    results: list[Any] = []
+    extend = results.extend
+    for start, values in run.chunks():
+        if start == len(results):
+            extend(values)
+        else:
+            end = start + len(values)
+            if end > len(results):
+                extend([None] * (end - len(results)))
+            results[start:end] = values
+    if return_plan:
+        assert run.plan is not None
+        return results, run.plan
+    return results
+
+
+def execute_iter(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    *,
+    ordered: bool = True,
+    n_jobs: int | None = None,
+    chunksize: int | None = None,
+    backend: str | Backend = "auto",
+    retry: Any = None,
+    on_error: Literal["raise", "collect"] = "raise",
+    progress: bool = False,
+    verbose: bool = False,
+    client: Any = None,
+    checkpoint: Any = None,
+    dead_letter: Any = None,
+    circuit_breaker: Any = None,
+    observers: Sequence[RunObserver] | None = None,
+) -> Iterator[Any]:
+    """Yield ``func(x)`` for each item as results complete, with bounded memory.
+
+    ``ordered=True`` yields in input order (a bounded reorder buffer pauses dispatch when
+    one slow item holds the others back); ``ordered=False`` yields ``(index, result)``
+    pairs in completion order. Works on generators of unknown or infinite length: input is
+    read only as fast as workers take it. Other options are those of ``execute``; in
+    collect mode a failed item yields its ``ItemFailure``.
+
+    >>> list(execute_iter(abs, iter([-1, -2]), backend="serial"))
+    [1, 2]
+    """
+    _check_bool("ordered", ordered)
+    run = _prepare(
+        func,
+        data,
+        n_jobs,
+        chunksize,
+        backend,
+        retry,
+        on_error,
+        progress,
+        False,
+        verbose,
+        client,
+        checkpoint,
+        dead_letter,
+        circuit_breaker,
+        observers,
+        ordered,
+    )
+    return _iterate(run, ordered)
+
+
+def _iterate(run: _Execution, ordered: bool) -> Iterator[Any]:
+    if not ordered:
+        for start, values in run.chunks():
+            yield from enumerate(values, start)
+        return
+    pending: dict[int, list[Any]] = {}
+    for start, values in run.chunks():
+        if start != run.emitted:
+            pending[start] = values
+            continue
+        yield from values
+        run.emitted += len(values)
+        while run.emitted in pending:
+            values = pending.pop(run.emitted)
+            yield from values
+            run.emitted += len(values)

@@ -1,0 +1,555 @@
+"""Retry with exponential backoff and jitter.
+
+``RetryPolicy`` validates its parameters once and lowers them into the C fields that the
+compiled core (``amorsize/_core_retry.pxi``) reads; ``with_retry`` wraps a function in a
+compiled ``RetryingFunction`` whose call goes straight to the function and only leaves C
+when an attempt fails.
+
+Data flow when a decorated function runs in worker processes (``execute``, a process
+pool)::
+
+    parent                                  worker (fork / spawn / forkserver)
+    ------                                  ------
+    pickle(f) -> "module.qualname"  ──────▶  import module; f = module.qualname
+                                             f(x): attempts, sleeps, RetryStats of the worker
+    result  ◀──────────────────────────────  value, or RetryExhaustedError(exc, attempts)
+                                             (pickles with its attributes and message)
+
+>>> from amorsize import with_retry
+>>> @with_retry(max_retries=3, initial_delay=0.0)
+... def flaky(x):
+...     return x + 1
+>>> flaky(1)
+2
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from types import TracebackType
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, cast, overload
+
+from amorsize import _core
+from amorsize._core import (
+    AsyncRetryingFunction,
+    RetryingFunction,
+    RetryStats,
+    _RetryPolicyCore,
+    seed_jitter,
+)
+
+__all__ = [
+    "AsyncRetryingFunction",
+    "BatchRetryWrapper",
+    "JitterStrategy",
+    "RetryExhaustedError",
+    "RetryFailure",
+    "RetryPolicy",
+    "RetryStats",
+    "RetryingFunction",
+    "create_batch_retry_wrapper",
+    "retry_call",
+    "seed_jitter",
+    "set_testing",
+    "with_retry",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: ``jitter`` values: ``True`` is the proportional +-25 % jitter, ``False`` none.
+JitterStrategy = bool | Literal["full", "equal", "decorrelated"]
+
+# Codes understood by the core (_core_retry.pxi, JITTER_*): False 0, True 1, then these.
+_JITTER_CODES: dict[str, int] = {"full": 2, "equal": 3, "decorrelated": 4}
+_NO_LIMIT = -1.0  # max_elapsed in the core when there is no time budget
+
+
+class RetryExhaustedError(Exception):
+    """Every allowed attempt failed.
+
+    ``original_exception`` is the last attempt's exception (``None`` when the last
+    attempt's *result* was rejected by ``retry_on_result``; it is then ``last_result``),
+    ``attempts`` the number of attempts made. Raised ``from`` the last exception, and
+    picklable with its attributes and message, so it crosses process boundaries intact.
+
+    >>> err = RetryExhaustedError(ConnectionError("refused"), 4)
+    >>> str(err)
+    'gave up after 4 attempts; last error: ConnectionError: refused'
+    """
+
+    def __init__(
+        self,
+        original_exception: BaseException | None,
+        attempts: int,
+        last_result: Any = None,
+        func_name: str | None = None,
+    ) -> None:
+        self.original_exception = original_exception
+        self.attempts = attempts
+        self.last_result = last_result
+        self.func_name = func_name
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        who = f"{self.func_name}: " if self.func_name else ""
+        plural = "attempt" if self.attempts == 1 else "attempts"
+        exc = self.original_exception
+        if exc is None:
+            last = f"last result rejected by retry_on_result: {self.last_result!r}"
+        else:
+            try:
+                text = str(exc)
+            except Exception:  # a broken __str__ must not hide the retry outcome
+                text = "<unprintable>"
+            last = f"last error: {type(exc).__name__}: {text}"
+        return f"{who}gave up after {self.attempts} {plural}; {last}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args = (self.original_exception, self.attempts, self.last_result, self.func_name)
+        return (type(self), args, self.__dict__ or None)
+
+
+_core._set_exhausted_error(RetryExhaustedError)
+
+
+def _check_delay(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a number of seconds, got {value!r} ({type(value).__name__})"
+        raise TypeError(msg)
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        msg = f"{name} must be a finite number of seconds >= 0, got {value!r}"
+        raise ValueError(msg)
+    return v
+
+
+@dataclass(frozen=True, slots=True, eq=True)
+class RetryPolicy(_RetryPolicyCore):
+    """How to retry: how many times, how long to wait, and on what.
+
+    Immutable and validated when built: a bad value raises ``ValueError`` or ``TypeError``
+    naming the parameter, the rule and the value given.
+
+    * ``max_retries``: retries after the first attempt (``-1``: no limit on the count);
+      a call makes at most ``max_retries + 1`` attempts.
+    * delay after failed attempt ``n`` (from 1):
+      ``min(initial_delay * exponential_base ** (n - 1), max_delay)``, then ``jitter``:
+      ``True`` (+-25 %), ``"full"``, ``"equal"``, ``"decorrelated"`` (AWS strategies) or
+      ``False``; always within ``[0, max_delay]``.
+    * ``retry_on_exceptions``: the exception classes to retry (default ``Exception``
+      except ``CircuitOpenError``, which must be named to be retried;
+      ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit`` and
+      ``asyncio.CancelledError`` never are).
+    * ``on_retry(exception, attempt, delay)``: runs before each sleep (``exception`` is
+      ``None`` when ``retry_on_result`` triggered the retry); if it raises, the error is
+      logged on the ``amorsize`` logger and retrying goes on.
+    * ``max_elapsed``: total budget in seconds (``time.monotonic``); no retry starts whose
+      sleep would end past it.
+    * ``retry_on_result``: a predicate; a result for which it is true is retried.
+    * ``reraise``: on exhaustion raise the last exception itself instead of
+      ``RetryExhaustedError``.
+
+    >>> p = RetryPolicy(max_retries=5, initial_delay=0.5, jitter=False)
+    >>> [p.calculate_delay(n) for n in (1, 2, 3)]
+    [0.5, 1.0, 2.0]
+    """
+
+    max_retries: int = 3
+    initial_delay: float = 0.1
+    max_delay: float = 60.0
+    exponential_base: float = 2.0
+    jitter: JitterStrategy = True
+    retry_on_exceptions: tuple[type[BaseException], ...] | None = None
+    on_retry: Callable[[BaseException | None, int, float], object] | None = None
+    _: KW_ONLY
+    max_elapsed: float | None = None
+    retry_on_result: Callable[[Any], object] | None = None
+    reraise: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked as `object`: callers without a type checker pass anything.
+        mr: object = self.max_retries
+        if isinstance(mr, bool) or not isinstance(mr, int):
+            msg = f"max_retries must be an int (-1 for no limit), got {mr!r} ({type(mr).__name__})"
+            raise TypeError(msg)
+        if mr < -1:
+            msg = f"max_retries must be >= -1 (-1 means no limit), got {mr}"
+            raise ValueError(msg)
+        initial = _check_delay("initial_delay", self.initial_delay)
+        cap = _check_delay("max_delay", self.max_delay)
+        if cap < initial:
+            msg = (
+                f"max_delay must be >= initial_delay, got max_delay={self.max_delay!r} < "
+                f"initial_delay={self.initial_delay!r}; raise max_delay or lower initial_delay"
+            )
+            raise ValueError(msg)
+        base: object = self.exponential_base
+        if isinstance(base, bool) or not isinstance(base, (int, float)):
+            msg = f"exponential_base must be a number >= 1, got {base!r} ({type(base).__name__})"
+            raise TypeError(msg)
+        if not math.isfinite(base) or base < 1:
+            msg = (
+                f"exponential_base must be a finite number >= 1 (1 = constant delay), got {base!r}"
+            )
+            raise ValueError(msg)
+        jitter: object = self.jitter
+        if isinstance(jitter, bool):
+            code = 1 if jitter else 0
+        elif isinstance(jitter, str) and jitter in _JITTER_CODES:
+            code = _JITTER_CODES[jitter]
+        else:
+            msg = (
+                f"jitter must be True (+-25 %), False, 'full', 'equal' or 'decorrelated', "
+                f"got {jitter!r}"
+            )
+            raise ValueError(msg)
+        exc_types = self._exception_types()
+        excluded: tuple[type[BaseException], ...] = ()
+        if self.retry_on_exceptions is None:
+            # An open circuit breaker means "stop calling for a while": retrying it at
+            # once only burns the attempts. Naming CircuitOpenError opts back in.
+            from amorsize.circuit import CircuitOpenError
+
+            excluded = (CircuitOpenError,)
+        on_retry: object = self.on_retry
+        if on_retry is not None and not callable(on_retry):
+            msg = (
+                f"on_retry must be a callable (exception, attempt, delay) or None, got {on_retry!r}"
+            )
+            raise TypeError(msg)
+        predicate: object = self.retry_on_result
+        if predicate is not None and not callable(predicate):
+            msg = f"retry_on_result must be a predicate (result) -> bool or None, got {predicate!r}"
+            raise TypeError(msg)
+        elapsed = _NO_LIMIT
+        if self.max_elapsed is not None:
+            elapsed = _check_delay("max_elapsed", self.max_elapsed)
+            if elapsed == 0:
+                msg = "max_elapsed must be > 0 seconds or None (no budget), got 0"
+                raise ValueError(msg)
+        reraise: object = self.reraise
+        if not isinstance(reraise, bool):
+            msg = f"reraise must be True or False, got {reraise!r}"
+            raise TypeError(msg)
+        if self.retry_on_exceptions is not None:
+            # None stays None (the default, which differs from an explicit (Exception,)).
+            object.__setattr__(self, "retry_on_exceptions", exc_types)
+        self._lower(
+            mr,
+            initial,
+            cap,
+            float(base),
+            code,
+            exc_types,
+            self.on_retry,
+            elapsed,
+            self.retry_on_result,
+            reraise,
+            excluded,
+        )
+
+    def _exception_types(self) -> tuple[type[BaseException], ...]:
+        types: object = self.retry_on_exceptions
+        if types is None:
+            return (Exception,)
+        if isinstance(types, type):
+            types = (types,)
+        if not isinstance(types, (tuple, list, frozenset, set)) or not types:
+            msg = (
+                f"retry_on_exceptions must be a non-empty tuple of exception classes or None "
+                f"(meaning Exception), got {types!r}"
+            )
+            raise TypeError(msg)
+        for t in types:
+            if not (isinstance(t, type) and issubclass(t, BaseException)):
+                msg = (
+                    f"retry_on_exceptions must hold exception classes only, got {t!r} "
+                    f"({type(t).__name__}) in {types!r}"
+                )
+                raise TypeError(msg)
+        return tuple(types)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt through __init__, so the C fields are validated and lowered again.
+        return (_policy_from_kwargs, (self._kwargs(),))
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {
+            "max_retries": self.max_retries,
+            "initial_delay": self.initial_delay,
+            "max_delay": self.max_delay,
+            "exponential_base": self.exponential_base,
+            "jitter": self.jitter,
+            "retry_on_exceptions": self.retry_on_exceptions,
+            "on_retry": self.on_retry,
+            "max_elapsed": self.max_elapsed,
+            "retry_on_result": self.retry_on_result,
+            "reraise": self.reraise,
+        }
+
+
+def _check_callable(what: str, value: object) -> None:
+    if not callable(value):
+        msg = f"{what} must be callable, got {value!r} ({type(value).__name__})"
+        raise TypeError(msg)
+
+
+def _policy_from_kwargs(kwargs: Mapping[str, Any]) -> RetryPolicy:
+    return RetryPolicy(**kwargs)
+
+
+def _policy_for(
+    where: str, policy: RetryPolicy | None, policy_kwargs: Mapping[str, Any]
+) -> RetryPolicy:
+    if policy is not None:
+        if policy_kwargs:
+            names = ", ".join(sorted(policy_kwargs))
+            msg = (
+                f"{where}: pass either policy= or inline parameters, not both "
+                f"(got policy={policy!r} and {names}); put them in the RetryPolicy"
+            )
+            raise TypeError(msg)
+        given: object = policy
+        if not isinstance(given, RetryPolicy):
+            msg = f"{where}: policy must be a RetryPolicy, got {policy!r} ({type(policy).__name__})"
+            raise TypeError(msg)
+        return policy
+    return RetryPolicy(**policy_kwargs)
+
+
+def _wrap(func: Callable[P, R], policy: RetryPolicy) -> RetryingFunction[P, R]:
+    _check_callable("with_retry: the decorated object", func)
+    call = getattr(func, "__call__", None)  # noqa: B004 - the method itself is inspected
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        msg = (
+            f"with_retry cannot retry the generator function {func!r}: its body runs while "
+            f"it is iterated, after the call has returned; decorate a function that "
+            f"consumes it (for example one returning list(gen(...))) instead"
+        )
+        raise TypeError(msg)
+    if inspect.iscoroutinefunction(func) or (
+        not inspect.isroutine(func) and inspect.iscoroutinefunction(call)
+    ):
+        wrapped = AsyncRetryingFunction(func, policy)
+        mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
+        if mark is not None:
+            mark(wrapped)
+        # Typed as RetryingFunction too: both share __call__, metadata and retry_* members.
+        return cast("RetryingFunction[P, R]", wrapped)
+    return RetryingFunction(func, policy)
+
+
+@overload
+def with_retry(func: Callable[P, R], /) -> RetryingFunction[P, R]: ...
+
+
+@overload
+def with_retry(
+    func: None = None,
+    /,
+    *,
+    policy: RetryPolicy | None = None,
+    max_retries: int = ...,
+    initial_delay: float = ...,
+    max_delay: float = ...,
+    exponential_base: float = ...,
+    jitter: JitterStrategy = ...,
+    retry_on_exceptions: tuple[type[BaseException], ...] | None = ...,
+    on_retry: Callable[[BaseException | None, int, float], object] | None = ...,
+    max_elapsed: float | None = ...,
+    retry_on_result: Callable[[Any], object] | None = ...,
+    reraise: bool = ...,
+) -> Callable[[Callable[P, R]], RetryingFunction[P, R]]: ...
+
+
+def with_retry(
+    func: Callable[P, R] | None = None,
+    /,
+    *,
+    policy: RetryPolicy | None = None,
+    **policy_kwargs: Any,
+) -> RetryingFunction[P, R] | Callable[[Callable[P, R]], RetryingFunction[P, R]]:
+    """Decorate a function so that failed calls are retried with backoff.
+
+    Works as ``@with_retry``, ``@with_retry()``, ``@with_retry(max_retries=5, ...)`` (the
+    ``RetryPolicy`` parameters) and ``@with_retry(policy=p)``. The result keeps the
+    function's name, docstring, signature and ``__wrapped__``, works as a method, exposes
+    ``.retry_policy`` and ``.retry_stats``, and pickles by reference when defined at module
+    level. On an ``async def`` function it returns a coroutine function that awaits
+    ``asyncio.sleep`` between attempts.
+
+    >>> calls = []
+    >>> @with_retry(max_retries=2, initial_delay=0)
+    ... def flaky():
+    ...     calls.append(1)
+    ...     if len(calls) < 3:
+    ...         raise ConnectionError("try again")
+    ...     return "ok"
+    >>> flaky(), len(calls), flaky.retry_stats.retries
+    ('ok', 3, 2)
+    """
+    p = _policy_for("with_retry", policy, policy_kwargs)
+    if func is not None:
+        return _wrap(func, p)
+
+    def decorate(f: Callable[P, R]) -> RetryingFunction[P, R]:
+        return _wrap(f, p)
+
+    return decorate
+
+
+def retry_call(
+    func: Callable[..., R],
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    policy: RetryPolicy | None = None,
+    **policy_kwargs: Any,
+) -> R:
+    """Call ``func(*args, **kwargs)`` once, with retries: the non-decorator form.
+
+    >>> retry_call(int, args=("42",), max_retries=1)
+    42
+    """
+    _check_callable("retry_call: func", func)
+    p = _policy_for("retry_call", policy, policy_kwargs)
+    result: R = _core.retry_call_core(func, p, tuple(args), dict(kwargs) if kwargs else None)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class RetryFailure:
+    """A call that failed for good: its arguments, the final exception, the attempts made.
+
+    ``exception`` is the last attempt's exception (or the ``RetryExhaustedError`` when the
+    last *result* was rejected by ``retry_on_result``). ``item`` is the single positional
+    argument, as in ``wrapper(item)``.
+
+    >>> RetryFailure((7,), ValueError("bad"), 3).item
+    7
+    """
+
+    args: tuple[Any, ...]
+    exception: BaseException
+    attempts: int
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def item(self) -> Any:
+        """The item, for a wrapper called as ``wrapper(item)``."""
+        if len(self.args) != 1 or self.kwargs:
+            msg = f"this failure has args={self.args!r}, kwargs={dict(self.kwargs)!r}: not one item"
+            raise AttributeError(msg)
+        return self.args[0]
+
+
+class BatchRetryWrapper(Generic[R]):
+    """Apply a function to items one at a time with retries (``create_batch_retry_wrapper``).
+
+    With ``fail_fast=False`` a permanent failure returns a ``RetryFailure`` in place of the
+    result and is appended to ``.failures``; with ``fail_fast=True`` it raises (the same
+    error ``with_retry`` would). Picklable: it can be sent to worker processes (each worker
+    then keeps its own ``.failures``).
+    """
+
+    __slots__ = ("_retrying", "fail_fast", "failures", "func", "policy")
+
+    def __init__(
+        self, func: Callable[..., R], policy: RetryPolicy | None = None, fail_fast: bool = False
+    ) -> None:
+        _check_callable("create_batch_retry_wrapper: func", func)
+        self.func = func
+        self.policy = _policy_for("create_batch_retry_wrapper", policy, {})
+        self.fail_fast = bool(fail_fast)
+        self.failures: list[RetryFailure] = []
+        self._retrying = RetryingFunction(func, self.policy)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R | RetryFailure:
+        if self.fail_fast:
+            result: R = self._retrying(*args, **kwargs)
+            return result
+        ok, value, attempts = self._retrying.call_outcome(*args, **kwargs)
+        if ok:
+            return value  # type: ignore[no-any-return]
+        failure = RetryFailure(args, value, attempts, kwargs)
+        self.failures.append(failure)  # list.append is atomic under the GIL
+        return failure
+
+    @property
+    def retry_stats(self) -> RetryStats:
+        """The counters of this wrapper's calls (see ``RetryStats``)."""
+        stats: RetryStats = self._retrying.retry_stats
+        return stats
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.func, self.policy, self.fail_fast))
+
+    def __repr__(self) -> str:
+        name = getattr(self.func, "__qualname__", repr(self.func))
+        return (
+            f"<BatchRetryWrapper {name} fail_fast={self.fail_fast} failures={len(self.failures)}>"
+        )
+
+
+def create_batch_retry_wrapper(
+    func: Callable[..., R], policy: RetryPolicy | None = None, fail_fast: bool = False
+) -> BatchRetryWrapper[R]:
+    """A picklable per-item callable with retries, for ``[wrapper(item) for item in items]``.
+
+    >>> def parse(s): return int(s)
+    >>> w = create_batch_retry_wrapper(parse, RetryPolicy(max_retries=1, initial_delay=0))
+    >>> [w(s) if not isinstance(w(s), RetryFailure) else None for s in ("1", "x")]
+    [1, None]
+    >>> w.failures[0].item, w.failures[0].attempts
+    ('x', 2)
+    """
+    return BatchRetryWrapper(func, policy, fail_fast)
+
+
+class _TestingMode:
+    """Returned by ``set_testing``: already applied; as a context manager it restores."""
+
+    __slots__ = ("_previous",)
+
+    def __init__(self, previous: tuple[bool, int]) -> None:
+        self._previous = previous
+
+    def __enter__(self) -> _TestingMode:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        enabled, cap = self._previous
+        _core._set_testing_state(enabled, cap)
+
+
+def set_testing(enabled: bool = True, max_retries: int | None = None) -> _TestingMode:
+    """Testing mode for users' test suites: retry sleeps become no-ops, attempts capped.
+
+    Process-wide, effective at once. ``max_retries`` caps every policy's retries while on.
+    Also a context manager that restores the previous mode on exit.
+
+    >>> from amorsize import set_testing
+    >>> with set_testing(True, max_retries=1):
+    ...     pass
+    """
+    flag: object = enabled
+    if not isinstance(flag, bool):
+        msg = f"set_testing: enabled must be True or False, got {enabled!r}"
+        raise TypeError(msg)
+    cap = -1
+    limit: object = max_retries
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            msg = f"set_testing: max_retries must be an int >= 0 or None, got {limit!r}"
+            raise ValueError(msg)
+        cap = limit
+    previous: tuple[bool, int] = _core._set_testing_state(enabled, cap if enabled else -1)
+    return _TestingMode(previous)

@@ -1,0 +1,169 @@
+"""Checkpoint overhead: what recording results costs, per item and for a whole run.
+
+* ``store``: the parent-side cost of checkpointing 100,000 items (hash the item, keep the
+  result, commit in batches), through the per-item hooks ``execute`` calls today and through
+  the block hooks, against the naive layout of one SQLite row per item: the measurement
+  behind the batch design and ``COMMIT_EVERY_ITEMS``;
+* ``execute``: ``execute(workloads.small, range(100_000))`` (~10 µs items) with and without
+  ``checkpoint=``, on the serial backend (all checkpoint work on the critical path) and on
+  two worker processes, with the same explicit plan both times. Target: <= 10 % more wall
+  time with the checkpoint.
+
+Run, then print the README table. On a shared machine, time what runs in this process
+(``store``, ``serial``) in CPU time, which other processes' load barely disturbs; the
+``processes`` plan needs wall time::
+
+    pytest benchmarks/bench_checkpoint.py -m benchmark -k "store or serial" \
+        --benchmark-timer=time.process_time --benchmark-json=/tmp/checkpoint-cpu.json
+    pytest benchmarks/bench_checkpoint.py -m benchmark -k processes \
+        --benchmark-json=/tmp/checkpoint-wall.json
+    python benchmarks/bench_checkpoint.py /tmp/checkpoint-cpu.json /tmp/checkpoint-wall.json
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from workloads import small
+
+from amorsize import execute
+from amorsize.checkpoint import Checkpoint, checkpoint_observer, item_hash
+
+N = 100_000
+_counter = itertools.count()
+
+
+def _fresh_path(tmp: Path) -> Path:
+    return tmp / f"run-{next(_counter)}.db"
+
+
+@pytest.fixture(scope="module")
+def tmp() -> Any:
+    with tempfile.TemporaryDirectory() as d:
+        yield Path(d)
+
+
+def _store_per_item_hooks(path: Path) -> None:
+    # What execute drives today: known() and on_success() once per item.
+    obs = checkpoint_observer(path, small, range(N))
+    obs.begin(small)
+    for i in range(N):
+        obs.known(i, i)
+        obs.on_success(i, i, i + 0.5)
+    obs.end(True)
+
+
+_BLOCKS = [list(range(s, s + 1000)) for s in range(0, N, 1000)]
+_BLOCK_VALUES = [[x + 0.5 for x in block] for block in _BLOCKS]
+
+
+def _store_block_hooks(path: Path) -> None:
+    # The same work through known_block() / on_success_block(), one call per 1,000 items.
+    obs = checkpoint_observer(path, small, range(N))
+    obs.begin(small)
+    for block, values in zip(_BLOCKS, _BLOCK_VALUES, strict=True):
+        obs.known_block(block[0], block)
+        obs.on_success_block(block[0], block, values)
+    obs.end(True)
+
+
+def _store_row_per_item(path: Path) -> None:
+    # The naive layout: one row per item, committed every 1,000 rows.
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE r (idx INTEGER PRIMARY KEY, h INTEGER, v BLOB)")
+    rows = []
+    for i in range(N):
+        rows.append((i, item_hash(i) >> 1, pickle.dumps(i + 0.5, 5)))  # type: ignore[operator]
+        if len(rows) == 1000:
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO r VALUES (?,?,?)", rows)
+            conn.execute("COMMIT")
+            rows = []
+    conn.close()
+
+
+STORES = {
+    "batch_rows_per_item_hooks": _store_per_item_hooks,
+    "batch_rows_block_hooks": _store_block_hooks,
+    "row_per_item": _store_row_per_item,
+}
+
+
+@pytest.mark.parametrize("layout", list(STORES))
+def test_store(benchmark: Any, tmp: Path, layout: str) -> None:
+    """Parent-side cost of checkpointing 100,000 items, fresh file each round."""
+    run = STORES[layout]
+    benchmark.group = "checkpoint store: 100,000 items"
+    benchmark.pedantic(lambda: run(_fresh_path(tmp)), rounds=5, iterations=1, warmup_rounds=1)
+
+
+PLANS = {
+    "serial": {"backend": "serial", "chunksize": 1000},
+    "processes": {"backend": "processes", "n_jobs": 2, "chunksize": 1000},
+}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_execute(benchmark: Any, tmp: Path, plan: str) -> None:
+    """execute over 100,000 ~10 us items, without then with a checkpoint, alternating.
+
+    The two runs alternate within each round so that both see the same machine load; the
+    best run of each kind is kept in ``extra_info``.
+    """
+    kwargs: dict[str, Any] = dict(PLANS[plan])
+    data = list(range(N))
+    execute(small, data[:1000], **kwargs)  # warm the pool
+    timer = benchmark._timer  # the --benchmark-timer (CPU time for in-process plans)
+    times: dict[str, list[float]] = {"none": [], "checkpoint": []}
+
+    def pair() -> None:
+        for kind in ("none", "checkpoint"):
+            ck = {"checkpoint": Checkpoint(_fresh_path(tmp))} if kind == "checkpoint" else {}
+            t0 = timer()
+            out = execute(small, data, **kwargs, **ck)
+            times[kind].append(timer() - t0)
+            assert len(out) == N
+
+    benchmark.group = f"execute 100,000 x 10 us, {plan}: a run without + a run with"
+    benchmark.pedantic(pair, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({kind: min(ts) for kind, ts in times.items()})
+
+
+def _table(*paths: str) -> str:
+    # min: the least disturbed round (the machine is shared; see the README note)
+    stats: dict[str, float] = {}
+    extra: dict[str, dict[str, float]] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        stats.update({b["name"]: b["stats"]["min"] for b in data["benchmarks"]})
+        extra.update({b["name"]: b.get("extra_info", {}) for b in data["benchmarks"]})
+    lines = ["| measurement | best of 5 | per item | checkpoint overhead |", "|---|---:|---:|---:|"]
+    for layout in STORES:
+        t = stats.get(f"test_store[{layout}]")
+        if t is not None:
+            lines.append(f"| store, {layout} | {t * 1e3:,.0f} ms | {t / N * 1e9:,.0f} ns | |")
+    for plan in PLANS:
+        info = extra.get(f"test_execute[{plan}]", {})
+        base, with_ck = info.get("none"), info.get("checkpoint")
+        if base is None or with_ck is None:
+            continue
+        lines.append(f"| execute, {plan}, no checkpoint | {base * 1e3:,.0f} ms | | |")
+        lines.append(
+            f"| execute, {plan}, checkpoint | {with_ck * 1e3:,.0f} ms | |"
+            f" {100 * (with_ck / base - 1):+.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(_table(*sys.argv[1:]))

@@ -1,0 +1,383 @@
+"""The local backends (amorsize.backends): serial, threads, processes, and the registry."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
+from amorsize.backends.base import (
+    Backend,
+    OkValues,
+    Outcome,
+    RemoteTraceback,
+    Task,
+    WorkerCrashedError,
+    as_outcomes,
+    run_chunk,
+)
+from amorsize.backends.processes import ProcessesBackend
+from amorsize.backends.serial import SerialBackend
+from amorsize.backends.threads import ThreadsBackend
+
+# Spawned and forkserver workers cannot import this file (importlib mode keeps tests/ off
+# sys.path): ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+# CPython 3.12+ warns when fork() runs with threads alive; the tests that ask for fork on
+# purpose (the thread pools of other tests may still be alive) accept it.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_on_odd(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return x
+
+
+def exit_on_seven(x: int) -> int:
+    if x == 7:
+        os._exit(3)
+    return x
+
+
+def kill_on_five(x: int) -> int:
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def thread_env(_: Any) -> str | None:
+    return os.environ.get("OMP_NUM_THREADS")
+
+
+def pid_of(_: Any) -> int:
+    return os.getpid()
+
+
+def collect(
+    backend: Backend, func: Callable[[Any], Any], tasks: list[Task], n_jobs: int = 2
+) -> dict[int, Outcome]:
+    """Run tasks; map each input index to its outcome, failing on any duplicate."""
+    out: dict[int, Outcome] = {}
+    for task, outcomes in backend.run(func, iter(tasks), n_jobs=n_jobs, max_in_flight=2 * n_jobs):
+        got = as_outcomes(outcomes)
+        assert len(got) == len(task.items)
+        for i, o in enumerate(got):
+            assert task.start + i not in out, f"index {task.start + i} reported twice"
+            out[task.start + i] = o
+    return out
+
+
+def chunks(n: int, size: int) -> list[Task]:
+    return [Task(s, list(range(s, min(n, s + size)))) for s in range(0, n, size)]
+
+
+@pytest.fixture(scope="module")
+def processes() -> Iterator[ProcessesBackend]:
+    backend = ProcessesBackend("fork")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(params=["serial", "threads", "processes"])
+def backend(request: pytest.FixtureRequest, processes: ProcessesBackend) -> Iterator[Backend]:
+    if request.param == "processes":
+        yield processes
+    elif request.param == "threads":
+        b = ThreadsBackend()
+        yield b
+        b.close()
+    else:
+        yield SerialBackend()
+
+
+@pytest.mark.parametrize("n, size", [(0, 4), (1, 4), (37, 4), (37, 1), (37, 100)])
+def test_every_item_once_with_serial_results(backend: Backend, n: int, size: int) -> None:
+    """Each item comes back exactly once, with func's value."""
+    out = collect(backend, square, chunks(n, size))
+    assert sorted(out) == list(range(n))
+    assert [out[i].value for i in range(n)] == [square(i) for i in range(n)]
+
+
+def test_failures_are_per_item(backend: Backend) -> None:
+    """A raising item fails alone; the others in its chunk succeed."""
+    out = collect(backend, fail_on_odd, chunks(10, 5))
+    assert [out[i].ok for i in range(10)] == [i % 2 == 0 for i in range(10)]
+    assert isinstance(out[3].value, ValueError) and str(out[3].value) == "odd 3"
+
+
+def test_remote_traceback_survives_pickling(processes: ProcessesBackend) -> None:
+    """A worker's exception arrives with its traceback text as __cause__."""
+    out = collect(processes, fail_on_odd, [Task(0, [1])])
+    cause = out[0].value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "fail_on_odd" in cause.tb and "odd 1" in cause.tb
+
+
+def test_pause_waits_for_a_completion(backend: Backend) -> None:
+    """A None from the task iterator pauses dispatch until something completes."""
+    assert backend.supports_pause
+    if backend.name == "serial":
+        pytest.skip("serial has nothing in flight when it asks for a task: it never pauses")
+
+    def tasks() -> Iterator[Task | None]:
+        yield Task(0, [1])
+        yield None
+        yield Task(1, [2])
+
+    got = list(backend.run(square, tasks(), n_jobs=2, max_in_flight=4))  # type: ignore[arg-type]
+    assert sorted((t.start, list(o)) for t, o in got) == [(0, [1]), (1, [4])]
+
+
+def test_pause_with_nothing_in_flight_is_an_error(backend: Backend) -> None:
+    """A pause that could never end raises instead of hanging."""
+    with pytest.raises(RuntimeError, match="paused"):
+        list(backend.run(square, iter([None]), n_jobs=2, max_in_flight=4))  # type: ignore[list-item]
+
+
+def test_closing_the_run_stops_pulling_tasks(backend: Backend) -> None:
+    """Closing the generator early leaves the rest of the task iterator unread."""
+    pulled = []
+
+    def tasks() -> Iterator[Task]:
+        for t in chunks(1000, 1):
+            pulled.append(t.start)
+            yield t
+
+    run = backend.run(square, tasks(), n_jobs=2, max_in_flight=4)
+    next(run)
+    run.close()  # type: ignore[attr-defined]
+    assert len(pulled) <= 8
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_start_methods_run_lambdas_and_closures(start_method: str) -> None:
+    """fork, spawn and forkserver workers run lambdas and closures (cloudpickle)."""
+    offset = 10
+    b = ProcessesBackend(start_method)
+    try:
+        out = collect(b, lambda x: x + offset, chunks(6, 2))
+        assert [out[i].value for i in range(6)] == [i + 10 for i in range(6)]
+        assert b.start_method == start_method
+    finally:
+        b.close()
+
+
+def test_worker_crash_fails_only_the_culprit(processes: ProcessesBackend) -> None:
+    """An item calling os._exit fails alone as WorkerCrashedError; nothing lost or repeated."""
+    out = collect(processes, exit_on_seven, chunks(20, 4))
+    assert sorted(out) == list(range(20))
+    for i in range(20):
+        if i == 7:
+            err = out[i].value
+            assert isinstance(err, WorkerCrashedError)
+            assert err.exitcode == 3 and "exit code 3" in str(err)
+            assert out[i].attempts == processes.crash_retries + 1
+        else:
+            assert out[i].ok and out[i].value == i
+    # The pool healed itself: the next run works at full size.
+    assert sorted(o.value for o in collect(processes, square, chunks(4, 1)).values()) == [
+        0,
+        1,
+        4,
+        9,
+    ]
+    assert processes.warm_workers() == 2
+
+
+def test_sigkilled_worker_names_the_signal(processes: ProcessesBackend) -> None:
+    """A worker killed by SIGKILL (as the OOM killer does) is reported with the signal."""
+    out = collect(processes, kill_on_five, chunks(8, 8))
+    err = out[5].value
+    assert isinstance(err, WorkerCrashedError) and err.exitcode == -signal.SIGKILL
+    assert "SIGKILL" in str(err)
+    assert all(out[i].ok for i in range(8) if i != 5)
+
+
+def test_worker_crashed_error_pickles() -> None:
+    """WorkerCrashedError crosses processes with its attributes and message."""
+    err = pickle.loads(pickle.dumps(WorkerCrashedError(-11, 2)))
+    assert (err.exitcode, err.attempts) == (-11, 2)
+    assert "SIGSEGV" in str(err)
+
+
+def test_pool_stays_warm_between_runs(processes: ProcessesBackend) -> None:
+    """A second run uses the same worker processes."""
+    first = {o.value for o in collect(processes, pid_of, chunks(8, 1)).values()}
+    second = {o.value for o in collect(processes, pid_of, chunks(8, 1)).values()}
+    assert first == second and len(first) == 2
+
+
+def test_unpicklable_function_is_a_clear_error(processes: ProcessesBackend) -> None:
+    """A function that cannot be pickled fails before dispatch, naming the fix."""
+
+    class Unpicklable:
+        def __call__(self, x: int) -> int:
+            return x
+
+        def __reduce__(self) -> Any:
+            raise TypeError("no pickling")
+
+    with pytest.raises(TypeError, match="cannot be sent to worker processes"):
+        collect(processes, Unpicklable(), chunks(2, 1))
+
+
+def _explode() -> None:
+    raise ImportError("module gone in the worker")
+
+
+class LoadsBadly:
+    """Pickles fine in the parent, fails to unpickle in the worker."""
+
+    def __call__(self, x: int) -> int:
+        return x
+
+    def __reduce__(self) -> Any:
+        return (_explode, ())
+
+
+def test_function_that_fails_to_load_in_the_worker(processes: ProcessesBackend) -> None:
+    """A function the worker cannot unpickle raises once, with the worker's traceback."""
+    with pytest.raises(RuntimeError, match="could not be loaded in a worker") as info:
+        collect(processes, LoadsBadly(), chunks(4, 2))
+    assert "module gone in the worker" in str(info.value)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+
+
+def test_unpicklable_item_and_result_fail_alone(processes: ProcessesBackend) -> None:
+    """Unpicklable items or results fail their own slot only."""
+    lock_item = Task(0, [1, __import__("threading").Lock(), 3])
+    out = collect(processes, lambda x: x, [lock_item])
+    assert [out[i].ok for i in range(3)] == [True, False, True]
+    assert isinstance(out[1].value, pickle.PicklingError)
+    out = collect(processes, lambda x: (lambda: x) if x == 1 else x, [Task(0, [0, 1, 2])])
+    assert out[0].ok and not out[1].ok and out[2].ok
+    assert "cannot be pickled" in str(out[1].value)
+
+
+def test_big_messages_do_not_deadlock(processes: ProcessesBackend) -> None:
+    """Items and results far bigger than a pipe buffer flow both ways."""
+    big = [bytes([i]) * 300_000 for i in range(6)]
+    out = collect(processes, lambda b: b[::-1], [Task(i, [b]) for i, b in enumerate(big)])
+    assert [out[i].value for i in range(6)] == big
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_workers_limit_blas_threads(start_method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers get OMP/BLAS thread variables so n_jobs x threads <= cores."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    b = ProcessesBackend(start_method)
+    try:
+        out = collect(b, thread_env, chunks(2, 1), n_jobs=2)
+    finally:
+        b.close()
+    cpus = len(os.sched_getaffinity(0))
+    expected = str(max(1, cpus // 2))
+    assert {o.value for o in out.values()} == {expected}
+    assert "OMP_NUM_THREADS" not in os.environ  # the parent's environment is restored
+
+
+def test_a_user_setting_of_blas_threads_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OMP_NUM_THREADS the user set is not overridden."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    b = ProcessesBackend("fork")
+    try:
+        out = collect(b, thread_env, chunks(2, 1))
+    finally:
+        b.close()
+    assert {o.value for o in out.values()} == {"7"}
+
+
+def test_busy_pool_gives_a_nested_run_a_private_pool(processes: ProcessesBackend) -> None:
+    """A run started while another holds the warm pool gets its own workers."""
+    outer = processes.run(pid_of, iter(chunks(4, 1)), n_jobs=2, max_in_flight=4)
+    first = next(outer)
+    inner = collect(processes, pid_of, chunks(2, 1))
+    rest = list(outer)
+    warm = {first[1][0]} | {next(iter(o)) for _, o in rest}
+    assert not warm & {o.value for o in inner.values()}
+
+
+def test_close_leaves_no_process() -> None:
+    """close() stops and joins every worker."""
+    psutil = pytest.importorskip("psutil")
+    b = ProcessesBackend("fork")
+    pids = {o.value for o in collect(b, pid_of, chunks(4, 1)).values()}
+    b.close()
+    assert b.warm_workers() == 0
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_bad_backend_options() -> None:
+    """Bad constructor values and unknown names are clear errors."""
+    with pytest.raises(ValueError, match="start_method"):
+        ProcessesBackend("teleport")
+    with pytest.raises(ValueError, match="crash_retries"):
+        ProcessesBackend(crash_retries=-1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        get_backend("gpu")
+
+
+def test_registry_shares_instances() -> None:
+    """get_backend returns one shared instance per name and options."""
+    assert set(BACKEND_NAMES) >= {"serial", "threads", "processes"}
+    assert get_backend("threads") is get_backend("threads")
+    assert get_backend("processes") is get_backend("processes", start_method=None)
+    assert warm_workers("serial") == 0
+
+
+def test_run_chunk_and_fast_path_agree() -> None:
+    """OkValues and per-item outcomes describe the same results."""
+    fast = as_outcomes(OkValues([1, 2]))
+    assert fast == run_chunk(lambda x: x, [1, 2])
+
+
+_UNGUARDED_SCRIPT = """
+from amorsize.backends.base import Task
+from amorsize.backends.processes import ProcessesBackend
+
+# No `if __name__ == "__main__":` guard: every spawned worker re-runs this and dies.
+backend = ProcessesBackend("spawn")
+list(backend.run(abs, iter([Task(0, [1, 2])]), n_jobs=2, max_in_flight=4))
+"""
+
+
+def test_workers_dying_at_start_raise_instead_of_looping(tmp_path: Any) -> None:
+    """Workers that cannot even start (unguarded main under spawn) end the run clearly."""
+    import subprocess
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "worker processes die while starting" in proc.stderr
+    assert "__name__ == '__main__'" in proc.stderr
+
+
+def test_idle_worker_killed_between_runs_is_replaced(processes: ProcessesBackend) -> None:
+    """A warm worker killed while idle (OOM killer) is replaced by the next run."""
+    pids = {o.value for o in collect(processes, pid_of, chunks(4, 1)).values()}
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    next(w for w in processes._workers if w.process.pid == victim).process.join(10)
+    out = collect(processes, square, chunks(10, 2))
+    assert [out[i].value for i in range(10)] == [i * i for i in range(10)]
+    assert victim not in {w.process.pid for w in processes._workers}

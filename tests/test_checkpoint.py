@@ -1,0 +1,651 @@
+"""Checkpoint/resume: real SQLite files, real processes, a real SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import random
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import types
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amorsize import execute
+from amorsize.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointWarning,
+    StoreError,
+    checkpoint_observer,
+    function_identity,
+    item_hash,
+)
+from amorsize.dlq import DeadLetterQueue
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+class Stop(Exception):
+    """Ends a run early, standing in for a crash."""
+
+
+# The item index at which `stopping_square` fails (None: never). Module level, so the function
+# keeps the same identity (module, name, code) between the interrupted and the resumed run.
+STOP_AT: set[int] = set()
+CALLS: list[int] = []
+
+
+def stopping_square(x: int) -> int:
+    CALLS.append(x)
+    if x in STOP_AT:
+        raise Stop(x)
+    return x * x
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls() -> None:
+    STOP_AT.clear()
+    CALLS.clear()
+
+
+# --- basic run and resume -------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["serial", "threads", "processes"])
+def test_first_run_records_every_result(tmp_path: Path, backend: str) -> None:
+    """A complete run stores one result per item and marks the run completed."""
+    path = tmp_path / "run.db"
+    data = list(range(300))
+    n_jobs = 1 if backend == "serial" else 2
+    assert execute(square, data, checkpoint=path, backend=backend, n_jobs=n_jobs) == [
+        x * x for x in data
+    ]
+    ck = Checkpoint(path)
+    assert ck.results() == {x: x * x for x in data}
+    assert len(ck) == 300
+    head = ck.header()
+    assert head["func_qualname"] == "square" and head["n_items"] == "300"
+    assert "completed_at" in head
+
+
+def test_second_run_reuses_results_without_calling(tmp_path: Path) -> None:
+    """Running the same call again returns the full list and runs nothing."""
+    path = tmp_path / "run.db"
+    data = list(range(200))
+    execute(stopping_square, data, checkpoint=path, backend="serial")
+    CALLS.clear()
+    results, plan = execute(
+        stopping_square, data, checkpoint=path, backend="serial", return_plan=True
+    )
+    assert results == [x * x for x in data]
+    assert CALLS == []
+    assert plan.skipped == 200
+
+
+@pytest.mark.parametrize("backend", ["serial", "threads"])
+def test_interrupted_run_resumes_only_missing_items(tmp_path: Path, backend: str) -> None:
+    """After a failure ends a run, the resumed run computes only what was not stored."""
+    path = tmp_path / "run.db"
+    data = list(range(500))
+    # An explicit plan: the optimizer's sampling would make the call counts plan-dependent.
+    kw: dict[str, Any] = {"backend": backend, "n_jobs": 1 if backend == "serial" else 2, "chunksize": 16}
+    STOP_AT.add(321)
+    with pytest.raises(Stop):
+        execute(stopping_square, data, checkpoint=path, **kw)
+    stored = set(Checkpoint(path).results())
+    assert stored and 321 not in stored and "completed_at" not in Checkpoint(path).header()
+    STOP_AT.clear()
+    CALLS.clear()
+    assert execute(stopping_square, data, checkpoint=path, **kw) == [x * x for x in data]
+    assert sorted(CALLS) == sorted(set(data) - stored)
+
+
+def test_resume_with_the_optimizer_runs_no_stored_item(tmp_path: Path) -> None:
+    """Letting the optimizer plan a resumed run does not run stored items while sampling."""
+    path = tmp_path / "run.db"
+    data = list(range(500))
+    execute(stopping_square, data, checkpoint=path, backend="serial")
+    CALLS.clear()
+    assert execute(stopping_square, data, checkpoint=path) == [x * x for x in data]
+    assert CALLS == []
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.lists(st.integers(-1000, 1000), max_size=150),
+    stop=st.integers(0, 160),
+    commit_every=st.integers(1, 40),
+)
+def test_resume_equals_uninterrupted_run(
+    tmp_path: Path, data: list[int], stop: int, commit_every: int
+) -> None:
+    """For any input, interruption point and batch size: resumed results == serial results."""
+    STOP_AT.clear()
+    path = tmp_path / f"h{uuid.uuid4().hex}.db"
+    ck = Checkpoint(path, commit_every=commit_every)
+    if stop < len(data):
+        STOP_AT.add(data[stop])
+        with pytest.raises(Stop):
+            execute(stopping_square, data, checkpoint=ck, backend="serial")
+        STOP_AT.clear()
+    assert execute(stopping_square, data, checkpoint=ck, backend="serial") == [x * x for x in data]
+    assert Checkpoint(path).results() == {i: x * x for i, x in enumerate(data)}
+
+
+def test_generator_input_resumes(tmp_path: Path) -> None:
+    """Inputs of unknown length (generators) checkpoint and resume too."""
+    path = tmp_path / "gen.db"
+    STOP_AT.add(70)
+    with pytest.raises(Stop):
+        execute(stopping_square, (x for x in range(100)), checkpoint=path, backend="serial")
+    STOP_AT.clear()
+    out = execute(stopping_square, (x for x in range(100)), checkpoint=path, backend="serial")
+    assert out == [x * x for x in range(100)]
+    assert Checkpoint(path).header()["n_items"] == ""
+
+
+def test_failed_items_are_not_stored_and_run_again(tmp_path: Path) -> None:
+    """With on_error='collect', failures are not checkpointed; the next run retries them."""
+    path = tmp_path / "run.db"
+    STOP_AT.update({3, 7})
+    first = execute(stopping_square, range(10), checkpoint=path, backend="serial", on_error="collect")
+    assert [type(v).__name__ for v in first].count("ItemFailure") == 2
+    assert set(Checkpoint(path).results()) == set(range(10)) - {3, 7}
+    assert "completed_at" not in Checkpoint(path).header()
+    STOP_AT.clear()
+    CALLS.clear()
+    assert execute(stopping_square, range(10), checkpoint=path, backend="serial") == [
+        x * x for x in range(10)
+    ]
+    assert sorted(CALLS) == [3, 7]
+
+
+# --- mismatches -----------------------------------------------------------------------------
+def test_changed_item_is_a_clear_error(tmp_path: Path) -> None:
+    """A different item at a stored index raises CheckpointMismatchError naming it."""
+    path = tmp_path / "run.db"
+    execute(square, [1, 2, 3, 4], checkpoint=path, backend="serial")
+    with pytest.raises(CheckpointMismatchError, match=r"index 2 \(99\)"):
+        execute(square, [1, 2, 99, 4], checkpoint=path, backend="serial")
+
+
+def test_changed_length_is_a_clear_error(tmp_path: Path) -> None:
+    """A different input length is reported before anything runs."""
+    path = tmp_path / "run.db"
+    execute(square, [1, 2, 3], checkpoint=path, backend="serial")
+    with pytest.raises(CheckpointMismatchError, match="3 input items, this run has 4"):
+        execute(square, [1, 2, 3, 4], checkpoint=path, backend="serial")
+
+
+def test_other_function_is_a_clear_error(tmp_path: Path) -> None:
+    """Another function (module.qualname) cannot reuse the checkpoint."""
+    path = tmp_path / "run.db"
+    execute(square, [1, 2], checkpoint=path, backend="serial")
+    with pytest.raises(CheckpointMismatchError, match=r"square, this run calls .*stopping_square"):
+        execute(stopping_square, [1, 2], checkpoint=path, backend="serial")
+
+
+def _same_name_other_code(body: str) -> Any:
+    ns: dict[str, Any] = {}
+    exec(f"def square(x):\n    return {body}\n", ns)
+    f = ns["square"]
+    f.__module__ = __name__
+    return f
+
+
+def test_changed_code_is_an_error_unless_check_code_is_off(tmp_path: Path) -> None:
+    """Same name, edited code: refused by default, accepted with check_code=False."""
+    path = tmp_path / "run.db"
+    v1, v2 = _same_name_other_code("x * x"), _same_name_other_code("x * x + 0")
+    execute(v1, [1, 2], checkpoint=path, backend="serial")
+    with pytest.raises(CheckpointMismatchError, match=r"code of .*square changed"):
+        execute(v2, [1, 2], checkpoint=path, backend="serial")
+    assert execute(v2, [1, 2], checkpoint=Checkpoint(path, check_code=False), backend="serial") == [1, 4]
+
+
+def test_function_identity_looks_through_wrappers() -> None:
+    """Retry and circuit wrappers do not change the identity; partial arguments do."""
+    import functools
+
+    from amorsize import with_circuit_breaker, with_retry
+
+    base = function_identity(square)
+    assert function_identity(with_retry(max_retries=1)(square)) == base
+    assert function_identity(with_circuit_breaker(square)) == base
+    p1 = function_identity(functools.partial(pow, exp=2))
+    p2 = function_identity(functools.partial(pow, exp=3))
+    assert p1["func_qualname"] == "pow" and p1 != p2
+
+
+def test_item_hash_is_stable_across_processes() -> None:
+    """Item hashes do not depend on the process (no PYTHONHASHSEED dependence)."""
+    items = [1, "a", (1, "b"), {"k": [1, 2]}, 2.5, None, True, "1", 1.0, -1, 2**70]
+    here = [item_hash(x) for x in items]
+    code = (
+        "from amorsize.checkpoint import item_hash;"
+        "print([item_hash(x) for x in [1, 'a', (1, 'b'), {'k': [1, 2]}, 2.5, None, True, '1',"
+        " 1.0, -1, 2**70]])"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == repr(here)
+    assert len(set(here)) == len(here)
+    assert item_hash(lambda: 1) is None
+
+
+# --- unusable files: clear errors, nothing overwritten --------------------------------------
+def test_garbage_file_is_refused_and_untouched(tmp_path: Path) -> None:
+    """A file that is not SQLite gives CheckpointError and keeps its bytes."""
+    path = tmp_path / "notes.db"
+    path.write_bytes(os.urandom(8192))
+    before = file_digest(path)
+    with pytest.raises(CheckpointError, match="not a readable SQLite database"):
+        execute(square, [1, 2], checkpoint=path, backend="serial")
+    assert file_digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
+
+
+def test_foreign_database_is_refused_and_untouched(tmp_path: Path) -> None:
+    """Another application's SQLite database is not taken over."""
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO users (name) VALUES ('ada')")
+    conn.close()
+    before = file_digest(path)
+    with pytest.raises(CheckpointError, match=r"another application's database.*users"):
+        execute(square, [1], checkpoint=path, backend="serial")
+    assert file_digest(path) == before
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()
+
+
+def test_dead_letter_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    """Mixing up a dead-letter file and a checkpoint is caught, both ways."""
+    dlq_path, ck_path = tmp_path / "failed.db", tmp_path / "run.db"
+    DeadLetterQueue(dlq_path)
+    with pytest.raises(CheckpointError, match="'amorsize-dead-letter' file"):
+        execute(square, [1], checkpoint=dlq_path, backend="serial")
+    execute(square, [1], checkpoint=ck_path, backend="serial")
+    with pytest.raises(StoreError, match="'amorsize-checkpoint' file"):
+        DeadLetterQueue(ck_path)
+
+
+def test_corrupted_checkpoint_is_a_clear_error_and_untouched(tmp_path: Path) -> None:
+    """A checkpoint damaged on disk gives CheckpointError; its bytes are not rewritten."""
+    path = tmp_path / "run.db"
+    execute(square, list(range(3000)), checkpoint=Checkpoint(path, commit_every=50), backend="serial")
+    raw = bytearray(path.read_bytes())
+    assert len(raw) > 4 * 4096
+    raw[4096 : len(raw) - 4096] = os.urandom(len(raw) - 8192)  # pages past the schema page
+    path.write_bytes(bytes(raw))
+    before = file_digest(path)
+    with pytest.raises(CheckpointError):
+        execute(square, list(range(3000)), checkpoint=path, backend="serial")
+    assert file_digest(path) == before
+
+
+def test_directory_path_is_refused(tmp_path: Path) -> None:
+    """A directory is not a checkpoint file."""
+    with pytest.raises(CheckpointError, match="directory"):
+        execute(square, [1], checkpoint=tmp_path, backend="serial")
+
+
+# --- files and permissions ------------------------------------------------------------------
+def test_files_are_owner_only(tmp_path: Path) -> None:
+    """The database and its WAL/shared-memory files are created with mode 0o600."""
+    path = tmp_path / "run.db"
+    old = os.umask(0o000)  # even with a permissive umask
+    try:
+        obs = checkpoint_observer(path, square, [1, 2])
+        obs.begin(square)
+        assert obs.known(0, 1) == (False, None)
+        obs.on_success(0, 1, 1)
+        obs.flush()
+        assert mode(path) == 0o600
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(path) + suffix)
+            assert side.exists() and mode(side) == 0o600, suffix
+        obs.end(False)
+    finally:
+        os.umask(old)
+
+
+def test_existing_file_permissions_are_kept(tmp_path: Path) -> None:
+    """An existing (empty) file the user created keeps the mode the user chose."""
+    path = tmp_path / "run.db"
+    path.touch()
+    path.chmod(0o640)
+    execute(square, [1], checkpoint=path, backend="serial")
+    assert mode(path) == 0o640
+
+
+def test_wal_mode_and_durability_setting(tmp_path: Path) -> None:
+    """The file uses the WAL journal; synchronous follows the option."""
+    path = tmp_path / "run.db"
+    for level, code in (("NORMAL", 1), ("FULL", 2)):
+        obs = checkpoint_observer(Checkpoint(path, synchronous=level), square, None)  # type: ignore[arg-type]
+        obs.begin(square)
+        assert obs.conn is not None
+        assert obs.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert obs.conn.execute("PRAGMA synchronous").fetchone()[0] == code
+        obs.end(True)
+
+
+# --- concurrency ----------------------------------------------------------------------------
+def _writer(path: str, start: int, n: int) -> None:
+    ck = Checkpoint(path, commit_every=5)
+    obs = checkpoint_observer(ck, square, None)
+    obs.begin(square)
+    for i in range(start, start + n):
+        hit, _ = obs.known(i, i)
+        if not hit:
+            obs.on_success(i, i, i * i)
+    obs.end(False)
+
+
+def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    """Four processes writing overlapping ranges at once: every result stored, once."""
+    path = str(tmp_path / "shared.db")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, k * 150, 300)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert Checkpoint(path).results() == {i: i * i for i in range(750)}
+
+
+# --- what cannot be pickled -----------------------------------------------------------------
+def test_unpicklable_item_warns_once_and_runs_again(tmp_path: Path) -> None:
+    """An unpicklable item is not checkpointed (warned once); the rest is."""
+    path = tmp_path / "run.db"
+    data: list[Any] = [1, lambda: 2, 3, lambda: 4]
+
+    def call(x: Any) -> Any:
+        return x() if callable(x) else x
+
+    with pytest.warns(CheckpointWarning, match="cannot be pickled") as rec:
+        assert execute(call, data, checkpoint=path, backend="threads") == [1, 2, 3, 4]
+    assert len(rec) == 1
+    assert set(Checkpoint(path).results()) == {0, 2}
+
+
+def test_unpicklable_result_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    """A result that cannot be pickled is dropped from the batch; the others are saved."""
+    path = tmp_path / "run.db"
+
+    def make(x: int) -> Any:
+        return (lambda: x) if x == 2 else x
+
+    with pytest.warns(CheckpointWarning, match="result of item 2"):
+        out = execute(make, [0, 1, 2, 3], checkpoint=path, backend="serial")
+    assert out[:2] == [0, 1] and out[2]() == 2
+    assert Checkpoint(path).results() == {0: 0, 1: 1, 3: 3}
+
+
+# --- arguments ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"synchronous": "OFF"}, ValueError),
+        ({"commit_every": 0}, ValueError),
+        ({"commit_every": True}, ValueError),
+        ({"commit_interval": -1}, ValueError),
+    ],
+)
+def test_checkpoint_rejects_bad_options(tmp_path: Path, kwargs: dict[str, Any], error: type) -> None:
+    """Bad options raise at construction, naming the option."""
+    with pytest.raises(error, match=next(iter(kwargs))):
+        Checkpoint(tmp_path / "x.db", **kwargs)
+
+
+def test_checkpoint_observer_rejects_other_types() -> None:
+    """checkpoint= takes a path or a Checkpoint."""
+    with pytest.raises(TypeError, match="checkpoint must be a path"):
+        checkpoint_observer(42, square, [])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"str or os\.PathLike"):
+        Checkpoint(3.5)  # type: ignore[arg-type]
+
+
+# --- the real thing: SIGKILL of the parent and its workers ----------------------------------
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from amorsize import execute
+    from amorsize.checkpoint import Checkpoint
+
+    def work(x):
+        t = time.perf_counter() + 0.0004
+        while time.perf_counter() < t:
+            pass
+        return (x, x * 7 % 1000)
+
+    if __name__ == "__main__":
+        ck = Checkpoint(sys.argv[1], commit_every=20, commit_interval=0.02)
+        out = execute(work, list(range(int(sys.argv[2]))), checkpoint=ck,
+                      backend="processes", n_jobs=2, chunksize=4)
+        print("done", len(out))
+    """
+)
+
+
+def _stored_count(path: Path) -> int:
+    try:
+        return len(Checkpoint(path))
+    except (StoreError, sqlite3.Error):
+        return 0
+
+
+def _children_of_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses process groups and /proc")
+def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path: Path) -> None:
+    """SIGKILL of a running execute and its workers at random moments; resume is exact."""
+    script = tmp_path / "job.py"
+    script.write_text(KILL_SCRIPT)
+    n = 3000
+    ns: dict[str, Any] = {}
+    exec(compile(KILL_SCRIPT, str(script), "exec"), ns)
+    expected = [(x, x * 7 % 1000) for x in range(n)]
+    rng = random.Random()
+    path = tmp_path / "run.db"
+    kills = 0
+    for _round in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(path), str(n)],
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        # Wait until this round has committed something new, then a random extra moment.
+        before = _stored_count(path)
+        deadline = time.monotonic() + 30
+        while _stored_count(path) <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait(30)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+        for _ in range(100):  # reaped by init: wait until the group is gone
+            if not _children_of_group(proc.pid):
+                break
+            time.sleep(0.02)
+        assert _children_of_group(proc.pid) == []
+    assert kills >= 1, "the job always finished before the kill: make it longer"
+    stored = Checkpoint(path).results()
+    assert all(stored[i] == expected[i] for i in stored)  # nothing half-written
+    # The resumed run: same results as an uninterrupted one, nothing missing or duplicated.
+    work = types.FunctionType(ns["work"].__code__, ns, "work")
+    work.__module__ = "__main__"
+    ck = Checkpoint(path)
+    results, plan = execute(work, list(range(n)), checkpoint=ck, backend="threads", return_plan=True)
+    assert results == expected
+    assert plan.skipped == len(stored)
+    assert Checkpoint(path).results() == dict(enumerate(expected))
+
+
+# --- interruptions and combinations ---------------------------------------------------------
+INTERRUPT_AT: set[int] = set()
+
+
+def interruptible_square(x: int) -> int:
+    if x in INTERRUPT_AT:
+        raise KeyboardInterrupt
+    CALLS.append(x)
+    return x * x
+
+
+def test_ctrl_c_keeps_the_finished_results(tmp_path: Path) -> None:
+    """KeyboardInterrupt ends the run, the results finished before it are committed."""
+    path = tmp_path / "run.db"
+    INTERRUPT_AT.add(150)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            execute(interruptible_square, range(300), checkpoint=path, backend="serial", chunksize=10)
+    finally:
+        INTERRUPT_AT.clear()
+    stored = Checkpoint(path).results()
+    assert set(stored) == set(range(150))
+    CALLS.clear()
+    assert execute(interruptible_square, range(300), checkpoint=path, backend="serial") == [
+        x * x for x in range(300)
+    ]
+    assert sorted(CALLS) == list(range(150, 300))
+
+
+def test_empty_input(tmp_path: Path) -> None:
+    """An empty input makes an empty, completed checkpoint."""
+    path = tmp_path / "run.db"
+    assert execute(square, [], checkpoint=path, backend="serial") == []
+    assert execute(square, [], checkpoint=path, backend="serial") == []
+    head = Checkpoint(path).header()
+    assert head["n_items"] == "0" and "completed_at" in head and len(Checkpoint(path)) == 0
+
+
+SERVICE_DOWN_FROM: list[int] = []
+
+
+def flaky_service(x: int) -> int:
+    if SERVICE_DOWN_FROM and x >= SERVICE_DOWN_FROM[0]:
+        raise ConnectionError("down")
+    CALLS.append(x)
+    return x + 1000
+
+
+def test_circuit_stop_then_resume_completes_the_run(tmp_path: Path) -> None:
+    """The circuit stops a run part-way; once the service is back, resume finishes it."""
+    from amorsize import CircuitBreakerPolicy, CircuitOpenError
+
+    path = tmp_path / "run.db"
+    kw: dict[str, Any] = {"checkpoint": path, "backend": "serial", "chunksize": 1}
+    SERVICE_DOWN_FROM.append(40)
+    try:
+        with pytest.raises(CircuitOpenError) as info:
+            execute(
+                flaky_service, range(100), circuit_breaker=CircuitBreakerPolicy(failure_threshold=3),
+                dead_letter=tmp_path / "failed.db", **kw,
+            )
+    finally:
+        SERVICE_DOWN_FROM.clear()
+    assert info.value.completed == 40 and info.value.not_attempted == 57
+    assert set(Checkpoint(path).results()) == set(range(40))
+    CALLS.clear()
+    assert execute(flaky_service, range(100), **kw) == [x + 1000 for x in range(100)]
+    assert sorted(CALLS) == list(range(40, 100))
+
+
+# --- block hooks (one call per chunk instead of per item) ------------------------------------
+def _observer(path: Path, n: int | None) -> Any:
+    obs = checkpoint_observer(path, square, list(range(n)) if n is not None else None)
+    obs.begin(square)
+    return obs
+
+
+def test_block_hooks_record_and_resume(tmp_path: Path) -> None:
+    """known_block/on_success_block store results that a later run (any hooks) reads back."""
+    path = tmp_path / "run.db"
+    obs = _observer(path, 10)
+    assert obs.known_block(0, list(range(6))) == {}
+    obs.on_success_block(0, list(range(6)), [x * x for x in range(6)])
+    obs.end(False)
+    obs = _observer(path, 10)
+    assert obs.known_block(4, [4, 5, 6, 7]) == {0: 16, 1: 25}
+    assert obs.known(2, 2) == (True, 4)
+    obs.end(False)
+
+
+def test_block_hashes_are_taken_before_the_items_run(tmp_path: Path) -> None:
+    """An item mutated by the function is recorded under its original hash, on any path."""
+    path = tmp_path / "run.db"
+    original = [{"n": i} for i in range(6)]
+    items = [dict(x) for x in original]
+    obs = _observer(path, 6)
+    obs.known_block(0, items)
+    for item in items:
+        item["seen"] = True  # the function mutated its input
+    obs.on_success_block(0, items[:2], [0, 1])  # the executor split the block
+    obs.on_success(2, items[2], 2)
+    obs.on_failure(3, items[3], Stop(3), 1)
+    obs.on_success(4, items[4], 4)
+    obs.on_success(5, items[5], 5)
+    obs.end(False)
+    assert obs._block_hashes == {} and obs._pending == {}
+    obs = _observer(path, 6)
+    hits = [obs.known(i, x) for i, x in enumerate(original)]
+    assert hits == [(True, 0), (True, 1), (True, 2), (False, None), (True, 4), (True, 5)]
+    obs.end(False)
+
+
+def test_execute_iter_resumes_too(tmp_path: Path) -> None:
+    """execute_iter with a checkpoint: an abandoned stream resumes without rerunning items."""
+    from amorsize import execute_iter
+
+    path = tmp_path / "run.db"
+    kw: dict[str, Any] = {"checkpoint": path, "backend": "serial", "chunksize": 10}
+    stream = execute_iter(stopping_square, range(100), **kw)
+    first = [next(stream) for _ in range(35)]
+    stream.close()  # the consumer stops early: finished results are committed
+    assert first == [x * x for x in range(35)]
+    stored = set(Checkpoint(path).results())
+    assert set(range(35)) <= stored
+    CALLS.clear()
+    assert list(execute_iter(stopping_square, range(100), **kw)) == [x * x for x in range(100)]
+    assert sorted(CALLS) == sorted(set(range(100)) - stored)

@@ -1,0 +1,426 @@
+"""optimize(): validation, plans within bounds, data kept intact, and the cost model's choices."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import amorsize
+from amorsize._core import (
+    model_max_workers_for_memory,
+    model_process_seconds,
+    model_search,
+    model_serial_seconds,
+    model_thread_seconds,
+)
+from amorsize.optimizer import MIN_SPEEDUP, OptimizationResult, _decide, optimize
+from amorsize.sampling import sample
+from amorsize.system import get_system_info
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def busy_ms(x: int) -> int:
+    """About 1 ms of pure-Python CPU work."""
+    s = 0
+    for i in range(20_000):
+        s += i
+    return s + x
+
+
+def nap(x: int) -> int:
+    time.sleep(0.002)  # the point is waiting: CPU time far below wall time
+    return x
+
+
+def one_mb(x: int) -> bytes:
+    return bytes([x % 256]) * (1 << 20)
+
+
+def boom_at_2(x: int) -> int:
+    if x == 2:
+        msg = "item two is bad"
+        raise KeyError(msg)
+    return x
+
+
+def boom(x: int) -> int:
+    msg = f"always fails on {x}"
+    raise RuntimeError(msg)
+
+
+class Drawn:
+    """An infinite iterator that counts the items drawn from it."""
+
+    def __init__(self) -> None:
+        self.it = itertools.count()
+        self.drawn = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        self.drawn += 1
+        return next(self.it)
+
+
+def _check_bounds(r: OptimizationResult, n: int | None) -> None:
+    assert r.backend in ("serial", "processes", "threads")
+    assert r.n_jobs >= 1 and r.chunksize >= 1
+    if r.backend == "serial":
+        assert r.n_jobs == 1
+    if n is not None:
+        assert r.chunksize <= max(n, 1)
+        assert r.n_jobs <= max(n, 1) or r.backend == "serial"
+    assert r.estimated_speedup > 0
+    assert math.isfinite(r.estimated_seconds.serial) and math.isfinite(r.estimated_seconds.chosen)
+    assert r.estimated_seconds["chosen"] == r.estimated_seconds.chosen
+    assert r.reason and isinstance(r.warnings, list)
+    if r.backend != "serial":
+        assert r.estimated_speedup >= MIN_SPEEDUP
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "words"),
+    [
+        ({"func": 3}, TypeError, ["func", "callable", "int"]),
+        ({"data": 5}, TypeError, ["data", "iterable", "int"]),
+        ({"n_jobs": 0}, ValueError, ["n_jobs", "positive", "0"]),
+        ({"n_jobs": 2.5}, ValueError, ["n_jobs", "2.5"]),
+        ({"n_jobs": True}, ValueError, ["n_jobs", "True"]),
+        ({"sample_size": -1}, ValueError, ["sample_size", "-1"]),
+        ({"backends": ()}, ValueError, ["backends", "non-empty"]),
+        ({"backends": ("gpu",)}, ValueError, ["backends", "'gpu'"]),
+        ({"backends": 7}, ValueError, ["backends", "7"]),
+    ],
+)
+def test_invalid_arguments(kwargs: dict[str, Any], exc: type[Exception], words: list[str]) -> None:
+    """Bad arguments raise with the parameter, the rule, the value and a fix."""
+    args: dict[str, Any] = {"func": inc, "data": [1, 2]}
+    args.update(kwargs)
+    func, data = args.pop("func"), args.pop("data")
+    with pytest.raises(exc) as info:
+        optimize(func, data, **args)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_single_backend_name_is_accepted() -> None:
+    """backends="threads" is read as ("threads",)."""
+    r = optimize(nap, range(3), backends="threads")  # type: ignore[arg-type]
+    assert r.backend == "threads"
+
+
+# --------------------------------------------------------------------------- bounds & data
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.integers(-1000, 1000), max_size=300),
+    st.sampled_from(["list", "tuple", "iter", "gen", "range"]),
+    st.one_of(st.none(), st.integers(1, 50)),
+)
+def test_plan_within_bounds_and_data_intact(items: list[int], kind: str, k: int | None) -> None:
+    """For any input the plan is within bounds and data + sample_results match the input."""
+    data: Any = {
+        "list": lambda: items,
+        "tuple": lambda: tuple(items),
+        "iter": lambda: iter(items),
+        "gen": lambda: (x for x in items),
+        "range": lambda: range(len(items)),
+    }[kind]()
+    expected = list(range(len(items))) if kind == "range" else items
+    r = optimize(inc, data, sample_size=k)
+    _check_bounds(r, len(items))
+    assert list(r.data) == expected
+    assert list(r.sample_results) == [inc(x) for x in expected[: len(r.sample_results)]]
+    if kind == "list":
+        assert r.data is data
+
+
+def test_infinite_generator_only_sampled() -> None:
+    """An infinite iterator is drawn only as far as the sample, and the plan still works."""
+    src = Drawn()
+    r = optimize(inc, src)
+    assert src.drawn == len(r.sample_results) == r.profile.n_sampled
+    assert r.n_items is None
+    assert any("length is unknown" in w for w in r.warnings)
+    assert list(itertools.islice(r.data, 5)) == [0, 1, 2, 3, 4]
+    _check_bounds(r, None)
+
+
+@pytest.mark.parametrize("data", [[], iter([]), (x for x in ())])
+def test_empty_data_is_serial(data: Any) -> None:
+    """No items: serial, with a reason saying so."""
+    r = optimize(inc, data)
+    assert (r.backend, r.n_jobs, r.chunksize) == ("serial", 1, 1)
+    assert "no items" in r.reason
+    assert list(r.data) == [] and r.sample_results == ()
+
+
+def test_single_item_is_serial() -> None:
+    """One item runs while sampling: nothing is left to parallelise."""
+    r = optimize(busy_ms, [5])
+    assert r.backend == "serial" and r.sample_results == (busy_ms(5),)
+    assert "already ran" in r.reason
+
+
+def test_data_shorter_than_sample() -> None:
+    """sample_size above the length samples everything and stays serial."""
+    r = optimize(inc, (x for x in range(4)), sample_size=100)
+    assert r.sample_results == (1, 2, 3, 4) and list(r.data) == [0, 1, 2, 3]
+    assert r.backend == "serial" and r.n_items == 4
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("make", [list, iter])
+def test_function_raising_while_sampled(make: Any) -> None:
+    """The failing item and error are reported; results stop before it; data is intact."""
+    r = optimize(boom_at_2, make(range(10)), sample_size=5)
+    assert r.sample_results == (0, 1)
+    assert r.profile.error_index == 2 and isinstance(r.profile.error, KeyError)
+    assert any("item 2" in w and "KeyError" in w for w in r.warnings)
+    assert list(r.data) == list(range(10))
+    _check_bounds(r, 10)
+
+
+def test_function_raising_on_first_item_is_serial() -> None:
+    """Nothing could be timed: serial, so the error surfaces at once."""
+    r = optimize(boom, [1, 2, 3])
+    assert r.backend == "serial" and r.sample_results == ()
+    assert "first item" in r.reason and "RuntimeError" in r.reason
+
+
+def test_unpicklable_function_never_goes_to_processes() -> None:
+    """A closure over a lock is planned on threads or serial, with a warning."""
+    lock = threading.Lock()
+
+    def locked_nap(x: int) -> int:
+        with lock:
+            pass
+        time.sleep(0.002)
+        return x
+
+    r = optimize(locked_nap, range(200))
+    assert r.backend in ("threads", "serial")
+    assert all(c.backend != "processes" for c in r.alternatives)
+    assert any("cannot be pickled" in w for w in r.warnings)
+
+
+def test_unpicklable_function_with_only_processes_raises() -> None:
+    """Asking for processes only for an unpicklable function fails clearly, up front."""
+    lock = threading.Lock()
+
+    def locked(x: int) -> int:
+        with lock:
+            return x
+
+    with pytest.raises(ValueError, match="no backend") as info:
+        optimize(locked, range(100_000), backends=("processes",), sample_size=2)
+    assert "cannot be pickled" in str(info.value)
+
+
+def test_lambda_can_go_to_processes() -> None:
+    """Lambdas travel by cloudpickle: processes stay among the alternatives."""
+    pytest.importorskip("cloudpickle")
+    r = optimize(lambda x: busy_ms(x), range(2000))
+    assert any(c.backend == "processes" for c in r.alternatives)
+
+
+def test_huge_items_are_sized() -> None:
+    """Huge items are measured and counted against memory per worker."""
+    data = [bytes([i]) * (8 << 20) for i in range(3)]
+    r = optimize(len, data, sample_size=2)
+    assert r.profile.in_bytes >= 8 << 20 and r.profile.mem_per_item > 0
+    _check_bounds(r, 3)
+
+
+# --------------------------------------------------------------------------- decisions
+def _cores() -> float:
+    return get_system_info().usable_cores
+
+
+def test_cpu_bound_work_goes_to_processes() -> None:
+    """Enough ~1 ms CPU-bound items: processes on all usable cores."""
+    if _cores() < 2:
+        pytest.skip("needs at least 2 usable cores")
+    r = optimize(busy_ms, range(2000))
+    assert r.backend == "processes" and 2 <= r.n_jobs <= int(_cores())
+    assert r.estimated_speedup >= MIN_SPEEDUP
+
+
+def test_tiny_items_stay_serial() -> None:
+    """Sub-microsecond items never pay for parallel overhead."""
+    r = optimize(inc, range(100_000))
+    assert r.backend == "serial" and "serial is best" in r.reason
+
+
+def test_sleep_bound_work_goes_to_many_threads() -> None:
+    """Waiting work: threads, with many more workers than cores."""
+    r = optimize(nap, range(1000))
+    assert r.backend == "threads"
+    assert r.n_jobs >= 4 * _cores()
+    assert r.profile.wait_fraction > 0.5
+
+
+def test_big_outputs_stay_serial() -> None:
+    """1 MB results cost the parent more to receive than to compute: serial."""
+    r = optimize(one_mb, range(300), sample_size=3)
+    assert r.backend == "serial"
+    assert "result" in r.reason
+
+
+def test_n_jobs_is_respected() -> None:
+    """An explicit n_jobs fixes the worker count of a parallel plan; 1 means serial."""
+    r = optimize(nap, range(500), n_jobs=3)
+    assert r.n_jobs == 3 and r.backend in ("threads", "processes")
+    assert optimize(nap, range(500), n_jobs=1).backend == "serial"
+
+
+def test_backends_restrict_the_choice() -> None:
+    """Without serial in backends, the best allowed backend is chosen, with a warning."""
+    r = optimize(inc, range(10_000), backends=("threads",))
+    assert r.backend == "threads"
+    assert any("excluded by backends" in w for w in r.warnings)
+
+
+def test_warm_workers_make_processes_cheaper() -> None:
+    """The same sample on warm process workers is predicted faster than on cold ones."""
+    s = sample(busy_ms, range(300), sample_size=3)
+    info = get_system_info()
+    args: dict[str, Any] = {"allowed": ("processes",), "n_jobs": 2}
+    cold = _decide(s, info, **args)
+    warm = _decide(s, info, warm_workers=2, **args)
+    assert warm.estimated_seconds.chosen < cold.estimated_seconds.chosen
+    assert warm.estimated_seconds.serial == cold.estimated_seconds.serial
+
+
+def test_plan_works_with_multiprocessing_pool() -> None:
+    """Pool(n_jobs).map(func, data, chunksize) gives the serial results (the seed's usage)."""
+    data = list(range(40))
+    r = optimize(busy_ms, data, n_jobs=2, backends=("processes",))
+    with multiprocessing.Pool(r.n_jobs) as pool:
+        out = pool.map(busy_ms, r.data, chunksize=r.chunksize)
+    assert out == [busy_ms(x) for x in data]
+
+
+def test_report_and_verbose(capsys: pytest.CaptureFixture[str]) -> None:
+    """str() is a short report; verbose=True prints it with the ranked alternatives."""
+    r = optimize(nap, range(200), verbose=True)
+    printed = capsys.readouterr().out
+    assert r.backend in str(r) and r.reason in str(r)
+    assert "alternatives" in printed and "alternatives" not in str(r)
+    assert printed.count("threads n_jobs=") >= 2
+
+
+def test_result_is_exported_and_frozen() -> None:
+    """The result is importable from the package and immutable."""
+    r = amorsize.optimize(inc, [1, 2, 3])
+    assert isinstance(r, amorsize.OptimizationResult)
+    with pytest.raises(AttributeError):
+        r.n_jobs = 4  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- the model
+def _workload(**kw: float) -> dict[str, float]:
+    w = {
+        "n_items": 1000.0, "t_mean": 1e-3, "t_std": 0.0, "t_max": 1e-3, "cpu_fraction": 1.0,
+        "in_bytes": 30.0, "out_bytes": 30.0, "in_dump_s": 1e-7, "in_load_s": 1e-7,
+        "out_dump_s": 1e-7, "out_load_s": 1e-7, "mem_per_item": 100.0, "func_bytes": 50.0,
+    }
+    w.update(kw)
+    return w
+
+
+def _machine(**kw: float) -> dict[str, float]:
+    m = {
+        "cores": 2.0, "proc_startup_s": 5e-3, "proc_startup_per_worker_s": 2e-3,
+        "warm_workers": 0.0, "proc_roundtrip_s": 5e-5, "per_byte_s": 2e-9,
+        "parent_item_s": 2e-7, "worker_rss": 2e7, "available_memory": 8e9,
+        "thread_startup_s": 1e-4, "thread_roundtrip_s": 5e-5,
+    }
+    m.update(kw)
+    return m
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 10**6), t=st.floats(1e-8, 1.0), cv=st.floats(0, 3),
+    cpu=st.floats(0, 1), b=st.floats(0, 1e7), cores=st.floats(1, 64),
+)
+def test_model_search_is_sane(n: int, t: float, cv: float, cpu: float, b: float, cores: float) -> None:
+    """Every candidate has a positive finite time, chunks within 1..N, sorted fastest first."""
+    w = _workload(n_items=float(n), t_mean=t, t_std=cv * t, t_max=t * (1 + 3 * cv),
+                  cpu_fraction=cpu, out_bytes=b)
+    out = model_search(w, _machine(cores=cores), [2, 4, 8], [2, 8, 32])
+    assert out[0][3] <= out[-1][3]
+    assert [c[3] for c in out] == sorted(c[3] for c in out)
+    assert any(c[0] == 0 for c in out)
+    for backend, workers, chunk, secs in out:
+        assert math.isfinite(secs) and secs >= 0
+        assert 1 <= chunk <= max(n, 1)
+        if backend:
+            assert secs >= model_serial_seconds(w) / max(workers, 1) * min(cpu, 1.0) / 2 - 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 8), c=st.integers(1, 512), warm=st.integers(0, 8))
+def test_warm_workers_never_cost_more(n: int, c: int, warm: int) -> None:
+    """Predicted process time never grows with the number of warm workers."""
+    w = _workload()
+    assert model_process_seconds(w, _machine(warm_workers=warm), n, c) <= model_process_seconds(
+        w, _machine(), n, c
+    )
+
+
+def test_threads_do_not_speed_up_cpu_bound_python() -> None:
+    """With the GIL held all the time, threads are never faster than serial."""
+    w = _workload(cpu_fraction=1.0)
+    for n in (2, 8, 64):
+        assert model_thread_seconds(w, _machine(), n, 16) >= model_serial_seconds(w)
+
+
+def test_threads_overlap_waiting() -> None:
+    """Waiting work on 32 threads is predicted far faster than serial."""
+    w = _workload(cpu_fraction=0.02, t_mean=5e-3)
+    assert model_thread_seconds(w, _machine(), 32, 1) < model_serial_seconds(w) / 10
+
+
+def test_output_bytes_are_a_serial_term() -> None:
+    """More workers cannot beat the parent's time to receive every output."""
+    w = _workload(out_bytes=1 << 20, out_load_s=3e-4)
+    parent = 1000 * ((1 << 20) * 2e-9 + 3e-4)
+    assert model_process_seconds(w, _machine(cores=64), 64, 4) >= parent
+
+
+def test_spread_prefers_smaller_chunks() -> None:
+    """Skewed item times move the best chunk size down."""
+    even = model_search(_workload(n_items=5000.0, t_mean=2e-4), _machine(), [2], [])
+    skew = model_search(
+        _workload(n_items=5000.0, t_mean=2e-4, t_std=1e-3, t_max=1e-2), _machine(), [2], []
+    )
+    chunk = {1: 0}
+    for code, _, c, _ in even:
+        if code == 1:
+            chunk[1] = c
+    skew_chunk = next(c for code, _, c, _ in skew if code == 1)
+    assert skew_chunk < chunk[1]
+
+
+def test_memory_limits_workers() -> None:
+    """Workers that do not fit in memory are not proposed."""
+    w = _workload(mem_per_item=2e9)
+    m = _machine(available_memory=5e9)
+    assert model_max_workers_for_memory(w, m, 1) == 1
+    assert all(code != 1 for code, *_ in model_search(w, m, [2, 4], []))

@@ -1,0 +1,230 @@
+"""Sampling: counts, timing without distortion, sizes, errors and data kept intact."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amorsize.sampling import MAX_SAMPLE_ITEMS, Profile, sample
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def fail_on_three(x: int) -> int:
+    if x == 3:
+        msg = "bad item 3"
+        raise ValueError(msg)
+    return x
+
+
+def short_sleep(x: int) -> int:
+    time.sleep(0.002)  # a real wait is the point: CPU time well below wall time
+    return x
+
+
+def is_tracing(_: Any) -> bool:
+    return tracemalloc.is_tracing()
+
+
+def make_lock(_: Any) -> threading.Lock:
+    return threading.Lock()
+
+
+class Counter:
+    """An iterator that counts how many items were drawn from it."""
+
+    def __init__(self, it: Iterator[int]) -> None:
+        self.it = it
+        self.drawn = 0
+
+    def __iter__(self) -> Counter:
+        return self
+
+    def __next__(self) -> int:
+        value = next(self.it)
+        self.drawn += 1
+        return value
+
+
+def test_list_is_returned_as_is() -> None:
+    """A list comes back as the same object; results are func of the first items."""
+    data = list(range(50))
+    s = sample(double, data)
+    assert s.data is data
+    assert s.results == tuple(double(x) for x in data[: len(s.results)])
+    assert s.profile.n_sampled == len(s.results) == len(s.profile.item_seconds)
+    assert s.profile.n_items == 50
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(), max_size=60), st.integers(min_value=1, max_value=80))
+def test_generator_is_preserved_exactly(items: list[int], k: int) -> None:
+    """A generator's sampled items are chained back: nothing lost, nothing repeated."""
+    s = sample(double, (x for x in items), sample_size=k)
+    assert list(s.data) == items
+    assert s.results == tuple(double(x) for x in items[:k])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(), max_size=60))
+def test_adaptive_sample_preserves_iterators(items: list[int]) -> None:
+    """With the adaptive count too, iterators come back whole and in order."""
+    s = sample(double, iter(items))
+    assert list(s.data) == items
+    assert s.results == tuple(double(x) for x in items[: s.profile.n_sampled])
+
+
+@pytest.mark.parametrize("k", [1, 7, None])
+def test_infinite_generator_not_consumed_beyond_sample(k: int | None) -> None:
+    """Only the sampled items are drawn from an infinite iterator."""
+    counter = Counter(itertools.count())
+    s = sample(double, counter, sample_size=k)
+    assert counter.drawn == s.profile.n_sampled
+    assert s.profile.n_items is None and not s.profile.exhausted
+    assert s.profile.n_sampled <= (k or MAX_SAMPLE_ITEMS)
+    head = list(itertools.islice(s.data, s.profile.n_sampled + 3))
+    assert head == list(range(s.profile.n_sampled + 3))
+
+
+@pytest.mark.parametrize("data", [[], (), iter([]), (x for x in ()), range(0), set()])
+def test_empty_data(data: Any) -> None:
+    """Empty data samples nothing, is marked exhausted and stays empty."""
+    s = sample(double, data)
+    assert s.profile.n_sampled == 0 and s.results == ()
+    assert s.profile.exhausted
+    assert list(s.data) == []
+    assert s.profile.mean_seconds == 0.0
+
+
+@pytest.mark.parametrize("make", [list, tuple, iter, lambda x: (i for i in x)])
+def test_data_shorter_than_sample(make: Any) -> None:
+    """Fewer items than sample_size: all are sampled, the data is exhausted."""
+    s = sample(double, make([1, 2, 3]), sample_size=10)
+    assert s.results == (2, 4, 6)
+    assert s.profile.exhausted and s.profile.n_items == 3
+    assert list(s.data) == [1, 2, 3]
+
+
+def test_single_item() -> None:
+    """A single item is sampled and nothing remains."""
+    s = sample(double, [21])
+    assert s.results == (42,) and s.profile.exhausted
+
+
+def test_reiterable_non_sequence_is_returned_as_is() -> None:
+    """A set (iterable, sized, not a sequence) comes back as itself."""
+    data = {1, 2, 3}
+    s = sample(double, data, sample_size=2)
+    assert s.data is data
+    assert s.results == tuple(double(x) for x in list(data)[:2])
+
+
+@pytest.mark.parametrize("make", [list, iter])
+def test_function_raising_is_recorded(make: Any) -> None:
+    """The failing item's index and exception are kept; results stop before it."""
+    s = sample(fail_on_three, make(range(10)), sample_size=8)
+    p = s.profile
+    assert p.error_index == 3
+    assert isinstance(p.error, ValueError) and "bad item 3" in str(p.error)
+    assert s.results == (0, 1, 2)
+    assert list(s.data) == list(range(10))
+
+
+def test_no_tracemalloc_around_calls() -> None:
+    """Timed calls run without tracemalloc (it distorts timing many times over)."""
+    s = sample(is_tracing, range(20), sample_size=20)
+    assert s.results == (False,) * 20
+
+
+def test_budget_stops_early() -> None:
+    """A zero budget samples exactly one item."""
+    s = sample(double, list(range(1000)), budget_s=0.0)
+    assert s.profile.n_sampled == 1
+
+
+def test_fast_items_get_many_samples() -> None:
+    """Microsecond items are sampled many times (for a stable mean), up to the cap."""
+    s = sample(double, range(10**7))
+    assert 100 <= s.profile.n_sampled <= MAX_SAMPLE_ITEMS
+
+
+def test_cpu_ratio_tells_waiting_from_working() -> None:
+    """Sleeping items have a low CPU/wall ratio, busy items a high one."""
+    sleepy = sample(short_sleep, range(3), sample_size=3).profile
+    busy = sample(sum, [range(20_000)] * 30, sample_size=30).profile
+    assert sleepy.cpu_ratio < 0.5 and sleepy.wait_fraction > 0.5
+    # A busy machine may preempt the busy work (low CPU/wall), but it never blocks.
+    assert busy.wait_fraction < 0.5
+    assert sleepy.mean_seconds >= 0.002
+
+
+def test_sizes_are_measured() -> None:
+    """Pickled input and output sizes per item match pickle's view."""
+    data = [bytes([i]) * 10_000 for i in range(4)]  # distinct: pickle memoises repeats
+    s = sample(bytes.upper, data, sample_size=4)
+    p = s.profile
+    assert 10_000 <= p.in_bytes <= 10_000 + 100
+    assert 10_000 <= p.out_bytes <= 10_000 + 100
+    assert p.func_picklable and p.items_picklable and p.outputs_picklable and p.picklable
+    assert p.func_bytes == len(pickle.dumps(bytes.upper, pickle.HIGHEST_PROTOCOL))
+
+
+def test_huge_item() -> None:
+    """A 64 MB item is sized, and its memory counted at least as its output."""
+    big = bytes(64 << 20)
+    s = sample(bytes.upper, [big], sample_size=1)
+    assert s.profile.in_bytes >= 64 << 20
+    assert s.profile.mem_per_item >= 64 << 20
+
+
+def test_lambda_is_picklable_via_cloudpickle() -> None:
+    """Lambdas are sent with cloudpickle, so they count as picklable."""
+    pytest.importorskip("cloudpickle")
+    s = sample(lambda x: x + 1, [1, 2])
+    assert s.profile.func_picklable and s.results == (2, 3)
+
+
+def test_unpicklable_closure_is_reported() -> None:
+    """A function closing over a lock cannot go to a process: said clearly."""
+    lock = threading.Lock()
+
+    def locked(x: int) -> int:
+        with lock:
+            return x
+
+    p = sample(locked, [1, 2]).profile
+    assert not p.func_picklable and not p.picklable
+    assert p.pickle_error is not None and "function cannot be pickled" in p.pickle_error
+
+
+def test_unpicklable_item_is_named() -> None:
+    """The first unpicklable item is named by index and type."""
+    data: list[Any] = [1, 2, threading.Lock(), 4]
+    p = sample(id, data).profile
+    assert not p.items_picklable
+    assert p.pickle_error is not None and "item 2" in p.pickle_error and "lock" in p.pickle_error
+
+
+def test_unpicklable_output_is_named() -> None:
+    """Results that cannot be pickled are reported (they could not come back)."""
+    p = sample(make_lock, [1, 2]).profile
+    assert not p.outputs_picklable
+    assert p.pickle_error is not None and "result 0" in p.pickle_error
+
+
+def test_profile_is_frozen() -> None:
+    """Profiles are immutable records."""
+    p: Profile = sample(double, [1]).profile
+    with pytest.raises(AttributeError):
+        p.n_sampled = 5  # type: ignore[misc]

@@ -1,0 +1,224 @@
+"""Machine facts: live values, the on-disk JSON cache and its failure modes."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import amorsize.system as system
+from amorsize.system import SystemInfo, cache_file, get_system_info, set_cache_dir
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh cache directory for one test; the in-process memo is reset around it."""
+    monkeypatch.setenv("AMORSIZE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("AMORSIZE_NO_CACHE", raising=False)
+    set_cache_dir(None)
+    yield tmp_path
+    set_cache_dir(None)
+
+
+def _fresh() -> SystemInfo:
+    system._reset_memo()
+    return get_system_info()
+
+
+def test_facts_are_sane(cache_dir: Path) -> None:
+    """Core counts, memory, start method and measured costs are in plausible ranges."""
+    info = _fresh()
+    assert 1 <= info.physical_cores <= info.logical_cores
+    assert 1.0 <= info.usable_cores <= info.logical_cores
+    assert info.start_method in multiprocessing.get_all_start_methods()
+    if Path("/proc/meminfo").exists():
+        assert info.available_memory > 0
+    for name in (
+        "process_startup_s",
+        "process_startup_per_worker_s",
+        "process_roundtrip_s",
+        "transfer_s_per_byte",
+        "thread_startup_s",
+        "thread_roundtrip_s",
+    ):
+        value = getattr(info, name)
+        assert math.isfinite(value) and 0 < value < 5, (name, value)
+    assert info.process_startup_per_worker_s <= info.process_startup_s
+
+
+def test_first_call_measures_and_writes_json(cache_dir: Path) -> None:
+    """A missing cache is measured and written as plain JSON under the cache dir."""
+    info = _fresh()
+    path = cache_file()
+    assert path is not None and path.parent == cache_dir
+    assert info.from_cache is False and info.cache_path == str(path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    assert raw["key"]["version"] == system.__version__
+    assert raw["key"]["start_method"] == info.start_method
+    assert raw["facts"]["process_roundtrip_s"] == info.process_roundtrip_s
+
+
+def test_second_process_reads_the_cache(cache_dir: Path) -> None:
+    """A later read (memo cleared, as in a new process) uses the file without measuring."""
+    first = _fresh()
+    second = _fresh()
+    assert second.from_cache is True
+    assert second.process_startup_s == first.process_startup_s
+    assert second.transfer_s_per_byte == first.transfer_s_per_byte
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{not json",
+        b"\xff\xfe\x00garbage",
+        b"[1, 2, 3]",
+        b'{"key": {}, "facts": {}, "measured_at": 0}',
+    ],
+    ids=["empty", "truncated", "binary", "wrong-shape", "wrong-key"],
+)
+def test_corrupt_cache_is_remeasured(cache_dir: Path, content: bytes) -> None:
+    """Unreadable or foreign content is replaced by a fresh measurement, never a crash."""
+    path = cache_file()
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    info = _fresh()
+    assert info.from_cache is False
+    assert json.loads(path.read_text(encoding="utf-8"))["facts"]["physical_cores"] >= 1
+
+
+def _rewrite(path: Path, **changes: object) -> None:
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    for dotted, value in changes.items():
+        section, _, field = dotted.partition("__")
+        raw[section][field] = value
+    path.write_text(json.dumps(raw), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"key__version": "0.0.1"},
+        {"key__start_method": "not-a-method"},
+        {"facts__process_startup_s": -1.0},
+        {"facts__transfer_s_per_byte": "fast"},
+        {"facts__thread_roundtrip_s": float("nan")},
+        {"facts__physical_cores": True},
+    ],
+    ids=["old-version", "other-start-method", "negative", "string", "nan", "bool"],
+)
+def test_stale_or_invalid_cache_is_remeasured(
+    cache_dir: Path, changes: dict[str, object]
+) -> None:
+    """A cache from another version/machine, or with invalid values, is measured again."""
+    _fresh()
+    path = cache_file()
+    assert path is not None
+    _rewrite(path, **changes)
+    assert _fresh().from_cache is False
+    assert _fresh().from_cache is True
+
+
+def test_old_cache_is_remeasured(cache_dir: Path) -> None:
+    """A cache older than the maximum age is measured again."""
+    _fresh()
+    path = cache_file()
+    assert path is not None
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["measured_at"] -= system._MAX_AGE_S + 60
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    assert _fresh().from_cache is False
+
+
+def test_cache_can_be_disabled(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AMORSIZE_NO_CACHE=1 measures in memory and writes nothing."""
+    monkeypatch.setenv("AMORSIZE_NO_CACHE", "1")
+    assert cache_file() is None
+    info = _fresh()
+    assert info.cache_path is None and info.from_cache is False
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_set_cache_dir_overrides_env(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """set_cache_dir() relocates the cache ahead of AMORSIZE_CACHE_DIR."""
+    other = tmp_path_factory.mktemp("elsewhere")
+    set_cache_dir(other)
+    info = get_system_info()
+    assert info.cache_path is not None and Path(info.cache_path).parent == other
+
+
+def test_unwritable_cache_dir_still_works(cache_dir: Path) -> None:
+    """A cache location that cannot be created degrades to an in-memory measurement."""
+    blocker = cache_dir / "file"
+    blocker.write_text("x")
+    set_cache_dir(blocker / "sub")
+    info = get_system_info()
+    assert info.cache_path is None and info.process_roundtrip_s > 0
+
+
+def test_refresh_remeasures(cache_dir: Path) -> None:
+    """refresh=True measures again even with a valid cache."""
+    _fresh()
+    assert get_system_info(refresh=True).from_cache is False
+
+
+def test_as_dict_is_json(cache_dir: Path) -> None:
+    """as_dict() holds only JSON-compatible values."""
+    d = _fresh().as_dict()
+    assert json.loads(json.dumps(d)) == d
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 0.5),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+    ids=["v2", "v2-unlimited", "v1", "v1-unlimited", "v1-combined", "v2-garbage", "none"],
+)
+def test_cgroup_quota(tmp_path: Path, files: dict[str, str], expected: float | None) -> None:
+    """Container CPU quotas are read from cgroup v2 and v1 layouts."""
+    for rel, text in files.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    assert system._cgroup_quota_cores(str(tmp_path)) == expected
+
+
+def test_usable_cores_respects_affinity(cache_dir: Path) -> None:
+    """Usable cores never exceed the CPUs this process may run on."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    assert _fresh().usable_cores <= len(os.sched_getaffinity(0))
+
+
+def test_default_cache_dir_without_platformdirs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without platformdirs the cache still has a sane home (the XDG cache home on Linux)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_platformdirs(name: str, *args: object, **kwargs: object) -> object:
+        if name == "platformdirs":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_platformdirs)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg-cache")
+    if sys.platform.startswith("linux"):
+        assert system._default_cache_dir() == Path("/xdg-cache/amorsize")
+    else:
+        assert system._default_cache_dir().name in ("amorsize", "Cache")
