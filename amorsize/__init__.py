@@ -3,7 +3,7 @@
 This module only re-exports the public API; each concept lives in its own module.
 """
 
-from amorsize._version import __version__
+from amorsize._version import read_version as _read_version
 from amorsize.backends.base import WorkerCrashedError
 from amorsize.checkpoint import Checkpoint, CheckpointError, CheckpointMismatchError
 from amorsize.circuit import (
@@ -61,3 +61,11 @@ __all__ = [
     "with_circuit_breaker",
     "with_retry",
 ]
+
+
+def __getattr__(name: str) -> str:
+    # `__version__` is read from the metadata on first use: see amorsize/_version.py.
+    if name == "__version__":
+        return _read_version()
+    msg = f"module 'amorsize' has no attribute {name!r}"
+    raise AttributeError(msg)

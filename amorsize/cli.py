@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from amorsize._version import __version__
+from amorsize._version import read_version
 
 __all__ = [
     "EXIT_FAILED",
@@ -179,7 +179,7 @@ def _build_parser() -> _Parser:
             "Start with: amorsize demo"
         ),
     )
-    parser.add_argument("--version", action="version", version=f"amorsize {__version__}")
+    parser.add_argument("--version", action="version", version=f"amorsize {read_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -865,7 +865,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     optional = _optional_packages()
     if args.json:
         d = info.as_dict()
-        d["amorsize_version"] = __version__
+        d["amorsize_version"] = read_version()
         d["python"] = platform.python_version()
         d["platform"] = platform.platform()
         d["optional_packages"] = optional
@@ -885,7 +885,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     present = ", ".join(f"{k} {v}" for k, v in optional.items() if v) or "none"
     absent = ", ".join(k for k, v in optional.items() if not v) or "none"
     lines = [
-        f"amorsize {__version__} on {platform.system()} {platform.machine()}, "
+        f"amorsize {read_version()} on {platform.system()} {platform.machine()}, "
         f"{platform.python_implementation()} {platform.python_version()}",
         f"cores: {info.logical_cores} logical, {info.physical_cores} physical, "
         f"{info.usable_cores:g} usable by this process (affinity and CPU quota)",

@@ -227,7 +227,7 @@ def _contenders() -> tuple[list[tuple[str, str, Callable[[int], int]]], list[str
     found: list[tuple[str, str, Callable[[int], int]]] = [
         ("bare call", "", _bare),
         ("hand-written try/except", "", _handwritten),
-        ("amorsize with_retry", _version.__version__, with_retry(max_retries=3)(_bare)),
+        ("amorsize with_retry", _version.read_version(), with_retry(max_retries=3)(_bare)),
     ]
     notes: list[str] = []
 

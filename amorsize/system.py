@@ -45,7 +45,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from amorsize._version import __version__
+from amorsize._version import read_version
 
 __all__ = [
     "SystemInfo",
@@ -190,7 +190,7 @@ def _machine_key() -> dict[str, Any]:
             plat = platform.platform()
         _key_memo = {
             "schema": _SCHEMA,
-            "version": __version__,
+            "version": read_version(),
             "hostname": socket.gethostname(),
             "platform": plat,
             "python": platform.python_version(),

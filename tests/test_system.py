@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import amorsize
 import amorsize.system as system
 from amorsize.system import SystemInfo, cache_file, get_system_info, set_cache_dir
 
@@ -59,7 +60,7 @@ def test_first_call_measures_and_writes_json(cache_dir: Path) -> None:
     assert path is not None and path.parent == cache_dir
     assert info.from_cache is False and info.cache_path == str(path)
     raw = json.loads(path.read_text(encoding="utf-8"))
-    assert raw["key"]["version"] == system.__version__
+    assert raw["key"]["version"] == amorsize.__version__
     assert raw["key"]["start_method"] == info.start_method
     assert raw["facts"]["process_roundtrip_s"] == info.process_roundtrip_s
 
