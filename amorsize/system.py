@@ -11,9 +11,10 @@ What is measured, and how (data flow of the one-off measurement)::
     start 2 more workers at once ───────────▶ ...                   marginal start-up per worker
 
 The results are stored as plain JSON (never pickle) in the user cache directory, keyed by
-package version, host name, platform, Python version, CPU count and start method. A
-missing, stale or corrupt file is simply measured again. Facts that change while a program
-runs (available memory, BLAS pools loaded) are read on each call, cheaply.
+the installed amorsize build (it changes with every version), host name, platform, Python
+version, CPU count and start method. A missing, stale or corrupt file is simply measured
+again. Facts that change while a program runs (available memory, BLAS pools loaded) are
+read on each call, cheaply.
 
 >>> info = get_system_info()          # doctest: +SKIP
 >>> info.usable_cores, info.start_method   # doctest: +SKIP
@@ -44,8 +45,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-
-from amorsize._version import read_version
 
 __all__ = [
     "SystemInfo",
@@ -180,6 +179,26 @@ def _start_method() -> str:
 _key_memo: dict[str, Any] | None = None
 
 
+def _build_id() -> str:
+    """The installed amorsize build: size and mtime of this module and the compiled core.
+
+    Every install or upgrade changes it (so a new version always re-measures), and unlike
+    the distribution's version it needs no importlib.metadata, whose import alone costs
+    50-80 ms: more than the whole first-call decision budget (10 ms).
+    """
+    import amorsize._core as core
+
+    parts = []
+    for f in (__file__, core.__file__ or ""):
+        try:
+            st = os.stat(f)
+        except OSError:
+            parts.append("?")
+        else:
+            parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return "/".join(parts)
+
+
 def _machine_key() -> dict[str, Any]:
     global _key_memo
     if _key_memo is None:
@@ -190,7 +209,7 @@ def _machine_key() -> dict[str, Any]:
             plat = platform.platform()
         _key_memo = {
             "schema": _SCHEMA,
-            "version": read_version(),
+            "build": _build_id(),
             "hostname": socket.gethostname(),
             "platform": plat,
             "python": platform.python_version(),

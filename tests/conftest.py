@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _run_outside_the_source_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Run the session from a temp dir: a `python -c` child must import the installed package.
+
+    `python -c` and `python -m` put the working directory first on sys.path, and the source
+    tree holds no compiled core, so a child started from the checkout would import it instead.
+    """
+    here = Path.cwd()
+    work = tmp_path_factory.mktemp("cwd")
+    os.chdir(work)
+    yield work
+    os.chdir(here)
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _machine_facts_cache(tmp_path_factory: pytest.TempPathFactory) -> object:
     """Keep amorsize's machine-facts cache in a session temp dir, not the user's home."""
-    import os
-
     import amorsize.system
 
     old = os.environ.get("AMORSIZE_CACHE_DIR")

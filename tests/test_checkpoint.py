@@ -238,7 +238,7 @@ def test_function_identity_looks_through_wrappers() -> None:
     assert p1["func_qualname"] == "pow" and p1 != p2
 
 
-def test_item_hash_is_stable_across_processes() -> None:
+def test_item_hash_is_stable_across_processes(tmp_path: Path) -> None:
     """Item hashes do not depend on the process (no PYTHONHASHSEED dependence)."""
     items = [1, "a", (1, "b"), {"k": [1, 2]}, 2.5, None, True, "1", 1.0, -1, 2**70]
     here = [item_hash(x) for x in items]
@@ -248,7 +248,9 @@ def test_item_hash_is_stable_across_processes() -> None:
         " 1.0, -1, 2**70]])"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, cwd=tmp_path
+    )
     assert out.stdout.strip() == repr(here)
     assert len(set(here)) == len(here)
     assert item_hash(lambda: 1) is None

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import amorsize
 import amorsize.system as system
 from amorsize.system import SystemInfo, cache_file, get_system_info, set_cache_dir
 
@@ -60,7 +59,7 @@ def test_first_call_measures_and_writes_json(cache_dir: Path) -> None:
     assert path is not None and path.parent == cache_dir
     assert info.from_cache is False and info.cache_path == str(path)
     raw = json.loads(path.read_text(encoding="utf-8"))
-    assert raw["key"]["version"] == amorsize.__version__
+    assert raw["key"]["build"] == system._build_id()
     assert raw["key"]["start_method"] == info.start_method
     assert raw["facts"]["process_roundtrip_s"] == info.process_roundtrip_s
 
@@ -107,7 +106,7 @@ def _rewrite(path: Path, **changes: object) -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        {"key__version": "0.0.1"},
+        {"key__build": "0:0/0:0"},
         {"key__start_method": "not-a-method"},
         {"facts__process_startup_s": -1.0},
         {"facts__transfer_s_per_byte": "fast"},
