@@ -695,3 +695,18 @@ def test_block_hooks_are_called_per_chunk(backend: str) -> None:
         assert values == [x * x for x in items]
         reported += items
     assert sorted(reported) == [i for i in range(40) if i % 3]
+
+
+def test_serial_plan_batches_tiny_items_and_keeps_slow_ones_small() -> None:
+    """A serial plan sizes chunks by item time: large for tiny items, small for slow ones."""
+    data = range(100_000)
+    results, plan = execute(square, data, backend="serial", n_jobs=None, return_plan=True)
+    assert results == [x * x for x in data]
+    assert plan.backend == "serial"
+    from amorsize.executor import _serial_chunk
+
+    fast = type("P", (), {"mean_seconds": 1e-7})()
+    slow = type("P", (), {"mean_seconds": 0.5})()
+    assert _serial_chunk(fast) >= 1024
+    assert _serial_chunk(slow) == 1
+    assert _serial_chunk(None) >= 1
