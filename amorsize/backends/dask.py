@@ -722,7 +722,8 @@ def plan(profile: Any, n_items: int | None, client: distributed.Client | None = 
     costs = measure_costs(client)
     mean = float(profile.mean_seconds)
     sd = float(getattr(profile, "std_seconds", 0.0))
-    cpu = min(max(float(getattr(profile, "cpu_ratio", 1.0)), 0.0), 1.0)
+    # The share of time not spent waiting: cpu_ratio drops when the machine is merely busy.
+    cpu = min(max(1.0 - float(getattr(profile, "wait_fraction", 0.0)), 0.0), 1.0)
     in_b = float(getattr(profile, "in_bytes", 0.0))
     out_b = float(getattr(profile, "out_bytes", 0.0))
     # Per item, on a worker: the call, loading its input and pickling its output.
