@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import importlib.metadata
 import os
@@ -62,3 +63,23 @@ class TestInstalledWheel:
         """No `.c`, `.pyx`, `.pxi` or `.html` files are installed."""
         bad = [f for f in _installed_files() if f.endswith((".c", ".pyx", ".pxi", ".html"))]
         assert bad == []
+
+
+def test_lazy_exports_match_all() -> None:
+    """Every lazily re-exported name is in `__all__` and resolves to its defining module."""
+    sources = amorsize._SOURCES
+    assert set(sources) | {"__version__"} == set(amorsize.__all__)
+    for name, module in sources.items():
+        assert getattr(amorsize, name) is getattr(importlib.import_module(module), name), name
+
+
+def test_import_does_not_load_the_whole_package(tmp_path: Path) -> None:
+    """`import amorsize` loads no submodule: workers import only what they use."""
+    import subprocess
+    import sys
+
+    code = "import amorsize, sys; print(sorted(m for m in sys.modules if m.startswith('amorsize')))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout
+    assert out.strip() == "['amorsize', 'amorsize._version']"
