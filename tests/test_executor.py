@@ -338,7 +338,7 @@ def test_ordered_iter_pauses_behind_a_slow_head() -> None:
 # --------------------------------------------------------------------------- Ctrl-C
 
 _SIGINT_SCRIPT = """
-import os, sys, time
+import os, sys, threading
 from pathlib import Path
 from amorsize import execute
 
@@ -346,7 +346,7 @@ folder = sys.argv[1]
 
 def block(x):
     Path(folder, f"{os.getpid()}-{x}").touch()
-    time.sleep(60)
+    threading.Event().wait(60)  # an item that runs until the test interrupts the run
     return x
 
 if __name__ == "__main__":
