@@ -111,26 +111,24 @@ def _retries(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        msg = f"must be a number of seconds >= 0; got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+def _float_at_least(minimum: float, what: str) -> Callable[[str], float]:
+    """An argparse type: a finite float of at least ``minimum``, else a one-line error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < minimum:
+            msg = f"must be {what} >= {minimum:g}; got {text!r}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
 
 
-def _base(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 1:
-        msg = f"must be a number >= 1; got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+_seconds = _float_at_least(0, "a number of seconds")
+_base = _float_at_least(1, "a number")
 
 
 def _data_range(text: str) -> range:

@@ -221,6 +221,24 @@ def _dump_func(func: Callable[[Any], Any]) -> bytes:
         raise TypeError(msg) from exc
 
 
+def _stop(worker: _Worker, *, terminate: bool, timeout: float) -> int | None:
+    """End ``worker``'s process and close its pipes; return its exit code.
+
+    ``terminate`` interrupts a busy worker; one that has not exited after ``timeout``
+    seconds is killed, so stopping never hangs on a wedged worker.
+    """
+    proc = worker.process
+    if terminate and proc.is_alive():
+        proc.terminate()
+    proc.join(timeout=timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    worker.conn.close()
+    worker.out.close()
+    return cast("int | None", proc.exitcode)
+
+
 class ProcessesBackend(Backend):
     """A warm pool of worker processes reused across ``execute`` calls.
 
@@ -309,16 +327,7 @@ class ProcessesBackend(Backend):
             watched.discard(worker)
             sel.unregister(worker.conn)
             sel.unregister(worker.process.sentinel)
-        proc = worker.process
-        if kill and proc.is_alive():
-            proc.terminate()
-        proc.join(timeout=2.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        worker.conn.close()
-        worker.out.close()
-        return cast("int | None", proc.exitcode)
+        return _stop(worker, terminate=kill, timeout=2.0)
 
     def _reap_stale(self) -> None:
         """Workers still running a cancelled run's task are drained if done, else stopped."""
@@ -349,15 +358,7 @@ class ProcessesBackend(Backend):
                 with contextlib.suppress(OSError):
                     w.out.send_bytes(stop)
         for w in workers:
-            proc = w.process
-            if w.inflight:
-                proc.terminate()
-            proc.join(timeout=1.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-            w.conn.close()
-            w.out.close()
+            _stop(w, terminate=bool(w.inflight), timeout=1.0)
 
     def _forget_after_fork(self) -> None:
         # In a forked child the workers belong to the parent: close our copies of their pipes
