@@ -271,6 +271,42 @@ def test_unpicklable_item_and_result_fail_alone(processes: ProcessesBackend) -> 
     assert "cannot be pickled" in str(out[1].value)
 
 
+class TwoArgError(Exception):
+    """Pickles, but does not load: its ``__init__`` takes other arguments than ``.args``."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_two_arg_error_on_one(x: int) -> int:
+    if x == 1:
+        raise TwoArgError(x, 2)
+    return x
+
+
+@pytest.mark.parametrize("backend_name", ["processes", "dask"])
+def test_exception_that_does_not_unpickle_fails_only_its_item(
+    processes: ProcessesBackend, backend_name: str
+) -> None:
+    """An exception that pickles but does not load fails its own item, not the run."""
+    if backend_name == "dask":
+        pytest.importorskip("distributed")
+        from amorsize.backends.dask import DaskBackend
+
+        backend: Backend = DaskBackend()
+    else:
+        backend = processes
+    try:
+        out = collect(backend, raise_two_arg_error_on_one, [Task(0, [0, 1, 2])])
+    finally:
+        if backend is not processes:
+            backend.close()
+    assert [out[i].ok for i in range(3)] == [True, False, True]
+    assert [out[0].value, out[2].value] == [0, 2]
+    assert isinstance(out[1].value, pickle.PicklingError)
+    assert "TwoArgError('1/2')" in str(out[1].value)
+
+
 def test_big_messages_do_not_deadlock(processes: ProcessesBackend) -> None:
     """Items and results far bigger than a pipe buffer flow both ways."""
     big = [bytes([i]) * 300_000 for i in range(6)]

@@ -28,6 +28,7 @@ a backend only moves chunks to workers and outcomes back)::
 from __future__ import annotations
 
 import abc
+import pickle
 import signal
 import traceback
 from collections.abc import Callable, Iterator
@@ -136,6 +137,34 @@ def failure_outcome(exc: BaseException, attempts: int = 1) -> Outcome:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc.__cause__ = RemoteTraceback(tb)
     return Outcome(False, exc, getattr(exc, "attempts", attempts))
+
+
+def portable_outcomes(
+    outcomes: list[Outcome], dumps: Callable[[Any], bytes], where: str
+) -> list[Outcome]:
+    """``outcomes`` made safe to send to the parent: each one that would not arrive fails alone.
+
+    A result or exception that cannot be pickled, or an exception that pickles but does not
+    load (its ``__init__`` takes other arguments than ``.args``), would otherwise break the
+    whole chunk's message, or the parent that unpickles it. It becomes a ``PicklingError``
+    failure of its own item, naming ``where`` it could not leave. Runs in the worker, only
+    for chunks that hold a failure or whose results did not pickle at once.
+    """
+    checked: list[Outcome] = []
+    for out in outcomes:
+        try:
+            blob = dumps(out.value)
+            if not out.ok:
+                pickle.loads(blob)
+            checked.append(out)
+        except Exception as exc:
+            what = "result" if out.ok else "exception"
+            msg = (
+                f"the {what} for this item cannot be pickled back from {where} "
+                f"({type(exc).__name__}: {exc}); the {what} was {out.value!r:.200}"
+            )
+            checked.append(failure_outcome(pickle.PicklingError(msg), out.attempts))
+    return checked
 
 
 def run_chunk(func: Callable[[Any], Any], items: list[Any]) -> list[Outcome]:

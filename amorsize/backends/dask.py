@@ -58,6 +58,7 @@ from amorsize.backends.base import (
     Task,
     WorkerCrashedError,
     failure_outcome,
+    portable_outcomes,
     run_chunk_fast,
 )
 
@@ -217,15 +218,6 @@ def _pack(outcome: Outcome) -> tuple[bool, Any, int, str | None]:
     return outcome.ok, outcome.value, outcome.attempts, tb
 
 
-def _unpicklable_failure(outcome: Outcome, exc: Exception) -> Outcome:
-    what = "result" if outcome.ok else "exception"
-    msg = (
-        f"the {what} for this item cannot be pickled to return it from the dask worker "
-        f"({type(exc).__name__}: {exc}); the {what} was {outcome.value!r:.200}"
-    )
-    return failure_outcome(pickle.PicklingError(msg), outcome.attempts)
-
-
 def _result_bytes(result: list[Outcome] | OkValues) -> bytes:
     """Pickle a chunk's results in the worker: an unpicklable result fails only its item."""
     if type(result) is OkValues:
@@ -233,25 +225,8 @@ def _result_bytes(result: list[Outcome] | OkValues) -> bytes:
             return _dumps((_OK, list(result)))
         except Exception:
             result = [Outcome(True, v) for v in result]
-    outcomes = cast("list[Outcome]", result)
-    packed = [_pack(o) for o in outcomes]
-    try:
-        blob = _dumps((_MIXED, packed))
-        # Exceptions whose __init__ takes other arguments than .args pickle but do not load.
-        for o in outcomes:
-            if not o.ok:
-                pickle.loads(_dumps(o.value))
-        return blob
-    except Exception:
-        pass
-    checked: list[tuple[bool, Any, int, str | None]] = []
-    for o in outcomes:
-        try:
-            pickle.loads(_dumps(o.value))
-            checked.append(_pack(o))
-        except Exception as exc:
-            checked.append(_pack(_unpicklable_failure(o, exc)))
-    return _dumps((_MIXED, checked))
+    outcomes = portable_outcomes(cast("list[Outcome]", result), _dumps, "the dask worker")
+    return _dumps((_MIXED, [_pack(o) for o in outcomes]))
 
 
 def _run_remote(token: str, func_blob: bytes, items_blob: bytes) -> bytes:

@@ -47,6 +47,7 @@ from amorsize.backends.base import (
     Task,
     WorkerCrashedError,
     failure_outcome,
+    portable_outcomes,
     run_chunk_fast,
 )
 
@@ -126,24 +127,7 @@ def _result_message(func: Callable[[Any], Any], items: list[Any]) -> bytes:
         except Exception:
             result = [Outcome(True, v) for v in result]
     outcomes = cast("list[Outcome]", result)
-    try:
-        return _safe_dumps((_MIXED, outcomes))
-    except Exception:
-        pass
-    # Something in there cannot be pickled: find it item by item, fail only those items.
-    checked: list[Outcome] = []
-    for out in outcomes:
-        try:
-            _safe_dumps(out)
-            checked.append(out)
-        except Exception as exc:
-            what = "result" if out.ok else "exception"
-            msg = (
-                f"the {what} for this item cannot be pickled to return it to the parent "
-                f"process ({type(exc).__name__}: {exc}); the {what} was {out.value!r:.200}"
-            )
-            checked.append(failure_outcome(pickle.PicklingError(msg), out.attempts))
-    return _safe_dumps((_MIXED, checked))
+    return _safe_dumps((_MIXED, portable_outcomes(outcomes, _safe_dumps, "the worker process")))
 
 
 def _worker_main(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
