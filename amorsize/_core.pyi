@@ -107,6 +107,7 @@ def model_search(
 
 # --- circuit -------------------------------------------------------------------------------
 from collections.abc import Callable as _Callable  # noqa: E402
+from collections.abc import Iterable as _Iterable  # noqa: E402
 from typing import Any as _Any  # noqa: E402
 
 CIRCUIT_CLOSED: int
@@ -138,3 +139,8 @@ class CircuitGuarded:
     def __init__(self, func: _Callable[..., _Any], core: CircuitCore, breaker: _Any) -> None: ...
     def __call__(self, *args: _Any, **kwargs: _Any) -> _Any: ...
     def __get__(self, instance: object, owner: type | None = None) -> _Any: ...
+
+# --- checkpoint ----------------------------------------------------------------------------
+def pack_item_hashes(
+    items: _Iterable[_Any], hash_other: _Callable[[_Any], int | None]
+) -> tuple[bytes, int]: ...

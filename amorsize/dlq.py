@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 _FORMAT = "amorsize-dead-letter"
+_VERSION = "1"  # of the file format; a file in another version is refused, never misread
 _PROTOCOL = 5
 _REPR_LIMIT = 2000  # characters of an item's repr kept when it cannot be pickled
 
@@ -190,7 +191,7 @@ class DeadLetterQueue:
         return f"DeadLetterQueue({os.fspath(self.path)!r})"
 
     def _connect(self) -> sqlite3.Connection:
-        return open_database(self.path, _FORMAT, _DLQ_SCHEMA, error=DeadLetterError)
+        return open_database(self.path, _FORMAT, _DLQ_SCHEMA, version=_VERSION, error=DeadLetterError)
 
     # --- writing ----------------------------------------------------------------------------
     def record(

@@ -23,12 +23,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amorsize import execute
+from amorsize._core import pack_item_hashes
 from amorsize.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointMismatchError,
     CheckpointWarning,
     StoreError,
+    _expand_runs,
+    _runs_of,
     checkpoint_observer,
     function_identity,
     item_hash,
@@ -256,6 +259,50 @@ def test_item_hash_is_stable_across_processes(tmp_path: Path) -> None:
     assert item_hash(lambda: 1) is None
 
 
+_ITEMS = st.one_of(
+    st.integers(min_value=-(2**31), max_value=2**31),
+    st.sampled_from([-(2**30) - 1, -(2**30), 2**30 - 1, 2**30, 2**63, -(2**64), True, False]),
+    st.text(max_size=5),
+    st.floats(allow_nan=False),
+    st.none(),
+    st.tuples(st.integers(), st.text(max_size=3)),
+    st.just(lambda: 0),  # does not pickle: no hash
+)
+
+
+@given(st.lists(_ITEMS, max_size=40))
+def test_packed_hashes_are_item_hash(items: list[Any]) -> None:
+    """The compiled block hasher gives item_hash's values, little-endian, 0 for no hash."""
+    blob, missing = pack_item_hashes(items, item_hash)
+    hashes = [item_hash(x) for x in items]
+    assert blob == b"".join((h or 0).to_bytes(8, "little") for h in hashes)
+    assert missing == hashes.count(None)
+    assert 0 not in hashes
+
+
+def test_packed_hashes_survive_an_item_that_resizes_the_list() -> None:
+    """Hashing runs item code (pickling); a list it resizes cannot make the loop overrun."""
+    items: list[Any] = []
+
+    class Grower:
+        def __reduce__(self) -> Any:
+            items.extend(range(1000))
+            return (int, (7,))
+
+    items += [1, Grower(), 3]
+    blob, missing = pack_item_hashes(items, item_hash)
+    assert len(blob) == 3 * 8 and missing == 0
+
+
+@given(st.lists(st.integers(min_value=-5, max_value=10**6), max_size=60))
+def test_index_runs_round_trip(indices: list[int]) -> None:
+    """The (start, count) runs a batch stores stand for exactly its indices, in order."""
+    runs = _runs_of(indices)
+    assert _expand_runs(runs) == indices
+    assert len(runs) <= 2 * len(indices)
+    assert all(count >= 1 for count in runs[1::2])
+
+
 # --- unusable files: clear errors, nothing overwritten --------------------------------------
 def test_garbage_file_is_refused_and_untouched(tmp_path: Path) -> None:
     """A file that is not SQLite gives CheckpointError and keeps its bytes."""
@@ -293,6 +340,28 @@ def test_dead_letter_file_is_not_a_checkpoint(tmp_path: Path) -> None:
     execute(square, [1], checkpoint=ck_path, backend="serial")
     with pytest.raises(StoreError, match="'amorsize-checkpoint' file"):
         DeadLetterQueue(ck_path)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "dead-letter"])
+def test_other_format_version_is_refused_and_untouched(tmp_path: Path, kind: str) -> None:
+    """A file written in another format version is refused, not misread or migrated."""
+    path = tmp_path / f"{kind}.db"
+    if kind == "checkpoint":
+        execute(square, [1, 2], checkpoint=path, backend="serial")
+    else:
+        DeadLetterQueue(path)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE amorsize_meta SET value = '0' WHERE key = 'version'")
+    conn.close()
+    before = file_digest(path)
+    with pytest.raises(StoreError, match=r"format version '0'.*reads version") as info:
+        if kind == "checkpoint":
+            execute(square, [1, 2], checkpoint=path, backend="serial")
+        else:
+            DeadLetterQueue(path)
+    assert str(path) in str(info.value) and "left unchanged" in str(info.value)
+    assert file_digest(path) == before
 
 
 def test_corrupted_checkpoint_is_a_clear_error_and_untouched(tmp_path: Path) -> None:
@@ -633,6 +702,38 @@ def test_block_hashes_are_taken_before_the_items_run(tmp_path: Path) -> None:
     obs = _observer(path, 6)
     hits = [obs.known(i, x) for i, x in enumerate(original)]
     assert hits == [(True, 0), (True, 1), (True, 2), (False, None), (True, 4), (True, 5)]
+    obs.end(False)
+
+
+def test_block_with_an_unpicklable_item_keeps_the_others(tmp_path: Path) -> None:
+    """A block whose hashes miss one item records the rest, item by item."""
+    path = tmp_path / "run.db"
+    items: list[Any] = [0, 1, lambda: 2, 3]
+    obs = _observer(path, 4)
+    obs.known_block(0, items)
+    with pytest.warns(CheckpointWarning, match="item 2 cannot be pickled"):
+        obs.on_success_block(0, items, [0, 1, 4, 9])
+    obs.end(False)
+    assert Checkpoint(path).results() == {0: 0, 1: 1, 3: 9}
+
+
+def test_batches_with_gaps_resume_at_the_right_indices(tmp_path: Path) -> None:
+    """Results from scattered chunks (runs with gaps, out of order) resume by index."""
+    path = tmp_path / "run.db"
+    obs = _observer(path, 30)
+    for start in (20, 0, 10):
+        obs.known_block(start, list(range(start, start + 5)))
+    obs.on_success_block(20, list(range(20, 25)), [x * x for x in range(20, 25)])
+    obs.on_success_block(0, list(range(5)), [x * x for x in range(5)])
+    obs.on_success(10, 10, 100)
+    obs.on_failure(11, 11, Stop(11), 1)
+    obs.on_success(12, 12, 144)
+    obs.end(False)
+    expected = {i: i * i for i in [*range(5), 10, 12, *range(20, 25)]}
+    assert Checkpoint(path).results() == expected
+    assert len(Checkpoint(path)) == len(expected)
+    obs = _observer(path, 30)
+    assert obs.known_block(8, list(range(8, 14))) == {2: 100, 4: 144}
     obs.end(False)
 
 
