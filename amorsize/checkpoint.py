@@ -332,14 +332,19 @@ def _expand_runs(runs: Sequence[int]) -> list[int]:
     return out
 
 
+def _add_run(runs: list[int], start: int, count: int) -> None:
+    """Append indices ``start .. start + count - 1`` to flat ``[start, count, ...]`` runs."""
+    if runs and runs[-2] + runs[-1] == start:
+        runs[-1] += count
+    else:
+        runs += (start, count)
+
+
 def _runs_of(indices: Iterable[int]) -> list[int]:
     """Flat ``[start, count, ...]`` runs of consecutive ``indices`` (the inverse of above)."""
     runs: list[int] = []
     for i in indices:
-        if runs and runs[-2] + runs[-1] == i:
-            runs[-1] += 1
-        else:
-            runs += (i, 1)
+        _add_run(runs, i, 1)
     return runs
 
 
@@ -536,11 +541,7 @@ class CheckpointObserver(RunObserver):
         if h is None:
             self._warn(f"item {index} cannot be pickled, so it cannot be checkpointed")
             return
-        runs = self._runs
-        if runs and runs[-2] + runs[-1] == index:
-            runs[-1] += 1
-        else:
-            runs += (index, 1)
+        _add_run(self._runs, index, 1)
         self._hashes += h.to_bytes(8, "little")
         self._values.append(result)
         self._countdown -= 1
@@ -574,11 +575,7 @@ class CheckpointObserver(RunObserver):
             for k, item in enumerate(items):
                 self.on_success(start + k, item, values[k])
             return
-        runs = self._runs
-        if runs and runs[-2] + runs[-1] == start:
-            runs[-1] += n
-        else:
-            runs += (start, n)
+        _add_run(self._runs, start, n)
         self._hashes += blob
         self._values.extend(values)
         self._countdown -= n
