@@ -37,3 +37,20 @@ def _machine_facts_cache(tmp_path_factory: pytest.TempPathFactory) -> object:
     else:
         os.environ["AMORSIZE_CACHE_DIR"] = old
     amorsize.system._reset_memo()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _signing_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep amorsize's signing key in a session temp dir, not the user's config directory."""
+    import amorsize._signing
+
+    old = os.environ.get("AMORSIZE_CONFIG_DIR")
+    where = tmp_path_factory.mktemp("amorsize-config")
+    os.environ["AMORSIZE_CONFIG_DIR"] = str(where)
+    amorsize._signing._reset()
+    yield where
+    if old is None:
+        os.environ.pop("AMORSIZE_CONFIG_DIR", None)
+    else:
+        os.environ["AMORSIZE_CONFIG_DIR"] = old
+    amorsize._signing._reset()
