@@ -417,3 +417,68 @@ def test_idle_worker_killed_between_runs_is_replaced(processes: ProcessesBackend
     out = collect(processes, square, chunks(10, 2))
     assert [out[i].value for i in range(10)] == [i * i for i in range(10)]
     assert victim not in {w.process.pid for w in processes._workers}
+
+
+def _callers_on_one_backend(name: str, rounds: int) -> list[str]:
+    """Eight threads run `execute` on the shared backend with n_jobs 1..8; return problems."""
+    import threading
+
+    from amorsize import execute
+
+    barrier = threading.Barrier(8)
+    problems: list[str] = []
+
+    def caller(k: int) -> None:
+        for r in range(rounds):
+            barrier.wait()
+            try:
+                got = execute(square, range(40 + r), backend=name, n_jobs=k, chunksize=3)
+            except Exception as exc:  # every failure is the finding
+                problems.append(f"n_jobs={k}: {exc!r}")
+            else:
+                if got != [x * x for x in range(40 + r)]:
+                    problems.append(f"n_jobs={k}: wrong results")
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(1, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return problems
+
+
+@pytest.mark.parametrize(("name", "rounds"), [("threads", 6), ("processes", 2)])
+def test_concurrent_callers_with_different_n_jobs(name: str, rounds: int) -> None:
+    """issue 12 item 2: eight concurrent execute calls with n_jobs 1..8 all succeed."""
+    assert _callers_on_one_backend(name, rounds) == []
+
+
+def test_threads_pool_in_use_is_shut_by_its_last_user() -> None:
+    """issue 12 item 2: an evicted or closed pool still in use serves its run to the end."""
+    b = ThreadsBackend()
+    outer = b.run(square, iter(chunks(6, 1)), n_jobs=7, max_in_flight=2)
+    first = next(outer)
+    for k in range(1, 6):  # evicts the 7-thread pool from the warm set
+        assert len(collect(b, square, chunks(3, 1), n_jobs=k)) == 3
+    b.close()
+    rest = list(outer)
+    assert sorted(t.start for t, _ in [first, *rest]) == list(range(6))
+    assert b.warm_workers() == 0
+
+
+def add_one(x: int) -> int:
+    return x + 1
+
+
+def nested_threads(x: int) -> int:
+    from amorsize import execute
+
+    return sum(execute(add_one, range(4), backend="threads", n_jobs=2, chunksize=1)) + x
+
+
+def test_nested_threads_run_of_the_same_size_does_not_deadlock() -> None:
+    """issue 12 item 2: a run from inside a pool thread gets its own pool, not a deadlock."""
+    from amorsize import execute
+
+    got = execute(nested_threads, range(4), backend="threads", n_jobs=2, chunksize=1)
+    assert got == [10 + x for x in range(4)]

@@ -40,19 +40,46 @@ class ThreadsBackend(Backend):
     supports_pause: ClassVar[bool] = True
 
     def __init__(self) -> None:
+        # Warm pools by size, least recently used first; ``_users`` counts the runs using
+        # each pool (warm or retired). A pool is shut down only once nobody uses it: an
+        # evicted or closed pool still in use is shut by its last user (``_release``).
         self._pools: OrderedDict[int, ThreadPoolExecutor] = OrderedDict()
+        self._users: dict[ThreadPoolExecutor, int] = {}
         self._lock = threading.Lock()
 
-    def _pool(self, n_jobs: int) -> ThreadPoolExecutor:
+    def _acquire(self, n_jobs: int) -> ThreadPoolExecutor:
+        """The warm pool of ``n_jobs`` threads, counted as used until ``_release``."""
+        if getattr(_IN_POOL, "inside", False):
+            # Nested run from one of our own threads: waiting on a shared pool whose
+            # threads all wait on us would deadlock, so it gets a private pool.
+            pool = _new_pool(n_jobs)
+            with self._lock:
+                self._users[pool] = 1
+            return pool
+        idle: list[ThreadPoolExecutor] = []
         with self._lock:
-            pool = self._pools.pop(n_jobs, None)
-            if pool is None:
-                pool = ThreadPoolExecutor(n_jobs, thread_name_prefix=f"amorsize-{n_jobs}")
+            pool = self._pools.pop(n_jobs, None) or _new_pool(n_jobs)
             self._pools[n_jobs] = pool
+            self._users[pool] = self._users.get(pool, 0) + 1
             while len(self._pools) > _MAX_WARM_POOLS:
                 _, old = self._pools.popitem(last=False)
-                old.shutdown(wait=False)
-            return pool
+                if not self._users.get(old):
+                    idle.append(old)
+        for old in idle:
+            old.shutdown(wait=False)
+        return pool
+
+    def _release(self, pool: ThreadPoolExecutor) -> None:
+        """One run is done with ``pool``; shut it if it is no longer warm and now unused."""
+        with self._lock:
+            left = self._users[pool] - 1
+            if left:
+                self._users[pool] = left
+                return
+            del self._users[pool]
+            if pool in self._pools.values():
+                return  # warm: kept for the next run
+        pool.shutdown(wait=False)
 
     def warm_workers(self) -> int:
         """The size of the largest warm thread pool (threads start in microseconds anyway)."""
@@ -68,7 +95,7 @@ class ThreadsBackend(Backend):
         max_in_flight: int,
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
         """Yield each task with its outcomes in completion order."""
-        pool = self._pool(n_jobs)
+        pool = self._acquire(n_jobs)
         limit = max(1, min(max_in_flight, 2 * n_jobs))
         pending: dict[Future[list[Outcome] | OkValues], Task] = {}
         exhausted = False
@@ -93,14 +120,34 @@ class ThreadsBackend(Backend):
         finally:
             for fut in pending:
                 fut.cancel()
+            self._release(pool)
 
     def close(self) -> None:
-        """Shut every warm pool down (running items finish; queued ones are cancelled)."""
+        """Forget every warm pool: idle ones shut now, those in use when their run ends.
+
+        A run's own queued tasks are cancelled when its ``run`` generator closes; another
+        caller's run on the same pool is never broken by it.
+        """
         with self._lock:
             pools = list(self._pools.values())
             self._pools.clear()
-        for pool in pools:
+            idle = [p for p in pools if not self._users.get(p)]
+        for pool in idle:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+# Set in every thread of an amorsize pool: a run started from one gets a private pool.
+_IN_POOL = threading.local()
+
+
+def _mark_pool_thread() -> None:
+    _IN_POOL.inside = True
+
+
+def _new_pool(n_jobs: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        n_jobs, thread_name_prefix=f"amorsize-{n_jobs}", initializer=_mark_pool_thread
+    )
 
 
 _END: Any = object()
