@@ -58,7 +58,8 @@ class ThreadsBackend(Backend):
             return pool
         idle: list[ThreadPoolExecutor] = []
         with self._lock:
-            pool = self._pools.pop(n_jobs, None) or _new_pool(n_jobs)
+            warm = self._pools.pop(n_jobs, None)
+            pool = _new_pool(n_jobs) if warm is None else warm
             self._pools[n_jobs] = pool
             self._users[pool] = self._users.get(pool, 0) + 1
             while len(self._pools) > _MAX_WARM_POOLS:
