@@ -430,10 +430,31 @@ cdef double _retry_after_failure(_RetryPolicyCore p, object func, object exc,
     return delay
 
 
+def callable_name(func):
+    """The name an error should show for ``func``: ``module.qualname`` where it has one.
+
+    A ``functools.partial`` names the function it wraps, any other callable its type, so that
+    a message never names a wrapper amorsize built around the user's function.
+
+    >>> import functools, os.path
+    >>> callable_name(os.path.join), callable_name(functools.partial(len))
+    ('posixpath.join', 'functools.partial(len)')
+    """
+    qualname = getattr(func, "__qualname__", None)
+    if not isinstance(qualname, str):
+        inner = getattr(func, "func", None)
+        if type(func).__name__ == "partial" and inner is not None:
+            return f"functools.partial({callable_name(inner)})"
+        return f"{type(func).__qualname__} object"
+    module = getattr(func, "__module__", None)
+    if isinstance(module, str) and module != "builtins":
+        return f"{module}.{qualname}"
+    return qualname
+
+
 cdef inline _retry_raise_exhausted(_RetryPolicyCore p, object func, object exc,
                                    long long attempt, object result):
-    err = _retry_exhausted_error(exc, attempt, result,
-                                 getattr(func, "__qualname__", None))
+    err = _retry_exhausted_error(exc, attempt, result, callable_name(func))
     if exc is None:
         raise err
     raise err from exc
@@ -674,6 +695,54 @@ cdef object _retry_slow(RetryingFunction self, PyObject* const* args, size_t nar
 ctypedef PyObject* (*_rt_slow_t)(RetryingFunction, PyObject* const*, size_t, PyObject*,
                                  bint) noexcept
 cdef _rt_slow_t _retry_slow_ptr = <_rt_slow_t><void*>_retry_slow
+
+
+@cython.final
+cdef class RetryingItemFunction(_RetryingBase):
+    """``func(item)`` with retries, for ``execute(retry=...)``: what workers call per item.
+
+    The success path is ``RetryingFunction``'s (straight into ``func``). A final failure is
+    raised as the policy says (``RetryExhaustedError`` naming ``func`` itself, or the
+    exception) and carries ``attempts``, the calls made, which the worker reports with it.
+    Picklable by value (``func`` and the policy), so every worker rebuilds its own.
+    """
+
+    def __cinit__(self):
+        self.vectorcall = <_rt_vectorcallfunc><void*>_retry_item_vectorcall
+
+
+cdef PyObject* _retry_item_vectorcall(RetryingItemFunction self, PyObject* const* args,
+                                      size_t nargsf, PyObject* kwnames) noexcept:
+    # As _retry_vectorcall; only the failure path differs (it records the attempts).
+    cdef PyObject* r
+    self.stats.calls += 1
+    if self.policy.simple:
+        r = _rt_raw_vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
+        if r != NULL:
+            return r
+        return _retry_item_slow_ptr(self, args, nargsf, kwnames, True)
+    return _retry_item_slow_ptr(self, args, nargsf, kwnames, False)
+
+
+cdef object _retry_item_slow(RetryingItemFunction self, PyObject* const* args, size_t nargsf,
+                             PyObject* kwnames, bint failed):
+    cdef long long attempts = 1
+    exc = _rt_fetch_exception() if failed else None
+    try:
+        return _retry_run(self.func, self.policy, self.stats, args, nargsf, kwnames, None,
+                          None, &attempts, exc)
+    except Exception as err:
+        if not isinstance(getattr(err, "attempts", None), int):
+            try:
+                err.attempts = attempts
+            except AttributeError:   # an exception class with __slots__
+                pass
+        raise
+
+
+ctypedef PyObject* (*_rt_item_slow_t)(RetryingItemFunction, PyObject* const*, size_t,
+                                      PyObject*, bint) noexcept
+cdef _rt_item_slow_t _retry_item_slow_ptr = <_rt_item_slow_t><void*>_retry_item_slow
 
 
 @cython.final
@@ -926,6 +995,7 @@ cdef _retry_enable_vectorcall():
     cdef RetryingFunction probe = RetryingFunction.__new__(RetryingFunction)
     cdef Py_ssize_t offset = <char*>&probe.vectorcall - <char*><void*>probe
     ams_enable_vectorcall(RetryingFunction, offset)
+    ams_enable_vectorcall(RetryingItemFunction, offset)
     ams_enable_vectorcall(AsyncRetryingFunction, offset)
     ams_set_am_send(RetryCoroutine, <void*>_rc_am_send)
     _collections_abc.Coroutine.register(RetryCoroutine)

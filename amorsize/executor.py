@@ -21,7 +21,6 @@ moves chunks to workers and outcomes back (see ``amorsize.backends.base``).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import itertools
 import math
@@ -200,43 +199,15 @@ def _retry_policy(retry: Any) -> Any:
     raise TypeError(msg)
 
 
-class _RetryingFunc:
-    """``func`` retried per item under ``policy``; picklable when both are.
+def _retrying(func: Callable[[Any], Any], policy: Any) -> Callable[[Any], Any]:
+    """``func`` retried per item under ``policy``, compiled; picklable when both are.
 
-    A permanent failure carries ``attempts`` (the number of calls made), which the
-    worker reports with the failure.
+    A final failure names ``func`` itself and carries ``attempts`` (the calls made), which
+    the worker reports with it.
     """
+    from amorsize._core import RetryingItemFunction  # policy is a RetryPolicy: retry.py is loaded
 
-    __slots__ = ("call", "func", "policy")
-
-    def __init__(self, func: Callable[[Any], Any], policy: Any) -> None:
-        self.__setstate__((func, policy))
-
-    def __call__(self, item: Any) -> Any:
-        calls = 0
-        func = self.func
-
-        def once(x: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            return func(x)
-
-        try:
-            return self.call(once, args=(item,), policy=self.policy)
-        except Exception as exc:
-            if not isinstance(getattr(exc, "attempts", None), int):
-                with contextlib.suppress(AttributeError):  # exceptions with __slots__
-                    exc.attempts = calls  # type: ignore[attr-defined]
-            raise
-
-    def __getstate__(self) -> tuple[Any, Any]:
-        return self.func, self.policy
-
-    def __setstate__(self, state: tuple[Any, Any]) -> None:
-        from amorsize.retry import retry_call
-
-        self.func, self.policy = state
-        self.call = retry_call
+    return cast("Callable[[Any], Any]", RetryingItemFunction(func, policy))
 
 
 _FACTORIES = {
@@ -703,7 +674,7 @@ class _Execution:
                 for obs in on_success:
                     obs.on_success(index, item, result)
                 ready.append((index, [result]))
-            func = self.func if self.policy is None else _RetryingFunc(self.func, self.policy)
+            func = self.func if self.policy is None else _retrying(self.func, self.policy)
             be = plan.backend
             jobs = plan.n_jobs
             if self.n_items is not None:

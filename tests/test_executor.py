@@ -277,6 +277,21 @@ def test_exhausted_retries_report_attempts(backend: str) -> None:
     assert plan.failures == [failure]
 
 
+def always_fails(x: int) -> int:
+    raise ValueError(f"bad {x}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retry_error_names_the_users_function(backend: str) -> None:
+    """issue 12 item 11: RetryExhaustedError names the user's function, not a wrapper."""
+    with pytest.raises(RetryExhaustedError) as info:
+        execute(always_fails, [3], backend=backend, n_jobs=1, chunksize=1, retry=NO_WAIT)
+    name = f"{always_fails.__module__}.always_fails"
+    assert info.value.func_name == name
+    assert str(info.value) == f"{name}: gave up after 3 attempts; last error: ValueError: bad 3"
+    assert info.value.attempts == 3
+
+
 def test_retry_true_uses_the_default_policy() -> None:
     """retry=True is accepted (default policy) and succeeds on good items."""
     assert execute(square, [1, 2], backend="serial", retry=True) == [1, 4]

@@ -1374,3 +1374,43 @@ def test_real_backoff_waits_at_least_the_delays() -> None:
     t0 = time.perf_counter()
     assert g() == 2
     assert time.perf_counter() - t0 >= 0.006
+
+
+# ------------------------------------------------------------------ names in errors (item 11)
+
+
+def test_exhausted_error_names_the_function_with_its_module() -> None:
+    """issue 12 item 11: the exhaustion message names module.qualname of the function."""
+
+    @with_retry(max_retries=1, initial_delay=0)
+    def fetch(x: int) -> int:
+        raise ConnectionError("refused")
+
+    with pytest.raises(RetryExhaustedError) as info:
+        fetch(1)
+    name = f"{__name__}.test_exhausted_error_names_the_function_with_its_module.<locals>.fetch"
+    assert str(info.value).startswith(f"{name}: gave up after 2 attempts")
+
+
+def test_cli_retry_errors_name_the_users_function(tmp_path: Any) -> None:
+    """issue 12 item 11: the CLI and the dead-letter listing name the user's function."""
+    import os
+    import subprocess
+
+    (tmp_path / "jobs.py").write_text("def boom(x):\n    raise ValueError(f'bad {x}')\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "amorsize", *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+            env=os.environ.copy(),
+        )
+
+    dlq = str(tmp_path / "failed.db")
+    common = ["--data-range", "2", "--retries", "1", "--retry-delay", "0", "--chunksize", "1"]
+    for backend, extra in (("serial", []), ("processes", ["--dead-letter", dlq])):
+        p = cli("execute", "jobs:boom", "--backend", backend, *common, *extra)
+        assert "jobs.boom: gave up after 2 attempts; last error: ValueError: bad 0" in p.stderr
+        assert "<locals>" not in p.stderr and "_RetryingFunc" not in p.stderr
+    listing = cli("dead-letter", dlq).stdout
+    assert "jobs.boom: gave up after 2 attempts" in listing and "<locals>" not in listing
