@@ -36,7 +36,7 @@ from typing import Any, Literal, cast, overload
 
 from amorsize._observers import DispatchStoppedError, RunObserver
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
-from amorsize.backends.base import Backend, OkValues, Outcome, Task
+from amorsize.backends.base import Backend, NotRunError, OkValues, Outcome, StopOnFailure, Task
 from amorsize.backends.processes import available_cpus
 
 __all__ = [
@@ -256,6 +256,14 @@ def _build_observers(
                 raise TypeError(msg)
         out.extend(observers)
     return out
+
+
+def _not_run_message(count: int) -> str:
+    return (
+        f"{count} item(s) were not run: a worker skipped them after an item failed "
+        "(on_error='raise' stops at the first failure), but that failure was lost with its "
+        "worker; run again to see it"
+    )
 
 
 def _overrides(obs: RunObserver, *names: str) -> bool:
@@ -547,6 +555,7 @@ class _Execution:
         client: Any,
         observers: list[RunObserver],
         ordered_window: bool,
+        absorbs_failures: bool = False,
     ) -> None:
         self.func = func
         self.data = data
@@ -560,6 +569,10 @@ class _Execution:
         self.client = client
         self.observers = observers
         self.ordered_window = ordered_window
+        # Raise mode with no observer that may absorb a failure: the first failure ends the
+        # run, so workers stop at it too (StopOnFailure) instead of finishing their chunks.
+        self.stop_on_failure = not self.collect and not absorbs_failures
+        self.not_run = 0  # items a worker skipped after a failure still on its way
         self.plan: ExecutionPlan | None = None
         self.emitted = 0  # execute_iter(ordered=True) advances this: the reorder window
         self.n_items = _length(data)
@@ -675,6 +688,8 @@ class _Execution:
                     obs.on_success(index, item, result)
                 ready.append((index, [result]))
             func = self.func if self.policy is None else _retrying(self.func, self.policy)
+            if self.stop_on_failure:
+                func = StopOnFailure(func)
             be = plan.backend
             jobs = plan.n_jobs
             if self.n_items is not None:
@@ -707,8 +722,12 @@ class _Execution:
                     values = self._settle(task, outcomes, on_success)
                     if bar is not None:
                         bar.update(n)
-                    yield task.start, values
+                    if values:
+                        yield task.start, values
             gen = None
+            if self.not_run:
+                # The failure that made a worker skip them never arrived (its worker died).
+                raise NotRunError(_not_run_message(self.not_run))
             yield from self._drain(ready, bar)
             if self.stopped_by is not None:
                 yield from self._not_attempted(stream)
@@ -762,6 +781,11 @@ class _Execution:
         for i, out in enumerate(outcomes):
             index = task.start + i
             item = task.items[i]
+            if not out.ok and type(out.value) is NotRunError:
+                # Skipped by a worker after a failure (StopOnFailure): that failure reaches
+                # us too and ends the run, so only the results before it are handed out.
+                self.not_run += len(outcomes) - i
+                return values
             if out.ok:
                 report.completed += 1
                 for obs in on_success:
@@ -885,6 +909,8 @@ def _prepare(
         client=client,
         observers=obs,
         ordered_window=ordered_window,
+        absorbs_failures=dead_letter is not None
+        or any(_overrides(o, "on_failure") for o in observers or ()),
     )
 
 

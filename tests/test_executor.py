@@ -30,7 +30,7 @@ from amorsize import (
     execute_iter,
 )
 from amorsize.backends import get_backend
-from amorsize.backends.base import RemoteTraceback
+from amorsize.backends.base import Backend, NotRunError, RemoteTraceback, run_chunk_fast
 from amorsize.executor import DispatchStoppedError
 from amorsize.retry import RetryExhaustedError, RetryPolicy
 
@@ -222,6 +222,79 @@ def test_raise_mode_cancels_pending_work() -> None:
     with pytest.raises(ValueError):
         execute(fail_on_odd, gen(), backend="processes", n_jobs=2, chunksize=1)
     assert len(pulled) < 20
+
+
+def fail_and_count(arg: tuple[int, str]) -> int:
+    """Leaves one file per call, then fails: the test counts calls across processes."""
+    x, folder = arg
+    Path(folder, f"{x}-{uuid.uuid4().hex}").touch()
+    raise ValueError(f"bad {x}")
+
+
+def fail_first_and_count(arg: tuple[int, str]) -> int:
+    """Like ``count_calls``, but item 0 fails."""
+    if arg[0] == 0:
+        raise ValueError("bad 0")
+    return count_calls(arg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("retry", [None, NO_WAIT])
+def test_raise_mode_stops_at_the_first_failure(
+    backend: str, retry: RetryPolicy | None, tmp_path: Path
+) -> None:
+    """issue 12 item 9: each worker stops at its first failure, not at the end of its chunk."""
+    be = backend if backend != "processes" else get_backend("processes", start_method="fork")
+    jobs = 1 if backend == "serial" else 2
+    data = [(i, str(tmp_path)) for i in range(200)]
+    with pytest.raises((ValueError, RetryExhaustedError), match="bad"):
+        execute(fail_and_count, data, backend=be, n_jobs=jobs, chunksize=16, retry=retry)
+    attempts = 1 if retry is None else 3
+    if backend == "processes":
+        be.close()  # type: ignore[union-attr]  # the workers are done writing
+    # Before: the whole chunk of 16 ran (x attempts) before the error was raised.
+    assert len(list(tmp_path.iterdir())) <= jobs * attempts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_raise_mode_runs_nothing_after_the_failing_item(backend: str, tmp_path: Path) -> None:
+    """issue 12 item 9: one worker, item 0 fails: no later item of the run is called."""
+    data = [(i, str(tmp_path)) for i in range(64)]
+    be = backend if backend != "processes" else get_backend("processes", start_method="fork")
+    with pytest.raises(ValueError, match="bad 0"):
+        execute(fail_first_and_count, data, backend=be, n_jobs=1, chunksize=64)
+    if backend == "processes":
+        be.close()  # type: ignore[union-attr]
+    assert list(tmp_path.iterdir()) == []
+
+
+class _ResultsBackwards(Backend):
+    """Runs every task in input order, then yields them last first (or drops one)."""
+
+    name = "backwards"
+
+    def __init__(self, drop: int | None = None) -> None:
+        self.drop = drop
+
+    def run(self, func: Any, tasks: Iterator[Any], *, n_jobs: int, max_in_flight: int
+            ) -> Iterator[Any]:
+        done = [(t, run_chunk_fast(func, t.items, remote=False)) for t in tasks]
+        yield from (pair for pair in reversed(done) if pair[0].start != self.drop)
+
+
+def test_skipped_chunks_arriving_first_still_raise_the_real_failure() -> None:
+    """issue 12 item 9: chunks a worker skipped may arrive before the failure that stopped it."""
+    with pytest.raises(ValueError, match="odd 1"):
+        execute(fail_on_odd, range(12), backend=_ResultsBackwards(), n_jobs=1, chunksize=4)
+    results = execute(fail_on_odd, range(12), backend=_ResultsBackwards(), n_jobs=1,
+                      chunksize=4, on_error="collect")
+    assert sum(isinstance(r, ItemFailure) for r in results) == 6
+
+
+def test_skipped_items_whose_failure_was_lost_are_an_error() -> None:
+    """issue 12 item 9: items skipped for a failure that never arrived are never dropped."""
+    with pytest.raises(NotRunError, match="8 item"):
+        execute(fail_on_odd, range(12), backend=_ResultsBackwards(drop=0), n_jobs=1, chunksize=4)
 
 
 @pytest.mark.parametrize("on_error", ["raise", "collect"])

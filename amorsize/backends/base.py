@@ -183,6 +183,54 @@ def run_chunk(func: Callable[[Any], Any], items: list[Any]) -> list[Outcome]:
     return out
 
 
+class NotRunError(RuntimeError):
+    """An item not run because an earlier one failed in a run that stops at its first failure.
+
+    Only a ``StopOnFailure`` run produces it, and the executor raises that earlier failure
+    instead: users see it only if the failure itself was lost (its worker died).
+    """
+
+
+class StopOnFailure:
+    """``func`` for a run that ends at its first failure (``execute(on_error="raise")``).
+
+    ``run_chunk_fast`` unwraps it once per chunk (the per-item path is untouched). After an
+    item fails, the rest of its chunk and every later chunk that this copy runs answer
+    ``NotRunError`` outcomes instead of running: the flag lives in the copy, so a thread
+    pool shares one and each worker process has its own (a pickle carries no flag).
+    Calling it directly just calls ``func``.
+    """
+
+    __slots__ = ("failed", "func")
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func = func
+        self.failed = False
+
+    def __call__(self, item: Any) -> Any:
+        return self.func(item)
+
+    @property
+    def __name__(self) -> str:  # what backends name their tasks after
+        return str(getattr(self.func, "__name__", type(self.func).__name__))
+
+    def __repr__(self) -> str:
+        return repr(self.func)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (StopOnFailure, (self.func,))
+
+
+_NOT_RUN = Outcome(
+    False,
+    NotRunError(
+        "not run: an earlier item failed in the same worker and on_error='raise' stops the "
+        "run at its first failure, but that failure was lost with its worker; run again"
+    ),
+    0,
+)
+
+
 def run_chunk_fast(
     func: Callable[[Any], Any], items: list[Any], *, remote: bool = True
 ) -> list[Outcome] | OkValues:
@@ -190,7 +238,14 @@ def run_chunk_fast(
 
     ``remote=False`` (serial and thread backends) leaves each exception untouched, with its
     own traceback and ``__cause__``, instead of attaching the formatted traceback.
+    ``func`` may be a ``StopOnFailure``: items after a failure are then not run.
     """
+    stop: StopOnFailure | None = None
+    if type(func) is StopOnFailure:
+        stop = func
+        if stop.failed:
+            return [_NOT_RUN] * len(items)
+        func = stop.func
     values = OkValues()
     try:
         # extend(map(...)) runs at C speed and keeps the results computed before a raise.
@@ -202,6 +257,10 @@ def run_chunk_fast(
     done = len(values)
     out = [Outcome(True, v) for v in values]
     out.append(_failed(first, remote))
+    if stop is not None:
+        stop.failed = True
+        out.extend([_NOT_RUN] * (len(items) - done - 1))
+        return out
     for item in items[done + 1 :]:
         try:
             out.append(Outcome(True, func(item)))
