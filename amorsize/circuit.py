@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -52,6 +51,7 @@ from amorsize._core import (
     CircuitGuarded,
 )
 from amorsize._observers import RunObserver
+from amorsize._validate import MAX_SECONDS, check_int, check_number
 
 __all__ = [
     "CircuitBreaker",
@@ -173,14 +173,9 @@ def _rebuild_open_error(name: str, retry_after: float, kwargs: dict[str, Any]) -
     return CircuitOpenError(name, retry_after, **kwargs)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        msg = f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})"
-        raise TypeError(msg)
-    if value < minimum:
-        msg = f"{name} must be >= {minimum}, got {value!r}; pass an int of at least {minimum}"
-        raise ValueError(msg)
-    return value
+_WHERE = "CircuitBreakerPolicy: "
+# The breaker keeps one byte per call of its window.
+_MAX_WINDOW = 1_000_000
 
 
 def _check_callback(name: str, value: object) -> None:
@@ -229,30 +224,17 @@ class CircuitBreakerPolicy:
     on_half_open: Callable[[CircuitBreaker], object] | None = None
 
     def __post_init__(self) -> None:
-        _check_int("failure_threshold", self.failure_threshold, 1)
-        _check_int("success_threshold", self.success_threshold, 1)
-        _check_int("half_open_max_calls", self.half_open_max_calls, 1)
-        _check_int("window", self.window, 1)
-        _check_int("minimum_calls", self.minimum_calls, 1)
-        timeout = self.timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            msg = f"timeout must be a number of seconds, got {timeout!r} ({type(timeout).__name__})"
-            raise TypeError(msg)
-        if not math.isfinite(timeout) or timeout < 0:
-            msg = f"timeout must be a finite number of seconds >= 0, got {timeout!r}"
-            raise ValueError(msg)
-        object.__setattr__(self, "timeout", float(timeout))
-        rate = self.failure_rate
+        for name in ("failure_threshold", "success_threshold", "half_open_max_calls"):
+            object.__setattr__(self, name, check_int(_WHERE, name, getattr(self, name), 1))
+        for name, high in (("window", _MAX_WINDOW), ("minimum_calls", _MAX_WINDOW)):
+            object.__setattr__(self, name, check_int(_WHERE, name, getattr(self, name), 1, high))
+        timeout = check_number(_WHERE, "timeout", self.timeout, 0, MAX_SECONDS, note=" (seconds)")
+        object.__setattr__(self, "timeout", timeout)
+        rate = check_number(
+            _WHERE, "failure_rate", self.failure_rate, 0, 1, low_open=True, none=True,
+            note=" (e.g. 0.5: half the calls)",
+        )
         if rate is not None:
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-                msg = (
-                    f"failure_rate must be a float in (0, 1] or None, got {rate!r}"
-                    f" ({type(rate).__name__})"
-                )
-                raise TypeError(msg)
-            if not 0.0 < rate <= 1.0:
-                msg = f"failure_rate must lie in (0, 1], got {rate!r}; e.g. 0.5 for half the calls"
-                raise ValueError(msg)
             if self.minimum_calls > self.window:
                 msg = (
                     f"minimum_calls ({self.minimum_calls}) must be <= window ({self.window}):"
@@ -260,7 +242,7 @@ class CircuitBreakerPolicy:
                     " could never open; lower minimum_calls or raise window"
                 )
                 raise ValueError(msg)
-            object.__setattr__(self, "failure_rate", float(rate))
+            object.__setattr__(self, "failure_rate", rate)
         object.__setattr__(
             self, "expected_exceptions", _exception_tuple(self.expected_exceptions)
         )

@@ -35,6 +35,7 @@ from itertools import islice
 from typing import Any, Literal, cast, overload
 
 from amorsize._observers import DispatchStoppedError, RunObserver
+from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
 from amorsize.backends.base import Backend, NotRunError, OkValues, Outcome, StopOnFailure, Task
 from amorsize.backends.processes import available_cpus
@@ -156,19 +157,16 @@ def _check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def _check_count(name: str, value: Any, *, allow_minus_one: bool = False) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        msg = f"{name} must be a positive int or None; got {value!r} ({type(value).__name__})"
-        raise TypeError(msg)
-    if allow_minus_one and value == -1:
-        return available_cpus()
-    if value < 1:
-        extra = " (or -1 for every available CPU)" if allow_minus_one else ""
-        msg = f"{name} must be >= 1{extra}; got {value!r}"
-        raise ValueError(msg)
-    return value
+def _check_sizes(api: str, n_jobs: Any, chunksize: Any) -> tuple[int | None, int | None]:
+    """``n_jobs`` (-1: every available CPU) and ``chunksize``, checked and normalised."""
+    where = f"{api}(): "
+    if type(n_jobs) is int and n_jobs == -1:
+        jobs: int | None = available_cpus()
+    else:
+        jobs = check_int(
+            where, "n_jobs", n_jobs, 1, MAX_WORKERS, none=True, note=" (-1: every CPU)"
+        )
+    return jobs, check_int(where, "chunksize", chunksize, 1, none=True)
 
 
 def _check_backend(value: Any) -> str | Backend:
@@ -870,6 +868,7 @@ def _prepare(
     circuit_breaker: Any,
     observers: Any,
     ordered_window: bool,
+    api: str,
 ) -> _Execution:
     if not callable(func):
         msg = f"func must be callable (it is applied to each item); got {func!r}"
@@ -879,8 +878,7 @@ def _prepare(
     except TypeError:
         msg = f"data must be an iterable (list, range, generator...); got {type(data).__name__}"
         raise TypeError(msg) from None
-    jobs = _check_count("n_jobs", n_jobs, allow_minus_one=True)
-    chunk = _check_count("chunksize", chunksize)
+    jobs, chunk = _check_sizes(api, n_jobs, chunksize)
     be = _check_backend(backend)
     if on_error not in _ON_ERROR:
         msg = f"on_error must be 'raise' or 'collect'; got {on_error!r}"
@@ -1007,6 +1005,7 @@ def execute(
         circuit_breaker,
         observers,
         False,
+        "execute",
     )
     results: list[Any] = []
     extend = results.extend
@@ -1071,6 +1070,7 @@ def execute_iter(
         circuit_breaker,
         observers,
         ordered,
+        "execute_iter",
     )
     return _iterate(run, ordered)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amorsize._core import model_max_workers_for_memory, model_search
+from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.sampling import Profile, Sample, sample
 from amorsize.system import SystemInfo, get_system_info
 
@@ -210,22 +211,8 @@ def _validate(
             f"{type(data).__name__}. Wrap a single item in a list: `optimize(f, [item])`."
         )
         raise TypeError(msg) from None
-    if n_jobs is not None and (
-        isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1
-    ):
-        msg = (
-            f"optimize(): n_jobs must be a positive int or None; got {n_jobs!r}. "
-            "Pass n_jobs=None to let amorsize choose, or a worker count such as n_jobs=4."
-        )
-        raise ValueError(msg)
-    if sample_size is not None and (
-        isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1
-    ):
-        msg = (
-            f"optimize(): sample_size must be a positive int or None; got {sample_size!r}. "
-            "Pass sample_size=None to adapt the count, or e.g. sample_size=10."
-        )
-        raise ValueError(msg)
+    check_int("optimize(): ", "n_jobs", n_jobs, 1, MAX_WORKERS, none=True, note=" (None: choose)")
+    check_int("optimize(): ", "sample_size", sample_size, 1, none=True, note=" (None: adapt)")
     if isinstance(backends, str):
         backends = (backends,)
     if not isinstance(backends, Sequence | set | frozenset) or not backends:

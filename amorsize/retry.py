@@ -26,7 +26,6 @@ pool)::
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from types import TracebackType
@@ -40,6 +39,7 @@ from amorsize._core import (
     _RetryPolicyCore,
     seed_jitter,
 )
+from amorsize._validate import MAX_SECONDS, check_int, check_number
 
 __all__ = [
     "AsyncRetryingFunction",
@@ -116,15 +116,11 @@ class RetryExhaustedError(Exception):
 _core._set_exhausted_error(RetryExhaustedError)
 
 
+_WHERE = "RetryPolicy: "
+
+
 def _check_delay(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        msg = f"{name} must be a number of seconds, got {value!r} ({type(value).__name__})"
-        raise TypeError(msg)
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        msg = f"{name} must be a finite number of seconds >= 0, got {value!r}"
-        raise ValueError(msg)
-    return v
+    return check_number(_WHERE, name, value, 0, MAX_SECONDS, note=" (seconds)")
 
 
 @dataclass(frozen=True, slots=True, eq=True)
@@ -172,13 +168,7 @@ class RetryPolicy(_RetryPolicyCore):
 
     def __post_init__(self) -> None:
         # Checked as `object`: callers without a type checker pass anything.
-        mr: object = self.max_retries
-        if isinstance(mr, bool) or not isinstance(mr, int):
-            msg = f"max_retries must be an int (-1 for no limit), got {mr!r} ({type(mr).__name__})"
-            raise TypeError(msg)
-        if mr < -1:
-            msg = f"max_retries must be >= -1 (-1 means no limit), got {mr}"
-            raise ValueError(msg)
+        mr = check_int(_WHERE, "max_retries", self.max_retries, -1, note=" (-1: no limit)")
         initial = _check_delay("initial_delay", self.initial_delay)
         cap = _check_delay("max_delay", self.max_delay)
         if cap < initial:
@@ -187,15 +177,9 @@ class RetryPolicy(_RetryPolicyCore):
                 f"initial_delay={self.initial_delay!r}; raise max_delay or lower initial_delay"
             )
             raise ValueError(msg)
-        base: object = self.exponential_base
-        if isinstance(base, bool) or not isinstance(base, (int, float)):
-            msg = f"exponential_base must be a number >= 1, got {base!r} ({type(base).__name__})"
-            raise TypeError(msg)
-        if not math.isfinite(base) or base < 1:
-            msg = (
-                f"exponential_base must be a finite number >= 1 (1 = constant delay), got {base!r}"
-            )
-            raise ValueError(msg)
+        base = check_number(
+            _WHERE, "exponential_base", self.exponential_base, 1, note=" (1: constant delay)"
+        )
         jitter: object = self.jitter
         if isinstance(jitter, bool):
             code = 1 if jitter else 0
@@ -225,12 +209,10 @@ class RetryPolicy(_RetryPolicyCore):
         if predicate is not None and not callable(predicate):
             msg = f"retry_on_result must be a predicate (result) -> bool or None, got {predicate!r}"
             raise TypeError(msg)
-        elapsed = _NO_LIMIT
-        if self.max_elapsed is not None:
-            elapsed = _check_delay("max_elapsed", self.max_elapsed)
-            if elapsed == 0:
-                msg = "max_elapsed must be > 0 seconds or None (no budget), got 0"
-                raise ValueError(msg)
+        elapsed = check_number(
+            _WHERE, "max_elapsed", self.max_elapsed, 0, MAX_SECONDS, low_open=True, none=True,
+            note=" (seconds; None: no budget)",
+        )
         reraise: object = self.reraise
         if not isinstance(reraise, bool):
             msg = f"reraise must be True or False, got {reraise!r}"
@@ -242,11 +224,11 @@ class RetryPolicy(_RetryPolicyCore):
             mr,
             initial,
             cap,
-            float(base),
+            base,
             code,
             exc_types,
             self.on_retry,
-            elapsed,
+            _NO_LIMIT if elapsed is None else elapsed,
             self.retry_on_result,
             reraise,
             excluded,
@@ -544,12 +526,7 @@ def set_testing(enabled: bool = True, max_retries: int | None = None) -> _Testin
     if not isinstance(flag, bool):
         msg = f"set_testing: enabled must be True or False, got {enabled!r}"
         raise TypeError(msg)
-    cap = -1
-    limit: object = max_retries
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            msg = f"set_testing: max_retries must be an int >= 0 or None, got {limit!r}"
-            raise ValueError(msg)
-        cap = limit
+    limit = check_int("set_testing(): ", "max_retries", max_retries, 0, none=True)
+    cap = -1 if limit is None else limit
     previous: tuple[bool, int] = _core._set_testing_state(enabled, cap if enabled else -1)
     return _TestingMode(previous)

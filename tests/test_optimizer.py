@@ -97,9 +97,9 @@ def _check_bounds(r: OptimizationResult, n: int | None) -> None:
     [
         ({"func": 3}, TypeError, ["func", "callable", "int"]),
         ({"data": 5}, TypeError, ["data", "iterable", "int"]),
-        ({"n_jobs": 0}, ValueError, ["n_jobs", "positive", "0"]),
-        ({"n_jobs": 2.5}, ValueError, ["n_jobs", "2.5"]),
-        ({"n_jobs": True}, ValueError, ["n_jobs", "True"]),
+        ({"n_jobs": 0}, ValueError, ["n_jobs", "[1, 10000]", "0"]),
+        ({"n_jobs": 2.5}, TypeError, ["n_jobs", "2.5"]),
+        ({"n_jobs": True}, TypeError, ["n_jobs", "True"]),
         ({"sample_size": -1}, ValueError, ["sample_size", "-1"]),
         ({"backends": ()}, ValueError, ["backends", "non-empty"]),
         ({"backends": ("gpu",)}, ValueError, ["backends", "'gpu'"]),

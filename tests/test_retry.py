@@ -102,10 +102,10 @@ def test_policy_single_exception_class_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "words"),
     [
-        ({"max_retries": -2}, ValueError, ["max_retries", "-2", ">= -1"]),
+        ({"max_retries": -2}, ValueError, ["max_retries", "-2", "[-1, "]),
         ({"max_retries": 1.5}, TypeError, ["max_retries", "1.5"]),
         ({"max_retries": True}, TypeError, ["max_retries", "True"]),
-        ({"initial_delay": -0.1}, ValueError, ["initial_delay", "-0.1", ">= 0"]),
+        ({"initial_delay": -0.1}, ValueError, ["initial_delay", "-0.1", "[0, 1e9]"]),
         ({"initial_delay": math.nan}, ValueError, ["initial_delay", "nan"]),
         ({"initial_delay": "1"}, TypeError, ["initial_delay", "'1'"]),
         ({"max_delay": -1.0}, ValueError, ["max_delay", "-1.0"]),
