@@ -178,6 +178,10 @@ cdef double _RETRY_PROPAGATE = -1.0   # not retryable: re-raise unchanged
 cdef double _RETRY_EXHAUSTED = -2.0   # retryable, but out of attempts or time
 
 _retry_logger = _logging.getLogger("amorsize")
+# Argument checks of the diagnostic methods (calculate_delay, should_retry), never per call.
+from amorsize._validate import MAX_SECONDS as _MAX_SECONDS
+from amorsize._validate import check_int as _check_int
+from amorsize._validate import check_number as _check_number
 # Set by amorsize.retry at import: the exception class raised on exhaustion.
 _retry_exhausted_error = RuntimeError
 
@@ -283,16 +287,14 @@ cdef inline long long _retry_attempt_from(object attempt) except? -2:
     # Python ints of any size: huge attempts saturate instead of raising OverflowError.
     cdef int overflow = 0
     cdef long long a
-    if not _rt_long_check(attempt):
-        msg = f"attempt must be an int (attempts are numbered from 1), got {attempt!r}"
-        raise TypeError(msg)
-    a = _rt_as_ll(attempt, &overflow)
-    if overflow > 0:
-        return 0x7FFFFFFFFFFFFFFF
-    if overflow < 0 or a < 1:
-        msg = f"attempt must be >= 1 (attempts are numbered from 1), got {attempt!r}"
-        raise ValueError(msg)
-    return a
+    if _rt_long_check(attempt) and not isinstance(attempt, bool):
+        a = _rt_as_ll(attempt, &overflow)
+        if overflow > 0:
+            return 0x7FFFFFFFFFFFFFFF
+        if overflow == 0 and a >= 1:
+            return a
+    # Another integer type (numpy's) is converted; anything else raises the usual message.
+    return _check_int("", "attempt", attempt, 1, note=" (attempts are numbered from 1)")
 
 
 cdef inline bint _retry_may(_RetryPolicyCore p, long long attempt) noexcept:
@@ -351,7 +353,8 @@ cdef class _RetryPolicyCore:
         cdef long long a = _retry_attempt_from(attempt)
         cdef double prev
         if previous_delay is not None:
-            prev = previous_delay
+            prev = _check_number("", "previous_delay", previous_delay, 0, _MAX_SECONDS,
+                                 note=" (seconds)")
         elif a <= 1:
             prev = self.initial_delay
         else:

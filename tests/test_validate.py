@@ -42,7 +42,13 @@ def _set_testing(**kw: Any) -> Any:
         pass
 
 
+def _calculate_delay(**kw: Any) -> Any:
+    return RetryPolicy().calculate_delay(**{"attempt": 2, **kw})
+
+
 OPTIONS: list[tuple[Callable[..., Any], str]] = [
+    (_calculate_delay, "attempt"),
+    (_calculate_delay, "previous_delay"),
     (_execute, "n_jobs"),
     (_execute, "chunksize"),
     (_execute_iter, "n_jobs"),
@@ -87,6 +93,8 @@ def test_every_numeric_option_names_itself(
     """issue 12 item 19: a bad value is a ValueError/TypeError naming option, rule and value."""
     if name == "exponential_base":  # any finite base >= 1 is allowed: only past float's range
         assume(not (type(value) is int and value > 0 and value.bit_length() <= 1024))
+    if name == "attempt":  # a huge attempt number saturates: it is past any policy's limit
+        assume(not (type(value) is int and value > 0))
     with pytest.raises((ValueError, TypeError)) as info:
         build(**{name: value})
     msg = str(info.value)
