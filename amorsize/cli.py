@@ -851,6 +851,8 @@ def _summarise(failures: list[Any], skipped: list[Any], dead_letter: str | None)
 
 
 def _cmd_execute(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from amorsize.checkpoint import StoreError
     from amorsize.circuit import CircuitOpenError
     from amorsize.executor import ItemFailure, execute_iter
@@ -882,8 +884,12 @@ def _cmd_execute(args: argparse.Namespace) -> int:
                     progress=args.progress, verbose=args.verbose, checkpoint=args.checkpoint,
                     dead_letter=args.dead_letter, circuit_breaker=circuit, client=client,
                 )
-            except (TypeError, ValueError, ImportError, NotImplementedError, StoreError) as exc:
-                # Raised while checking the options and files, before anything ran.
+            except (
+                TypeError, ValueError, ImportError, NotImplementedError, StoreError, OSError,
+                sqlite3.Error,
+            ) as exc:  # fmt: skip
+                # Raised while checking the options and opening the files, before anything
+                # ran (func runs only once the results are iterated).
                 raise CliError(_one_line(exc)) from None
             write = out.write
             flush = out.flush if streaming else None  # in a pipeline, pass each line on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -542,6 +544,44 @@ def test_crafted_dead_letter_file_runs_code_only_with_trust(workdir: Path) -> No
     trusted = run(workdir, "dead-letter", "failed.db", "--replay", "jobs:echo", "--trust")
     assert trusted.returncode == 0, trusted.stderr
     assert marker.exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a 64 KiB tmpfs that is already full (root only: it mounts)."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root on Linux")
+    where = tmp_path / "full"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        with open(where / "filler", "wb") as f, contextlib.suppress(OSError):
+            f.write(bytes(1 << 20))
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--dead-letter"])
+def test_store_on_a_full_disk_is_one_line_and_exit_2(
+    workdir: Path, full_disk: Path, option: str
+) -> None:
+    """issue 12 item 14: a checkpoint or dead-letter file on a full disk: one line, exit 2."""
+    target = full_disk / "store.db"
+    p = run(workdir, "execute", "jobs:square", "--data-range", "3", option, str(target))
+    assert_usage_error(p, str(target), "disk is full")
+
+
+def test_replay_with_an_unusable_signing_key_is_one_line(workdir: Path) -> None:
+    """A signing key that cannot be read or created is one line and exit 2, not a traceback."""
+    run(workdir, "execute", "jobs:bad", "--data-range", "1", "--dead-letter", "failed.db")
+    (workdir / "not-a-dir").write_text("x")
+    env = {"AMORSIZE_CONFIG_DIR": str(workdir / "not-a-dir")}
+    p = run(workdir, "dead-letter", "failed.db", "--replay", "jobs:echo", env=env)
+    assert_usage_error(p, "signing key", "AMORSIZE_CONFIG_DIR")
 
 
 class _RunsCode:
