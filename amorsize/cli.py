@@ -1,9 +1,10 @@
 """The ``amorsize`` command line: optimize, execute, dead-letter, demo, bench, info.
 
 Run ``amorsize --help`` (or ``python -m amorsize --help``) for the options. ``MODULE:FUNC``
-names a function the way ``python -m`` names a module: ``MODULE`` is imported with the
-current directory first on ``sys.path`` (``path/to/file.py`` works too), ``FUNC`` may be a
-dotted attribute path. Data comes from ``--data-range N`` (the ints ``0 .. N-1``, or
+names a function: ``MODULE`` with a ``/`` or ending in ``.py`` is that file, loaded by path;
+otherwise a module imported with the current directory first on ``sys.path``, like
+``python -m`` (see :func:`load_function` for the exact rule). ``FUNC`` may be a dotted
+attribute path. Data comes from ``--data-range N`` (the ints ``0 .. N-1``, or
 ``START:STOP[:STEP]``) or ``--data-file F`` (one JSON value per line; ``-`` reads stdin).
 
 Data flow of ``amorsize execute``::
