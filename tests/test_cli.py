@@ -327,10 +327,10 @@ def test_execute_file_path_and_dotted_function(workdir: Path) -> None:
 
 SHADOW = textwrap.dedent(
     """
-    import os
+    import multiprocessing
 
     def dumps(x):
-        return ["mine", x, os.getpid()]
+        return ["mine", x, multiprocessing.parent_process() is not None]
     """
 )
 
@@ -341,12 +341,12 @@ def test_path_spec_runs_that_file_not_an_imported_module(workdir: Path, start_me
     (workdir / "sub").mkdir()
     (workdir / "sub" / "json.py").write_text(SHADOW)
     spec = f"{workdir / 'sub' / 'json.py'}:dumps"
-    p = run(workdir, "execute", spec, "--data-range", "6", "--backend", "processes",
+    p = run(workdir, "execute", spec, "--data-range", "20", "--backend", "processes",
             "--n-jobs", "2", "--chunksize", "1", "--start-method", start_method)
     assert p.returncode == 0, p.stderr
     out = lines(p.stdout)
-    assert [row[:2] for row in out] == [["mine", x] for x in range(6)]  # type: ignore[index]
-    assert len({row[2] for row in out}) >= 2  # type: ignore[index]  # ran in the workers
+    assert [row[:2] for row in out] == [["mine", x] for x in range(20)]  # type: ignore[index]
+    assert any(row[2] for row in out)  # type: ignore[index]  # some ran in a worker process
 
 
 def test_path_spec_names_the_users_function(workdir: Path) -> None:
