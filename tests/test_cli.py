@@ -619,6 +619,9 @@ def test_execute_on_a_dask_scheduler(workdir: Path) -> None:
                 cluster.scheduler_address, "--verbose")
         planned = run(workdir, "optimize", "jobs:square", "--data-range", "30000", "--json",
                       "--scheduler", cluster.scheduler_address)
+        by_path = run(workdir, "execute", "./jobs.py:square", "--data-range", "5", "--scheduler",
+                      cluster.scheduler_address)
+    assert (by_path.returncode, lines(by_path.stdout)) == (0, [0, 1, 4, 9, 16]), by_path.stderr
     assert planned.returncode == 0, planned.stderr
     assert "dask" in {a["backend"] for a in json.loads(planned.stdout)["alternatives"]}
     assert p.returncode == 0, p.stderr
