@@ -15,9 +15,36 @@ checkers read the imports under ``TYPE_CHECKING``.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import os
 from typing import TYPE_CHECKING, Any
 
 from amorsize._version import read_version as _read_version
+
+
+def _refuse_source_tree() -> None:
+    """Refuse to run from an unbuilt clone: the compiled core is missing, so nothing works.
+
+    ``python`` run in a clone's directory imports the clone (the current directory comes
+    first on ``sys.path``), not the installed package; without this check every feature
+    would fail later with a message that does not say why.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if os.path.exists(os.path.join(here, "_core" + suffix)):
+            return
+    root = os.path.dirname(here)
+    if not any(os.path.exists(os.path.join(root, n)) for n in ("pyproject.toml", "setup.py")):
+        return  # an installed package that lost its core: the import of _core says so
+    msg = (
+        f"you are importing the amorsize source tree at {root}, whose compiled core"
+        " (amorsize._core) is not built; install the package (`pip install .`, or"
+        " `pip install -e .` to develop) or run from another directory"
+    )
+    raise ImportError(msg)
+
+
+_refuse_source_tree()
 
 if TYPE_CHECKING:
     from amorsize.backends.base import WorkerCrashedError

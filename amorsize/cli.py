@@ -1,9 +1,10 @@
 """The ``amorsize`` command line: optimize, execute, dead-letter, demo, bench, info.
 
 Run ``amorsize --help`` (or ``python -m amorsize --help``) for the options. ``MODULE:FUNC``
-names a function the way ``python -m`` names a module: ``MODULE`` is imported with the
-current directory first on ``sys.path`` (``path/to/file.py`` works too), ``FUNC`` may be a
-dotted attribute path. Data comes from ``--data-range N`` (the ints ``0 .. N-1``, or
+names a function: ``MODULE`` with a ``/`` or ending in ``.py`` is that file, loaded by path;
+otherwise a module imported with the current directory first on ``sys.path``, like
+``python -m`` (see :func:`load_function` for the exact rule). ``FUNC`` may be a dotted
+attribute path. Data comes from ``--data-range N`` (the ints ``0 .. N-1``, or
 ``START:STOP[:STEP]``) or ``--data-file F`` (one JSON value per line; ``-`` reads stdin).
 
 Data flow of ``amorsize execute``::
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -279,8 +281,8 @@ def _build_parser() -> _Parser:
         "dead-letter", help="list, export, replay or clear a dead-letter file",
         description=(
             "Show the items recorded by execute --dead-letter PATH, export them as JSON "
-            "lines, run them again through a (fixed) function, or clear the file. The file "
-            "holds pickles: open only files you trust like code."
+            "lines, run them again through a (fixed) function, or clear the file. Listing "
+            "and exporting never unpickle; --replay loads only items signed with your key."
         ),
     )
     p.add_argument("path", metavar="PATH", help="the dead-letter SQLite file")
@@ -291,6 +293,11 @@ def _build_parser() -> _Parser:
         help="run the entries through FUNC; those that now succeed are removed",
     )
     action.add_argument("--clear", action="store_true", help="remove every entry")
+    p.add_argument(
+        "--trust", action="store_true",
+        help="with --replay: load items not signed with your key (another user's or machine's "
+        "file); unpickling runs code, so only for files you trust like code",
+    )
     p.set_defaults(handler=_cmd_dead_letter)
 
     p = sub.add_parser(
@@ -333,10 +340,19 @@ def _build_parser() -> _Parser:
 
 # --------------------------------------------------------------------------- inputs
 def load_function(spec: str) -> Callable[[Any], Any]:
-    """Import ``MODULE:FUNC`` with the current directory first on ``sys.path``.
+    """The function named by ``MODULE:FUNC``; ``CliError`` (one line) for any bad input.
 
-    ``MODULE`` may also be a path to a ``.py`` file (its directory goes on ``sys.path``).
-    Raises ``CliError`` with a one-line message for every kind of bad input.
+    The rule, so that a spec never runs something else than what it names:
+
+    * ``MODULE`` with a ``/`` (or the OS's separator) or ending in ``.py`` is a file: that
+      file is loaded by path, under a private module name that cannot shadow or be
+      shadowed by an imported module (``/tmp/json.py:dumps`` runs that file's ``dumps``,
+      never the standard library's). Worker processes load the same file by path, whatever
+      their start method; its directory is appended to ``sys.path`` for its own imports.
+    * Otherwise ``MODULE`` is imported by name with the current directory first on
+      ``sys.path``, like ``python -m``. A name already imported from elsewhere while the
+      current directory holds a module of that name (``./json.py`` with ``json:dumps``) is
+      refused: pass the file as ``./json.py:dumps``.
 
     >>> load_function("math:sqrt")(9.0)
     3.0
@@ -344,36 +360,108 @@ def load_function(spec: str) -> Callable[[Any], Any]:
     return _load(spec)[0]
 
 
-def _ship_by_value(func: Callable[[Any], Any], module: Any, where: str) -> None:
-    """Let cloudpickle send ``module``'s code by value when it lives in ``where``.
+def _ship_by_value(func: Callable[[Any], Any], module: Any, where: str) -> Callable[[Any], Any]:
+    """Let cloudpickle send ``module``'s code by value when it lives in ``where``; returns
+    the function to send.
 
     Dask workers run on other machines (or were started elsewhere): they cannot import a
-    module that sits in the caller's directory. Installed modules still go by reference.
+    module that sits in the caller's directory, nor load a file by its path there.
+    Installed modules still go by reference.
     """
     try:
         import cloudpickle
     except ImportError:
-        return
+        return func
     path = getattr(module, "__file__", None)
     if path and Path(path).resolve().is_relative_to(Path(where).resolve()):
         cloudpickle.register_pickle_by_value(module)
+        if isinstance(func, _FileFunction):
+            return func.func
+    return func
+
+
+# A module loaded from a file by path, by resolved path: loaded once per process.
+_file_modules: dict[str, Any] = {}
+
+
+def _is_path_spec(module_name: str) -> bool:
+    seps = {"/", os.sep, os.altsep or "/"}
+    return module_name.endswith(".py") or any(sep in module_name for sep in seps)
+
+
+def _module_from_file(path: str) -> Any:
+    """Execute the file at ``path`` (resolved) as a module with a private name, once."""
+    module = _file_modules.get(path)
+    if module is not None:
+        return module
+    import hashlib
+    import importlib.util
+    import re
+
+    stem = re.sub(r"\W", "_", Path(path).stem)
+    digest = hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    name = f"_amorsize_file_{digest}_{stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        msg = f"cannot load {path!r} as a Python module"
+        raise ImportError(msg)
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs (as import does) so that its classes and functions pickle
+    # by reference under this name, in the parent and in every worker alike.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    _file_modules[path] = module
+    return module
+
+
+def _attribute(module: Any, attr_path: str) -> Any:
+    obj: Any = module
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _file_function(path: str, attr_path: str) -> _FileFunction:
+    """Unpickling a :class:`_FileFunction` in a worker: load the file (once) and look up."""
+    directory = str(Path(path).parent)
+    if directory not in sys.path:
+        sys.path.append(directory)
+    return _FileFunction(path, attr_path, _attribute(_module_from_file(path), attr_path))
+
+
+class _FileFunction:
+    """A function from a file loaded by path. It pickles as (path, attribute), so that a
+    worker started by fork, spawn or forkserver loads the same file (the file's module has
+    a private name no worker could import)."""
+
+    def __init__(self, path: str, attr_path: str, func: Callable[[Any], Any]) -> None:
+        self.path, self.attr_path, self.func = path, attr_path, func
+        # __module__, __qualname__, __doc__ and __wrapped__ of the function: reports and
+        # the checkpoint's identity name the user's function, not this wrapper.
+        functools.update_wrapper(self, func)
+
+    def __call__(self, item: Any) -> Any:
+        return self.func(item)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_file_function, (self.path, self.attr_path))
 
 
 def _load(spec: str) -> tuple[Callable[[Any], Any], Any, str]:
-    """``(func, its module, the directory put first on sys.path)`` for ``MODULE:FUNC``."""
+    """``(func, its module, the directory it was found in)`` for ``MODULE:FUNC``."""
     # The last colon: a Windows path (C:\\jobs\\work.py:f) has one of its own.
     module_name, sep, attr_path = spec.rpartition(":")
     if not sep or not module_name or not attr_path:
         msg = f"the function must be given as MODULE:FUNC (e.g. mymodule:work); got {spec!r}"
         raise CliError(msg)
+    if _is_path_spec(module_name):
+        return _load_file(spec, module_name, attr_path)
     where = os.getcwd()
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            msg = f"no such file {module_name!r} (from {spec!r})"
-            raise CliError(msg)
-        where = str(path.resolve().parent)
-        module_name = path.stem
+    _refuse_shadowed(spec, module_name, where)
     if where not in sys.path:
         # Like `python -m`: the caller's directory comes first. Spawned workers inherit
         # sys.path, so they import MODULE the same way.
@@ -390,6 +478,49 @@ def _load(spec: str) -> tuple[Callable[[Any], Any], Any, str]:
     except (Exception, SystemExit) as exc:
         msg = f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
         raise CliError(msg) from None
+    return _checked(spec, module_name, attr_path, module), module, where
+
+
+def _refuse_shadowed(spec: str, module_name: str, where: str) -> None:
+    """A bare name already imported from elsewhere, while ``where`` holds a module of that
+    name, would silently run the other one: refuse it."""
+    top = module_name.partition(".")[0]
+    loaded = sys.modules.get(top)
+    if loaded is None:
+        return
+    local = [p for p in (Path(where) / f"{top}.py", Path(where) / top) if p.exists()]
+    origin = getattr(loaded, "__file__", None)
+    if not local or (origin and Path(origin).resolve().is_relative_to(Path(where).resolve())):
+        return
+    msg = (
+        f"{module_name!r} (from {spec!r}) names the module {top!r} already imported from"
+        f" {origin or 'Python itself'}, not {local[0].name!r} in the current directory;"
+        f" give the file's path instead (e.g. ./{top}.py:{spec.rpartition(':')[2]}),"
+        " or rename it"
+    )
+    raise CliError(msg)
+
+
+def _load_file(spec: str, module_name: str, attr_path: str) -> tuple[Any, Any, str]:
+    path = Path(module_name)
+    if not path.is_file():
+        msg = f"no such file {module_name!r} (from {spec!r})"
+        raise CliError(msg)
+    resolved = str(path.resolve())
+    where = str(Path(resolved).parent)
+    if where not in sys.path:
+        sys.path.append(where)  # for the file's own imports; appended: it shadows nothing
+    try:
+        module = _module_from_file(resolved)
+    except (Exception, SystemExit) as exc:
+        msg = f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        raise CliError(msg) from None
+    func = _checked(spec, module_name, attr_path, module)
+    return _FileFunction(resolved, attr_path, func), module, where
+
+
+def _checked(spec: str, module_name: str, attr_path: str, module: Any) -> Callable[[Any], Any]:
+    """``MODULE``'s attribute ``attr_path``, which must be callable."""
     obj: Any = module
     for part in attr_path.split("."):
         try:
@@ -400,7 +531,7 @@ def _load(spec: str) -> tuple[Callable[[Any], Any], Any, str]:
     if not callable(obj):
         msg = f"{spec!r} is not callable: it is a {type(obj).__name__} ({obj!r:.60})"
         raise CliError(msg)
-    return obj, module, where
+    return obj  # type: ignore[no-any-return]
 
 
 def _read_lines(path: str) -> Iterator[str]:
@@ -426,18 +557,24 @@ def _parse_lines(data_file: str) -> Iterator[Any]:
         for lineno, line in enumerate(_read_lines(data_file), 1):
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                msg = (
-                    f"{name}, line {lineno}: not a JSON value ({exc.msg} at column "
-                    f"{exc.colno}); the data file needs one JSON value per line"
-                )
-                raise CliError(msg) from None
-            yield value
+            yield _json_value(line, name, lineno)
     except UnicodeDecodeError:
         msg = f"{name}, line {lineno + 1}: not UTF-8 text; the data file needs JSON lines"
         raise CliError(msg) from None
+
+
+def _json_value(line: str, name: str, lineno: int) -> Any:
+    """One line's JSON value, or ``CliError`` naming the file and line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        why = f"not a JSON value ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        why = "a JSON value nested too deeply for Python to read"
+    except ValueError as exc:  # an integer with more digits than int() accepts (4300)
+        why = f"a JSON value Python cannot read ({' '.join(str(exc).split())})"
+    msg = f"{name}, line {lineno}: {why}; the data file needs one JSON value per line"
+    raise CliError(msg)
 
 
 def load_data(
@@ -472,7 +609,11 @@ def _json_line(value: Any, index: int, state: dict[str, bool]) -> str:
                 f"result of item {index} is not JSON-serialisable ({type(value).__name__}); "
                 "such results are written as their repr() string"
             )
-        return json.dumps(repr(value))
+        try:
+            text = repr(value)
+        except Exception as exc:  # e.g. an int with more than 4300 digits
+            text = f"<{type(value).__name__} whose repr raised {type(exc).__name__}>"
+        return json.dumps(text)
 
 
 def _err(message: str) -> None:
@@ -519,7 +660,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         except ImportError as exc:
             msg = f"the dask backend is not available: {_one_line(exc)}"
             raise CliError(msg) from None
-        _ship_by_value(func, module, where)
+        func = _ship_by_value(func, module, where)
         client = _dask_client(args.scheduler)
         if "dask" not in backends:
             backends += ("dask",)
@@ -711,6 +852,8 @@ def _summarise(failures: list[Any], skipped: list[Any], dead_letter: str | None)
 
 
 def _cmd_execute(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from amorsize.checkpoint import StoreError
     from amorsize.circuit import CircuitOpenError
     from amorsize.executor import ItemFailure, execute_iter
@@ -727,7 +870,7 @@ def _cmd_execute(args: argparse.Namespace) -> int:
     circuit = _circuit(args)
     backend = _backend_option(args)
     if backend == "dask":
-        _ship_by_value(func, module, where)
+        func = _ship_by_value(func, module, where)
     client = _dask_client(args.scheduler)
     out = _open_output(args.output)
     failures: list[Any] = []
@@ -742,8 +885,12 @@ def _cmd_execute(args: argparse.Namespace) -> int:
                     progress=args.progress, verbose=args.verbose, checkpoint=args.checkpoint,
                     dead_letter=args.dead_letter, circuit_breaker=circuit, client=client,
                 )
-            except (TypeError, ValueError, ImportError, NotImplementedError, StoreError) as exc:
-                # Raised while checking the options and files, before anything ran.
+            except (
+                TypeError, ValueError, ImportError, NotImplementedError, StoreError, OSError,
+                sqlite3.Error,
+            ) as exc:  # fmt: skip
+                # Raised while checking the options and opening the files, before anything
+                # ran (func runs only once the results are iterated).
                 raise CliError(_one_line(exc)) from None
             write = out.write
             flush = out.flush if streaming else None  # in a pipeline, pass each line on
@@ -783,12 +930,17 @@ def _cmd_execute(args: argparse.Namespace) -> int:
 
 
 def _cmd_dead_letter(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from amorsize.checkpoint import StoreError
     from amorsize.dlq import DeadLetterQueue
 
     if not Path(args.path).is_file():
         # Opening would create an empty queue: a typo would look like "no failures".
         msg = f"no dead-letter file {args.path!r}"
+        raise CliError(msg)
+    if args.trust and args.replay is None:
+        msg = "argument --trust: only applies with --replay (listing never loads pickles)"
         raise CliError(msg)
     func = load_function(args.replay) if args.replay is not None else None
     try:
@@ -800,20 +952,7 @@ def _cmd_dead_letter(args: argparse.Namespace) -> int:
             print(f"removed {dlq.clear()} entries from {args.path}")
             return EXIT_OK
         if func is not None:
-            with _stdout_to_stderr(True):
-                report = dlq.replay(func)
-            for entry, value in report.succeeded:
-                result = _json_line(value, entry.index, {})
-                print(f"#{entry.id} item {entry.index}: now succeeds -> {result}")
-            for entry in report.failed:
-                print(f"#{entry.id} item {entry.index}: fails again")
-            for entry in report.skipped:
-                print(f"#{entry.id} item {entry.index}: cannot be replayed (stored as its repr)")
-            print(
-                f"{len(report.succeeded)} succeeded and were removed, {len(report.failed)} "
-                f"failed again, {len(report.skipped)} cannot be replayed; {dlq.count()} left"
-            )
-            return EXIT_FAILED if report.failed else EXIT_OK
+            return _replay(dlq, func, trust=args.trust)
         entries = dlq.entries()
         for entry in entries:
             print(
@@ -823,8 +962,29 @@ def _cmd_dead_letter(args: argparse.Namespace) -> int:
             )
         print(f"{len(entries)} entries in {args.path}")
         return EXIT_OK
-    except StoreError as exc:
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        # The file (or the signing key) cannot be used: foreign, damaged, unwritable,
+        # unsigned items. Replay collects func's own errors, so none of them end up here.
         raise CliError(_one_line(exc)) from None
+
+
+def _replay(dlq: Any, func: Callable[[Any], Any], *, trust: bool) -> int:
+    """``dead-letter PATH --replay``: one line per entry, with the new error if it fails."""
+    with _stdout_to_stderr(True):
+        report = dlq.replay(func, trust=trust)
+    for entry, value in report.succeeded:
+        result = _json_line(value, entry.index, {})
+        print(f"#{entry.id} item {entry.index}: now succeeds -> {result}")
+    for entry in report.failed:
+        why = f"{entry.exc_type}: {' '.join(entry.message.split())}"
+        print(f"#{entry.id} item {entry.index}: fails again: {why:.200}")
+    for entry in report.skipped:
+        print(f"#{entry.id} item {entry.index}: cannot be replayed (stored as its repr)")
+    print(
+        f"{len(report.succeeded)} succeeded and were removed, {len(report.failed)} "
+        f"failed again, {len(report.skipped)} cannot be replayed; {dlq.count()} left"
+    )
+    return EXIT_FAILED if report.failed else EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -1,29 +1,44 @@
 """Dead-letter queue: items that failed for good are recorded, and the run goes on.
 
 ``execute(..., dead_letter="failed.db")`` (or a :class:`DeadLetterQueue`) records each item
-whose failure is final (after any retries): its index, the pickled item, the exception's
+whose failure is final (after any retries): its index, the pickled item, a safe text form of
+it (its ``repr``, and the item itself as JSON when JSON holds it exactly), the exception's
 type, message and traceback (the worker's), the attempts and a timestamp. The run treats the
 failure as handled, even with ``on_error="raise"``. Later, :meth:`DeadLetterQueue.replay`
 runs the entries again and removes those that now succeed.
 
+One entry per failure, not per attempt to run it: an entry is keyed by the function's
+qualified name, the input index and a digest of the item's pickle (of its ``repr`` when it
+cannot be pickled). Recording the same failure again (rerunning a command, resuming from a
+checkpoint) updates that entry: attempts are added, the error and the time are the latest.
+
 Data flow::
 
     worker: func(item) raises ──▶ parent: on_failure(i, item, exc, attempts)
-                                   └─▶ INSERT one row, committed at once ──▶ failed.db
-    DeadLetterQueue(path).replay(func) ─▶ execute(func, items, on_error="collect")
+                                   └─▶ UPSERT one row, committed at once ──▶ failed.db
+    DeadLetterQueue(path).replay(func) ─▶ verify each signature ─▶ unpickle the items
+                                   ─▶ execute(func, items, on_error="collect")
                                    ├─ succeeded: rows deleted
                                    └─ failed again: rows updated (attempts, error, time)
 
 An item that cannot be pickled is stored as its ``repr`` with ``item_pickled=False``: the
 run never fails because of the queue, but such entries cannot be replayed.
 
-Security. The file holds pickles, and loading one (``entries()``, ``replay()``) can run
-arbitrary code: trust a dead-letter file like code. New files get permissions 0o600.
+Security. Loading a pickle can run arbitrary code. Listing (``entries()``, iteration,
+``export_jsonl``, ``amorsize dead-letter FILE``) never unpickles: it shows the text stored
+at write time (which a forged file may fake, but cannot make run). Only :meth:`replay` and
+:meth:`load_item` unpickle, and only an item whose HMAC-SHA256 signature, made with this
+user's secret key (``amorsize._signing``), verifies: a file written by another user or
+machine, or crafted or edited by someone without the key, is refused with
+:class:`DeadLetterError` unless the caller passes ``trust=True`` (CLI: ``--trust``), which
+means "I trust whoever wrote this file like code". New files get permissions 0o600.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import pickle
@@ -37,6 +52,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from amorsize._observers import RunObserver
+from amorsize._signing import user_key
 from amorsize.checkpoint import StoreError, open_database
 
 __all__ = [
@@ -49,33 +65,53 @@ __all__ = [
 ]
 
 _FORMAT = "amorsize-dead-letter"
-_VERSION = "1"  # of the file format; a file in another version is refused, never misread
+# Version 2: entries are unique per (function, index, item digest), carry a JSON copy of the
+# item and a signature of its pickle. A file in another version is refused, never misread.
+_VERSION = "2"
 _PROTOCOL = 5
-_REPR_LIMIT = 2000  # characters of an item's repr kept when it cannot be pickled
+_REPR_LIMIT = 2000  # characters of an item's repr kept for listing
+_JSON_LIMIT = 65536  # characters of an item's JSON copy; a larger item is listed by repr only
+_SIGNED = b"amorsize dead-letter item v2"  # the domain of the signatures, so none is reused
 
 _DLQ_SCHEMA = """
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
+    func TEXT NOT NULL,              -- module.qualname of the function that failed
     idx INTEGER NOT NULL,
+    item_key TEXT NOT NULL,          -- sha256 of the item's pickle (or of its repr)
     item BLOB,                       -- pickle of the item, NULL when it cannot be pickled
+    item_mac BLOB,                   -- HMAC-SHA256 of (func, idx, item) with the user's key
+    key_id TEXT,                     -- fingerprint of the key that made item_mac
+    item_json TEXT,                  -- the item as JSON when JSON holds it exactly, else NULL
     item_repr TEXT NOT NULL,
     item_pickled INTEGER NOT NULL,
     exc_type TEXT NOT NULL,          -- module.qualname of the exception class
     message TEXT NOT NULL,
     traceback TEXT NOT NULL,
     attempts INTEGER NOT NULL,
-    timestamp REAL NOT NULL,         -- seconds since the epoch (UTC)
-    func TEXT NOT NULL               -- module.qualname of the function that failed
+    timestamp REAL NOT NULL,         -- seconds since the epoch (UTC), of the latest failure
+    UNIQUE (func, idx, item_key)
 );
 """
 _COLUMNS = (
-    "id, idx, item, item_repr, item_pickled, exc_type, message, traceback, attempts,"
+    "id, idx, item_json, item_repr, item_pickled, exc_type, message, traceback, attempts,"
     " timestamp, func"
 )
+_UPSERT = """
+INSERT INTO dead_letters (func, idx, item_key, item, item_mac, key_id, item_json, item_repr,
+    item_pickled, exc_type, message, traceback, attempts, timestamp)
+VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+ON CONFLICT (func, idx, item_key) DO UPDATE SET
+    exc_type = excluded.exc_type, message = excluded.message, traceback = excluded.traceback,
+    attempts = attempts + excluded.attempts, timestamp = excluded.timestamp,
+    item = excluded.item, item_mac = excluded.item_mac, key_id = excluded.key_id,
+    item_json = excluded.item_json, item_repr = excluded.item_repr
+"""
 
 
 class DeadLetterError(StoreError):
-    """The dead-letter file cannot be used (not a database, another kind of file, damaged)."""
+    """The dead-letter file cannot be used (not a database, another kind of file, damaged),
+    or an item in it cannot be loaded (unsigned, signed by another key, damaged)."""
 
 
 class DeadLetterWarning(UserWarning):
@@ -84,12 +120,18 @@ class DeadLetterWarning(UserWarning):
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """One recorded failure. ``item`` is the unpickled item, or its repr when
-    ``item_pickled`` is False."""
+    """One recorded failure, as listed: nothing in it was unpickled.
+
+    ``item`` is the item itself when it was plain JSON data (numbers, strings, lists,
+    dicts with string keys ...; ``item_json`` is then True), else None: see ``item_repr``,
+    and :meth:`DeadLetterQueue.load_item` for the original object. ``timestamp`` and
+    ``attempts`` are those of the latest failure and of all recorded failures.
+    """
 
     id: int
     index: int
     item: Any
+    item_json: bool
     item_repr: str
     item_pickled: bool
     exc_type: str
@@ -105,17 +147,12 @@ class DeadLetter:
         return datetime.datetime.fromtimestamp(self.timestamp, datetime.timezone.utc)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``item`` is kept when JSON can hold it, else None (see
+        """A JSON-ready dict: ``item`` is None unless the item was plain JSON data (see
         ``item_repr``)."""
-        try:
-            json.dumps(self.item)
-            item = self.item if self.item_pickled else None
-        except (TypeError, ValueError):
-            item = None
         return {
             "id": self.id,
             "index": self.index,
-            "item": item,
+            "item": self.item,
             "item_repr": self.item_repr,
             "item_pickled": self.item_pickled,
             "exc_type": self.exc_type,
@@ -130,8 +167,8 @@ class DeadLetter:
 @dataclass
 class ReplayResult:
     """What :meth:`DeadLetterQueue.replay` did: ``succeeded`` pairs each removed entry with
-    its new result; ``failed`` entries failed again (updated in place); ``skipped`` entries
-    hold only a repr and cannot be replayed."""
+    its new result; ``failed`` entries failed again (updated in place; listed here with the
+    new error); ``skipped`` entries hold only a repr and cannot be replayed."""
 
     succeeded: list[tuple[DeadLetter, Any]] = field(default_factory=list)
     failed: list[DeadLetter] = field(default_factory=list)
@@ -152,6 +189,22 @@ def _safe_repr(item: Any) -> str:
     return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
 
 
+def _exact_json(item: Any) -> str | None:
+    """``item`` as JSON text when decoding it gives back an equal item of the same type."""
+    try:
+        text = json.dumps(item, allow_nan=False, ensure_ascii=False)
+        if len(text) > _JSON_LIMIT:
+            return None
+        back = json.loads(text)
+    except Exception:  # not JSON data, too deep, an int too long for str() ...
+        return None
+    try:
+        same = type(back) is type(item) and bool(back == item)
+    except Exception:  # an __eq__ that raises
+        return None
+    return text if same else None
+
+
 def _exception_text(exc: BaseException) -> tuple[str, str, str]:
     try:
         message = str(exc)
@@ -167,8 +220,15 @@ def _exception_text(exc: BaseException) -> tuple[str, str, str]:
     return _qualified(type(exc)), message, tb
 
 
+def _signed_parts(func: str, index: int, blob: bytes) -> tuple[bytes, ...]:
+    return (_SIGNED, func.encode("utf-8", "surrogatepass"), str(index).encode(), blob)
+
+
 class DeadLetterQueue:
     """An SQLite file of failed items: record, list, count, export, replay.
+
+    Listing never unpickles; :meth:`replay` and :meth:`load_item` load only items signed
+    with this user's key, unless ``trust=True`` (see the module's "Security").
 
     >>> import tempfile, os
     >>> dlq = DeadLetterQueue(os.path.join(tempfile.mkdtemp(), "failed.db"))
@@ -204,35 +264,36 @@ class DeadLetterQueue:
         *,
         conn: sqlite3.Connection | None = None,
     ) -> int:
-        """Record one failure; returns the new entry's id. Never fails on the item."""
+        """Record one failure, or update the entry of the same function, index and item
+        (attempts added, latest error and time); returns the entry's id. Never fails on
+        the item."""
         try:
             blob: bytes | None = pickle.dumps(item, _PROTOCOL)
         except Exception:
             blob = None
+        item_repr = _safe_repr(item)
+        name = func if isinstance(func, str) else _qualified(func)
+        item_key = hashlib.sha256(blob if blob is not None else item_repr.encode()).hexdigest()
+        mac: bytes | None = None
+        key_id: str | None = None
+        if blob is not None:
+            key = user_key()
+            mac, key_id = key.sign(*_signed_parts(name, int(index), blob)), key.key_id
         exc_type, message, tb = _exception_text(exc)
         row = (
-            int(index),
-            blob,
-            _safe_repr(item),
-            int(blob is not None),
-            exc_type,
-            message,
-            tb,
-            int(attempts),
-            time.time(),
-            func if isinstance(func, str) else _qualified(func),
-        )
-        own = conn is None
+            name, int(index), item_key, blob, mac, key_id, _exact_json(item), item_repr,
+            int(blob is not None), exc_type, message, tb, int(attempts), time.time(),
+        )  # fmt: skip
         c = self._connect() if conn is None else conn
         try:
-            cur = c.execute(
-                "INSERT INTO dead_letters (idx, item, item_repr, item_pickled, exc_type,"
-                " message, traceback, attempts, timestamp, func) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                row,
-            )
-            return int(cur.lastrowid or 0)
+            c.execute(_UPSERT, row)
+            found = c.execute(
+                "SELECT id FROM dead_letters WHERE func = ? AND idx = ? AND item_key = ?",
+                (name, int(index), item_key),
+            ).fetchone()
+            return int(found[0]) if found else 0
         finally:
-            if own:
+            if conn is None:
                 c.close()
 
     def remove(self, ids: Sequence[int]) -> int:
@@ -254,7 +315,7 @@ class DeadLetterQueue:
         finally:
             conn.close()
 
-    # --- reading ----------------------------------------------------------------------------
+    # --- reading (never unpickles) ----------------------------------------------------------
     def __len__(self) -> int:
         return self.count()
 
@@ -267,7 +328,7 @@ class DeadLetterQueue:
             conn.close()
 
     def entries(self, limit: int | None = None) -> list[DeadLetter]:
-        """The entries, oldest first (unpickles items: trust the file)."""
+        """The entries, oldest first. Nothing is unpickled (see :meth:`load_item`)."""
         return list(self._iter(limit))
 
     def __iter__(self) -> Iterator[DeadLetter]:
@@ -279,7 +340,7 @@ class DeadLetterQueue:
             sql = f"SELECT {_COLUMNS} FROM dead_letters ORDER BY id"
             rows = conn.execute(sql + " LIMIT ?", (limit,)) if limit is not None else conn.execute(sql)
             for row in rows.fetchall():
-                yield _entry(row)
+                yield _entry(self.path, row)
         finally:
             conn.close()
 
@@ -296,13 +357,91 @@ class DeadLetterQueue:
             n += 1
         return n
 
+    # --- loading pickles (verified) ---------------------------------------------------------
+    def load_item(self, entry: DeadLetter | int, *, trust: bool = False) -> Any:
+        """The original item of ``entry`` (a :class:`DeadLetter` or its id), unpickled.
+
+        Raises :class:`DeadLetterError` if the item was not signed with this user's key
+        (another user's or machine's file, a crafted or edited one) unless ``trust=True``,
+        if it is damaged, or if the entry holds only a repr.
+        """
+        id_ = entry.id if isinstance(entry, DeadLetter) else int(entry)
+        items = self._load_items([id_], trust)
+        if id_ not in items:
+            msg = f"dead-letter file {os.fspath(self.path)!r} has no entry #{id_}"
+            raise DeadLetterError(msg)
+        return items[id_]
+
+    def _load_items(self, ids: Sequence[int], trust: bool) -> dict[int, Any]:
+        """``{id: item}`` for the entries that still exist: every signature is checked
+        before anything is unpickled."""
+        conn = self._connect()
+        try:
+            rows = [
+                r
+                for i in ids
+                for r in conn.execute(
+                    "SELECT id, func, idx, item, item_mac, key_id, item_pickled"
+                    " FROM dead_letters WHERE id = ?",
+                    (i,),
+                ).fetchall()
+            ]
+        finally:
+            conn.close()
+        for row in rows:
+            self._verify(row, trust)
+        return {row[0]: self._unpickle(row[0], row[3]) for row in rows}
+
+    def _verify(self, row: tuple[Any, ...], trust: bool) -> None:
+        id_, func, idx, blob, mac, key_id, pickled = row
+        where = f"dead-letter file {os.fspath(self.path)!r}, entry #{id_}"
+        if not pickled or not isinstance(blob, bytes):
+            msg = f"{where}: the item was stored as its repr only (it could not be pickled)"
+            raise DeadLetterError(msg)
+        if trust:
+            return
+        key = user_key()
+        signed = isinstance(mac, bytes) and isinstance(func, str) and isinstance(idx, int)
+        if signed and key.verify(mac, *_signed_parts(func, idx, blob)):
+            return
+        if not isinstance(mac, bytes) or not key_id:
+            why = "is not signed"
+        elif key_id != key.key_id:
+            why = (
+                f"was signed by another key ({key_id!s:.16}; yours is {key.key_id}): another"
+                " user or machine wrote it"
+            )
+        else:
+            why = "does not match its signature: the file was damaged or edited since"
+        msg = (
+            f"{where}: the stored item {why}. Unpickling can run code, so it was not loaded."
+            " If you trust whoever wrote this file like code, pass trust=True (CLI: --trust);"
+            " otherwise delete the file."
+        )
+        raise DeadLetterError(msg)
+
+    def _unpickle(self, id_: int, blob: bytes) -> Any:
+        try:
+            return pickle.loads(blob)
+        except Exception as exc:
+            msg = (
+                f"dead-letter file {os.fspath(self.path)!r}, entry #{id_}: the item cannot be"
+                f" unpickled ({type(exc).__name__}: {exc}); the file is damaged, or the"
+                " item's class no longer imports"
+            )
+            raise DeadLetterError(msg) from exc
+
     # --- replay -----------------------------------------------------------------------------
-    def replay(self, func: Callable[[Any], Any], **execute_kwargs: Any) -> ReplayResult:
+    def replay(
+        self, func: Callable[[Any], Any], *, trust: bool = False, **execute_kwargs: Any
+    ) -> ReplayResult:
         """Run every replayable entry through ``amorsize.execute(func, items, ...)``.
 
-        Entries that now succeed are removed; those that fail again are updated (attempts
-        added, new error and time). ``execute_kwargs`` go to ``execute`` (``retry=``,
-        ``n_jobs=``, ``backend=`` ...); ``on_error`` is always ``"collect"``.
+        Every item's signature is checked first (nothing runs if one fails; ``trust=True``
+        skips the check, see :meth:`load_item`). Entries that now succeed are removed; those
+        that fail again are updated (attempts added, new error and time).
+        ``execute_kwargs`` go to ``execute`` (``retry=``, ``n_jobs=``, ``backend=`` ...);
+        ``on_error`` is always ``"collect"``.
 
         >>> import tempfile, os
         >>> dlq = DeadLetterQueue(os.path.join(tempfile.mkdtemp(), "failed.db"))
@@ -320,21 +459,29 @@ class DeadLetterQueue:
         todo: list[DeadLetter] = []
         for entry in self.entries():
             (todo if entry.item_pickled else report.skipped).append(entry)
+        items = self._load_items([e.id for e in todo], trust) if todo else {}
+        todo = [e for e in todo if e.id in items]  # another replay may have removed some
         if not todo:
             return report
-        results = execute(func, [e.item for e in todo], on_error="collect", **execute_kwargs)
+        results = execute(func, [items[e.id] for e in todo], on_error="collect", **execute_kwargs)
         done: list[int] = []
         updates: list[tuple[Any, ...]] = []
         for entry, value in zip(todo, results, strict=True):
             if isinstance(value, ItemFailure):
                 exc_type, message, tb = _exception_text(value.exception)
-                updates.append(
-                    (exc_type, message, tb, entry.attempts + value.attempts, time.time(), entry.id)
-                )
-                report.failed.append(entry)
+                now = dataclasses.replace(
+                    entry, exc_type=exc_type, message=message, traceback=tb,
+                    attempts=entry.attempts + value.attempts, timestamp=time.time(),
+                )  # fmt: skip
+                updates.append((exc_type, message, tb, now.attempts, now.timestamp, entry.id))
+                report.failed.append(now)
             else:
                 done.append(entry.id)
                 report.succeeded.append((entry, value))
+        self._apply(done, updates)
+        return report
+
+    def _apply(self, done: list[int], updates: list[tuple[Any, ...]]) -> None:
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -347,24 +494,41 @@ class DeadLetterQueue:
             conn.execute("COMMIT")
         finally:
             conn.close()
-        return report
 
 
-def _entry(row: tuple[Any, ...]) -> DeadLetter:
-    (id_, idx, blob, item_repr, pickled, exc_type, message, tb, attempts, ts, func) = row
-    item: Any = item_repr
-    if pickled:
-        try:
-            item = pickle.loads(blob)
-        except Exception as exc:
-            msg = (
-                f"dead-letter entry {id_}: the item cannot be unpickled"
-                f" ({type(exc).__name__}: {exc}); its class may no longer import"
-            )
-            raise DeadLetterError(msg) from exc
-    return DeadLetter(
-        id_, idx, item, item_repr, bool(pickled), exc_type, message, tb, attempts, ts, func
+# Latest time an entry may carry (year ~2286): a forged one beyond it is refused when listed.
+_MAX_TIMESTAMP = 1e10
+
+
+def _entry(path: Path, row: tuple[Any, ...]) -> DeadLetter:
+    """A listed entry, its columns checked: a forged file gets a DeadLetterError, never a
+    TypeError or OverflowError later. Nothing is unpickled."""
+    (id_, idx, item_json, item_repr, pickled, exc_type, message, tb, attempts, ts, func) = row
+    texts = (item_repr, exc_type, message, tb, func)
+    ok = (
+        all(type(v) is int for v in (id_, idx, pickled, attempts))
+        and all(isinstance(t, str) for t in texts)
+        and (item_json is None or isinstance(item_json, str))
+        and isinstance(ts, (int, float))
+        and 0 <= ts <= _MAX_TIMESTAMP
     )
+    if not ok:
+        msg = (
+            f"dead-letter file {os.fspath(path)!r}, entry #{id_!r:.20}: a column holds a value"
+            " of the wrong type or out of range; the file is damaged or was not written by"
+            " amorsize. Move it away or delete that entry."
+        )
+        raise DeadLetterError(msg)
+    item: Any = None
+    if item_json is not None:
+        try:
+            item = json.loads(item_json)
+        except Exception:  # damaged or forged: list it by its repr
+            item_json = None
+    return DeadLetter(
+        id_, idx, item, item_json is not None, item_repr, bool(pickled), exc_type, message, tb,
+        attempts, float(ts), func,
+    )  # fmt: skip
 
 
 class DeadLetterObserver(RunObserver):

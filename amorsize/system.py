@@ -12,7 +12,8 @@ What is measured, and how (data flow of the one-off measurement)::
 
 The results are stored as plain JSON (never pickle) in the user cache directory, keyed by
 the installed amorsize build (it changes with every version), host name, platform, Python
-version, CPU count and start method. A missing, stale or corrupt file is simply measured
+version, CPU count and start method. A missing, stale or corrupt file, or one holding any
+implausible value (a negative or huge number, zero cores, a string), is simply measured
 again. Facts that change while a program runs (available memory, BLAS pools loaded) are
 read on each call, cheaply.
 
@@ -30,7 +31,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -232,39 +232,58 @@ def cache_file(_key: dict[str, Any] | None = None) -> Path | None:
     return _cache_dir() / f"machine-{digest}.json"
 
 
+# What a cached fact may be: its type and the plausible range (inclusive). Anything else —
+# a huge integer, a negative or zero count, NaN, a string — means "measure again": a
+# hand-edited or damaged file must never make planning fail (10**400 is valid JSON).
+_PLAUSIBLE: dict[str, tuple[type, float, float]] = {
+    "physical_cores": (int, 1, 1 << 16),
+    "process_startup_s": (float, 1e-7, 60.0),
+    "process_startup_per_worker_s": (float, 0.0, 60.0),
+    "process_roundtrip_s": (float, 1e-9, 10.0),
+    "transfer_s_per_byte": (float, 0.0, 1e-3),
+    "worker_rss_bytes": (int, 0, 1 << 40),
+    "thread_startup_s": (float, 0.0, 10.0),
+    "thread_roundtrip_s": (float, 0.0, 10.0),
+    "measured_seconds": (float, 0.0, 3600.0),
+}
+
+
+def _plausible(value: Any, typ: type, low: float, high: float) -> bool:
+    """``value`` is a JSON number of the right kind within ``[low, high]``.
+
+    Compared without converting: an int of any size compares exactly with a float (and
+    NaN with nothing), so nothing here can overflow.
+    """
+    if isinstance(value, bool):
+        return False
+    if typ is int and type(value) is not int:
+        return False
+    if not isinstance(value, (int, float)):
+        return False
+    return bool(low <= value <= high)
+
+
 def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The cached facts if the file exists, parses, matches ``key`` and is fresh; else None."""
+    """The cached facts if the file exists, parses, matches ``key``, is fresh and every
+    fact is plausible (see ``_PLAUSIBLE``); else None (the caller measures again)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(raw, dict) or raw.get("key") != key:
         return None
     facts = raw.get("facts")
     measured_at = raw.get("measured_at")
-    if not isinstance(facts, dict) or not isinstance(measured_at, (int, float)):
+    now = time.time()
+    if not isinstance(facts, dict) or not _plausible(measured_at, float, now - _MAX_AGE_S, now):
         return None
-    if not 0 <= time.time() - measured_at <= _MAX_AGE_S:
-        return None
-    required = {
-        "physical_cores": int,
-        "process_startup_s": float,
-        "process_startup_per_worker_s": float,
-        "process_roundtrip_s": float,
-        "transfer_s_per_byte": float,
-        "worker_rss_bytes": int,
-        "thread_startup_s": float,
-        "thread_roundtrip_s": float,
-        "measured_seconds": float,
-    }
-    for name, typ in required.items():
-        v = facts.get(name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+    out: dict[str, Any] = {}
+    for name, (typ, low, high) in _PLAUSIBLE.items():
+        value = facts.get(name)
+        if not _plausible(value, typ, low, high):
             return None
-        if not math.isfinite(v) or v < 0:
-            return None
-        facts[name] = typ(v)
-    return facts
+        out[name] = typ(value)
+    return out
 
 
 def _write_cache(path: Path, key: dict[str, Any], facts: dict[str, Any]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -323,6 +325,61 @@ def test_execute_file_path_and_dotted_function(workdir: Path) -> None:
     assert lines(p.stdout) == [0, 3, 6, 9]
 
 
+SHADOW = textwrap.dedent(
+    """
+    import multiprocessing
+
+    def dumps(x):
+        return ["mine", x, multiprocessing.parent_process() is not None]
+    """
+)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_path_spec_runs_that_file_not_an_imported_module(workdir: Path, start_method: str) -> None:
+    """issue 12 item 18: /path/json.py:dumps runs that file's dumps in every worker, never json's."""
+    (workdir / "sub").mkdir()
+    (workdir / "sub" / "json.py").write_text(SHADOW)
+    spec = f"{workdir / 'sub' / 'json.py'}:dumps"
+    p = run(workdir, "execute", spec, "--data-range", "20", "--backend", "processes",
+            "--n-jobs", "2", "--chunksize", "1", "--start-method", start_method)
+    assert p.returncode == 0, p.stderr
+    out = lines(p.stdout)
+    assert [row[:2] for row in out] == [["mine", x] for x in range(20)]  # type: ignore[index]
+    assert any(row[2] for row in out)  # type: ignore[index]  # some ran in a worker process
+
+
+def test_path_spec_names_the_users_function(workdir: Path) -> None:
+    """issue 12 item 18: a file loaded by path keeps its function's name in failure reports."""
+    pytest.importorskip("amorsize.dlq")
+    from amorsize.dlq import DeadLetterQueue
+
+    p = run(workdir, "execute", "./jobs.py:bad", "--data-range", "4", "--backend", "processes",
+            "--n-jobs", "2", "--start-method", "spawn", "--dead-letter", "failed.db")
+    assert p.returncode == 1
+    assert lines(p.stdout) == [None, 1, 2, None]
+    assert [e.func.rsplit(".", 1)[-1] for e in DeadLetterQueue(workdir / "failed.db")] == ["bad"] * 2
+
+
+def test_bare_name_shadowing_an_imported_module_is_refused(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """issue 12 item 18: json:dumps with ./json.py present is refused, naming both and the fix."""
+    (workdir / "json.py").write_text(SHADOW)
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code = cli.main(["execute", "json:dumps", "--data-range", "2"])
+    out, err = capsys.readouterr()
+    assert_usage_error(
+        subprocess.CompletedProcess([], code, out, err),
+        "already imported from", "./json.py:dumps",
+    )
+    code = cli.main(["execute", "./json.py:dumps", "--data-range", "2", "--backend", "serial"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [row[:2] for row in lines(out)] == [["mine", 0], ["mine", 1]]  # type: ignore[index]
+
+
 def test_execute_keeps_stdout_for_results(workdir: Path) -> None:
     """What func prints and the --verbose plan go to stderr; stdout holds only results."""
     p = run(workdir, "execute", "jobs:noisy", "--data-range", "5", "--verbose",
@@ -450,6 +507,93 @@ def test_dead_letter_command_lists_exports_replays_clears(workdir: Path) -> None
     assert (cleared.returncode, cleared.stdout.strip()) == (0, "removed 2 entries from failed.db")
 
 
+def test_rerun_with_checkpoint_updates_dead_letters_and_replay_says_why(workdir: Path) -> None:
+    """issue 12 item 12: the same command run twice records each failure once; replay says why."""
+    args = ("execute", "jobs:bad", "--data-range", "7", "--backend", "serial",
+            "--checkpoint", "run.db", "--dead-letter", "failed.db")
+    for _ in range(2):
+        assert run(workdir, *args).returncode == 1
+    listing = run(workdir, "dead-letter", "failed.db")
+    assert listing.stdout.rstrip().endswith("3 entries in failed.db"), listing.stdout
+    assert listing.stdout.count("[2 attempt(s)") == 3
+    again = run(workdir, "dead-letter", "failed.db", "--replay", "jobs:bad")
+    assert again.returncode == 1
+    assert "item 3: fails again: ValueError: bad item 3" in again.stdout
+
+
+def test_crafted_dead_letter_file_runs_code_only_with_trust(workdir: Path) -> None:
+    """issue 12 item 16: listing or exporting a crafted file runs nothing; replay needs --trust."""
+    import pickle
+    import sqlite3
+
+    run(workdir, "execute", "jobs:bad", "--data-range", "1", "--dead-letter", "failed.db")
+    marker = workdir / "owned"
+    evil = pickle.dumps(_RunsCode(marker))
+    with sqlite3.connect(workdir / "failed.db") as conn:
+        conn.execute("UPDATE dead_letters SET item = ?, item_mac = NULL", (evil,))
+    conn.close()
+    for extra in ((), ("--json",)):
+        p = run(workdir, "dead-letter", "failed.db", *extra)
+        assert p.returncode == 0, p.stderr
+    assert "item 0 (0): ValueError: bad item 0" in run(workdir, "dead-letter", "failed.db").stdout
+    assert not marker.exists()
+    refused = run(workdir, "dead-letter", "failed.db", "--replay", "jobs:echo")
+    assert_usage_error(refused, "entry #1", "is not signed", "--trust")
+    assert not marker.exists()
+    assert_usage_error(run(workdir, "dead-letter", "failed.db", "--trust"), "--trust")
+    trusted = run(workdir, "dead-letter", "failed.db", "--replay", "jobs:echo", "--trust")
+    assert trusted.returncode == 0, trusted.stderr
+    assert marker.exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a 64 KiB tmpfs that is already full (root only: it mounts)."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root on Linux")
+    where = tmp_path / "full"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        with open(where / "filler", "wb") as f, contextlib.suppress(OSError):
+            f.write(bytes(1 << 20))
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--dead-letter"])
+def test_store_on_a_full_disk_is_one_line_and_exit_2(
+    workdir: Path, full_disk: Path, option: str
+) -> None:
+    """issue 12 item 14: a checkpoint or dead-letter file on a full disk: one line, exit 2."""
+    target = full_disk / "store.db"
+    p = run(workdir, "execute", "jobs:square", "--data-range", "3", option, str(target))
+    assert_usage_error(p, str(target), "disk is full")
+
+
+def test_replay_with_an_unusable_signing_key_is_one_line(workdir: Path) -> None:
+    """A signing key that cannot be read or created is one line and exit 2, not a traceback."""
+    run(workdir, "execute", "jobs:bad", "--data-range", "1", "--dead-letter", "failed.db")
+    (workdir / "not-a-dir").write_text("x")
+    env = {"AMORSIZE_CONFIG_DIR": str(workdir / "not-a-dir")}
+    p = run(workdir, "dead-letter", "failed.db", "--replay", "jobs:echo", env=env)
+    assert_usage_error(p, "signing key", "AMORSIZE_CONFIG_DIR")
+
+
+class _RunsCode:
+    """Pickles to a call that creates ``marker``: what a crafted file would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
 def test_execute_circuit_breaker_stops_dispatch(workdir: Path) -> None:
     """--circuit-breaker N stops dispatching after N consecutive failures."""
     (workdir / "all_bad.jsonl").write_text("0\n" * 40)
@@ -475,6 +619,9 @@ def test_execute_on_a_dask_scheduler(workdir: Path) -> None:
                 cluster.scheduler_address, "--verbose")
         planned = run(workdir, "optimize", "jobs:square", "--data-range", "30000", "--json",
                       "--scheduler", cluster.scheduler_address)
+        by_path = run(workdir, "execute", "./jobs.py:square", "--data-range", "5", "--scheduler",
+                      cluster.scheduler_address)
+    assert (by_path.returncode, lines(by_path.stdout)) == (0, [0, 1, 4, 9, 16]), by_path.stderr
     assert planned.returncode == 0, planned.stderr
     assert "dask" in {a["backend"] for a in json.loads(planned.stdout)["alternatives"]}
     assert p.returncode == 0, p.stderr
@@ -500,6 +647,8 @@ BAD_INPUT = [
     (("optimize", "jobs:square", "--data-file", "."), "directory"),
     (("optimize", "jobs:square", "--data-file", "malformed.jsonl"), "line 2: not a JSON value"),
     (("optimize", "jobs:square", "--data-file", "binary.jsonl"), "not UTF-8"),
+    (("execute", "jobs:square", "--data-file", "deep.jsonl"), "deep.jsonl, line 2: a JSON value nested too deeply"),
+    (("execute", "jobs:square", "--data-file", "huge_int.jsonl"), "huge_int.jsonl, line 3: a JSON value Python cannot read"),
     (("optimize", "jobs:square", "--data-range", "3", "--backends", "gpu"), "--backends"),
     (("optimize", "jobs:square", "--data-range", "3", "--n-jobs", "0"), "--n-jobs"),
     (("execute", "jobs:square", "--data-range", "3", "--n-jobs", "many"), "--n-jobs"),
@@ -552,6 +701,8 @@ def bad_files(workdir: Path) -> Path:
     """``workdir`` plus a malformed and a non-UTF-8 data file."""
     (workdir / "malformed.jsonl").write_text('1\n{"a": \n3\n')
     (workdir / "binary.jsonl").write_bytes(b"1\n\xff\xfe\n")
+    (workdir / "deep.jsonl").write_text("1\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    (workdir / "huge_int.jsonl").write_text("1\n2\n" + "7" * 5000 + "\n")
     return workdir
 
 
@@ -577,6 +728,8 @@ def test_bad_input_is_one_line_and_exit_2(
     [
         (("execute", "nosuchmodule:f", "--data-range", "3"), "no module named"),
         (("execute", "jobs:square", "--data-file", "malformed.jsonl"), "line 2"),
+        (("execute", "jobs:square", "--data-file", "deep.jsonl"), "line 2"),
+        (("execute", "jobs:square", "--data-file", "huge_int.jsonl"), "line 3"),
         (("execute", "broken:f", "--data-range", "3"), "broken at import"),
         (("execute", "jobs:square", "--data-range", "3", "--n-jobs", "0"), "--n-jobs"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -88,9 +89,12 @@ def test_unpicklable_item_is_stored_as_repr(tmp_path: Path) -> None:
 
     out = execute(fail, [Unpicklable(1)], dead_letter=path, backend="threads", n_jobs=1)
     assert isinstance(out[0], ItemFailure)
-    (entry,) = DeadLetterQueue(path).entries()
-    assert entry.item_pickled is False
-    assert entry.item == entry.item_repr == "Unpicklable(1)"
+    dlq = DeadLetterQueue(path)
+    (entry,) = dlq.entries()
+    assert entry.item_pickled is False and entry.item is None and entry.item_json is False
+    assert entry.item_repr == "Unpicklable(1)"
+    with pytest.raises(DeadLetterError, match="repr only"):
+        dlq.load_item(entry)
 
 
 def test_repr_that_raises_is_survived(tmp_path: Path) -> None:
@@ -109,19 +113,41 @@ def test_queue_is_shared_across_runs(tmp_path: Path) -> None:
     """A DeadLetterQueue object passed to several runs accumulates their failures."""
     dlq = DeadLetterQueue(tmp_path / "failed.db")
     execute(reject_multiples_of_3, range(4), dead_letter=dlq, backend="serial")
-    execute(reject_multiples_of_3, range(7), dead_letter=dlq, backend="serial")
+    execute(reject_multiples_of_3, [10, 12, 15, 18], dead_letter=dlq, backend="serial")
     assert dlq.count() == len(dlq) == 2 + 3
-    assert [e.index for e in dlq.entries(limit=2)] == [0, 3]
+    assert [(e.index, e.item) for e in dlq.entries(limit=3)] == [(0, 0), (3, 3), (1, 12)]
 
 
 def test_dead_letter_with_checkpoint_resume_retries_failures(tmp_path: Path) -> None:
-    """Failures are dead-lettered, not checkpointed: a resumed run tries them again."""
+    """issue 12 item 12: a resumed run tries failures again and updates, not duplicates, them."""
     ck, dl = tmp_path / "run.db", tmp_path / "failed.db"
     kw: dict[str, Any] = {"backend": "serial", "checkpoint": ck, "dead_letter": dl}
     execute(reject_multiples_of_3, range(6), **kw)
-    assert DeadLetterQueue(dl).count() == 2
+    first = DeadLetterQueue(dl).entries()
+    assert [(e.index, e.attempts) for e in first] == [(0, 1), (3, 1)]
     execute(reject_multiples_of_3, range(6), **kw)
-    assert DeadLetterQueue(dl).count() == 4  # the same two failed again
+    again = DeadLetterQueue(dl).entries()
+    assert [(e.id, e.index, e.attempts) for e in again] == [(first[0].id, 0, 2), (first[1].id, 3, 2)]
+    assert all(b.timestamp >= a.timestamp for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["serial", "processes"])
+def test_same_failure_is_one_entry_per_function_index_and_item(tmp_path: Path, backend: str) -> None:
+    """issue 12 item 12: an entry is keyed by function, index and item; the rest is updated."""
+    dlq = DeadLetterQueue(tmp_path / "failed.db")
+    policy = RetryPolicy(max_retries=1, initial_delay=0.0)
+    for _ in range(3):
+        execute(reject_multiples_of_3, [3, 1], dead_letter=dlq, backend=backend, n_jobs=1)
+    execute(reject_multiples_of_3, [3], dead_letter=dlq, backend="serial", retry=policy)
+    execute(reject_multiples_of_3, [6, 3], dead_letter=dlq, backend="serial")  # new index, item
+    dlq.record(0, 3, Unlucky("by hand"), 1, "other.func")  # another function
+    got = [(e.func.rsplit(".", 1)[-1], e.index, e.item, e.attempts) for e in dlq]
+    assert got == [
+        ("reject_multiples_of_3", 0, 3, 5),
+        ("reject_multiples_of_3", 0, 6, 1),
+        ("reject_multiples_of_3", 1, 3, 1),
+        ("func", 0, 3, 1),
+    ]
 
 
 def test_write_failure_warns_and_falls_back_to_on_error(tmp_path: Path) -> None:
@@ -266,5 +292,142 @@ def test_dead_letter_observer_rejects_other_types(tmp_path: Path) -> None:
 
 def test_entry_when_is_utc() -> None:
     """DeadLetter.when is an aware UTC datetime."""
-    e = DeadLetter(1, 0, 1, "1", True, "E", "m", "tb", 1, 0.0, "f")
+    e = DeadLetter(1, 0, 1, True, "1", True, "E", "m", "tb", 1, 0.0, "f")
     assert e.when.isoformat() == "1970-01-01T00:00:00+00:00"
+
+
+# --- security: listing never unpickles, loading verifies the signature ----------------------
+class RunsCode:
+    """Pickles to a call that creates ``marker``: what a crafted file would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def _forge(path: Path, entry_id: int, blob: bytes, *, keep_mac: bool) -> None:
+    """Put ``blob`` in the entry as someone without the signing key would."""
+    conn = sqlite3.connect(path)
+    if keep_mac:
+        conn.execute("UPDATE dead_letters SET item = ? WHERE id = ?", (blob, entry_id))
+    else:
+        conn.execute(
+            "UPDATE dead_letters SET item = ?, item_mac = NULL, key_id = NULL WHERE id = ?",
+            (blob, entry_id),
+        )
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize(("keep_mac", "why"), [(False, "is not signed"), (True, "damaged or edited")])
+def test_crafted_item_runs_only_with_trust(
+    tmp_path: Path, keep_mac: bool, why: str
+) -> None:
+    """issue 12 item 16: listing a crafted file runs nothing; replay refuses it unless trusted."""
+    import pickle
+
+    path, marker = tmp_path / "failed.db", tmp_path / "owned"
+    dlq = DeadLetterQueue(path)
+    entry_id = dlq.record(0, 7, Unlucky("x"), 1, "job")
+    _forge(path, entry_id, pickle.dumps(RunsCode(marker)), keep_mac=keep_mac)
+    (entry,) = dlq.entries()
+    assert (entry.item, entry.item_repr) == (7, "7")  # the text stored at write time
+    dlq.export_jsonl(io.StringIO())
+    assert not marker.exists()
+    for load in (lambda: dlq.replay(abs, backend="serial"), lambda: dlq.load_item(entry)):
+        with pytest.raises(DeadLetterError, match=f"{why}.*trust=True"):
+            load()
+        assert not marker.exists()
+    assert len(dlq) == 1
+    dlq.replay(str, backend="serial", trust=True)
+    assert marker.exists()  # trust=True means: run what the file holds
+
+
+def test_item_signed_by_another_key_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 12 item 16: an entry written by another user (another key) loads only with trust."""
+    from amorsize import _signing
+
+    dlq = DeadLetterQueue(tmp_path / "failed.db")
+    monkeypatch.setenv("AMORSIZE_CONFIG_DIR", str(tmp_path / "someone-else"))
+    _signing._reset()
+    entry_id = dlq.record(0, {"id": 1}, Unlucky("x"))
+    assert dlq.load_item(entry_id) == {"id": 1}
+    monkeypatch.setenv("AMORSIZE_CONFIG_DIR", str(tmp_path / "me"))
+    _signing._reset()
+    try:
+        with pytest.raises(DeadLetterError, match="signed by another key"):
+            dlq.load_item(entry_id)
+        assert dlq.load_item(entry_id, trust=True) == {"id": 1}
+    finally:
+        _signing._reset()
+
+
+def test_every_flipped_byte_is_a_dead_letter_error(tmp_path: Path) -> None:
+    """issue 12 item 16: a damaged item is a DeadLetterError, never a raw exception."""
+    path = tmp_path / "failed.db"
+    dlq = DeadLetterQueue(path)
+    entry_id = dlq.record(0, ("payload", 12345, [1.5, None]), Unlucky("x"))
+    conn = sqlite3.connect(path)
+    (blob,) = conn.execute("SELECT item FROM dead_letters").fetchone()
+    conn.close()
+    for pos in range(len(blob)):
+        for bit in (0x01, 0x80):
+            damaged = bytearray(blob)
+            damaged[pos] ^= bit
+            _forge(path, entry_id, bytes(damaged), keep_mac=True)
+            with pytest.raises(DeadLetterError, match="damaged"):
+                dlq.load_item(entry_id)
+            # Trusted: may load some other value, or say it is damaged, nothing else.
+            with contextlib.suppress(DeadLetterError):
+                dlq.load_item(entry_id, trust=True)
+
+
+def test_forged_columns_are_a_dead_letter_error(tmp_path: Path) -> None:
+    """issue 12 item 16: a listed column of the wrong type or range is a DeadLetterError."""
+    path = tmp_path / "failed.db"
+    dlq = DeadLetterQueue(path)
+    dlq.record(0, 1, Unlucky("x"))
+    for column, value in [("timestamp", 1e300), ("idx", "zero"), ("item_json", "[[[")]:
+        conn = sqlite3.connect(path)
+        conn.execute(f"UPDATE dead_letters SET {column} = ?", (value,))
+        conn.commit()
+        conn.close()
+        if column == "item_json":
+            (entry,) = dlq.entries()  # damaged JSON copy: listed by its repr
+            assert (entry.item, entry.item_json, entry.item_repr) == (None, False, "1")
+        else:
+            with pytest.raises(DeadLetterError, match="wrong type or out of range"):
+                dlq.entries()
+            path.unlink()
+            dlq = DeadLetterQueue(path)
+            dlq.record(0, 1, Unlucky("x"))
+
+
+def test_format_version_1_file_is_refused(tmp_path: Path) -> None:
+    """A file in the old format (items unsigned, one row per failure) is refused unchanged."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE amorsize_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute("INSERT INTO amorsize_meta VALUES ('format', 'amorsize-dead-letter'), ('version', '1')")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(DeadLetterError, match="format version '1'"):
+        DeadLetterQueue(path)
+    assert path.read_bytes() == before
+
+
+def test_json_copy_only_when_exact(tmp_path: Path) -> None:
+    """Entries list the item itself only when JSON gives it back exactly."""
+    dlq = DeadLetterQueue(tmp_path / "failed.db")
+    items: list[Any] = ["a", 1, 2.5, None, {"k": [1, "x"]}, (1, 2), {1: "a"}, {1}, 10**5000]
+    for i, item in enumerate(items):
+        dlq.record(i, item, Unlucky("x"))
+    got = [(e.item_json, e.item) for e in dlq]
+    assert got[:5] == [(True, item) for item in items[:5]]
+    assert got[5:] == [(False, None)] * 4
+    assert [dlq.load_item(e) for e in dlq] == items

@@ -7,10 +7,13 @@ import math
 import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import amorsize.system as system
 from amorsize.system import SystemInfo, cache_file, get_system_info, set_cache_dir
@@ -99,7 +102,10 @@ def _rewrite(path: Path, **changes: object) -> None:
     raw = json.loads(path.read_text(encoding="utf-8"))
     for dotted, value in changes.items():
         section, _, field = dotted.partition("__")
-        raw[section][field] = value
+        if field:
+            raw[section][field] = value
+        else:
+            raw[section] = value
     path.write_text(json.dumps(raw), encoding="utf-8")
 
 
@@ -125,6 +131,92 @@ def test_stale_or_invalid_cache_is_remeasured(
     _rewrite(path, **changes)
     assert _fresh().from_cache is False
     assert _fresh().from_cache is True
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"facts__process_startup_s": 10**400},
+        {"facts__physical_cores": 10**400},
+        {"measured_at": 10**400},
+        {"facts__physical_cores": 0},
+        {"facts__physical_cores": 2.5},
+        {"facts__worker_rss_bytes": 10**30},
+        {"facts__process_roundtrip_s": 1e300},
+        {"facts__thread_startup_s": float("inf")},
+        {"facts__transfer_s_per_byte": [1]},
+        {"facts__measured_seconds": None},
+    ],
+    ids=["huge-int", "huge-cores", "huge-time", "zero-cores", "fractional-cores",
+         "absurd-memory", "absurd-seconds", "infinite", "list", "null"],
+)
+def test_implausible_cache_is_remeasured_and_rewritten(
+    cache_dir: Path, changes: dict[str, object]
+) -> None:
+    """issue 12 item 17: an implausible cached value means measure again, and rewrite."""
+    _fresh()
+    path = cache_file()
+    assert path is not None
+    _rewrite(path, **changes)
+    assert _fresh().from_cache is False
+    assert _fresh().from_cache is True  # the cache was rewritten with sane values
+
+
+def test_info_command_survives_a_huge_integer_in_the_cache(cache_dir: Path) -> None:
+    """issue 12 item 17: `amorsize info` with 10**400 in the cache measures again, exit 0."""
+    import subprocess
+
+    _fresh()
+    path = cache_file()
+    assert path is not None
+    _rewrite(path, facts__physical_cores=10**400)
+    p = subprocess.run([sys.executable, "-m", "amorsize", "info", "--json"], capture_output=True,
+                       text=True, check=False, timeout=120, env=os.environ.copy())  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["from_cache"] is False
+    assert _fresh().from_cache is True
+
+
+_JSON_NUMBERS = st.one_of(
+    st.integers(),
+    st.integers(min_value=-(10**500), max_value=10**500),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+_JSON_VALUES = st.one_of(_JSON_NUMBERS, st.booleans(), st.none(), st.text(max_size=5),
+                         st.lists(_JSON_NUMBERS, max_size=2))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from([*sorted(system._PLAUSIBLE), "measured_at"]), value=_JSON_VALUES)
+def test_any_cached_value_is_used_only_if_plausible(
+    tmp_path_factory: pytest.TempPathFactory, field: str, value: object
+) -> None:
+    """issue 12 item 17: any JSON value in any field: never an exception; used only if sane."""
+    path = tmp_path_factory.getbasetemp() / "hypothesis-machine.json"
+    key = system._machine_key()
+    facts = dict(_SANE)
+    raw: dict[str, object] = {"key": key, "measured_at": time.time(), "facts": facts}
+    if field == "measured_at":
+        raw["measured_at"] = value
+    else:
+        facts[field] = value
+    try:
+        path.write_text(json.dumps(raw), encoding="utf-8")
+    except ValueError:  # json cannot write it (an int too long for str): not a cache case
+        return
+    got = system._read_cache(path, key)
+    if got is None:
+        return
+    for name, (typ, low, high) in system._PLAUSIBLE.items():
+        assert type(got[name]) is typ and low <= got[name] <= high, (name, got[name])
+    assert 1 <= got["physical_cores"] <= 1 << 16
+
+
+_SANE = {
+    "physical_cores": 2, "process_startup_s": 0.02, "process_startup_per_worker_s": 0.005,
+    "process_roundtrip_s": 6e-5, "transfer_s_per_byte": 5e-10, "worker_rss_bytes": 10**7,
+    "thread_startup_s": 5e-5, "thread_roundtrip_s": 1e-5, "measured_seconds": 0.3,
+}  # fmt: skip
 
 
 def test_old_cache_is_remeasured(cache_dir: Path) -> None:
