@@ -356,12 +356,12 @@ class _SampleRules:
 
 def _remote_sampler(
     be: Backend, func: Callable[[Any], Any], stop: bool
-) -> Callable[[int, list[Any]], list[ItemRun | None]]:
+) -> Callable[[int, list[Any], float], list[ItemRun | None]]:
     """Run batches of sampled items in ``be``'s workers: a crash is reported, not fatal."""
 
-    def run(first: int, items: list[Any]) -> list[ItemRun | None]:
+    def run(first: int, items: list[Any], budget_s: float) -> list[ItemRun | None]:
         got: dict[int, ItemRun | None] = {}
-        call = TimedCall(func, stop=stop)
+        call = TimedCall(func, stop=stop, budget_s=budget_s)
         for task, outcomes in be.run(call, iter([Task(first, items)]), n_jobs=1, max_in_flight=1):
             for k, out in enumerate(as_outcomes(outcomes)):
                 got[task.start + k - first] = _item_run(out)

@@ -53,6 +53,10 @@ PARENT_ITEM_SECONDS = 50e-9
 #: (BLAS, OpenMP): extra workers then compete for the same cores.
 MULTITHREADED_CPU_RATIO = 1.3
 
+# Below this per item, the cost model never predicts a process plan 1.2x faster than serial
+# (pickling and dispatch in the parent; 2 warm workers, 100,000 small items): such work is
+# sampled in the caller, where a sample costs no process round trip.
+_OFFLOAD_MIN_ITEM_S = 1e-6
 # Above this pickled size per item, transfer is worth naming as the reason for serial.
 _BIG_ITEM_BYTES = 16 * 1024
 _BACKENDS = ("serial", "processes", "threads", "dask")
@@ -400,9 +404,9 @@ def _planned_length(data: Iterable[Any]) -> int:
 def _offload_rule(system: SystemInfo, warm: int, total: int) -> Callable[[float, int], bool]:
     """Whether items this slow could make a process plan pay off: then sample in a worker.
 
-    A lower bound on any process plan: it starts a worker (unless one is warm), and the
-    parent spends ``PARENT_ITEM_SECONDS`` on each item; it must still save the share
-    ``1/MIN_SPEEDUP - 1/cores`` of the serial time of the items left.
+    A lower bound on any process plan: it starts a worker (unless one is warm) and costs a
+    round trip, and it must still save the share ``1/MIN_SPEEDUP - 1/cores`` of the serial
+    time of the items left; items under ``_OFFLOAD_MIN_ITEM_S`` never pay.
     """
     gain = 1.0 / MIN_SPEEDUP - 1.0 / max(system.usable_cores, 1.0)
     fixed = system.process_roundtrip_s + (
@@ -411,7 +415,7 @@ def _offload_rule(system: SystemInfo, warm: int, total: int) -> Callable[[float,
 
     def could_pay(mean: float, done: int) -> bool:
         rest = max(total - done, 0)
-        return gain > 0 and mean > PARENT_ITEM_SECONDS / gain and rest * mean * gain > fixed
+        return gain > 0 and mean > _OFFLOAD_MIN_ITEM_S and rest * mean * gain > fixed
 
     return could_pay
 

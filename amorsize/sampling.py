@@ -267,38 +267,43 @@ class ItemRun(NamedTuple):
     travelled: bool = True
 
 
-#: Runs a batch of sampled items in a worker: ``(position of the first item, items)`` to one
-#: ``ItemRun`` per item, or ``None`` for an item not run because an earlier one failed.
-RemoteRunner = Callable[[int, list[Any]], list["ItemRun | None"]]
+#: Runs a batch of sampled items in a worker: ``(position of the first item, items, time
+#: budget)`` to one ``ItemRun`` per item, or ``None`` for an item not run (the budget was
+#: spent, or an earlier item failed): see ``TimedCall``.
+RemoteRunner = Callable[[int, list[Any], float], list["ItemRun | None"]]
 
 
 class TimedCall:
     """``func`` on one item, measured where it runs (a worker process), as sampling does.
 
     Returns ``(ok, result or exception, traceback text, seconds, cpu seconds, voluntary
-    switches, memory growth)``: a failure is a value, so its time still counts. With
-    ``stop``, items after a failure are not run (``None``). Picklable when ``func`` is.
+    switches, memory growth)``: a failure is a value, so its time still counts. Items are
+    not run (``None``) once the calls took ``budget_s`` in all, or after a failure with
+    ``stop``. Picklable when ``func`` is; each unpickled copy starts afresh.
 
     >>> TimedCall(abs, stop=False)(-2)[:2]
     (True, 2)
     """
 
-    __slots__ = ("calls", "failed", "func", "overhead", "stop")
+    __slots__ = ("budget_s", "calls", "done", "func", "overhead", "spent", "stop")
 
-    def __init__(self, func: Callable[[Any], Any], *, stop: bool) -> None:
-        self.__setstate__((func, stop))
+    def __init__(
+        self, func: Callable[[Any], Any], *, stop: bool, budget_s: float = math.inf
+    ) -> None:
+        self.__setstate__((func, stop, budget_s))
 
-    def __getstate__(self) -> tuple[Callable[[Any], Any], bool]:
-        return self.func, self.stop
+    def __getstate__(self) -> tuple[Callable[[Any], Any], bool, float]:
+        return self.func, self.stop, self.budget_s
 
-    def __setstate__(self, state: tuple[Callable[[Any], Any], bool]) -> None:
-        self.func, self.stop = state
-        self.failed = False
+    def __setstate__(self, state: tuple[Callable[[Any], Any], bool, float]) -> None:
+        self.func, self.stop, self.budget_s = state
+        self.done = False
         self.calls = 0
+        self.spent = 0.0
         self.overhead = -1.0
 
     def __call__(self, item: Any) -> tuple[Any, ...] | None:
-        if self.failed:
+        if self.done:
             return None
         if self.overhead < 0:
             self.overhead = _timer_overhead()
@@ -317,9 +322,10 @@ class TimedCall:
         cpu = time.process_time() - cpu0
         waits = _voluntary_switches() - vol0 if vol0 >= 0 else -1
         mem = max(_rss() - rss0, 0) if track else 0
+        self.spent += seconds
+        self.done = self.spent >= self.budget_s or (self.stop and not ok)
         if ok:
             return (True, value, "", seconds, cpu, waits, mem)
-        self.failed = self.stop
         try:
             pickle.loads(pickle.dumps(value, _PROTOCOL))
         except Exception:
@@ -341,6 +347,9 @@ class SampledFailure:
 
 
 # --------------------------------------------------------------------------- the sample loop
+_END: Any = object()
+
+
 def _length(data: Any) -> int | None:
     try:
         return len(data)
@@ -390,6 +399,17 @@ class _Source:
         self.pos += len(out)
         return out
 
+    def next(self) -> Any:
+        """The next item, or ``_END``: ``take(1)`` without building a list."""
+        pos = self.pos
+        if self.seq is not None:
+            if pos >= len(self.seq):
+                return _END
+            self.pos = pos + 1
+            return self.seq[pos]
+        got = self.take(1)
+        return got[0] if got else _END
+
     def give_back(self, n: int) -> None:
         """The last ``n`` items taken were not run: they stay in the data to run."""
         self.pos -= n
@@ -405,6 +425,7 @@ class _Tally:
         self.mem = 0
         self.cpu = 0.0
         self.wall = 0.0  # the timed part: item times, or the caller's loop
+        self.timed = 0.0  # the items' own times
         self.switches = 0  # -1: unknown
         self.n_failed = 0
         self.n_crashed = 0
@@ -419,6 +440,7 @@ class _Tally:
     def ok(self, value: Any, seconds: float) -> None:
         self.results.append(value)
         self.times.append(seconds)
+        self.timed += seconds
 
     def fail(self, pos: int, exc: BaseException, seconds: float, attempts: int) -> None:
         """A failed item: a data point (keep going), or where the sample stops."""
@@ -430,6 +452,7 @@ class _Tally:
         self.results.append(SampledFailure(exc, attempts))
         if math.isfinite(seconds):
             self.times.append(seconds)
+            self.timed += seconds
 
     def add_remote(self, pos: int, run: ItemRun) -> None:
         """An item that ran in a worker."""
@@ -481,8 +504,7 @@ class _Rules:
         par = self.parallelism(tally.wall, n, tally.cpu, tally.switches)
         want = max(_MIN_SAMPLE_S / mean, SAMPLE_FRACTION * self.total / par)
         want = min(want, self.budget_s / mean)
-        # Grow at most 4x a batch: a fast first item must not launch a long batch.
-        return max(1, min(math.ceil(want) - n, 4 * n, left))
+        return max(1, min(math.ceil(want) - n, left))
 
 
 def _run_here(
@@ -499,32 +521,41 @@ def _run_here(
     """
     pc = time.perf_counter
     overhead = _timer_overhead()
+    results, times = tally.results, tally.times
+    keep, put = results.append, times.append  # the loop is the sample's cost on tiny items
+    timed = 0.0
+    ran = 0
+    moved = False
     cpu0 = time.process_time()
     vol0 = _voluntary_switches()
     start = pc()
-    moved = False
     while src.pos < limit:
-        got = src.take(1)
-        if not got:
+        item = src.next()
+        if item is _END:
             break
-        track_mem = _HAS_STATM and len(tally.times) < _MEMORY_ITEMS
+        track_mem = _HAS_STATM and len(times) < _MEMORY_ITEMS
         rss0 = _rss() if track_mem else 0
         t0 = pc()
         try:
-            out = func(got[0])
+            out = func(item)
         except Exception as exc:
             t1 = pc()
-            tally.in_caller += 1
+            ran += 1
             tally.fail(src.pos - 1, exc, max(t1 - t0 - overhead, 0.0), getattr(exc, "attempts", 1))
             if tally.stopped:
                 break
         else:
             t1 = pc()
-            tally.in_caller += 1
+            ran += 1
             if track_mem:
                 tally.mem = max(tally.mem, _rss() - rss0)
-            tally.ok(out, max(t1 - t0 - overhead, 0.0))
-        n = len(tally.times)
+            sec = t1 - t0 - overhead
+            if sec < 0.0:
+                sec = 0.0
+            keep(out)
+            put(sec)
+            timed += sec
+        n = len(times)
         if n == 0:
             continue
         spent = tally.wall + (t1 - start)
@@ -533,9 +564,13 @@ def _run_here(
             switches = _voluntary_switches() - vol0 if vol0 >= 0 else -1
             if rules.enough(spent, n, cpu, switches):
                 break
-        if offload is not None and offload(spent / n, n):
-            moved = True
-            break
+            # Asked only from 1 ms of work on: a lone first call is often slow (caches,
+            # imports) and would send microsecond work to a worker.
+            if offload is not None and offload((tally.timed + timed) / n, n):
+                moved = True
+                break
+    tally.timed += timed
+    tally.in_caller += ran
     tally.wall += pc() - start
     tally.cpu += time.process_time() - cpu0
     if vol0 < 0:
@@ -558,7 +593,9 @@ def _run_remote(
         items = src.take(rules.batch(tally, limit - first))
         if not items:
             return False
-        runs = remote(first, items)
+        # The worker stops at the budget left: a fast first item cannot launch a long batch.
+        budget = math.inf if rules.fixed else max(rules.budget_s - tally.wall, 0.0)
+        runs = remote(first, items, budget)
         for k, run in enumerate(runs):
             if run is None or (auto and not run.travelled) or tally.stopped:
                 src.give_back(len(items) - k)
@@ -597,8 +634,9 @@ def sample(
 
     Where items run: in the calling thread, unless ``remote`` is given (a ``RemoteRunner``,
     running batches in a worker process). With ``remote`` alone every item runs there; with
-    ``offload`` too, items run in the caller while ``offload(mean seconds, items so far)``
-    is false and the rest of the sample runs remotely. ``index_of`` maps a position in
+    ``offload`` too, the first item runs in the caller, and so do the next ones until they
+    add up to 1 ms and ``offload(mean seconds, items so far)`` says yes: then the rest of
+    the sample runs remotely. ``index_of`` maps a position in
     ``data`` to the input index that messages name (a stream that skips items).
 
     >>> s = sample(str, iter(range(5)), sample_size=2)
