@@ -23,8 +23,8 @@ from amorsize._core import (
     model_thread_seconds,
 )
 from amorsize.optimizer import MIN_SPEEDUP, OptimizationResult, _decide, optimize
-from amorsize.sampling import sample
-from amorsize.system import get_system_info
+from amorsize.sampling import Profile, Sample, sample
+from amorsize.system import SystemInfo, get_system_info
 
 
 def inc(x: int) -> int:
@@ -234,7 +234,7 @@ def test_unpicklable_function_with_only_processes_raises() -> None:
 def test_lambda_can_go_to_processes() -> None:
     """Lambdas travel by cloudpickle: processes stay among the alternatives."""
     pytest.importorskip("cloudpickle")
-    r = optimize(lambda x: busy_ms(x), range(2000))
+    r = optimize(lambda x: busy_ms(x), range(2000), n_jobs=2)
     assert any(c.backend == "processes" for c in r.alternatives)
 
 
@@ -247,52 +247,102 @@ def test_huge_items_are_sized() -> None:
 
 
 # --------------------------------------------------------------------------- decisions
-def _cores() -> float:
-    return get_system_info().usable_cores
+# Decisions are tested on injected profiles and machine facts: a real sample's timings move
+# with the machine's load (two CPU hogs beside the suite made waiting work look CPU-bound).
+def _facts(**kw: Any) -> SystemInfo:
+    """Machine facts of a small 2-core machine (injected: never measured)."""
+    facts: dict[str, Any] = {
+        "logical_cores": 2, "physical_cores": 2, "usable_cores": 2.0,
+        "available_memory": 8 << 30, "start_method": "fork", "process_startup_s": 5e-3,
+        "process_startup_per_worker_s": 2e-3, "process_roundtrip_s": 5e-5,
+        "transfer_s_per_byte": 2e-9, "worker_rss_bytes": 20 << 20,
+        "thread_startup_s": 1e-4, "thread_roundtrip_s": 5e-5, "blas_threads": 1,
+        "blas_pools": (), "cache_path": None, "from_cache": False, "measured_seconds": 0.0,
+    }
+    facts.update(kw)
+    return SystemInfo(**facts)
+
+
+def _profile(mean: float, n_items: int, n_sampled: int = 10, **kw: Any) -> Profile:
+    """What a sample of ``n_sampled`` items of ``mean`` seconds each would have measured."""
+    fields: dict[str, Any] = {
+        "n_sampled": n_sampled, "n_items": n_items, "exhausted": n_sampled >= n_items,
+        "item_seconds": (mean,) * n_sampled, "mean_seconds": mean, "std_seconds": 0.0,
+        "max_seconds": mean, "cpu_ratio": 1.0, "wait_fraction": 0.0, "in_bytes": 30.0,
+        "out_bytes": 30.0, "in_dump_seconds": 1e-7, "in_load_seconds": 1e-7,
+        "out_dump_seconds": 1e-7, "out_load_seconds": 1e-7, "mem_per_item": 100.0,
+        "func_bytes": 50, "func_picklable": True, "items_picklable": True,
+        "outputs_picklable": True, "pickle_error": None, "n_failed": 0, "n_crashed": 0,
+        "in_caller": n_sampled, "error_index": None, "error": None,
+        "sample_seconds": mean * n_sampled,
+    }
+    fields.update(kw)
+    return Profile(**fields)
+
+
+def _plan(profile: Profile, **kw: Any) -> OptimizationResult:
+    """The plan for ``profile`` on the injected 2-core machine."""
+    n = profile.n_items or 0
+    s = Sample(profile, tuple(range(profile.n_sampled)), range(n))
+    kw.setdefault("allowed", ("serial", "processes", "threads"))
+    kw.setdefault("n_jobs", None)
+    return _decide(s, kw.pop("system", _facts()), **kw)
 
 
 def test_cpu_bound_work_goes_to_processes() -> None:
     """Enough ~1 ms CPU-bound items: processes on all usable cores."""
-    if _cores() < 2:
-        pytest.skip("needs at least 2 usable cores")
-    r = optimize(busy_ms, range(2000))
-    assert r.backend == "processes" and 2 <= r.n_jobs <= int(_cores())
-    assert r.estimated_speedup >= MIN_SPEEDUP
+    r = _plan(_profile(1e-3, 2000))
+    assert (r.backend, r.n_jobs) == ("processes", 2)
+    assert r.estimated_speedup >= MIN_SPEEDUP and "1,990 remain" in r.reason
 
 
 def test_tiny_items_stay_serial() -> None:
     """Sub-microsecond items never pay for parallel overhead."""
-    r = optimize(inc, range(100_000))
+    r = _plan(_profile(1e-7, 100_000, n_sampled=2000))
     assert r.backend == "serial" and "serial is best" in r.reason
 
 
 def test_sleep_bound_work_goes_to_many_threads() -> None:
     """Waiting work: threads, with many more workers than cores."""
-    r = optimize(nap, range(1000))
+    r = _plan(_profile(2e-3, 1000, n_sampled=3, cpu_ratio=0.02, wait_fraction=0.98))
     assert r.backend == "threads"
-    assert r.n_jobs >= 4 * _cores()
-    assert r.profile.wait_fraction > 0.5
+    assert r.n_jobs >= 4 * 2
+
+
+def test_sampling_tells_sleeping_from_working() -> None:
+    """The real sample of a sleeping function measures it as waiting (CPU time, not speed)."""
+    assert optimize(nap, range(1000), sample_size=3).profile.wait_fraction > 0.5
 
 
 def test_big_outputs_stay_serial() -> None:
     """1 MB results cost the parent more to receive than to compute: serial."""
-    r = optimize(one_mb, range(300), sample_size=3)
+    mb = float(1 << 20)
+    r = _plan(_profile(5e-4, 300, n_sampled=3, out_bytes=mb, mem_per_item=mb,
+                       out_load_seconds=3e-4, out_dump_seconds=3e-4))
     assert r.backend == "serial"
     assert "result" in r.reason
 
 
+def test_real_big_outputs_are_measured() -> None:
+    """A real sample sizes 1 MB results (the figure the decision above is made on)."""
+    assert optimize(one_mb, range(300), sample_size=3).profile.out_bytes >= 1 << 20
+
+
 def test_n_jobs_is_respected() -> None:
     """An explicit n_jobs fixes the worker count of a parallel plan; 1 means serial."""
-    r = optimize(nap, range(500), n_jobs=3)
+    waiting = _profile(2e-3, 500, n_sampled=3, cpu_ratio=0.02, wait_fraction=0.98)
+    r = _plan(waiting, n_jobs=3)
     assert r.n_jobs == 3 and r.backend in ("threads", "processes")
+    assert _plan(waiting, n_jobs=1).backend == "serial"
     assert optimize(nap, range(500), n_jobs=1).backend == "serial"
 
 
 def test_backends_restrict_the_choice() -> None:
     """Without serial in backends, the best allowed backend is chosen, with a warning."""
-    r = optimize(inc, range(10_000), backends=("threads",))
+    r = _plan(_profile(1e-7, 10_000, n_sampled=2000), allowed=("threads",))
     assert r.backend == "threads"
     assert any("excluded by backends" in w for w in r.warnings)
+    assert optimize(inc, range(10_000), backends=("threads",)).backend == "threads"
 
 
 def test_warm_workers_make_processes_cheaper() -> None:
@@ -317,11 +367,14 @@ def test_plan_works_with_multiprocessing_pool() -> None:
 
 def test_report_and_verbose(capsys: pytest.CaptureFixture[str]) -> None:
     """str() is a short report; verbose=True prints it with the ranked alternatives."""
-    r = optimize(nap, range(200), verbose=True)
+    r = _plan(_profile(2e-3, 200, n_sampled=3, cpu_ratio=0.02, wait_fraction=0.98),
+              verbose=True)
     printed = capsys.readouterr().out
     assert r.backend in str(r) and r.reason in str(r)
     assert "alternatives" in printed and "alternatives" not in str(r)
     assert printed.count("threads n_jobs=") >= 2
+    optimize(nap, range(200), sample_size=3, verbose=True)
+    assert "alternatives" in capsys.readouterr().out
 
 
 def test_result_is_exported_and_frozen() -> None:
