@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import multiprocessing
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import amorsize
+import amorsize.optimizer
+from amorsize import Checkpoint, ItemFailure, RetryPolicy, WorkerCrashedError, execute
 from amorsize._core import (
     model_max_workers_for_memory,
     model_process_seconds,
@@ -22,7 +28,8 @@ from amorsize._core import (
     model_serial_seconds,
     model_thread_seconds,
 )
-from amorsize.optimizer import MIN_SPEEDUP, OptimizationResult, _decide, optimize
+from amorsize.optimizer import MIN_SPEEDUP, OptimizationResult, _decide, _offload_rule, optimize
+from amorsize.retry import set_testing
 from amorsize.sampling import Profile, Sample, sample
 from amorsize.system import SystemInfo, get_system_info
 
@@ -477,3 +484,155 @@ def test_memory_limits_workers() -> None:
     m = _machine(available_memory=5e9)
     assert model_max_workers_for_memory(w, m, 1) == 1
     assert all(code != 1 for code, *_ in model_search(w, m, [2, 4], []))
+
+
+# --------------------------------------------------------------------------- issue 12
+def _calls(folder: Path, x: int) -> int:
+    return len(list(folder.glob(f"{x}-*")))
+
+
+def busy_fails_first(arg: tuple[int, str]) -> int:
+    """About 1 ms of CPU work; item 0 fails (once, or always). Leaves one file per call."""
+    x, folder = arg
+    Path(folder, f"{x}-{uuid.uuid4().hex}").touch()
+    if x == 0 and (not Path(folder, "once").exists() or _calls(Path(folder), 0) == 1):
+        msg = f"bad {x}"
+        raise ValueError(msg)
+    return busy_ms(x) - busy_ms(0)
+
+
+@pytest.fixture
+def two_cores(monkeypatch: pytest.MonkeyPatch) -> SystemInfo:
+    """The optimizer sees the injected 2-core machine, whatever runs the test."""
+    facts = _facts()
+    monkeypatch.setattr(amorsize.optimizer, "get_system_info", lambda: facts)
+    return facts
+
+
+@pytest.mark.parametrize("how", ["collect", "dead_letter"])
+def test_failed_sample_does_not_force_serial(
+    tmp_path: Path, two_cores: SystemInfo, how: str
+) -> None:
+    """issue 12 item 10: a sample failing on item 0 is a data point: the plan stays parallel."""
+    data = [(i, str(tmp_path)) for i in range(200)]
+    kw: dict[str, Any] = (
+        {"on_error": "collect"} if how == "collect" else {"dead_letter": tmp_path / "dl.db"}
+    )
+    results, plan = execute(busy_fails_first, data, return_plan=True, **kw)
+    assert plan.backend == "processes" and plan.n_jobs == 2, plan.reason
+    assert isinstance(results[0], ItemFailure) and results[0].index == 0
+    assert results[1:] == list(range(1, 200))
+    assert [_calls(tmp_path, i) for i in range(200)] == [1] * 200  # nothing ran twice
+    assert plan.failed == 1 and plan.completed == 199
+
+
+def test_transient_sample_failure_is_retried_in_the_sample(
+    tmp_path: Path, two_cores: SystemInfo
+) -> None:
+    """issue 12 item 10: with retry=, the sample retries item 0, and the plan stays parallel."""
+    Path(tmp_path, "once").touch()
+    data = [(i, str(tmp_path)) for i in range(200)]
+    with set_testing(True):
+        results, plan = execute(busy_fails_first, data, retry=RetryPolicy(max_retries=2),
+                                return_plan=True)
+    assert plan.backend == "processes", plan.reason
+    assert results == list(range(200))
+    assert _calls(tmp_path, 0) == 2 and _calls(tmp_path, 1) == 1
+
+
+def test_failed_sample_in_raise_mode_surfaces_at_once(
+    tmp_path: Path, two_cores: SystemInfo
+) -> None:
+    """issue 12 item 10: in raise mode the sampled failure raises, without running it again."""
+    data = [(i, str(tmp_path)) for i in range(200)]
+    with pytest.raises(ValueError, match="bad 0"):
+        execute(busy_fails_first, data)
+    assert _calls(tmp_path, 0) == 1 and _calls(tmp_path, 1) == 0
+
+
+def test_sampled_crash_keeps_the_rest_in_workers() -> None:
+    """issue 12 item 3: once a sampled item crashed a worker, the plan never runs in-process."""
+    crash = WorkerCrashedError(7)
+    r = _plan(_profile(1e-7, 10_000, n_failed=1, n_crashed=1, error_index=3, error=crash))
+    assert r.backend == "processes"
+    assert "crashed a worker process" in r.reason
+
+
+def test_offload_rule_on_injected_facts() -> None:
+    """issue 12 item 3: only work a process plan could speed up moves its sample to a worker."""
+    rule = _offload_rule(_facts(), 0, 1000)
+    assert rule(1e-3, 1) and not rule(1e-7, 500) and not rule(2e-6, 990)
+    assert not _offload_rule(_facts(usable_cores=1.0), 0, 1000)(1.0, 1)
+    assert _offload_rule(_facts(), 2, 1000)(5e-6, 100)  # warm workers start for free
+
+
+def bad_5(x: int) -> int:
+    if x == 5:
+        msg = f"bad {x}"
+        raise ValueError(msg)
+    return x
+
+
+def test_resumed_failure_names_the_input_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """issue 12 item 13: items 0-4 checkpointed, item 5 fails: the plan names item 5."""
+    path = tmp_path / "run.db"
+    with pytest.raises(ValueError, match="bad 5"):
+        execute(bad_5, range(10), checkpoint=path, backend="serial")
+    assert set(range(5)) <= set(Checkpoint(path).results())
+    with pytest.raises(ValueError, match="bad 5"):
+        execute(bad_5, range(10), checkpoint=path, verbose=True)
+    printed = capsys.readouterr().out
+    assert "raised on item 5 while sampling" in printed and "item 0" not in printed
+    results, plan = execute(bad_5, range(10), checkpoint=path, on_error="collect",
+                            return_plan=True)
+    assert [f.index for f in plan.failures] == [5]
+    assert plan.optimization.profile.error_index == 5
+
+
+def fails_while_marked(arg: tuple[int, str]) -> int:
+    x, folder = arg
+    if Path(folder, "fail").exists() and x % 9 >= 4:
+        msg = f"bad {x}"
+        raise ValueError(msg)
+    return x
+
+
+def test_resumed_plan_counts_what_really_remains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """issue 12 item 13: with scattered items checkpointed, count and prediction use the rest."""
+    path = tmp_path / "run.db"
+    data = [(i, str(tmp_path)) for i in range(2000)]
+    Path(tmp_path, "fail").touch()
+    execute(fails_while_marked, data, checkpoint=path, on_error="collect", backend="serial")
+    done = len(Checkpoint(path))
+    assert done == sum(1 for i in range(2000) if i % 9 < 4)
+    Path(tmp_path, "fail").unlink()
+    results, plan = execute(fails_while_marked, data, checkpoint=path, return_plan=True,
+                            verbose=True)
+    assert results == list(range(2000)) and plan.skipped == done
+    opt = plan.optimization
+    left = 2000 - done
+    assert opt.n_items == opt.profile.n_items == left
+    p = opt.profile
+    assert opt.estimated_seconds.serial == pytest.approx(
+        p.sample_seconds + (left - p.n_sampled) * p.mean_seconds)
+    assert f"of {left} items" in capsys.readouterr().out
+
+
+def test_unpicklable_lambda_without_cloudpickle_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue 12 item 20: no cloudpickle: serial says the lambda cannot be pickled, names the extra."""
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)  # the core install: no cloudpickle
+    measured = sample(lambda x: x + 1, range(3), sample_size=3).profile
+    assert not measured.func_picklable
+    profile = dataclasses.replace(
+        _profile(1e-3, 2000), func_picklable=False, pickle_error=measured.pickle_error
+    )
+    r = _plan(profile)
+    assert r.backend == "serial"
+    assert "cannot be pickled" in r.reason and "amorsize[full]" in r.reason
+    assert "would be predicted" in r.reason and "GIL" in r.reason
