@@ -408,7 +408,7 @@ def _make_plan(
     chunksize: int | None,
     backend: str | Backend,
     client: Any,
-    rules: _SampleRules = _SampleRules(),  # noqa: B008 - frozen, never mutated
+    rules: _SampleRules = _SampleRules(),
 ) -> _Plan:
     if backend != "auto" and n_jobs is not None and chunksize is not None:
         # Everything is decided already: no sampling.
@@ -1115,6 +1115,19 @@ def execute(
     and lists them in ``plan.failures``. ``return_plan=True`` returns
     ``(results, ExecutionPlan)``. ``checkpoint=``, ``dead_letter=`` and ``circuit_breaker=``
     plug in the reliability layer; ``observers=`` takes extra ``RunObserver`` hooks.
+
+    Sampling (when the optimizer sizes the run) calls ``func`` with its retry policy, and no
+    sampled item runs twice. Where sampled items run: with ``backend="processes"`` every
+    item, sampled ones included, runs in worker processes, so a crash (segfault,
+    ``os._exit``) is a ``WorkerCrashedError`` for that item; with ``backend="auto"`` the
+    first item runs in the calling process, and so do the next ones until they add up to
+    1 ms and show that a process plan could pay off (``optimizer._offload_rule``), after
+    which the rest of the sample runs in a worker; with ``"threads"`` or ``"dask"`` they run
+    in the caller. Once a sampled item crashed a worker, serial and threads are ruled out.
+    A sampled item that fails raises at once with ``on_error="raise"``; with ``"collect"``
+    or a dead-letter queue it is a data point (its time counts, its failure takes its slot)
+    and sampling goes on. With a checkpoint, only items it does not hold are sampled and
+    counted as remaining, and messages name input indices.
 
     >>> execute(abs, [-1, -2, 3], backend="serial")
     [1, 2, 3]

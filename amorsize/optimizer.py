@@ -671,6 +671,9 @@ def optimize(
     the cluster of ``client`` or the current one). ``verbose=True`` prints the report with
     the ranked alternatives.
 
+    The sample runs in the calling process (``execute`` may run it in a worker process: see
+    its docstring) and stops at the first item ``func`` raises on (``profile.error_index``).
+
     >>> import math
     >>> plan = optimize(math.sqrt, [1.0, 4.0, 9.0])
     >>> plan.backend, list(plan.data), plan.sample_results

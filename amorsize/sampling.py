@@ -12,6 +12,11 @@ of the predicted serial time, or :data:`MAX_SAMPLE_ITEMS` items, whichever comes
 slow items are sampled once or twice and microsecond items a few thousand times. Nothing
 (no tracemalloc, no profiler) wraps the timed calls; memory is read between calls.
 
+Items run in the calling thread, or in batches in a worker process (``remote``: the executor
+passes one built on the processes backend), where ``TimedCall`` measures each call and a
+crash only fails its item. A failure either stops the sample or, with ``keep_going``, is a
+data point kept in its slot (``SampledFailure``).
+
 >>> s = sample(abs, [-1, 2, -3])
 >>> s.results, s.profile.n_sampled
 ((1, 2, 3), 3)
