@@ -355,16 +355,27 @@ class _SampleRules:
 
 
 def _remote_sampler(
-    be: Backend, func: Callable[[Any], Any], stop: bool
+    be: Backend, func: Callable[[Any], Any], stop: bool, *, optional: bool = False
 ) -> Callable[[int, list[Any], float], list[ItemRun | None]]:
-    """Run batches of sampled items in ``be``'s workers: a crash is reported, not fatal."""
+    """Run batches of sampled items in ``be``'s workers: a crash is reported, not fatal.
+
+    ``optional`` (backend="auto"): a function that cannot reach the workers (not picklable,
+    not importable there) leaves the items to the caller instead of failing the run.
+    """
 
     def run(first: int, items: list[Any], budget_s: float) -> list[ItemRun | None]:
         got: dict[int, ItemRun | None] = {}
         call = TimedCall(func, stop=stop, budget_s=budget_s)
-        for task, outcomes in be.run(call, iter([Task(first, items)]), n_jobs=1, max_in_flight=1):
-            for k, out in enumerate(as_outcomes(outcomes)):
-                got[task.start + k - first] = _item_run(out)
+        try:
+            for task, outcomes in be.run(
+                call, iter([Task(first, items)]), n_jobs=1, max_in_flight=1
+            ):
+                for k, out in enumerate(as_outcomes(outcomes)):
+                    got[task.start + k - first] = _item_run(out)
+        except (TypeError, RuntimeError) as exc:
+            if not optional or got:
+                raise
+            return [ItemRun(False, exc, math.nan, travelled=False)] * len(items)
         return [got.get(k) for k in range(len(items))]
 
     return run
@@ -398,7 +409,8 @@ def _sample_where(
         be = get_backend("processes")
     else:
         return {}
-    return {"remote": _remote_sampler(be, func, not keep_going), "offload": backend == "auto"}
+    auto = backend == "auto"
+    return {"remote": _remote_sampler(be, func, not keep_going, optional=auto), "offload": auto}
 
 
 def _make_plan(

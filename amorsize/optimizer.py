@@ -104,7 +104,8 @@ class OptimizationResult:
 
     ``data`` is equal to the input (a list is returned as is; an iterator's sampled items are
     chained back in front of the rest). ``sample_results`` are ``func``'s results for the
-    first ``len(sample_results)`` items of ``data``: an executor skips those items.
+    first ``len(sample_results)`` items of ``data``: an executor skips those items (when
+    ``execute`` samples on past failures, a ``sampling.SampledFailure`` marks a failed one).
 
     >>> import multiprocessing
     >>> plan = optimize(abs, [-1, 2])

@@ -367,3 +367,42 @@ def test_crash_in_a_sampled_item_is_reported_not_fatal(
     # The rest never runs in the caller, where another crash would end it.
     assert out["backend"] == "processes"
     assert "worker process died" in out["raised"]
+
+
+_MAIN_LOCK_SCRIPT = """
+import json, threading
+import amorsize.optimizer
+from amorsize import execute
+from amorsize.sampling import sample
+from amorsize.system import SystemInfo
+
+LOCK = threading.Lock()
+
+def work(x):
+    with LOCK:  # cloudpickle sends __main__ functions by value: the lock cannot travel
+        s = 0
+        for i in range(100_000):
+            s += i
+    return x
+
+if __name__ == "__main__":
+    facts = amorsize.optimizer.get_system_info()
+    facts = SystemInfo(**{**facts.__dict__, "usable_cores": 2.0, "process_startup_s": 5e-3,
+                          "process_startup_per_worker_s": 2e-3, "process_roundtrip_s": 5e-5})
+    amorsize.optimizer.get_system_info = lambda: facts
+    picklable = sample(work, [1, 2], sample_size=2).profile.func_picklable
+    results, plan = execute(work, range(200), return_plan=True)
+    print(json.dumps([picklable, results == list(range(200)), plan.backend]))
+"""
+
+
+def test_main_function_that_cannot_travel_is_sampled_and_run_here(tmp_path: Path) -> None:
+    """A __main__ function over a lock: not picklable as the workers get it; auto stays here."""
+    pytest.importorskip("cloudpickle")
+    script = tmp_path / "lock.py"
+    script.write_text(textwrap.dedent(_MAIN_LOCK_SCRIPT))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    picklable, correct, backend = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not picklable and correct and backend != "processes"
