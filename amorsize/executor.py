@@ -615,11 +615,11 @@ class _Indexed:
         self.handed.append(entry)
         return entry[2]
 
-    def __length_hint__(self) -> int:
+    def __length_hint__(self) -> Any:
         # Items not yet handed out that no observer knows: what sampling plans with.
         total = self.run.n_items
         if total is None:
-            return 0
+            return NotImplemented  # unknown: length_hint() gives its default
         ahead = max((o.known_ahead(self.next_index) for o in self.knowers), default=0)
         return max(0, total - self.next_index - ahead + len(self.buffer))
 
@@ -810,7 +810,7 @@ class _Execution:
                 # Never more workers than chunks left to run (no idle process to start).
                 left = self.n_items - n_sampled
                 if stream is not None:
-                    left = operator.length_hint(stream) + len(stream.handed)
+                    left = operator.length_hint(stream, left) + len(stream.handed)
                 jobs = max(1, min(jobs, math.ceil(left / plan.chunksize)))
             n_in_flight = _IN_FLIGHT_PER_WORKER * jobs
             window = None

@@ -636,3 +636,11 @@ def test_unpicklable_lambda_without_cloudpickle_says_why(
     assert r.backend == "serial"
     assert "cannot be pickled" in r.reason and "amorsize[full]" in r.reason
     assert "would be predicted" in r.reason and "GIL" in r.reason
+
+
+def test_resumed_generator_is_planned_as_unknown_length(tmp_path: Path) -> None:
+    """issue 12 item 13: a checkpointed generator's length is unknown, never "no items"."""
+    results, plan = execute(inc, (x for x in range(500)), checkpoint=tmp_path / "run.db",
+                            return_plan=True)
+    assert results == [x + 1 for x in range(500)]
+    assert plan.optimization.n_items is None and "no items" not in plan.reason
