@@ -30,7 +30,7 @@ from amorsize._core import (
 )
 from amorsize.optimizer import MIN_SPEEDUP, OptimizationResult, _decide, _offload_rule, optimize
 from amorsize.retry import set_testing
-from amorsize.sampling import Profile, Sample, sample
+from amorsize.sampling import MAX_SAMPLE_ITEMS, Profile, Sample, sample
 from amorsize.system import SystemInfo, get_system_info
 
 
@@ -640,7 +640,8 @@ def test_unpicklable_lambda_without_cloudpickle_says_why(
 
 def test_resumed_generator_is_planned_as_unknown_length(tmp_path: Path) -> None:
     """issue 12 item 13: a checkpointed generator's length is unknown, never "no items"."""
-    results, plan = execute(inc, (x for x in range(500)), checkpoint=tmp_path / "run.db",
+    n = 5 * MAX_SAMPLE_ITEMS  # more than any sample takes
+    results, plan = execute(inc, (x for x in range(n)), checkpoint=tmp_path / "run.db",
                             return_plan=True)
-    assert results == [x + 1 for x in range(500)]
+    assert results == [x + 1 for x in range(n)]
     assert plan.optimization.n_items is None and "no items" not in plan.reason
