@@ -465,11 +465,7 @@ def _make_plan(
         **_sample_where(backend, names, func, rules.keep_going),
     )
     samples = tuple(getattr(opt, "sample_results", ()) or ())
-    profile = opt.profile
-    stopped = None
-    if profile.stopped_on_error and profile.error is not None:
-        attempts = getattr(profile.error, "attempts", 1)
-        stopped = SampledFailure(profile.error, attempts if isinstance(attempts, int) else 1)
+    stopped = _stopped_failure(opt.profile)
     if backend == "auto":
         be = _get(opt.backend, client)
         jobs, chunk, predicted = int(opt.n_jobs), int(opt.chunksize), _predicted(opt)
@@ -504,6 +500,14 @@ def _make_plan(
     return _Plan(
         be, max(1, jobs), max(1, chunk), reason, opt.data, samples, opt, predicted, stopped
     )
+
+
+def _stopped_failure(profile: Any) -> SampledFailure | None:
+    """The failure that stopped sampling (raise mode), to deliver in its slot."""
+    if not profile.stopped_on_error or profile.error is None:
+        return None
+    attempts = getattr(profile.error, "attempts", 1)
+    return SampledFailure(profile.error, attempts if isinstance(attempts, int) else 1)
 
 
 def _serial_chunk(profile: Any) -> int:

@@ -346,6 +346,35 @@ def _why_not_parallel(
     )
 
 
+def _worker_counts(
+    profile: Profile, allowed: tuple[str, ...], n_jobs: int | None, top: int, limit: int,
+    io_bound: bool,
+) -> tuple[list[int], list[int], list[int]]:
+    """Worker counts to predict: (processes, threads, ghost processes).
+
+    Process plans for a function or data that cannot travel are still predicted as ghosts,
+    never chosen: the reason for serial can then say what pickling costs.
+    """
+    proc_ns: list[int] = []
+    ghost_ns: list[int] = []
+    thread_ns: list[int] = []
+    if "processes" in allowed:
+        ns = {n_jobs} if n_jobs is not None else set(range(2, top + 1))
+        if io_bound and n_jobs is None:
+            ns.update((2 * top, 4 * top))
+        found = sorted(n for n in ns if n <= limit or n == n_jobs)
+        if profile.picklable:
+            proc_ns = found
+        else:
+            ghost_ns = found
+    if "threads" in allowed:
+        thread_ns = (
+            [n_jobs] if n_jobs is not None
+            else sorted({n for n in (*THREAD_COUNTS, top) if 2 <= n <= limit})
+        )
+    return proc_ns, thread_ns, ghost_ns
+
+
 def _optimize(
     func: Callable[[Any], Any],
     data: Iterable[Any],
@@ -525,27 +554,9 @@ def _decide(
             f" {system.blas_threads}); parallel workers would compete for the same cores"
         )
 
-    limit = max(int(remaining), 1)
-    top = max(int(cores), 1)
-    proc_ns: list[int] = []
-    thread_ns: list[int] = []
-    # Process plans for a function that cannot travel are still predicted: the reason for
-    # serial can then say what pickling costs (ghost plans, never chosen).
-    ghost_ns: list[int] = []
-    if "processes" in allowed:
-        ns = {n_jobs} if n_jobs is not None else set(range(2, top + 1))
-        if io_bound and n_jobs is None:
-            ns.update((2 * top, 4 * top))
-        found = sorted(n for n in ns if n <= limit or n == n_jobs)
-        if profile.picklable:
-            proc_ns = found
-        else:
-            ghost_ns = found
-    if "threads" in allowed:
-        thread_ns = (
-            [n_jobs] if n_jobs is not None
-            else sorted({n for n in (*THREAD_COUNTS, top) if 2 <= n <= limit})
-        )
+    proc_ns, thread_ns, ghost_ns = _worker_counts(
+        profile, allowed, n_jobs, max(int(cores), 1), max(int(remaining), 1), io_bound
+    )
     procs_ok = bool(proc_ns)
 
     w = {
