@@ -24,6 +24,7 @@ data point kept in its slot (``SampledFailure``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import operator
@@ -32,6 +33,7 @@ import pickle
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -197,6 +199,24 @@ def _describe(exc: BaseException) -> str:
 
 
 def _func_pickle(func: Callable[..., Any]) -> tuple[int, bool, str | None]:
+    """``_pickle_func`` remembered per function object (by value, ``__main__`` functions
+    cost ~30 us to pickle: more than a whole tiny run)."""
+    try:
+        return _FUNC_PICKLES[func]
+    except (KeyError, TypeError):  # new, or not weakly referable (then never remembered)
+        pass
+    out = _pickle_func(func)
+    with contextlib.suppress(TypeError):
+        _FUNC_PICKLES[func] = out
+    return out
+
+
+_FUNC_PICKLES: weakref.WeakKeyDictionary[Any, tuple[int, bool, str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _pickle_func(func: Callable[..., Any]) -> tuple[int, bool, str | None]:
     """Pickled size of ``func`` as the process backend sends it (cloudpickle when installed).
 
     cloudpickle sends ``__main__`` functions by value, so a closure over a lock defined in a
@@ -555,13 +575,20 @@ def _run_here(
     timed = 0.0
     ran = 0
     moved = False
+    seq = src.seq  # limit <= len(seq): index it directly, the cheapest way to get an item
+    pos = src.pos
+    wall0 = tally.wall
     cpu0 = time.process_time()
     vol0 = _voluntary_switches()
     start = pc()
-    while src.pos < limit:
-        item = src.next()
-        if item is _END:
-            break
+    while pos < limit:
+        if seq is not None:
+            item = seq[pos]
+        else:
+            item = src.next()
+            if item is _END:
+                break
+        pos += 1
         track_mem = _HAS_STATM and len(times) < _MEMORY_ITEMS
         rss0 = _rss() if track_mem else 0
         t0 = pc()
@@ -570,7 +597,7 @@ def _run_here(
         except Exception as exc:
             t1 = pc()
             ran += 1
-            tally.fail(src.pos - 1, exc, max(t1 - t0 - overhead, 0.0), getattr(exc, "attempts", 1))
+            tally.fail(pos - 1, exc, max(t1 - t0 - overhead, 0.0), getattr(exc, "attempts", 1))
             if tally.stopped:
                 break
         else:
@@ -587,7 +614,7 @@ def _run_here(
         n = len(times)
         if n == 0:
             continue
-        spent = tally.wall + (t1 - start)
+        spent = wall0 + (t1 - start)
         if spent >= _MIN_SAMPLE_S or rules.budget_s <= 0:
             cpu = tally.cpu + time.process_time() - cpu0
             switches = _voluntary_switches() - vol0 if vol0 >= 0 else -1
@@ -598,6 +625,7 @@ def _run_here(
             if offload is not None and offload((tally.timed + timed) / n, n):
                 moved = True
                 break
+    src.pos = pos
     tally.timed += timed
     tally.in_caller += ran
     tally.wall += pc() - start
