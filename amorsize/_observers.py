@@ -11,6 +11,8 @@ Call sequence for one ``execute`` run (every call happens in the thread that cal
                                                     result is used as is. The default asks
                                                     known(index, item) -> (hit, result)
                                                     per item: override either.
+        known_ahead(start) -> int               how many items from index start on it
+                                                will answer (planning only; 0 by default)
     before each chunk is dispatched:
         allow_dispatch() -> False               dispatch stops for good; chunks in flight
                                                 finish; then stop_error(counts) is asked for
@@ -82,6 +84,12 @@ class RunObserver:
             if hit:
                 found[k] = value
         return found
+
+    def known_ahead(self, start: int) -> int:
+        """How many items at index ``start`` or later ``known`` will answer (0: cannot tell).
+
+        Only counts: the executor plans with the items that really remain to run."""
+        return 0
 
     def allow_dispatch(self) -> bool:
         """False stops dispatching new items for the rest of the run."""

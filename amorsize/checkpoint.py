@@ -531,6 +531,11 @@ class CheckpointObserver(RunObserver):
         self.resumed += 1
         return True, value
 
+    def known_ahead(self, start: int) -> int:
+        """Results stored by earlier runs for index ``start`` on, not yet asked for."""
+        end = self.n_items if self.n_items is not None else float("inf")
+        return sum(1 for i in self._where if start <= i < end)
+
     def on_success(self, index: int, item: Any, result: Any) -> None:
         """Add the result to the current batch; commit when it is big or old enough."""
         h = self._pending.pop(index, _UNSEEN)

@@ -25,6 +25,7 @@ import importlib
 import itertools
 import math
 import multiprocessing
+import operator
 import sys
 import time
 import warnings
@@ -37,8 +38,19 @@ from typing import Any, Literal, cast, overload
 from amorsize._observers import DispatchStoppedError, RunObserver
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
-from amorsize.backends.base import Backend, NotRunError, OkValues, Outcome, StopOnFailure, Task
+from amorsize.backends.base import (
+    Backend,
+    NotRunError,
+    OkValues,
+    Outcome,
+    RemoteTraceback,
+    StopOnFailure,
+    Task,
+    WorkerCrashedError,
+    as_outcomes,
+)
 from amorsize.backends.processes import available_cpus
+from amorsize.sampling import ItemRun, SampledFailure, TimedCall
 
 __all__ = [
     "DispatchStoppedError",
@@ -305,6 +317,79 @@ class _Plan:
     sample_results: Sequence[Any]
     optimization: Any
     predicted: float | None
+    # The sampled failure that stopped sampling (raise mode): delivered, never run again.
+    stopped: SampledFailure | None = None
+
+
+@dataclass(frozen=True)
+class _SampleRules:
+    """How the optimizer samples for a run (see ``execute``'s docstring on where items run).
+
+    ``keep_going``: a failed sample is a data point (collect mode, dead-letter queue).
+    ``index_of``: the input index of the k-th item sampled (a stream skipping known items).
+    """
+
+    keep_going: bool = False
+    index_of: Callable[[int], int] | None = None
+
+
+def _remote_sampler(
+    be: Backend, func: Callable[[Any], Any], stop: bool, *, optional: bool = False
+) -> Callable[[int, list[Any], float], list[ItemRun | None]]:
+    """Run batches of sampled items in ``be``'s workers: a crash is reported, not fatal.
+
+    ``optional`` (backend="auto"): a function that cannot reach the workers (not picklable,
+    not importable there) leaves the items to the caller instead of failing the run.
+    """
+
+    def run(first: int, items: list[Any], budget_s: float) -> list[ItemRun | None]:
+        got: dict[int, ItemRun | None] = {}
+        call = TimedCall(func, stop=stop, budget_s=budget_s)
+        try:
+            for task, outcomes in be.run(
+                call, iter([Task(first, items)]), n_jobs=1, max_in_flight=1
+            ):
+                for k, out in enumerate(as_outcomes(outcomes)):
+                    got[task.start + k - first] = _item_run(out)
+        except (TypeError, RuntimeError) as exc:
+            if not optional or got:
+                raise
+            return [ItemRun(False, exc, math.nan, travelled=False)] * len(items)
+        return [got.get(k) for k in range(len(items))]
+
+    return run
+
+
+def _item_run(out: Outcome) -> ItemRun | None:
+    """A worker's outcome for a ``TimedCall`` as the sample's measurement."""
+    if not out.ok:
+        # The worker died on it, or the item or its outcome could not cross the boundary.
+        exc = out.value
+        crashed = isinstance(exc, WorkerCrashedError)
+        return ItemRun(False, exc, math.nan, attempts=out.attempts, crashed=crashed,
+                       travelled=crashed)
+    if out.value is None:
+        return None  # not run: an earlier item of its batch failed
+    ok, value, tb, seconds, cpu, waits, mem = out.value
+    attempts = 1
+    if not ok:
+        value.__cause__ = RemoteTraceback(tb)
+        attempts = getattr(value, "attempts", 1)
+    return ItemRun(ok, value, seconds, cpu, waits, mem, attempts if isinstance(attempts, int) else 1)
+
+
+def _sample_where(
+    backend: str | Backend, names: tuple[str, ...], func: Callable[[Any], Any], keep_going: bool
+) -> dict[str, Any]:
+    """The optimizer's options saying where sampled items run (a worker or the caller)."""
+    if isinstance(backend, Backend) and backend.name == "processes":
+        be: Backend = backend
+    elif backend in ("auto", "processes") and "processes" in names:
+        be = get_backend("processes")
+    else:
+        return {}
+    auto = backend == "auto"
+    return {"remote": _remote_sampler(be, func, not keep_going, optional=auto), "offload": auto}
 
 
 def _make_plan(
@@ -314,6 +399,7 @@ def _make_plan(
     chunksize: int | None,
     backend: str | Backend,
     client: Any,
+    rules: _SampleRules = _SampleRules(),
 ) -> _Plan:
     if backend != "auto" and n_jobs is not None and chunksize is not None:
         # Everything is decided already: no sampling.
@@ -339,8 +425,12 @@ def _make_plan(
         return _default_plan(
             data, n_jobs, chunksize, _get("serial", client) if backend == "auto" else be
         )
-    # Warm workers cost no start-up, which can tip a small job towards processes.
-    warm = backend.warm_workers() if isinstance(backend, Backend) else warm_workers("processes")
+    # Warm workers cost no start-up, which can tip a small job towards processes (asked
+    # after sampling, which may have started one).
+    warm: Callable[[], int] = (
+        backend.warm_workers if isinstance(backend, Backend)
+        else lambda: warm_workers("processes")
+    )
     opt = optimize(
         func,
         data,
@@ -349,8 +439,12 @@ def _make_plan(
         backends=names,
         warm_workers=warm,
         client=client,
+        keep_going=rules.keep_going,
+        index_of=rules.index_of,
+        **_sample_where(backend, names, func, rules.keep_going),
     )
     samples = tuple(getattr(opt, "sample_results", ()) or ())
+    stopped = _stopped_failure(opt.profile)
     if backend == "auto":
         be = _get(opt.backend, client)
         jobs, chunk, predicted = int(opt.n_jobs), int(opt.chunksize), _predicted(opt)
@@ -382,7 +476,17 @@ def _make_plan(
         overrides.append(f"chunksize={chunksize}")
     if overrides:
         reason += f" (overridden by the caller: {', '.join(overrides)})"
-    return _Plan(be, max(1, jobs), max(1, chunk), reason, opt.data, samples, opt, predicted)
+    return _Plan(
+        be, max(1, jobs), max(1, chunk), reason, opt.data, samples, opt, predicted, stopped
+    )
+
+
+def _stopped_failure(profile: Any) -> SampledFailure | None:
+    """The failure that stopped sampling (raise mode), to deliver in its slot."""
+    if not profile.stopped_on_error or profile.error is None:
+        return None
+    attempts = getattr(profile.error, "attempts", 1)
+    return SampledFailure(profile.error, attempts if isinstance(attempts, int) else 1)
 
 
 def _serial_chunk(profile: Any) -> int:
@@ -494,10 +598,17 @@ class _Indexed:
         self.handed.append(entry)
         return entry[2]
 
-    def __length_hint__(self) -> int:
-        # An upper bound (some remaining items may be known): what sampling plans with.
+    def __length_hint__(self) -> Any:
+        # Items not yet handed out that no observer knows: what sampling plans with.
         total = self.run.n_items
-        return 0 if total is None else max(0, total - self.next_index + len(self.buffer))
+        if total is None:
+            return NotImplemented  # unknown: length_hint() gives its default
+        ahead = max((o.known_ahead(self.next_index) for o in self.knowers), default=0)
+        return max(0, total - self.next_index - ahead + len(self.buffer))
+
+    def index_of(self, k: int) -> int:
+        """The input index of the ``k``-th item handed out (sampling's position ``k``)."""
+        return int(self.handed[k][0])
 
     def take_sampled(self, n: int) -> list[tuple[int, Any]]:
         """``(index, item)`` of the first ``n`` items handed out (the sampled ones)."""
@@ -562,6 +673,8 @@ class _Execution:
         self.backend = backend
         self.policy = retry
         self.collect = on_error == "collect"
+        # A failed sample is a data point when failures do not stop the run.
+        self.keep_going = self.collect or absorbs_failures
         self.progress = progress
         self.verbose = verbose
         self.client = client
@@ -649,13 +762,16 @@ class _Execution:
             # With known results (a checkpoint), the optimizer and the backend only ever see
             # the items still to run: a resumed run samples nothing it already has.
             stream = _Indexed(self.data, knowers, ready, self) if knowers else None
+            # Sampling runs what the run runs (retries included): no sampled item runs again.
+            func = self.func if self.policy is None else _retrying(self.func, self.policy)
             plan = _make_plan(
-                self.func,
+                func,
                 self.data if stream is None else stream,
                 self.n_jobs,
                 self.chunksize,
                 self.backend,
                 self.client,
+                _SampleRules(self.keep_going, None if stream is None else stream.index_of),
             )
             self.plan = report = ExecutionPlan(
                 backend=plan.backend.name,
@@ -674,17 +790,7 @@ class _Execution:
             # Items the optimizer already ran: their results are reused, never recomputed.
             # (With a stream, the stream itself is the data: it recorded what it handed out.)
             it = iter(plan.data)
-            n_sampled = len(plan.sample_results)
-            sampled = (
-                [(k, next(it)) for k in range(n_sampled)]
-                if stream is None
-                else stream.take_sampled(n_sampled)
-            )
-            for (index, item), result in zip(sampled, plan.sample_results, strict=True):
-                report.reused += 1
-                for obs in on_success:
-                    obs.on_success(index, item, result)
-                ready.append((index, [result]))
+            n_sampled = self._reuse_sampled(plan, it, stream, ready, on_success)
             func = self.func if self.policy is None else _retrying(self.func, self.policy)
             if self.stop_on_failure:
                 func = StopOnFailure(func)
@@ -692,7 +798,9 @@ class _Execution:
             jobs = plan.n_jobs
             if self.n_items is not None:
                 # Never more workers than chunks left to run (no idle process to start).
-                left = self.n_items - len(plan.sample_results)
+                left = self.n_items - n_sampled
+                if stream is not None:
+                    left = operator.length_hint(stream, left) + len(stream.handed)
                 jobs = max(1, min(jobs, math.ceil(left / plan.chunksize)))
             n_in_flight = _IN_FLIGHT_PER_WORKER * jobs
             window = None
@@ -757,6 +865,40 @@ class _Execution:
                 if self.verbose and report is not None and sys.exc_info()[0] is None:
                     print(report, flush=True)
 
+    def _reuse_sampled(
+        self,
+        plan: _Plan,
+        it: Iterator[Any],
+        stream: _Indexed | None,
+        ready: deque[tuple[int, list[Any]]],
+        on_success: list[RunObserver],
+    ) -> int:
+        """Hand out what sampling found, in its slots; return how many items it used up.
+
+        Results are reused and failures settled like any other (observers, error policy):
+        no sampled item is run again.
+        """
+        report = self.plan
+        assert report is not None
+        found: list[Any] = list(plan.sample_results)
+        if plan.stopped is not None:
+            found.append(plan.stopped)
+        sampled = (
+            [(k, next(it)) for k in range(len(found))]
+            if stream is None
+            else stream.take_sampled(len(found))
+        )
+        for (index, item), result in zip(sampled, found, strict=True):
+            if type(result) is SampledFailure:
+                failed = Outcome(False, result.exception, result.attempts)
+                ready.append((index, self._settle(Task(index, [item]), [failed], on_success)))
+                continue
+            report.reused += 1
+            for obs in on_success:
+                obs.on_success(index, item, result)
+            ready.append((index, [result]))
+        return len(found)
+
     def _drain(
         self, ready: deque[tuple[int, list[Any]]], bar: Any
     ) -> Iterator[tuple[int, list[Any]]]:
@@ -764,7 +906,8 @@ class _Execution:
         assert self.plan is not None
         while ready:
             block = ready.popleft()
-            self.plan.completed += 1
+            if type(block[1][0]) is not ItemFailure:  # a sampled failure is counted already
+                self.plan.completed += 1
             if bar is not None:
                 bar.update(1)
             yield block
@@ -984,6 +1127,19 @@ def execute(
     and lists them in ``plan.failures``. ``return_plan=True`` returns
     ``(results, ExecutionPlan)``. ``checkpoint=``, ``dead_letter=`` and ``circuit_breaker=``
     plug in the reliability layer; ``observers=`` takes extra ``RunObserver`` hooks.
+
+    Sampling (when the optimizer sizes the run) calls ``func`` with its retry policy, and no
+    sampled item runs twice. Where sampled items run: with ``backend="processes"`` every
+    item, sampled ones included, runs in worker processes, so a crash (segfault,
+    ``os._exit``) is a ``WorkerCrashedError`` for that item; with ``backend="auto"`` the
+    first item runs in the calling process, and so do the next ones until they add up to
+    1 ms and show that a process plan could pay off (``optimizer._offload_rule``), after
+    which the rest of the sample runs in a worker; with ``"threads"`` or ``"dask"`` they run
+    in the caller. Once a sampled item crashed a worker, serial and threads are ruled out.
+    A sampled item that fails raises at once with ``on_error="raise"``; with ``"collect"``
+    or a dead-letter queue it is a data point (its time counts, its failure takes its slot)
+    and sampling goes on. With a checkpoint, only items it does not hold are sampled and
+    counted as remaining, and messages name input indices.
 
     >>> execute(abs, [-1, -2, 3], backend="serial")
     [1, 2, 3]

@@ -20,6 +20,7 @@ Data flow::
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 
 from amorsize._core import model_max_workers_for_memory, model_search
 from amorsize._validate import MAX_WORKERS, check_int
-from amorsize.sampling import Profile, Sample, sample
+from amorsize.sampling import Profile, RemoteRunner, Sample, sample
 from amorsize.system import SystemInfo, get_system_info
 
 __all__ = ["MIN_SPEEDUP", "Candidate", "Estimate", "OptimizationResult", "optimize"]
@@ -53,6 +54,10 @@ PARENT_ITEM_SECONDS = 50e-9
 #: (BLAS, OpenMP): extra workers then compete for the same cores.
 MULTITHREADED_CPU_RATIO = 1.3
 
+# Below this per item, the cost model never predicts a process plan 1.2x faster than serial
+# (pickling and dispatch in the parent; 2 warm workers, 100,000 small items): such work is
+# sampled in the caller, where a sample costs no process round trip.
+_OFFLOAD_MIN_ITEM_S = 1e-6
 # Above this pickled size per item, transfer is worth naming as the reason for serial.
 _BIG_ITEM_BYTES = 16 * 1024
 _BACKENDS = ("serial", "processes", "threads", "dask")
@@ -100,7 +105,8 @@ class OptimizationResult:
 
     ``data`` is equal to the input (a list is returned as is; an iterator's sampled items are
     chained back in front of the rest). ``sample_results`` are ``func``'s results for the
-    first ``len(sample_results)`` items of ``data``: an executor skips those items.
+    first ``len(sample_results)`` items of ``data``: an executor skips those items (when
+    ``execute`` samples on past failures, a ``sampling.SampledFailure`` marks a failed one).
 
     >>> import multiprocessing
     >>> plan = optimize(abs, [-1, 2])
@@ -264,19 +270,45 @@ def _reason_serial_nothing(n_items: int, profile: Profile) -> str:
     )
 
 
+def _failure_warnings(profile: Profile) -> list[str]:
+    """What the sample's failures mean for the run (items named by input index)."""
+    err = profile.error
+    if profile.error_index is None or err is None:
+        return []
+    what = f"{type(err).__name__}: {err}"
+    if profile.stopped_on_error:
+        return [
+            f"func raised on item {profile.error_index} while sampling ({what}); sampling "
+            "stopped there, and that failure is reported without running the item again"
+        ]
+    return [
+        f"{profile.n_failed} of the {profile.n_sampled} sampled items failed (the first: item"
+        f" {profile.error_index}, {what}); their failures are kept, and their times count"
+    ]
+
+
 def _why_not_parallel(
-    profile: Profile, cands: list[Candidate], system: SystemInfo, allowed: tuple[str, ...]
+    profile: Profile,
+    cands: list[Candidate],
+    system: SystemInfo,
+    allowed: tuple[str, ...],
+    ghost: float = 0.0,
 ) -> str:
-    """A sentence saying what keeps the parallel plans from paying off."""
+    """A sentence saying what keeps the parallel plans from paying off.
+
+    ``ghost`` is the predicted speedup of the best process plan when the function or data
+    cannot be pickled (0 when processes were not considered).
+    """
     procs = [c for c in cands if c.backend == "processes"]
     threads = [c for c in cands if c.backend == "threads"]
-    if not procs and not threads:
-        if "processes" in allowed and not profile.picklable:
-            return "processes are ruled out (pickling) and no other parallel backend is allowed"
-        return "no parallel backend is allowed or available for this function and data"
     gil = ""
     if threads and profile.wait_fraction <= 1.0 - IO_BOUND_CPU_RATIO:
         gil = "; threads cannot overlap CPU-bound Python (the GIL)"
+    if not procs and "processes" in allowed and not profile.picklable:
+        would = f" (they would be predicted {ghost:.2f}x faster)" if ghost > 1.0 else ""
+        return f"processes are ruled out{would}: {profile.pickle_error}{gil}"
+    if not procs and not threads:
+        return "no parallel backend is allowed or available for this function and data"
     if not procs:
         return "the work is CPU-bound Python, which threads cannot overlap (the GIL)"
     best = procs[0]
@@ -301,6 +333,35 @@ def _why_not_parallel(
     )
 
 
+def _worker_counts(
+    profile: Profile, allowed: tuple[str, ...], n_jobs: int | None, top: int, limit: int,
+    io_bound: bool,
+) -> tuple[list[int], list[int], list[int]]:
+    """Worker counts to predict: (processes, threads, ghost processes).
+
+    Process plans for a function or data that cannot travel are still predicted as ghosts,
+    never chosen: the reason for serial can then say what pickling costs.
+    """
+    proc_ns: list[int] = []
+    ghost_ns: list[int] = []
+    thread_ns: list[int] = []
+    if "processes" in allowed:
+        ns = {n_jobs} if n_jobs is not None else set(range(2, top + 1))
+        if io_bound and n_jobs is None:
+            ns.update((2 * top, 4 * top))
+        found = sorted(n for n in ns if n <= limit or n == n_jobs)
+        if profile.picklable:
+            proc_ns = found
+        else:
+            ghost_ns = found
+    if "threads" in allowed:
+        thread_ns = (
+            [n_jobs] if n_jobs is not None
+            else sorted({n for n in (*THREAD_COUNTS, top) if 2 <= n <= limit})
+        )
+    return proc_ns, thread_ns, ghost_ns
+
+
 def _optimize(
     func: Callable[[Any], Any],
     data: Iterable[Any],
@@ -309,28 +370,71 @@ def _optimize(
     sample_size: int | None = None,
     backends: Sequence[str] = ("serial", "processes", "threads"),
     verbose: bool = False,
-    warm_workers: int = 0,
+    warm_workers: int | Callable[[], int] = 0,
     client: Any = None,
     min_speedup: float = MIN_SPEEDUP,
+    keep_going: bool = False,
+    remote: RemoteRunner | None = None,
+    offload: bool = False,
+    index_of: Callable[[int], int] | None = None,
 ) -> OptimizationResult:
     """``optimize`` for the executor: ``warm_workers`` process workers already run.
 
-    Their start-up costs nothing, which can tip small jobs towards processes.
+    Their start-up costs nothing, which can tip small jobs towards processes (a callable is
+    asked after sampling, which may have started one). ``keep_going``, ``remote`` and
+    ``index_of`` go to ``sample``; with ``offload`` the sample moves to ``remote`` once its
+    items show that a process plan could pay off (``_offload_rule``).
     """
     allowed = _validate(func, data, n_jobs, sample_size, backends)
     t_start = time.perf_counter()
     system = get_system_info()
     t_sample = time.perf_counter()
+    rule = None
+    if remote is not None and offload:
+        warm = warm_workers() if callable(warm_workers) else warm_workers
+        rule = _offload_rule(system, warm, _planned_length(data))
     s = sample(
         func, data, sample_size=sample_size, cores=system.usable_cores,
-        assumed_length=ASSUMED_UNKNOWN_LENGTH,
+        assumed_length=ASSUMED_UNKNOWN_LENGTH, keep_going=keep_going, remote=remote,
+        offload=rule, index_of=index_of,
     )
     # Decision time excludes sampling: machine facts before it, the model after it.
     t_decide = time.perf_counter() - (t_sample - t_start)
+    warm = warm_workers() if callable(warm_workers) else warm_workers
     return _decide(
-        s, system, allowed=allowed, n_jobs=n_jobs, warm_workers=warm_workers, client=client,
+        s, system, allowed=allowed, n_jobs=n_jobs, warm_workers=warm, client=client,
         min_speedup=min_speedup, verbose=verbose, t_decide=t_decide,
     )
+
+
+def _planned_length(data: Iterable[Any]) -> int:
+    """Items the run will have: the length, an iterator's hint, or the planning horizon."""
+    if iter(data) is not data:
+        try:
+            return len(data)  # type: ignore[arg-type]
+        except TypeError:
+            return ASSUMED_UNKNOWN_LENGTH
+    hint = operator.length_hint(data, -1)
+    return ASSUMED_UNKNOWN_LENGTH if hint < 0 else hint
+
+
+def _offload_rule(system: SystemInfo, warm: int, total: int) -> Callable[[float, int], bool]:
+    """Whether items this slow could make a process plan pay off: then sample in a worker.
+
+    A lower bound on any process plan: it starts a worker (unless one is warm) and costs a
+    round trip, and it must still save the share ``1/MIN_SPEEDUP - 1/cores`` of the serial
+    time of the items left; items under ``_OFFLOAD_MIN_ITEM_S`` never pay.
+    """
+    gain = 1.0 / MIN_SPEEDUP - 1.0 / max(system.usable_cores, 1.0)
+    fixed = system.process_roundtrip_s + (
+        0.0 if warm > 0 else system.process_startup_s + system.process_startup_per_worker_s
+    )
+
+    def could_pay(mean: float, done: int) -> bool:
+        rest = max(total - done, 0)
+        return gain > 0 and mean > _OFFLOAD_MIN_ITEM_S and rest * mean * gain > fixed
+
+    return could_pay
 
 
 def _decide(
@@ -352,12 +456,7 @@ def _decide(
     warnings: list[str] = []
 
     n_items = profile.n_items
-    if profile.error_index is not None:
-        err = profile.error
-        warnings.append(
-            f"func raised on item {profile.error_index} while sampling "
-            f"({type(err).__name__}: {err}); its result and later items were not computed"
-        )
+    warnings.extend(_failure_warnings(profile))
     if profile.pickle_error is not None and (
         "processes" in allowed or "dask" in allowed
     ):
@@ -371,7 +470,8 @@ def _decide(
             " items follow the sample"
         )
     else:
-        remaining = float(max(n_items - profile.n_sampled - (profile.error_index is not None), 0))
+        # A failure that stopped sampling is delivered too: it is not run again.
+        remaining = float(max(n_items - profile.n_sampled - profile.stopped_on_error, 0))
 
     sampled_s = profile.sample_seconds
     t = profile.mean_seconds
@@ -406,10 +506,19 @@ def _decide(
             print(r.report())
         return r
 
-    serial_ok = "serial" in allowed
-    if n_items is not None and remaining == 0 and profile.error_index is None:
+    if n_items is not None and remaining == 0 and not profile.stopped_on_error:
         return result("serial", 1, 1, 0.0, _reason_serial_nothing(n_items, profile))
-    if profile.error_index is not None and profile.n_sampled == 0:
+    forced = ""
+    if profile.n_crashed and "processes" in allowed and profile.picklable:
+        # Serial or threads would run the rest in this process, where the crash is fatal.
+        allowed = tuple(b for b in allowed if b in ("processes", "dask"))
+        forced = (
+            f"serial and threads are ruled out: {profile.n_crashed} sampled item(s) crashed a "
+            "worker process, and in the calling process a crash would end the program"
+        )
+        warnings.append(forced)
+    serial_ok = "serial" in allowed
+    if profile.stopped_on_error and profile.n_sampled == 0:
         return result(
             "serial", 1, 1, serial_rest,
             f"func raised on the first item ({type(profile.error).__name__}), so nothing could "
@@ -432,25 +541,10 @@ def _decide(
             f" {system.blas_threads}); parallel workers would compete for the same cores"
         )
 
-    limit = max(int(remaining), 1)
-    proc_ns: list[int] = []
-    thread_ns: list[int] = []
-    procs_ok = "processes" in allowed and profile.picklable
-    threads_ok = "threads" in allowed
-    if n_jobs is not None:
-        if procs_ok:
-            proc_ns = [n_jobs]
-        if threads_ok:
-            thread_ns = [n_jobs]
-    else:
-        top = max(int(cores), 1)
-        if procs_ok:
-            ns = set(range(2, top + 1))
-            if io_bound:
-                ns.update((2 * top, 4 * top))
-            proc_ns = sorted(n for n in ns if n <= limit)
-        if threads_ok:
-            thread_ns = sorted({n for n in (*THREAD_COUNTS, top) if 2 <= n <= limit})
+    proc_ns, thread_ns, ghost_ns = _worker_counts(
+        profile, allowed, n_jobs, max(int(cores), 1), max(int(remaining), 1), io_bound
+    )
+    procs_ok = bool(proc_ns)
 
     w = {
         "n_items": remaining,
@@ -481,6 +575,10 @@ def _decide(
         "thread_roundtrip_s": system.thread_roundtrip_s,
     }
     raw = model_search(w, m, proc_ns, thread_ns)
+    ghost = 0.0
+    if ghost_ns:
+        best_ghost = min(secs for code, _, _, secs in model_search(w, m, ghost_ns, []) if code)
+        ghost = serial_total / (sampled_s + best_ghost) if sampled_s + best_ghost > 0 else 0.0
     if procs_ok and proc_ns:
         fit = model_max_workers_for_memory(w, m, 1.0)
         if fit < max(proc_ns):
@@ -539,7 +637,9 @@ def _decide(
             f"{what}: {_plan_name(c.backend, c.n_jobs, c.chunksize)} is predicted"
             f" {c.speedup:.2f}x faster than serial ({why})"
         )
-        if c.speedup < min_speedup:
+        if forced:
+            reason += f"; {forced}"
+        elif c.speedup < min_speedup:
             reason += "; serial was excluded by backends"
             warnings.append(
                 f"the chosen plan is predicted only {c.speedup:.2f}x vs serial, which was "
@@ -547,7 +647,7 @@ def _decide(
             )
         return result(c.backend, c.n_jobs, c.chunksize, rest, reason, alts)
 
-    why = _why_not_parallel(profile, parallel, system, allowed)
+    why = _why_not_parallel(profile, parallel, system, allowed, ghost)
     return result("serial", 1, 1, serial_rest, f"serial is best: {why}", alts)
 
 
@@ -569,6 +669,9 @@ def optimize(
     ``n_jobs`` fixes the worker count; ``backends`` limits the choice (``"dask"`` plans for
     the cluster of ``client`` or the current one). ``verbose=True`` prints the report with
     the ranked alternatives.
+
+    The sample runs in the calling process (``execute`` may run it in a worker process: see
+    its docstring) and stops at the first item ``func`` raises on (``profile.error_index``).
 
     >>> import math
     >>> plan = optimize(math.sqrt, [1.0, 4.0, 9.0])

@@ -12,6 +12,11 @@ of the predicted serial time, or :data:`MAX_SAMPLE_ITEMS` items, whichever comes
 slow items are sampled once or twice and microsecond items a few thousand times. Nothing
 (no tracemalloc, no profiler) wraps the timed calls; memory is read between calls.
 
+Items run in the calling thread, or in batches in a worker process (``remote``: the executor
+passes one built on the processes backend), where ``TimedCall`` measures each call and a
+crash only fails its item. A failure either stops the sample or, with ``keep_going``, is a
+data point kept in its slot (``SampledFailure``).
+
 >>> s = sample(abs, [-1, 2, -3])
 >>> s.results, s.profile.n_sampled
 ((1, 2, 3), 3)
@@ -19,17 +24,30 @@ slow items are sampled once or twice and microsecond items a few thousand times.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import operator
 import os
 import pickle
+import sys
 import time
+import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["MAX_SAMPLE_ITEMS", "SAMPLE_BUDGET_S", "Profile", "Sample", "sample"]
+__all__ = [
+    "MAX_SAMPLE_ITEMS",
+    "SAMPLE_BUDGET_S",
+    "ItemRun",
+    "Profile",
+    "Sample",
+    "SampledFailure",
+    "TimedCall",
+    "sample",
+]
 
 # Wall-time budget for sampling. Sampled results are reused, so the real cost is only the
 # parallelism lost on these items: 50 ms is < 5% of the ~1 s jobs where parallelism starts
@@ -62,7 +80,10 @@ class Profile:
     near 0 for sleeping or waiting on I/O, above 1 when ``func`` runs its own threads.
     ``wait_fraction`` is the share of wall time ``func`` spent blocked (sleep, I/O): the
     missing CPU time when the thread really blocked, 0 when it was merely preempted.
-    ``error_index`` / ``error`` name the item ``func`` raised on (sampling stops there).
+    ``error_index`` / ``error`` name the first item that failed (by input index): sampling
+    stopped there unless it kept going, and then ``n_failed`` of the ``n_sampled`` items
+    failed (``n_crashed`` of them killed their worker process). ``in_caller`` items ran in
+    the calling process, the others in a worker process.
 
     >>> sample(len, ["ab", "c"]).profile.n_sampled
     2
@@ -89,6 +110,9 @@ class Profile:
     items_picklable: bool
     outputs_picklable: bool
     pickle_error: str | None
+    n_failed: int
+    n_crashed: int
+    in_caller: int
     error_index: int | None
     error: BaseException | None = field(compare=False)
     sample_seconds: float
@@ -97,6 +121,11 @@ class Profile:
     def cv(self) -> float:
         """Coefficient of variation of the item times (spread / mean)."""
         return self.std_seconds / self.mean_seconds if self.mean_seconds > 0 else 0.0
+
+    @property
+    def stopped_on_error(self) -> bool:
+        """Sampling stopped at a failure: the failed item is not among the sampled ones."""
+        return self.error_index is not None and self.n_failed == 0
 
     @property
     def picklable(self) -> bool:
@@ -170,17 +199,47 @@ def _describe(exc: BaseException) -> str:
 
 
 def _func_pickle(func: Callable[..., Any]) -> tuple[int, bool, str | None]:
-    """Pickled size of ``func`` (plain pickle, else cloudpickle as the process backend does)."""
+    """``_pickle_func`` remembered per function object (by value, ``__main__`` functions
+    cost ~30 us to pickle: more than a whole tiny run)."""
     try:
-        return len(pickle.dumps(func, _PROTOCOL)), True, None
-    except Exception as exc:
-        first = exc
+        return _FUNC_PICKLES[func]
+    except (KeyError, TypeError):  # new, or not weakly referable (then never remembered)
+        pass
+    out = _pickle_func(func)
+    with contextlib.suppress(TypeError):
+        _FUNC_PICKLES[func] = out
+    return out
+
+
+_FUNC_PICKLES: weakref.WeakKeyDictionary[Any, tuple[int, bool, str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _pickle_func(func: Callable[..., Any]) -> tuple[int, bool, str | None]:
+    """Pickled size of ``func`` as the process backend sends it (cloudpickle when installed).
+
+    cloudpickle sends ``__main__`` functions by value, so a closure over a lock defined in a
+    script pickles by reference with plain pickle but not with cloudpickle. Its import costs
+    ~20 ms: it is used when already imported, for ``__main__`` code, or when pickle fails.
+    """
+    first: Exception | None = None
+    if "cloudpickle" not in sys.modules and not _in_main(func):
+        try:
+            return len(pickle.dumps(func, _PROTOCOL)), True, None
+        except Exception as exc:
+            first = exc
     try:
         import cloudpickle
     except ImportError:
+        try:
+            return len(pickle.dumps(func, _PROTOCOL)), True, None
+        except Exception as exc:
+            first = first or exc
         return 0, False, (
-            f"the function cannot be pickled ({_describe(first)}) and cloudpickle is not "
-            "installed; define it at module level or `pip install cloudpickle`"
+            f"the function cannot be pickled ({_describe(first)}) and cloudpickle, which "
+            "sends lambdas, closures and __main__ functions, is not installed: install the "
+            "`full` extra (`pip install 'amorsize[full]'`) or define it at module level"
         )
     try:
         return len(cloudpickle.dumps(func, _PROTOCOL)), True, None
@@ -188,12 +247,24 @@ def _func_pickle(func: Callable[..., Any]) -> tuple[int, bool, str | None]:
         return 0, False, f"the function cannot be pickled, even by cloudpickle ({_describe(exc)})"
 
 
+def _in_main(func: Any) -> bool:
+    """Whether ``func`` (or the function a wrapper or partial holds) lives in ``__main__``."""
+    inner = getattr(func, "func", None)
+    return getattr(func, "__module__", None) == "__main__" or (
+        inner is not None and getattr(inner, "__module__", None) == "__main__"
+    )
+
+
 def _batch_pickle(
-    objs: list[Any], what: str, offset: int = 0
+    pairs: list[tuple[int, Any]], what: str, index_of: Callable[[int], int]
 ) -> tuple[float, float, float, str | None]:
-    """(bytes per item, dump s per item, load s per item, error) for one pickled batch."""
-    if not objs:
+    """(bytes per item, dump s per item, load s per item, error) for one pickled batch.
+
+    ``pairs`` are (position in the data, object); ``index_of`` names a position's item.
+    """
+    if not pairs:
         return 0.0, 0.0, 0.0, None
+    objs = [obj for _, obj in pairs]
     # Large items: a few are enough for sizes and times, and pickling costs real time.
     try:
         first = len(pickle.dumps(objs[0], _PROTOCOL))
@@ -208,12 +279,12 @@ def _batch_pickle(
         pickle.loads(blob)
         t2 = time.perf_counter()
     except Exception as exc:
-        for i, obj in enumerate(objs):
+        for pos, obj in pairs:
             try:
                 pickle.dumps(obj, _PROTOCOL)
             except Exception as item_exc:
                 return 0.0, 0.0, 0.0, (
-                    f"{what} {offset + i} ({type(obj).__name__}) cannot be pickled "
+                    f"{what} {index_of(pos)} ({type(obj).__name__}) cannot be pickled "
                     f"({_describe(item_exc)}), so it cannot be sent to a process"
                 )
         return 0.0, 0.0, 0.0, f"the sampled {what}s cannot be pickled ({_describe(exc)})"
@@ -221,11 +292,375 @@ def _batch_pickle(
     return len(blob) / n, (t1 - t0) / n, (t2 - t1) / n, None
 
 
+# --------------------------------------------------------------------------- items run elsewhere
+class ItemRun(NamedTuple):
+    """One sampled item run in a worker process: its outcome and what the call cost.
+
+    ``value`` is the result, or the exception when ``ok`` is false. ``seconds`` is NaN when
+    unknown: the worker died (``crashed``) or the item or its outcome could not cross the
+    process boundary (``travelled`` false).
+    """
+
+    ok: bool
+    value: Any
+    seconds: float
+    cpu: float = 0.0
+    waits: int = -1
+    mem: int = 0
+    attempts: int = 1
+    crashed: bool = False
+    travelled: bool = True
+
+
+#: Runs a batch of sampled items in a worker: ``(position of the first item, items, time
+#: budget)`` to one ``ItemRun`` per item, or ``None`` for an item not run (the budget was
+#: spent, or an earlier item failed): see ``TimedCall``.
+RemoteRunner = Callable[[int, list[Any], float], list["ItemRun | None"]]
+
+
+class TimedCall:
+    """``func`` on one item, measured where it runs (a worker process), as sampling does.
+
+    Returns ``(ok, result or exception, traceback text, seconds, cpu seconds, voluntary
+    switches, memory growth)``: a failure is a value, so its time still counts. Items are
+    not run (``None``) once the calls took ``budget_s`` in all, or after a failure with
+    ``stop``. Picklable when ``func`` is; each unpickled copy starts afresh.
+
+    >>> TimedCall(abs, stop=False)(-2)[:2]
+    (True, 2)
+    """
+
+    __slots__ = ("budget_s", "calls", "done", "func", "overhead", "spent", "stop")
+
+    def __init__(
+        self, func: Callable[[Any], Any], *, stop: bool, budget_s: float = math.inf
+    ) -> None:
+        self.__setstate__((func, stop, budget_s))
+
+    def __getstate__(self) -> tuple[Callable[[Any], Any], bool, float]:
+        return self.func, self.stop, self.budget_s
+
+    def __setstate__(self, state: tuple[Callable[[Any], Any], bool, float]) -> None:
+        self.func, self.stop, self.budget_s = state
+        self.done = False
+        self.calls = 0
+        self.spent = 0.0
+        self.overhead = -1.0
+
+    def __repr__(self) -> str:
+        # Messages about the function sent to workers (it cannot be pickled...) name func.
+        return repr(self.func)
+
+    def __call__(self, item: Any) -> tuple[Any, ...] | None:
+        if self.done:
+            return None
+        if self.overhead < 0:
+            self.overhead = _timer_overhead()
+        track = _HAS_STATM and self.calls < _MEMORY_ITEMS
+        self.calls += 1
+        rss0 = _rss() if track else 0
+        vol0 = _voluntary_switches()
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        try:
+            value = self.func(item)
+            ok = True
+        except Exception as exc:
+            value, ok = exc, False
+        seconds = max(time.perf_counter() - t0 - self.overhead, 0.0)
+        cpu = time.process_time() - cpu0
+        waits = _voluntary_switches() - vol0 if vol0 >= 0 else -1
+        mem = max(_rss() - rss0, 0) if track else 0
+        self.spent += seconds
+        self.done = self.spent >= self.budget_s or (self.stop and not ok)
+        if ok:
+            return (True, value, "", seconds, cpu, waits, mem)
+        try:
+            pickle.loads(pickle.dumps(value, _PROTOCOL))
+        except Exception:
+            # It cannot reach the parent as a value: let the backend report the item.
+            raise value from None
+        tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
+        return (False, value, tb, seconds, cpu, waits, mem)
+
+
+@dataclass(frozen=True)
+class SampledFailure:
+    """A sampled item that failed, in its slot of ``Sample.results`` (keep-going samples).
+
+    ``attempts`` counts the calls made (retries) or the worker crashes.
+    """
+
+    exception: BaseException
+    attempts: int = 1
+
+
+# --------------------------------------------------------------------------- the sample loop
+_END: Any = object()
+
+
 def _length(data: Any) -> int | None:
     try:
         return len(data)
     except TypeError:
         return None
+
+
+class _Source:
+    """The items of ``data`` in order; ``pos`` counts those the sample used up."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.is_iterator = iter(data) is data
+        self.n_items = None if self.is_iterator else _length(data)
+        self.seq: Sequence[Any] | None = data if isinstance(data, Sequence) else None
+        self.it: Iterator[Any] | None = None
+        self.drawn: list[Any] = []
+        self.it_done = False  # the iterator raised StopIteration
+        if self.seq is None:
+            self.it = iter(data)
+            if self.is_iterator and self.n_items is None:
+                hint = operator.length_hint(self.it, -1)
+                self.n_items = None if hint < 0 else hint  # remaining = total before sampling
+        self.pos = 0
+
+    @property
+    def ended(self) -> bool:
+        """Every item was taken."""
+        if self.seq is not None:
+            return self.pos >= len(self.seq)
+        if not self.is_iterator and self.n_items is not None and self.pos >= self.n_items:
+            return True
+        return self.it_done and self.pos >= len(self.drawn)
+
+    def take(self, n: int) -> list[Any]:
+        """The next ``n`` items (fewer at the end); never draws more from an iterator."""
+        if self.seq is not None:
+            out = list(self.seq[self.pos : self.pos + n])
+        else:
+            assert self.it is not None
+            out = self.drawn[self.pos : self.pos + n]
+            want = n - len(out)
+            if want > 0 and not self.it_done:
+                more = list(itertools.islice(self.it, want))
+                self.it_done = len(more) < want
+                self.drawn.extend(more)
+                out.extend(more)
+        self.pos += len(out)
+        return out
+
+    def next(self) -> Any:
+        """The next item, or ``_END``: ``take(1)`` without building a list."""
+        pos = self.pos
+        if self.seq is not None:
+            if pos >= len(self.seq):
+                return _END
+            self.pos = pos + 1
+            return self.seq[pos]
+        got = self.take(1)
+        return got[0] if got else _END
+
+    def give_back(self, n: int) -> None:
+        """The last ``n`` items taken were not run: they stay in the data to run."""
+        self.pos -= n
+
+
+class _Tally:
+    """What the sample found so far, wherever its items ran."""
+
+    def __init__(self, keep_going: bool) -> None:
+        self.keep_going = keep_going
+        self.results: list[Any] = []
+        self.times: list[float] = []
+        self.mem = 0
+        self.cpu = 0.0
+        self.wall = 0.0  # the timed part: item times, or the caller's loop
+        self.timed = 0.0  # the items' own times
+        self.switches = 0  # -1: unknown
+        self.n_failed = 0
+        self.n_crashed = 0
+        self.in_caller = 0
+        self.error_pos: int | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.error is not None and not self.keep_going
+
+    def ok(self, value: Any, seconds: float) -> None:
+        self.results.append(value)
+        self.times.append(seconds)
+        self.timed += seconds
+
+    def fail(self, pos: int, exc: BaseException, seconds: float, attempts: int) -> None:
+        """A failed item: a data point (keep going), or where the sample stops."""
+        if self.error is None:
+            self.error_pos, self.error = pos, exc
+        if not self.keep_going:
+            return
+        self.n_failed += 1
+        self.results.append(SampledFailure(exc, attempts))
+        if math.isfinite(seconds):
+            self.times.append(seconds)
+            self.timed += seconds
+
+    def add_remote(self, pos: int, run: ItemRun) -> None:
+        """An item that ran in a worker."""
+        if math.isfinite(run.seconds):
+            self.cpu += run.cpu
+            self.wall += run.seconds
+            self.mem = max(self.mem, run.mem)
+            if self.switches >= 0:
+                self.switches = self.switches + run.waits if run.waits >= 0 else -1
+        self.n_crashed += run.crashed
+        if run.ok:
+            self.ok(run.value, run.seconds)
+        else:
+            self.fail(pos, run.value, run.seconds, run.attempts)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """When a sample is big enough (see the module docstring)."""
+
+    fixed: bool
+    budget_s: float
+    total: int
+    cores: float
+
+    def enough(self, spent: float, n: int, cpu: float, switches: int) -> bool:
+        if self.fixed or n == 0:
+            return False
+        if spent >= self.budget_s:
+            return True
+        if spent < _MIN_SAMPLE_S:
+            return False
+        best_case = self.total * (spent / n) / self.parallelism(spent, n, cpu, switches)
+        return spent >= SAMPLE_FRACTION * best_case
+
+    def parallelism(self, spent: float, n: int, cpu: float, switches: int) -> float:
+        """The best conceivable parallelism: IO_PARALLELISM for waiting work, else cores."""
+        waiting = cpu < 0.5 * spent and (switches < 0 or switches >= 0.5 * n)
+        return IO_PARALLELISM if waiting else self.cores
+
+    def batch(self, tally: _Tally, left: int) -> int:
+        """Items to send in the next batch to a worker: about what the rules still want."""
+        n = len(tally.times)
+        if self.fixed or left <= 0:
+            return max(left, 0)
+        if n == 0 or tally.wall <= 0:
+            return 1
+        mean = tally.wall / n
+        par = self.parallelism(tally.wall, n, tally.cpu, tally.switches)
+        want = max(_MIN_SAMPLE_S / mean, SAMPLE_FRACTION * self.total / par)
+        want = min(want, self.budget_s / mean)
+        return max(1, min(math.ceil(want) - n, left))
+
+
+def _run_here(
+    func: Callable[[Any], Any],
+    src: _Source,
+    tally: _Tally,
+    rules: _Rules,
+    limit: int,
+    offload: Callable[[float, int], bool] | None,
+) -> bool:
+    """Run items in the calling thread until the sample is done; True: the rest goes remote.
+
+    ``offload(mean seconds, items so far)`` is asked after each item.
+    """
+    pc = time.perf_counter
+    overhead = _timer_overhead()
+    results, times = tally.results, tally.times
+    keep, put = results.append, times.append  # the loop is the sample's cost on tiny items
+    timed = 0.0
+    ran = 0
+    moved = False
+    seq = src.seq  # limit <= len(seq): index it directly, the cheapest way to get an item
+    pos = src.pos
+    wall0 = tally.wall
+    cpu0 = time.process_time()
+    vol0 = _voluntary_switches()
+    start = pc()
+    while pos < limit:
+        if seq is not None:
+            item = seq[pos]
+        else:
+            item = src.next()
+            if item is _END:
+                break
+        pos += 1
+        track_mem = _HAS_STATM and len(times) < _MEMORY_ITEMS
+        rss0 = _rss() if track_mem else 0
+        t0 = pc()
+        try:
+            out = func(item)
+        except Exception as exc:
+            t1 = pc()
+            ran += 1
+            tally.fail(pos - 1, exc, max(t1 - t0 - overhead, 0.0), getattr(exc, "attempts", 1))
+            if tally.stopped:
+                break
+        else:
+            t1 = pc()
+            ran += 1
+            if track_mem:
+                tally.mem = max(tally.mem, _rss() - rss0)
+            sec = t1 - t0 - overhead
+            if sec < 0.0:
+                sec = 0.0
+            keep(out)
+            put(sec)
+            timed += sec
+        n = len(times)
+        if n == 0:
+            continue
+        spent = wall0 + (t1 - start)
+        if spent >= _MIN_SAMPLE_S or rules.budget_s <= 0:
+            cpu = tally.cpu + time.process_time() - cpu0
+            switches = _voluntary_switches() - vol0 if vol0 >= 0 else -1
+            if rules.enough(spent, n, cpu, switches):
+                break
+            # Asked only from 1 ms of work on: a lone first call is often slow (caches,
+            # imports) and would send microsecond work to a worker.
+            if offload is not None and offload((tally.timed + timed) / n, n):
+                moved = True
+                break
+    src.pos = pos
+    tally.timed += timed
+    tally.in_caller += ran
+    tally.wall += pc() - start
+    tally.cpu += time.process_time() - cpu0
+    if vol0 < 0:
+        tally.switches = -1
+    elif tally.switches >= 0:
+        tally.switches += _voluntary_switches() - vol0
+    return moved
+
+
+def _run_remote(
+    remote: RemoteRunner, src: _Source, tally: _Tally, rules: _Rules, limit: int, auto: bool
+) -> bool:
+    """Run items in batches in a worker until the sample is done; True: back to the caller.
+
+    With ``auto``, an item that cannot cross to a process (or whose outcome cannot come
+    back) sends the sample back to the caller, which runs it: so would a serial plan.
+    """
+    while src.pos < limit and not tally.stopped:
+        first = src.pos
+        items = src.take(rules.batch(tally, limit - first))
+        if not items:
+            return False
+        # The worker stops at the budget left: a fast first item cannot launch a long batch.
+        budget = math.inf if rules.fixed else max(rules.budget_s - tally.wall, 0.0)
+        runs = remote(first, items, budget)
+        for k, run in enumerate(runs):
+            if run is None or (auto and not run.travelled) or tally.stopped:
+                src.give_back(len(items) - k)
+                return run is not None and not run.travelled and not tally.stopped
+            tally.add_remote(first + k, run)
+        if rules.enough(tally.wall, len(tally.times), tally.cpu, tally.switches):
+            return False
+    return False
 
 
 def sample(
@@ -237,120 +672,97 @@ def sample(
     max_items: int = MAX_SAMPLE_ITEMS,
     cores: float = 1.0,
     assumed_length: int = 10_000,
+    keep_going: bool = False,
+    remote: RemoteRunner | None = None,
+    offload: Callable[[float, int], bool] | None = None,
+    index_of: Callable[[int], int] | None = None,
 ) -> Sample:
     """Run ``func`` on the first items of ``data`` and measure them.
 
     ``sample_size`` fixes the count (else it adapts, see the module docstring; ``cores`` and
     ``assumed_length``, used when the length is unknown, size the best-case parallel run
-    that the sample must stay a small fraction of). Never draws
-    more items from an iterator than it runs. If ``func`` raises, sampling stops: the
-    profile records the item and the error, and ``results`` hold only the items before it.
+    that the sample must stay a small fraction of). Never draws more items from an iterator
+    than it runs.
+
+    Failures: by default sampling stops at the first item ``func`` raises on; the profile
+    records it and ``results`` hold only the items before it. With ``keep_going`` a failed
+    item is a data point: its time counts, a ``SampledFailure`` takes its slot in
+    ``results``, and sampling goes on.
+
+    Where items run: in the calling thread, unless ``remote`` is given (a ``RemoteRunner``,
+    running batches in a worker process). With ``remote`` alone every item runs there; with
+    ``offload`` too, the first item runs in the caller, and so do the next ones until they
+    add up to 1 ms and ``offload(mean seconds, items so far)`` says yes: then the rest of
+    the sample runs remotely. ``index_of`` maps a position in
+    ``data`` to the input index that messages name (a stream that skips items).
 
     >>> s = sample(str, iter(range(5)), sample_size=2)
     >>> s.results, list(s.data)
     (('0', '1'), [0, 1, 2, 3, 4])
     """
-    is_iterator = iter(data) is data
-    n_items = None if is_iterator else _length(data)
-    seq: Sequence[Any] | None = data if isinstance(data, Sequence) else None
-    it: Iterator[Any] | None = None
-    if seq is None:
-        it = iter(data)
-        if is_iterator and n_items is None:
-            hint = operator.length_hint(it, -1)
-            n_items = None if hint < 0 else hint  # remaining = total before sampling
+    src = _Source(data)
     limit = max_items if sample_size is None else sample_size
-    if n_items is not None and not is_iterator:
+    if src.n_items is not None and not src.is_iterator:
         # An iterator's length_hint is only a hint: it never cuts the sample short.
-        limit = min(limit, n_items)
-
-    items: list[Any] = []
-    results: list[Any] = []
-    times: list[float] = []
-    mem = 0
-    error_index: int | None = None
-    error: BaseException | None = None
-    exhausted = False
-    pc = time.perf_counter
-    overhead = _timer_overhead()
-    cpu0 = time.process_time()
-    vol0 = _voluntary_switches()
-    start = pc()
-    i = 0
-    while i < limit:
-        if seq is not None:
-            item = seq[i]
+        limit = min(limit, src.n_items)
+    total = src.n_items if src.n_items is not None else assumed_length
+    rules = _Rules(sample_size is not None, budget_s, total, cores)
+    tally = _Tally(keep_going)
+    start = time.perf_counter()
+    here = remote is None or offload is not None
+    while src.pos < limit and not tally.stopped and not src.ended:
+        if here:
+            if not _run_here(func, src, tally, rules, limit, offload if remote else None):
+                break
+            here = False
         else:
-            assert it is not None
-            try:
-                item = next(it)
-            except StopIteration:
-                exhausted = True
+            assert remote is not None
+            if not _run_remote(remote, src, tally, rules, limit, offload is not None):
                 break
-        items.append(item)
-        track_mem = _HAS_STATM and i < _MEMORY_ITEMS
-        rss0 = _rss() if track_mem else 0
-        t0 = pc()
-        try:
-            out = func(item)
-        except Exception as exc:
-            error_index, error = i, exc
-            break
-        t1 = pc()
-        if track_mem:
-            mem = max(mem, _rss() - rss0)
-        results.append(out)
-        times.append(max(t1 - t0 - overhead, 0.0))
-        i += 1
-        if sample_size is None:
-            spent = t1 - start
-            if spent >= budget_s:
-                break
-            if spent >= _MIN_SAMPLE_S:
-                total = n_items if n_items is not None else assumed_length
-                waiting = time.process_time() - cpu0 < 0.5 * spent and (
-                    vol0 < 0 or _voluntary_switches() - vol0 >= 0.5 * i)
-                best_case = total * (spent / i) / (IO_PARALLELISM if waiting else cores)
-                if spent >= SAMPLE_FRACTION * best_case:
-                    break
-    wall = pc() - start
-    cpu = time.process_time() - cpu0
-    switches = _voluntary_switches() - vol0 if vol0 >= 0 else -1
+            here, offload = True, None  # the caller runs the rest: it cannot travel
+    wall = time.perf_counter() - start
+    return _finish(func, data, src, tally, wall, index_of or (lambda k: k))
 
-    if seq is not None:
-        if n_items is not None and i >= n_items and error is None:
-            exhausted = True
-        out_data: Iterable[Any] = data
-    elif is_iterator:
-        assert it is not None
-        out_data = itertools.chain(items, it)
-        if exhausted:
-            n_items = len(items)
-    else:
-        out_data = data
-        if n_items is not None and i >= n_items:
-            exhausted = True
 
+def _finish(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    src: _Source,
+    tally: _Tally,
+    wall: float,
+    index_of: Callable[[int], int],
+) -> Sample:
+    """The profile and the data to run on, once the items have run."""
+    n_items = src.n_items
+    out_data: Iterable[Any] = data
+    exhausted = src.ended and not tally.stopped
+    if src.is_iterator:
+        assert src.it is not None
+        out_data = itertools.chain(src.drawn, src.it)
+        if src.it_done:
+            n_items = len(src.drawn)
+
+    n_in = min(src.pos, _PICKLE_ITEMS)
+    items = list(src.seq[:n_in]) if src.seq is not None else src.drawn[:n_in]
     func_bytes, func_ok, func_err = _func_pickle(func)
-    in_b, in_dump, in_load, in_err = _batch_pickle(items[:_PICKLE_ITEMS], "item")
-    out_b, out_dump, out_load, out_err = _batch_pickle(results[:_PICKLE_ITEMS], "result")
-    pickle_error = func_err or in_err or out_err
+    in_b, in_dump, in_load, in_err = _batch_pickle(
+        list(enumerate(items)), "item", index_of)
+    outs = [(k, r) for k, r in enumerate(tally.results[:_PICKLE_ITEMS])
+            if type(r) is not SampledFailure]
+    out_b, out_dump, out_load, out_err = _batch_pickle(outs, "result", index_of)
 
+    times = tally.times
     n = len(times)
     mean = math.fsum(times) / n if n else 0.0
     std = math.sqrt(math.fsum((t - mean) ** 2 for t in times) / (n - 1)) if n > 1 else 0.0
-    timed_wall = math.fsum(times)
     # The loop's own work (pickling is outside it) is tiny beside the items themselves,
-    # so CPU over loop wall is the items' CPU share.
-    cpu_ratio = cpu / wall if wall > 0 else 1.0
-    if timed_wall <= 0:
-        cpu_ratio = 1.0
+    # so CPU over the timed wall is the items' CPU share.
+    cpu_ratio = tally.cpu / tally.wall if tally.wall > 0 and math.fsum(times) > 0 else 1.0
     # Blocking shows as voluntary switches (at least one per waiting call); without them a
     # low ratio means the machine was busy, and the work itself is CPU-bound.
-    blocked = switches < 0 or switches >= 0.5 * max(len(times), 1)
-    wait_fraction = max(0.0, 1.0 - cpu_ratio) if blocked else 0.0
+    blocked = tally.switches < 0 or tally.switches >= 0.5 * max(n, 1)
     profile = Profile(
-        n_sampled=n,
+        n_sampled=len(tally.results),
         n_items=n_items,
         exhausted=exhausted,
         item_seconds=tuple(times),
@@ -358,21 +770,24 @@ def sample(
         std_seconds=std,
         max_seconds=max(times, default=0.0),
         cpu_ratio=cpu_ratio,
-        wait_fraction=wait_fraction,
+        wait_fraction=max(0.0, 1.0 - cpu_ratio) if blocked else 0.0,
         in_bytes=in_b,
         out_bytes=out_b,
         in_dump_seconds=in_dump,
         in_load_seconds=in_load,
         out_dump_seconds=out_dump,
         out_load_seconds=out_load,
-        mem_per_item=float(max(mem, 0, int(out_b))),
+        mem_per_item=float(max(tally.mem, 0, int(out_b))),
         func_bytes=func_bytes,
         func_picklable=func_ok,
         items_picklable=in_err is None,
         outputs_picklable=out_err is None,
-        pickle_error=pickle_error,
-        error_index=error_index,
-        error=error,
+        pickle_error=func_err or in_err or out_err,
+        n_failed=tally.n_failed,
+        n_crashed=tally.n_crashed,
+        in_caller=tally.in_caller,
+        error_index=None if tally.error_pos is None else index_of(tally.error_pos),
+        error=tally.error,
         sample_seconds=wall,
     )
-    return Sample(profile=profile, results=tuple(results), data=out_data)
+    return Sample(profile=profile, results=tuple(tally.results), data=out_data)

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import itertools
+import json
 import pickle
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amorsize.sampling import MAX_SAMPLE_ITEMS, Profile, sample
+from amorsize.backends import get_backend
+from amorsize.executor import _remote_sampler
+from amorsize.sampling import MAX_SAMPLE_ITEMS, Profile, SampledFailure, TimedCall, sample
 
 
 def double(x: int) -> int:
@@ -228,3 +235,174 @@ def test_profile_is_frozen() -> None:
     p: Profile = sample(double, [1]).profile
     with pytest.raises(AttributeError):
         p.n_sampled = 5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- failures as data
+def fail_on_even(x: int) -> int:
+    if x % 2 == 0:
+        msg = f"bad {x}"
+        raise ValueError(msg)
+    return x
+
+
+@pytest.mark.parametrize("make", [list, iter])
+def test_keep_going_keeps_failures_as_data_points(make: Any) -> None:
+    """issue 12 item 10: keep_going samples on past failures; each stays in its slot, timed."""
+    s = sample(fail_on_even, make(range(10)), sample_size=6, keep_going=True)
+    p = s.profile
+    assert [type(r) for r in s.results] == [SampledFailure, int] * 3
+    assert [str(r.exception) for r in s.results[::2]] == ["bad 0", "bad 2", "bad 4"]
+    assert s.results[1::2] == (1, 3, 5)
+    assert p.n_sampled == 6 and p.n_failed == 3 and len(p.item_seconds) == 6
+    assert p.error_index == 0 and not p.stopped_on_error
+    assert list(s.data) == list(range(10))
+
+
+def test_stop_mode_keeps_the_failure_out_of_the_results() -> None:
+    """Without keep_going the sample stops at the failure, which the profile names."""
+    p = sample(fail_on_even, [1, 3, 4, 5], sample_size=4).profile
+    assert p.stopped_on_error and p.error_index == 2 and p.n_sampled == 2
+
+
+def test_index_of_names_the_input_index() -> None:
+    """issue 12 item 13: a sample of a stream that skips items names the real input index."""
+    p = sample(fail_on_three, [5, 3, 7], index_of=lambda k: k + 100).profile
+    assert p.error_index == 101
+
+
+# --------------------------------------------------------------------------- where items run
+def test_timed_call_measures_and_returns_failures_as_values() -> None:
+    """A worker's timed call returns its outcome and costs; failures keep their traceback."""
+    call = TimedCall(fail_on_three, stop=True)
+    ok, value, tb, seconds, cpu, *_ = call(2)
+    assert (ok, value, tb) == (True, 2, "") and seconds >= 0 and cpu >= 0
+    ok, value, tb, *_ = call(3)
+    assert not ok and isinstance(value, ValueError) and "fail_on_three" in tb
+    assert call(4) is None  # stop: nothing runs after a failure
+    fresh = pickle.loads(pickle.dumps(call))
+    assert fresh(4)[:2] == (True, 4)
+
+
+def test_timed_call_stops_at_its_budget() -> None:
+    """Items after the time budget are not run, so a batch cannot outlast the sample."""
+    call = TimedCall(short_sleep, stop=False, budget_s=0.001)
+    assert call(1) is not None and call(2) is None
+
+
+def test_offload_moves_the_rest_of_the_sample_to_a_worker() -> None:
+    """issue 12 item 3: the first item runs in the caller, the rest in a real worker."""
+    runner = _remote_sampler(get_backend("processes"), short_sleep, stop=True)
+    s = sample(short_sleep, list(range(10)), sample_size=5, remote=runner,
+               offload=lambda mean, n: True)
+    assert s.results == (0, 1, 2, 3, 4)
+    assert s.profile.in_caller == 1 and s.profile.n_sampled == 5
+    assert s.profile.mean_seconds >= 0.002
+
+
+def test_no_offload_keeps_the_sample_in_the_caller() -> None:
+    """While offload says no, every sampled item runs in the caller (no worker needed)."""
+    def runner(first: int, items: list[Any], budget: float) -> list[Any]:
+        raise AssertionError("no item may go to a worker")
+
+    s = sample(double, list(range(50)), remote=runner, offload=lambda mean, n: False)
+    assert s.profile.in_caller == s.profile.n_sampled == 50
+
+
+_CRASH_SCRIPT = """
+import json, os, signal, sys
+import amorsize.optimizer
+from amorsize import ItemFailure, WorkerCrashedError, execute
+from amorsize.system import SystemInfo
+
+CRASH_AT = int(sys.argv[2])
+
+def work(x):
+    if x == CRASH_AT:
+        if sys.argv[3] == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        os._exit(7)
+    s = 0
+    for i in range(100_000):  # a few ms: over the 1 ms after which the sample may move
+        s += i
+    return x
+
+if __name__ == "__main__":
+    # Injected machine facts: a 2-core machine, whatever runs the test.
+    facts = amorsize.optimizer.get_system_info()
+    facts = SystemInfo(**{**facts.__dict__, "usable_cores": 2.0, "process_startup_s": 5e-3,
+                          "process_startup_per_worker_s": 2e-3, "process_roundtrip_s": 5e-5})
+    amorsize.optimizer.get_system_info = lambda: facts
+    backend = sys.argv[1]
+    out = {}
+    results, plan = execute(work, range(100), backend=backend, on_error="collect",
+                            return_plan=True)
+    out["failed"] = [[f.index, type(f.exception).__name__] for f in plan.failures]
+    out["ok"] = sum(1 for r in results if not isinstance(r, ItemFailure))
+    out["in_caller"] = plan.optimization.profile.in_caller
+    out["backend"] = plan.backend
+    try:
+        execute(work, range(100), backend=backend)
+    except WorkerCrashedError as exc:
+        out["raised"] = str(exc)
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "segv"])
+@pytest.mark.parametrize(("backend", "crash_at", "in_caller"), [("processes", 0, 0), ("auto", 1, 1)])
+def test_crash_in_a_sampled_item_is_reported_not_fatal(
+    tmp_path: Path, backend: str, crash_at: int, in_caller: int, how: str
+) -> None:
+    """issue 12 item 3: a sampled item that kills its process is a WorkerCrashedError."""
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(_CRASH_SCRIPT))
+    proc = subprocess.run(
+        [sys.executable, str(script), backend, str(crash_at), how],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["failed"] == [[crash_at, "WorkerCrashedError"]]
+    assert out["ok"] == 99 and out["in_caller"] == in_caller
+    # The rest never runs in the caller, where another crash would end it.
+    assert out["backend"] == "processes"
+    assert "worker process died" in out["raised"]
+
+
+_MAIN_LOCK_SCRIPT = """
+import json, threading
+import amorsize.optimizer
+from amorsize import execute
+from amorsize.sampling import sample
+from amorsize.system import SystemInfo
+
+LOCK = threading.Lock()
+
+def work(x):
+    with LOCK:  # cloudpickle sends __main__ functions by value: the lock cannot travel
+        s = 0
+        for i in range(100_000):
+            s += i
+    return x
+
+if __name__ == "__main__":
+    facts = amorsize.optimizer.get_system_info()
+    facts = SystemInfo(**{**facts.__dict__, "usable_cores": 2.0, "process_startup_s": 5e-3,
+                          "process_startup_per_worker_s": 2e-3, "process_roundtrip_s": 5e-5})
+    amorsize.optimizer.get_system_info = lambda: facts
+    picklable = sample(work, [1, 2], sample_size=2).profile.func_picklable
+    results, plan = execute(work, range(200), return_plan=True)
+    print(json.dumps([picklable, results == list(range(200)), plan.backend]))
+"""
+
+
+def test_main_function_that_cannot_travel_is_sampled_and_run_here(tmp_path: Path) -> None:
+    """A __main__ function over a lock: not picklable as the workers get it; auto stays here."""
+    pytest.importorskip("cloudpickle")
+    script = tmp_path / "lock.py"
+    script.write_text(textwrap.dedent(_MAIN_LOCK_SCRIPT))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    picklable, correct, backend = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not picklable and correct and backend != "processes"
