@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amorsize import execute
-from amorsize._core import pack_item_hashes
 from amorsize.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -31,6 +30,7 @@ from amorsize.checkpoint import (
     CheckpointWarning,
     StoreError,
     _expand_runs,
+    _hasher,
     _runs_of,
     checkpoint_observer,
     function_identity,
@@ -241,14 +241,17 @@ def test_function_identity_looks_through_wrappers() -> None:
     assert p1["func_qualname"] == "pow" and p1 != p2
 
 
+KEY = bytes(range(16))
+
+
 def test_item_hash_is_stable_across_processes(tmp_path: Path) -> None:
-    """Item hashes do not depend on the process (no PYTHONHASHSEED dependence)."""
+    """Item hashes depend on the file's key only, not on the process (no PYTHONHASHSEED)."""
     items = [1, "a", (1, "b"), {"k": [1, 2]}, 2.5, None, True, "1", 1.0, -1, 2**70]
-    here = [item_hash(x) for x in items]
+    here = [item_hash(x, KEY) for x in items]
     code = (
         "from amorsize.checkpoint import item_hash;"
-        "print([item_hash(x) for x in [1, 'a', (1, 'b'), {'k': [1, 2]}, 2.5, None, True, '1',"
-        " 1.0, -1, 2**70]])"
+        "print([item_hash(x, bytes(range(16))) for x in [1, 'a', (1, 'b'), {'k': [1, 2]}, 2.5,"
+        " None, True, '1', 1.0, -1, 2**70]])"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
@@ -256,12 +259,12 @@ def test_item_hash_is_stable_across_processes(tmp_path: Path) -> None:
     )
     assert out.stdout.strip() == repr(here)
     assert len(set(here)) == len(here)
-    assert item_hash(lambda: 1) is None
+    assert item_hash(lambda: 1, KEY) is None
 
 
 _ITEMS = st.one_of(
-    st.integers(min_value=-(2**31), max_value=2**31),
-    st.sampled_from([-(2**30) - 1, -(2**30), 2**30 - 1, 2**30, 2**63, -(2**64), True, False]),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.sampled_from([-(2**63) - 1, -(2**63), 2**63 - 1, 2**63, 0, -1, True, False]),
     st.text(max_size=5),
     st.floats(allow_nan=False),
     st.none(),
@@ -273,8 +276,8 @@ _ITEMS = st.one_of(
 @given(st.lists(_ITEMS, max_size=40))
 def test_packed_hashes_are_item_hash(items: list[Any]) -> None:
     """The compiled block hasher gives item_hash's values, little-endian, 0 for no hash."""
-    blob, missing = pack_item_hashes(items, item_hash)
-    hashes = [item_hash(x) for x in items]
+    blob, missing = _hasher(KEY).pack(items)
+    hashes = [item_hash(x, KEY) for x in items]
     assert blob == b"".join((h or 0).to_bytes(8, "little") for h in hashes)
     assert missing == hashes.count(None)
     assert 0 not in hashes
@@ -290,7 +293,7 @@ def test_packed_hashes_survive_an_item_that_resizes_the_list() -> None:
             return (int, (7,))
 
     items += [1, Grower(), 3]
-    blob, missing = pack_item_hashes(items, item_hash)
+    blob, missing = _hasher(KEY).pack(items)
     assert len(blob) == 3 * 8 and missing == 0
 
 
