@@ -148,7 +148,8 @@ class _Walk:
     def _function_values(self, f: Any, code: CodeType, depth: int) -> None:
         h = self.values
         self.value(getattr(f, "__defaults__", None), h, depth + 1)
-        self.value(getattr(f, "__kwdefaults__", None), h, depth + 1)
+        kwdefaults = getattr(f, "__kwdefaults__", None) or {}
+        self.value(tuple(sorted(kwdefaults.items())), h, depth + 1)
         for name, cell in zip(code.co_freevars, getattr(f, "__closure__", None) or (), strict=False):
             self._put(h, b"c", name.encode())
             try:

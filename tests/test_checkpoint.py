@@ -755,3 +755,206 @@ def test_execute_iter_resumes_too(tmp_path: Path) -> None:
     CALLS.clear()
     assert list(execute_iter(stopping_square, range(100), **kw)) == [x * x for x in range(100)]
     assert sorted(CALLS) == sorted(set(range(100)) - stored)
+
+
+# --- issue 12: identity covers the values a function uses (item 4) --------------------------
+def _load_module(path: Path, name: str) -> types.ModuleType:
+    """Import ``path`` afresh as module ``name`` (a new version of the same module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+_HELPERS = "def helper(x):\n    return x + {v}\n\n\n"
+_VERSIONS = {
+    "default": "def work(x, scale={v}):\n    return x * scale\n",
+    "keyword default": "def work(x, *, scale={v}):\n    return x * scale\n",
+    "closure": "def make(k):\n    def work(x):\n        return x * k\n    return work\n\n\nwork = make({v})\n",
+    "lambda": "work = (lambda k: lambda x: x * k)({v})\n",
+    "module constant": "FACTOR = ({v}, 'units')\n\n\ndef work(x):\n    return x * FACTOR[0]\n",
+    "helper function": _HELPERS + "def work(x):\n    return helper(x) * 2\n",
+    "nested constant": "T = frozenset({{'a', 'b', {v}}})\n\n\ndef work(x):\n    return [x for _ in T]\n",
+}
+
+
+@pytest.mark.parametrize("edit", list(_VERSIONS))
+def test_edited_value_is_a_mismatch(tmp_path: Path, edit: str) -> None:
+    """issue 12 item 4: editing a default, closure value, lambda capture or constant is refused."""
+    source = tmp_path / "workmod.py"
+    path = tmp_path / "run.db"
+    name = f"workmod_{uuid.uuid4().hex}"
+    source.write_text(_VERSIONS[edit].format(v=2))
+    v1 = _load_module(source, name)
+    first = execute(v1.work, [1, 2, 3], checkpoint=path, backend="serial")
+    # The same source imported again is the same identity: resume works.
+    again = _load_module(source, name)
+    assert execute(again.work, [1, 2, 3], checkpoint=path, backend="serial") == first
+    source.write_text(_VERSIONS[edit].format(v=3))
+    v2 = _load_module(source, name)
+    with pytest.raises(CheckpointMismatchError, match=r"(values|code) .*work.* changed"):
+        execute(v2.work, [1, 2, 3], checkpoint=path, backend="serial")
+    relaxed = Checkpoint(path, check_code=False)
+    assert execute(v2.work, [1, 2, 3], checkpoint=relaxed, backend="serial") == first
+
+
+def test_identity_is_the_same_in_another_process(tmp_path: Path) -> None:
+    """issue 12 item 4: the values digest does not depend on the process (hash seeds, ids)."""
+    source = tmp_path / "seedmod.py"
+    source.write_text(
+        "NAMES = frozenset({'alpha', 'beta', 'gamma', 'delta'})\nLIMIT = (1.5, b'x', None)\n\n\n"
+        "def helper(x):\n    return x in NAMES\n\n\n"
+        "def work(x, opts=(('a', 1), ('b', 2))):\n    return helper(x), LIMIT\n"
+    )
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import seedmod;"
+        "from amorsize.checkpoint import function_identity;"
+        "print(sorted(function_identity(seedmod.work).items()))"
+    )
+    outs = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+            check=True, cwd=tmp_path,
+        )
+        outs.add(run.stdout)
+    assert len(outs) == 1
+
+
+def test_mutable_state_is_not_identity() -> None:
+    """issue 12 item 4: lists, dicts and sets a function uses are state, not identity."""
+    cache: dict[int, int] = {}
+
+    def work(x: int) -> int:
+        cache[x] = x
+        return x
+
+    before = function_identity(work)
+    cache[5] = 5
+    STOP_AT.add(3)
+    assert function_identity(work) == before
+    assert function_identity(stopping_square) == function_identity(stopping_square)
+
+
+# --- issue 12: keyed item hashes (item 5) ---------------------------------------------------
+def _siphash24(key: bytes, msg: bytes) -> int:
+    """SipHash-2-4, written from the paper (Aumasson & Bernstein 2012), for reference."""
+    mask = (1 << 64) - 1
+
+    def rotl(x: int, b: int) -> int:
+        return ((x << b) | (x >> (64 - b))) & mask
+
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+    v = [k0 ^ 0x736F6D6570736575, k1 ^ 0x646F72616E646F6D, k0 ^ 0x6C7967656E657261,
+         k1 ^ 0x7465646279746573]
+
+    def rounds(n: int) -> None:
+        for _ in range(n):
+            v[0] = (v[0] + v[1]) & mask; v[1] = rotl(v[1], 13) ^ v[0]; v[0] = rotl(v[0], 32)  # noqa: E702
+            v[2] = (v[2] + v[3]) & mask; v[3] = rotl(v[3], 16) ^ v[2]  # noqa: E702
+            v[0] = (v[0] + v[3]) & mask; v[3] = rotl(v[3], 21) ^ v[0]  # noqa: E702
+            v[2] = (v[2] + v[1]) & mask; v[1] = rotl(v[1], 17) ^ v[2]; v[2] = rotl(v[2], 32)  # noqa: E702
+
+    tail = len(msg) % 8
+    blocks = [msg[i : i + 8] for i in range(0, len(msg) - tail, 8)]
+    blocks.append(msg[len(msg) - tail :] + bytes(7 - tail) + bytes([len(msg) & 0xFF]))
+    for block in blocks:
+        m = int.from_bytes(block, "little")
+        v[3] ^= m
+        rounds(2)
+        v[0] ^= m
+    v[2] ^= 0xFF
+    rounds(4)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.binary(min_size=16, max_size=16))
+def test_compiled_siphash_matches_the_paper(value: int, key: bytes) -> None:
+    """issue 12 item 5: the compiled SipHash-2-4 equals the reference (itself checked below)."""
+    from amorsize._core import siphash24_int64
+
+    assert _siphash24(bytes(range(16)), bytes(range(15))) == 0xA129CA6149BE45E5  # paper, App. A
+    msg = (value % 2**64).to_bytes(8, "little")
+    assert siphash24_int64(key, value) == _siphash24(key, msg)
+    assert item_hash(value, key) == _siphash24(key, msg) | 1
+
+
+def _old_hash(item: Any) -> int:
+    """The format-2 item hash: CRC-32 and Adler-32 of the pickle, side by side."""
+    import pickle
+    import zlib
+
+    data = pickle.dumps(item, 5)
+    return zlib.crc32(data) << 32 | zlib.adler32(data)
+
+
+def _crc_kernel(width: int) -> int:
+    """A nonzero ``width``-byte bit pattern that leaves CRC-32 unchanged when XORed in."""
+    import zlib
+
+    base = zlib.crc32(bytes(width))
+    pivots: dict[int, tuple[int, int]] = {}
+    for b in range(8 * width):
+        vec, combo = zlib.crc32((1 << b).to_bytes(width, "little")) ^ base, 1 << b
+        for bit in reversed(range(32)):
+            if vec >> bit & 1:
+                if bit not in pivots:
+                    pivots[bit] = (vec, combo)
+                    break
+                vec, combo = vec ^ pivots[bit][0], combo ^ pivots[bit][1]
+        if vec == 0:
+            return combo
+    raise AssertionError("no kernel")  # pragma: no cover
+
+
+def _colliding_items(size: int = 144) -> tuple[bytes, bytes]:
+    """Two different ``size``-byte items with equal format-2 hashes (CRC and Adler linear).
+
+    The kernel pattern is XORed in at byte offsets 0, 8, 16, 24 with signs +, -, -, + (bits
+    0 -> 1 add, 1 -> 0 subtract): CRC-32 sees kernel elements, Adler-32's sum and weighted
+    sum both cancel.
+    """
+    kernel = _crc_kernel(8)
+    x1 = bytearray(random.Random(12).randbytes(size))
+    x2 = bytearray(x1)
+    for offset, sign in ((0, 1), (8, -1), (16, -1), (24, 1)):
+        word = int.from_bytes(x1[offset : offset + 8], "little")
+        word = word & ~kernel if sign > 0 else word | kernel
+        x1[offset : offset + 8] = word.to_bytes(8, "little")
+        x2[offset : offset + 8] = (word ^ kernel).to_bytes(8, "little")
+    return bytes(x1), bytes(x2)
+
+
+def sha_prefix(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()[:12]
+
+
+def test_crafted_collision_no_longer_collides(tmp_path: Path) -> None:
+    """issue 12 item 5: items built to collide under CRC+Adler differ under the keyed hash."""
+    x1, x2 = _colliding_items()
+    assert x1 != x2 and len(x1) == 144 and _old_hash(x1) == _old_hash(x2)
+    assert sha_prefix(x1) != sha_prefix(x2)
+    key = os.urandom(16)
+    assert item_hash(x1, key) != item_hash(x2, key)
+    path = tmp_path / "run.db"
+    assert execute(sha_prefix, [x1], checkpoint=path, backend="serial") == [sha_prefix(x1)]
+    with pytest.raises(CheckpointMismatchError, match="index 0"):
+        execute(sha_prefix, [x2], checkpoint=path, backend="serial")
+
+
+def test_each_file_has_its_own_hash_key(tmp_path: Path) -> None:
+    """issue 12 item 5: the item-hash key is random per file, recorded in its header."""
+    keys = set()
+    for k in range(3):
+        path = tmp_path / f"run{k}.db"
+        execute(square, [1], checkpoint=path, backend="serial")
+        keys.add(Checkpoint(path).header()["hash_key"])
+    assert len(keys) == 3 and all(len(bytes.fromhex(k)) == 16 for k in keys)
