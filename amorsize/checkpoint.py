@@ -233,6 +233,12 @@ def _header_parts(head: dict[str, Any]) -> bytes:
     )
 
 
+def _has_run(head: dict[str, Any]) -> bool:
+    """Whether a run header was written (any row beyond the format rows: a damaged header
+    must be verified and refused, never taken for a missing one and written over)."""
+    return any(k not in ("format", "version") for k in head)
+
+
 def _hex(value: Any, size: int) -> bytes | None:
     """``value`` decoded from ``size`` bytes of hex, or None if it is not that."""
     try:
@@ -412,7 +418,7 @@ class Checkpoint:
         try:
             with _reading(self._where):
                 head = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
-                if "func_qualname" not in head:
+                if not _has_run(head):
                     return conn, None
                 return conn, _header_seal(head, self._where, trust=self.trust or not loading)
         except BaseException:
@@ -720,7 +726,7 @@ class CheckpointObserver(RunObserver):
     def _header(self, conn: StoreConnection) -> dict[str, Any]:
         """The file's run header, written (sealed with a new file id and hash key) if absent."""
         head: dict[str, Any] = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
-        if "func_qualname" in head:
+        if _has_run(head):
             return head
         if conn.read_only:
             raise self._read_only_error("it holds no run yet, and one cannot be started")
@@ -728,9 +734,8 @@ class CheckpointObserver(RunObserver):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Another process may have started a run in the file since we looked.
-                if not conn.execute(
-                    "SELECT 1 FROM amorsize_meta WHERE key = 'func_qualname'"
-                ).fetchone():
+                now = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
+                if not _has_run(now):
                     conn.executemany(
                         "INSERT INTO amorsize_meta VALUES (?, ?)", self._new_header(head).items()
                     )

@@ -16,6 +16,7 @@ import time
 import types
 import uuid
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -958,3 +959,210 @@ def test_each_file_has_its_own_hash_key(tmp_path: Path) -> None:
         execute(square, [1], checkpoint=path, backend="serial")
         keys.add(Checkpoint(path).header()["hash_key"])
     assert len(keys) == 3 and all(len(bytes.fromhex(k)) == 16 for k in keys)
+
+
+# --- issue 12: checksums and signatures (items 6 and 16) ------------------------------------
+def tag(x: int) -> str:
+    return f"{x}-ok"
+
+
+def _tagged_file(tmp_path: Path, n: int = 40) -> tuple[Path, list[str]]:
+    path = tmp_path / "run.db"
+    expected = [tag(x) for x in range(n)]
+    ck = Checkpoint(path, commit_every=10)
+    assert execute(tag, list(range(n)), checkpoint=ck, backend="serial", chunksize=10) == expected
+    assert [bid for bid, _, _, _ in _batches(path)] == [1, 2, 3, 4]
+    assert not Path(f"{path}-wal").exists()  # everything is in the main file
+    return path, expected
+
+
+def _batches(path: Path) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)  # read-write: closing it folds the WAL back into the file
+    try:
+        return conn.execute("SELECT id, results, digest, mac FROM checkpoint_batches").fetchall()
+    finally:
+        conn.close()
+
+
+def _blob_offsets(path: Path) -> list[int]:
+    """The file offsets of every byte of the stored results, digests and MACs."""
+    raw = path.read_bytes()
+    blobs = [b for row in _batches(path) for b in row[1:]]
+    offsets = []
+    for blob in blobs:
+        at = raw.find(blob)
+        assert at > 0
+        offsets += range(at, at + len(blob))
+    return offsets
+
+
+def _outcome(path: Path, expected: list[str]) -> str:
+    """'refused' (CheckpointError) or 'ok' (exact results); anything else fails the test."""
+    try:
+        stored = Checkpoint(path).results()
+    except CheckpointError:
+        stored = None
+    if stored is not None:
+        assert stored == dict(enumerate(expected))
+    try:
+        out = execute(tag, list(range(len(expected))), checkpoint=path, backend="serial")
+    except CheckpointError:
+        return "refused"
+    assert out == expected
+    return "ok" if stored is not None else "refused"
+
+
+def test_every_flipped_byte_is_refused_or_harmless(tmp_path: Path) -> None:
+    """issue 12 item 6: a flipped byte anywhere gives CheckpointError (file unchanged) or the
+    exact results, never another exception or a wrong result; in stored data always an error."""
+    path, expected = _tagged_file(tmp_path)
+    original = path.read_bytes()
+    # Every 3rd byte of the stored data (results, digests, MACs), every 37th of the file.
+    stored = set(_blob_offsets(path)[::3])
+    positions = sorted(stored | set(range(0, len(original), 37)))
+    outcomes: dict[str, int] = {}
+    for pos in positions:
+        damaged = bytearray(original)
+        damaged[pos] ^= 1 << (pos % 8)
+        path.write_bytes(bytes(damaged))
+        for side in ("-wal", "-shm"):
+            Path(f"{path}{side}").unlink(missing_ok=True)
+        what = _outcome(path, expected)
+        outcomes[what] = outcomes.get(what, 0) + 1
+        if what == "refused":
+            assert path.read_bytes() == bytes(damaged), pos
+        elif pos in stored:
+            raise AssertionError(f"a flipped bit in stored data at {pos} was not detected")
+    assert outcomes["refused"] >= len(stored)
+
+
+def test_flipped_result_bit_names_file_and_batch(tmp_path: Path) -> None:
+    """issue 12 item 6: '...-ok' turned into '...-nk' is refused, naming the file and batch."""
+    path, expected = _tagged_file(tmp_path)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"17-ok")
+    raw[at + 3] ^= ord("o") ^ ord("n")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"{path}.* is damaged: batch \d+ .*move it aside"):
+        execute(tag, list(range(40)), checkpoint=path, backend="serial")
+    assert path.read_bytes() == bytes(raw)
+
+
+@pytest.fixture
+def other_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], None]]:
+    """Call it to become a user with another signing key."""
+    from amorsize import _signing
+
+    def switch() -> None:
+        monkeypatch.setenv("AMORSIZE_CONFIG_DIR", str(tmp_path / "other-user"))
+        _signing._reset()
+
+    yield switch
+    monkeypatch.undo()
+    _signing._reset()
+
+
+def test_file_signed_by_another_key_needs_trust(tmp_path: Path, other_user: Callable[[], None]) -> None:
+    """issue 12 item 16: another user's checkpoint is refused, unchanged, unless trust=True."""
+    path, expected = _tagged_file(tmp_path)
+    other_user()
+    before = file_digest(path)
+    for attempt in (lambda: Checkpoint(path).results(), lambda: execute(tag, range(40), checkpoint=path, backend="serial")):
+        with pytest.raises(CheckpointError, match=r"signed by another key.*trust=True"):
+            attempt()
+    assert file_digest(path) == before
+    assert Checkpoint(path).header()["func_qualname"] == "tag"  # no pickle: readable
+    trusted = Checkpoint(path, trust=True)
+    assert execute(tag, list(range(40)), checkpoint=trusted, backend="serial") == expected
+
+
+PWNED: list[str] = []
+
+
+def _pwn() -> list[str]:
+    PWNED.append("code ran")
+    return ["x"] * 10
+
+
+class _Payload:
+    def __reduce__(self) -> Any:
+        return (_pwn, ())
+
+
+def _tamper(path: Path, change: Callable[[sqlite3.Connection], None]) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        change(conn)
+    finally:
+        conn.close()
+
+
+def test_forged_batch_is_refused_before_unpickling(tmp_path: Path) -> None:
+    """issue 12 item 16: a batch replaced by a crafted pickle (valid digest) never loads."""
+    import pickle
+
+    from amorsize._store import block_digest
+
+    path, _ = _tagged_file(tmp_path)
+
+    def forge(conn: sqlite3.Connection) -> None:
+        bid, n, runs, hashes = conn.execute("SELECT id, n, runs, hashes FROM checkpoint_batches").fetchone()
+        evil = pickle.dumps(_Payload())
+        digest = block_digest(n.to_bytes(8, "little"), runs, hashes, evil)
+        conn.execute("UPDATE checkpoint_batches SET results = ?, digest = ? WHERE id = ?", (evil, digest, bid))
+
+    _tamper(path, forge)
+    PWNED.clear()
+    with pytest.raises(CheckpointError, match="batch 1 does not match its checksum or signature"):
+        execute(tag, list(range(40)), checkpoint=path, backend="serial")
+    with pytest.raises(CheckpointError, match="batch 1"):
+        Checkpoint(path).results()
+    assert PWNED == []
+
+
+def test_unsigned_file_is_refused(tmp_path: Path) -> None:
+    """issue 12 item 16: a file without a signature (key id removed) is refused unless trusted."""
+    from amorsize.checkpoint import _header_parts
+    from amorsize._store import block_digest
+
+    path, expected = _tagged_file(tmp_path)
+
+    def unsign(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM amorsize_meta WHERE key IN ('key_id', 'header_mac')")
+        head = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
+        digest = block_digest(_header_parts(head)).hex()
+        conn.execute("UPDATE amorsize_meta SET value = ? WHERE key = 'header_digest'", (digest,))
+
+    _tamper(path, unsign)
+    with pytest.raises(CheckpointError, match="carries no signature"):
+        execute(tag, list(range(40)), checkpoint=path, backend="serial")
+    assert Checkpoint(path, trust=True).results() == dict(enumerate(expected))
+
+
+@pytest.mark.parametrize("move", ["swap rows", "other file"])
+def test_batches_cannot_be_moved(tmp_path: Path, move: str) -> None:
+    """issue 12 item 16: a genuine batch moved to another row or file fails its signature."""
+    path, _ = _tagged_file(tmp_path)
+    if move == "swap rows":
+
+        def swap(conn: sqlite3.Connection) -> None:
+            rows = conn.execute(
+                "SELECT * FROM checkpoint_batches WHERE id IN (1, 2) ORDER BY id"
+            ).fetchall()
+            conn.execute("DELETE FROM checkpoint_batches WHERE id IN (1, 2)")
+            for (_, *rest), (other, *_) in zip(rows, reversed(rows), strict=True):
+                conn.execute("INSERT INTO checkpoint_batches VALUES (?,?,?,?,?,?,?)", (other, *rest))
+
+        _tamper(path, swap)
+    else:
+        donor = tmp_path / "donor"
+        donor.mkdir()
+        donor_path, _ = _tagged_file(donor)
+        row = sqlite3.connect(donor_path).execute(
+            "SELECT n, runs, hashes, results, digest, mac FROM checkpoint_batches WHERE id = 1"
+        ).fetchone()
+        _tamper(path, lambda conn: conn.execute(
+            "UPDATE checkpoint_batches SET n=?, runs=?, hashes=?, results=?, digest=?, mac=? WHERE id = 1", row
+        ))
+    with pytest.raises(CheckpointError, match=r"batch [12] does not match"):
+        execute(tag, list(range(40)), checkpoint=path, backend="serial")
