@@ -15,8 +15,8 @@ import textwrap
 import time
 import types
 import uuid
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1038,7 +1038,7 @@ def test_every_flipped_byte_is_refused_or_harmless(tmp_path: Path) -> None:
 
 def test_flipped_result_bit_names_file_and_batch(tmp_path: Path) -> None:
     """issue 12 item 6: '...-ok' turned into '...-nk' is refused, naming the file and batch."""
-    path, expected = _tagged_file(tmp_path)
+    path, _ = _tagged_file(tmp_path)
     raw = bytearray(path.read_bytes())
     at = raw.find(b"17-ok")
     raw[at + 3] ^= ord("o") ^ ord("n")
@@ -1122,8 +1122,8 @@ def test_forged_batch_is_refused_before_unpickling(tmp_path: Path) -> None:
 
 def test_unsigned_file_is_refused(tmp_path: Path) -> None:
     """issue 12 item 16: a file without a signature (key id removed) is refused unless trusted."""
-    from amorsize.checkpoint import _header_parts
     from amorsize._store import block_digest
+    from amorsize.checkpoint import _header_parts
 
     path, expected = _tagged_file(tmp_path)
 
@@ -1166,3 +1166,204 @@ def test_batches_cannot_be_moved(tmp_path: Path, move: str) -> None:
         ))
     with pytest.raises(CheckpointError, match=r"batch [12] does not match"):
         execute(tag, list(range(40)), checkpoint=path, backend="serial")
+
+
+# --- issue 12: a result that pickles but does not load (item 7) -----------------------------
+class TwoArgError(Exception):
+    """Pickles (as its args), but unpickling calls __init__ with one argument: TypeError."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def maybe_unloadable(x: int) -> Any:
+    CALLS.append(x)
+    return TwoArgError("a", "b") if x == 3 else x
+
+
+def test_result_that_does_not_unpickle_is_not_stored(tmp_path: Path) -> None:
+    """issue 12 item 7: such a result never enters the checkpoint; resume reruns only it."""
+    path = tmp_path / "run.db"
+    with pytest.warns(CheckpointWarning, match=r"item 3 pickles but does not unpickle \(TypeError"):
+        out = execute(maybe_unloadable, range(6), checkpoint=path, backend="serial")
+    assert out[:3] == [0, 1, 2] and out[4:] == [4, 5] and isinstance(out[3], TwoArgError)
+    assert Checkpoint(path).results() == {0: 0, 1: 1, 2: 2, 4: 4, 5: 5}
+    CALLS.clear()
+    with pytest.warns(CheckpointWarning, match="item 3"):
+        again = execute(maybe_unloadable, range(6), checkpoint=path, backend="serial")
+    assert again[:3] == [0, 1, 2] and isinstance(again[3], TwoArgError)
+    assert CALLS == [3]
+
+
+# --- issue 12: unusable places give clear errors, lose nothing (item 14) --------------------
+def _mount_tmpfs(folder: Path, size: str) -> None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root on Linux")
+    folder.mkdir()
+    run = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+        capture_output=True, text=True, check=False,
+    )
+    if run.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs (root only; the test is skipped otherwise), unmounted afterwards."""
+    folder = tmp_path / "disk"
+    _mount_tmpfs(folder, "256k")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def lockable_dir(tmp_path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """A directory and a function making it read-only: a remounted tmpfs as root (root
+    ignores permission bits), permission bits otherwise."""
+    folder = tmp_path / "lockable"
+    if sys.platform == "win32":
+        pytest.skip("POSIX permissions")
+    if os.geteuid() == 0:
+        _mount_tmpfs(folder, "4m")
+
+        def lock() -> None:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+        yield folder, lock
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+        return
+    folder.mkdir()
+
+    def lock_bits() -> None:
+        for p in folder.iterdir():
+            p.chmod(0o444)
+        folder.chmod(0o555)
+
+    yield folder, lock_bits
+    folder.chmod(0o755)
+
+
+def fat(x: int) -> bytes:
+    return bytes([x % 256]) * 1500
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "clijob.py").write_text("def fat(x):\n    return len(bytes([x % 256]) * 1500)\n")
+    return subprocess.run(
+        [sys.executable, "-m", "amorsize", "execute", "clijob:fat", "--backend", "serial", *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False,
+    )
+
+
+def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path: Path, small_disk: Path) -> None:
+    """issue 12 item 14: a full disk is a CheckpointError naming path, cause and fix; what was
+    committed stays, and once there is room the run resumes to the exact result."""
+    path = small_disk / "run.db"
+    expected = [fat(x) for x in range(1000)]
+    ck = Checkpoint(path, commit_every=10)
+    with pytest.raises(CheckpointError, match=rf"{path}.*disk is full.*free space") as info:
+        execute(fat, range(1000), checkpoint=ck, backend="serial", chunksize=10)
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    stored = Checkpoint(path).results()
+    assert stored and all(stored[i] == expected[i] for i in stored)
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    assert execute(fat, range(1000), checkpoint=path, backend="serial") == expected
+
+
+def test_disk_full_in_the_cli_exits_2_with_one_line(tmp_path: Path, small_disk: Path) -> None:
+    """issue 12 item 14: the CLI reports a full disk as one line, exit code 2."""
+    (small_disk / "filler").write_bytes(bytes(200 * 1024))
+    run = _cli(tmp_path, "--data-range", "1000", "--checkpoint", str(small_disk / "run.db"), "-o", os.devnull)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "disk is full" in run.stderr and "run.db" in run.stderr
+
+
+def test_read_only_directory_is_a_clear_error(
+    tmp_path: Path, lockable_dir: tuple[Path, Callable[[], None]]
+) -> None:
+    """issue 12 item 14: a checkpoint in a read-only directory: CheckpointError, CLI exit 2."""
+    folder, lock = lockable_dir
+    lock()
+    path = folder / "new.db"
+    with pytest.raises(CheckpointError, match=rf"{path}.*(Read-only file system|Permission denied)"):
+        execute(square, [1, 2], checkpoint=path, backend="serial")
+    run = _cli(tmp_path, "--data-range", "3", "--checkpoint", str(path))
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "new.db" in run.stderr, run.stderr
+
+
+def test_read_only_complete_checkpoint_is_used(
+    tmp_path: Path, lockable_dir: tuple[Path, Callable[[], None]]
+) -> None:
+    """issue 12 item 14: a read-only complete checkpoint resumes (nothing to write); a run
+    that would have to write more is a clear error; the file is never called damaged."""
+    folder, lock = lockable_dir
+    path, partial = folder / "run.db", folder / "partial.db"
+    data = list(range(50))
+    execute(stopping_square, data, checkpoint=path, backend="serial")
+    STOP_AT.add(7)
+    execute(stopping_square, data, checkpoint=partial, backend="serial", on_error="collect")
+    STOP_AT.clear()
+    lock()
+    before = file_digest(path), file_digest(partial)
+    CALLS.clear()
+    assert execute(stopping_square, data, checkpoint=path, backend="serial") == [x * x for x in data]
+    assert CALLS == []
+    assert Checkpoint(path).results() == {x: x * x for x in data} and len(Checkpoint(path)) == 50
+    for more in (data, iter(data)):
+        with pytest.raises(CheckpointError, match=rf"{partial}.* is read-only .*writable") as info:
+            execute(stopping_square, more, checkpoint=partial, backend="serial")
+        assert "damaged" not in str(info.value)
+    assert "holds 49 of the 50 results" in str(info.value) or "cannot be stored" in str(info.value)
+    assert (file_digest(path), file_digest(partial)) == before
+
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    """issue 12 item 14: a checkpoint path in a missing directory names it and the fix."""
+    path = tmp_path / "nowhere" / "run.db"
+    with pytest.raises(CheckpointError, match=r"nowhere.* does not exist; create it"):
+        execute(square, [1], checkpoint=path, backend="serial")
+    assert not path.parent.exists()
+
+
+# --- issue 12: files through a dangling symlink are private (item 15) -----------------------
+def test_dangling_symlink_target_is_created_private(tmp_path: Path) -> None:
+    """issue 12 item 15: the target of a dangling link, its -wal and -shm are all 0o600."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "run.db"
+    link = tmp_path / "link.db"
+    link.symlink_to(target)
+    old = os.umask(0o000)
+    try:
+        obs = checkpoint_observer(link, square, [1, 2])
+        obs.begin(square)
+        obs.known(0, 1)
+        obs.on_success(0, 1, 1)
+        obs.flush()
+        modes = {p.name: mode(p) for p in (tmp_path / "real").iterdir()}
+        obs.end(False)
+    finally:
+        os.umask(old)
+    assert modes == {"run.db": 0o600, "run.db-wal": 0o600, "run.db-shm": 0o600}
+    assert Checkpoint(link).results() == {0: 1}
+
+
+# --- issue 12: empty files are taken over, others refused (item 20) -------------------------
+def test_empty_file_is_taken_over(tmp_path: Path) -> None:
+    """issue 12 item 20: an empty (0-byte) file at the path becomes the checkpoint."""
+    path = tmp_path / "run.db"
+    path.touch()
+    assert execute(square, [1, 2], checkpoint=path, backend="serial") == [1, 4]
+    assert Checkpoint(path).results() == {0: 1, 1: 4}
+
+
+def test_table_less_sqlite_file_is_refused(tmp_path: Path) -> None:
+    """issue 12 item 20: an SQLite file with no tables is not empty and not ours: refused."""
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    before = file_digest(path)
+    with pytest.raises(CheckpointError, match=rf"{path}.* no tables.*left unchanged"):
+        execute(square, [1], checkpoint=path, backend="serial")
+    assert file_digest(path) == before
