@@ -193,12 +193,13 @@ def _writable(real: str) -> tuple[bool, str]:
 
 
 def _access_cause(path: str) -> str:
+    """Why ``path`` cannot be written, as the OS would say it."""
     try:
-        fd = os.open(path, os.O_WRONLY if os.path.isfile(path) else os.O_RDONLY)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    os.close(fd)
-    return os.strerror(errno.EROFS if os.path.isdir(path) else errno.EACCES)
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        pass
+    return os.strerror(errno.EACCES)
 
 
 def _connect(where: str, real: str, kind: str, error: type[StoreError]) -> StoreConnection:
@@ -402,7 +403,10 @@ class Seal:
     ) -> None:
         self.where, self.what, self.file_id = where, what, file_id
         self.signer, self.trust, self.trust_hint, self.error = signer, trust, trust_hint, error
-        self.key = _signing.user_key()
+        try:
+            self.key = _signing.user_key()
+        except _signing.SigningKeyError as exc:
+            raise error(f"{what} {where!r}: {exc}") from exc
 
     def mac(self, block_id: str, digest: bytes) -> bytes:
         """This user's HMAC of the block ``block_id`` whose digest is ``digest``."""
