@@ -261,12 +261,11 @@ def _header_seal(head: dict[str, Any], where: str, *, trust: bool) -> Seal:
         raise seal.damaged("the run header", "is incomplete")
     if _hex(head["hash_key"], _KEY_BYTES) is None:
         raise seal.damaged("the run header", "holds a malformed key")
-    digest = _hex(head.get("header_digest"), 16)
-    seal.check(
-        "the run header", digest, b"", _header_parts(head), digest_only=True
-    )
+    # The digest first: a damaged key id must read as damage, not as another user's file.
+    digest, parts = _hex(head.get("header_digest"), 16), _header_parts(head)
+    seal.check("the run header", digest, None, parts, digest_only=True)
     seal.check_signer()
-    seal.check("the run header", digest, _hex(head.get("header_mac"), 32), _header_parts(head))
+    seal.check("the run header", digest, _hex(head.get("header_mac"), 32), parts)
     return seal
 
 
