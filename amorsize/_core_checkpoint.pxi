@@ -32,36 +32,44 @@ cdef inline uint64_t _rotl(uint64_t x, int b) noexcept nogil:
     return (x << b) | (x >> (64 - b))
 
 
+cdef inline void _sip_rounds(uint64_t* v, int n) noexcept nogil:
+    """``n`` SipRounds on the state ``v[0..3]`` (inlined: the state stays in registers)."""
+    cdef int r
+    for r in range(n):
+        v[0] += v[1]
+        v[1] = _rotl(v[1], 13)
+        v[1] ^= v[0]
+        v[0] = _rotl(v[0], 32)
+        v[2] += v[3]
+        v[3] = _rotl(v[3], 16)
+        v[3] ^= v[2]
+        v[0] += v[3]
+        v[3] = _rotl(v[3], 21)
+        v[3] ^= v[0]
+        v[2] += v[1]
+        v[1] = _rotl(v[1], 17)
+        v[1] ^= v[2]
+        v[2] = _rotl(v[2], 32)
+
+
 cdef inline uint64_t _siphash24_word(uint64_t k0, uint64_t k1, uint64_t m) noexcept nogil:
     """SipHash-2-4 of one 8-byte message whose little-endian value is ``m``."""
-    cdef uint64_t v0 = k0 ^ 0x736F6D6570736575ULL
-    cdef uint64_t v1 = k1 ^ 0x646F72616E646F6DULL
-    cdef uint64_t v2 = k0 ^ 0x6C7967656E657261ULL
-    cdef uint64_t v3 = k1 ^ 0x7465646279746573ULL
+    cdef uint64_t v[4]
+    v[0] = k0 ^ 0x736F6D6570736575ULL
+    v[1] = k1 ^ 0x646F72616E646F6DULL
+    v[2] = k0 ^ 0x6C7967656E657261ULL
+    v[3] = k1 ^ 0x7465646279746573ULL
     # The final block of an 8-byte message holds only its length, in the top byte.
     cdef uint64_t last = (<uint64_t> 8) << 56
-    cdef int r
-    v3 ^= m
-    for r in range(2):  # c = 2 compression rounds per block
-        v0 += v1; v1 = _rotl(v1, 13); v1 ^= v0; v0 = _rotl(v0, 32)
-        v2 += v3; v3 = _rotl(v3, 16); v3 ^= v2
-        v0 += v3; v3 = _rotl(v3, 21); v3 ^= v0
-        v2 += v1; v1 = _rotl(v1, 17); v1 ^= v2; v2 = _rotl(v2, 32)
-    v0 ^= m
-    v3 ^= last
-    for r in range(2):
-        v0 += v1; v1 = _rotl(v1, 13); v1 ^= v0; v0 = _rotl(v0, 32)
-        v2 += v3; v3 = _rotl(v3, 16); v3 ^= v2
-        v0 += v3; v3 = _rotl(v3, 21); v3 ^= v0
-        v2 += v1; v1 = _rotl(v1, 17); v1 ^= v2; v2 = _rotl(v2, 32)
-    v0 ^= last
-    v2 ^= 0xFF
-    for r in range(4):  # d = 4 finalization rounds
-        v0 += v1; v1 = _rotl(v1, 13); v1 ^= v0; v0 = _rotl(v0, 32)
-        v2 += v3; v3 = _rotl(v3, 16); v3 ^= v2
-        v0 += v3; v3 = _rotl(v3, 21); v3 ^= v0
-        v2 += v1; v1 = _rotl(v1, 17); v1 ^= v2; v2 = _rotl(v2, 32)
-    return v0 ^ v1 ^ v2 ^ v3
+    v[3] ^= m
+    _sip_rounds(v, 2)  # c = 2 compression rounds per block
+    v[0] ^= m
+    v[3] ^= last
+    _sip_rounds(v, 2)
+    v[0] ^= last
+    v[2] ^= 0xFF
+    _sip_rounds(v, 4)  # d = 4 finalization rounds
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
 
 
 cdef inline uint64_t _le64(const unsigned char* p) noexcept nogil:
