@@ -94,6 +94,11 @@ def _sqlite_code(exc: BaseException) -> str:
     return "_".join(name.split("_")[:2])
 
 
+def _noun(kind: str) -> str:
+    """``amorsize-dead-letter`` -> ``dead-letter file`` (for messages)."""
+    return kind.removeprefix("amorsize-") + " file"
+
+
 def write_error(
     where: str, kind: str, doing: str, exc: BaseException, error: type[StoreError]
 ) -> StoreError:
@@ -105,7 +110,7 @@ def write_error(
     code = _sqlite_code(exc)
     fix = _FIXES.get(code, "check the disk and the file, or pass another path")
     msg = (
-        f"cannot {doing} {kind} {where!r}: {exc}; {fix}. What was stored before is kept:"
+        f"cannot {doing} {_noun(kind)} {where!r}: {exc}; {fix}. What was stored before is kept:"
         " run the same call again to resume"
     )
     out = error(msg)
@@ -168,13 +173,13 @@ def _create_private(where: str, real: str, kind: str, error: type[StoreError]) -
         parent = os.path.dirname(real) or "."
         shown = f"{where!r}" if real == os.path.abspath(where) else f"{where!r} (-> {real!r})"
         msg = (
-            f"cannot create the {kind} {shown}: directory {parent!r} does not exist;"
+            f"cannot create the {_noun(kind)} {shown}: directory {parent!r} does not exist;"
             " create it first, or pass a path in an existing directory"
         )
         raise error(msg) from exc
     except OSError as exc:
         msg = (
-            f"cannot create the {kind} {where!r}: {exc.strerror or exc}; pass a path in a"
+            f"cannot create the {_noun(kind)} {where!r}: {exc.strerror or exc}; pass a path in a"
             " directory you can write to"
         )
         raise error(msg) from exc
@@ -256,7 +261,7 @@ def _check_or_init(
         return
     if conn.read_only:
         msg = (
-            f"cannot create the {kind} {where!r}: it is read-only ({conn.read_only_cause});"
+            f"cannot create the {_noun(kind)} {where!r}: it is read-only ({conn.read_only_cause});"
             " make it writable, or pass another path"
         )
         raise error(msg)
@@ -321,7 +326,7 @@ def _check_ours(
     if missing:
         # Never created again on an existing file: that would write to a damaged one.
         msg = (
-            f"{kind} {where!r} is damaged: {', '.join(missing)} missing; it was left"
+            f"{_noun(kind)} {where!r} is damaged: {', '.join(missing)} missing; it was left"
             " unchanged. Delete the file or move it aside to start over."
         )
         raise error(msg)
