@@ -1323,6 +1323,34 @@ def test_read_only_complete_checkpoint_is_used(
     assert (file_digest(path), file_digest(partial)) == before
 
 
+def _lock_file(path: Path) -> Callable[[], None]:
+    """Make ``path`` read-only in a writable directory; returns the undo."""
+    if sys.platform == "win32":
+        pytest.skip("POSIX permissions")
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        return lambda: path.chmod(0o600)
+    for args in (["mount", "--bind", str(path), str(path)], ["mount", "-o", "remount,ro,bind", str(path)]):
+        run = subprocess.run(args, capture_output=True, text=True, check=False)
+        if run.returncode:
+            subprocess.run(["umount", str(path)], check=False, capture_output=True)
+            pytest.skip(f"cannot bind-mount a file read-only here: {run.stderr.strip()}")
+    return lambda: subprocess.run(["umount", str(path)], check=True) and None
+
+
+def test_read_only_file_in_a_writable_directory_is_used(tmp_path: Path) -> None:
+    """issue 12 item 14: a read-only checkpoint file (writable directory) resumes when complete."""
+    path = tmp_path / "run.db"
+    execute(square, list(range(20)), checkpoint=path, backend="serial")
+    unlock = _lock_file(path)
+    try:
+        assert execute(square, list(range(20)), checkpoint=path, backend="serial") == [x * x for x in range(20)]
+        with pytest.raises(CheckpointError, match=r"is read-only .*cannot be stored"):
+            execute(square, iter(range(25)), checkpoint=path, backend="serial")
+    finally:
+        unlock()
+
+
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     """issue 12 item 14: a checkpoint path in a missing directory names it and the fix."""
     path = tmp_path / "nowhere" / "run.db"
@@ -1351,6 +1379,20 @@ def test_dangling_symlink_target_is_created_private(tmp_path: Path) -> None:
         os.umask(old)
     assert modes == {"run.db": 0o600, "run.db-wal": 0o600, "run.db-shm": 0o600}
     assert Checkpoint(link).results() == {0: 1}
+
+
+def test_dangling_symlink_for_a_dead_letter_file_is_private(tmp_path: Path) -> None:
+    """issue 12 item 15: the shared store does the same for a dead-letter path."""
+    target = tmp_path / "real-failed.db"
+    link = tmp_path / "failed.db"
+    link.symlink_to(target)
+    old = os.umask(0o000)
+    try:
+        DeadLetterQueue(link)
+    finally:
+        os.umask(old)
+    assert mode(target) == 0o600
+    assert all(mode(p) == 0o600 for p in tmp_path.iterdir() if p.name.startswith("real-failed"))
 
 
 # --- issue 12: empty files are taken over, others refused (item 20) -------------------------
