@@ -1414,3 +1414,49 @@ def test_table_less_sqlite_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=rf"{path}.* no tables.*left unchanged"):
         execute(square, [1], checkpoint=path, backend="serial")
     assert file_digest(path) == before
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["huge count", "negative start", "short hashes", "not a list", "wrong length", "text runs"],
+)
+def test_crafted_batch_with_a_valid_digest_is_refused_even_when_trusted(tmp_path: Path, field: str) -> None:
+    """issue 12 item 6: with trust=True (no signature check) a consistent digest over a broken
+    index or payload still gives CheckpointError, never MemoryError/IndexError/TypeError."""
+    import pickle
+
+    from amorsize._store import block_digest
+
+    path, _ = _tagged_file(tmp_path)
+
+    def craft(conn: sqlite3.Connection) -> None:
+        n, runs, hashes, results = conn.execute(
+            "SELECT n, runs, hashes, results FROM checkpoint_batches WHERE id = 1"
+        ).fetchone()
+        if field == "huge count":
+            runs = (0).to_bytes(8, "little") + (10**18).to_bytes(8, "little")
+        elif field == "negative start":
+            runs = (-5).to_bytes(8, "little", signed=True) + n.to_bytes(8, "little")
+        elif field == "short hashes":
+            hashes = hashes[:-8]
+        elif field == "not a list":
+            results = pickle.dumps({"a": 1})
+        elif field == "wrong length":
+            results = pickle.dumps(["x"] * (n + 1))
+        if field == "text runs":
+            conn.execute("UPDATE checkpoint_batches SET runs = 'abc' WHERE id = 1")
+            return
+        digest = block_digest(n.to_bytes(8, "little"), runs, hashes, results)
+        conn.execute(
+            "UPDATE checkpoint_batches SET runs = ?, hashes = ?, results = ?, digest = ? WHERE id = 1",
+            (runs, hashes, results, digest),
+        )
+
+    _tamper(path, craft)
+    before = file_digest(path)
+    trusted = Checkpoint(path, trust=True)
+    with pytest.raises(CheckpointError, match="batch 1"):
+        execute(tag, list(range(40)), checkpoint=trusted, backend="serial")
+    with pytest.raises(CheckpointError, match="batch 1"):
+        trusted.results()
+    assert file_digest(path) == before
