@@ -82,6 +82,8 @@ class _Walk:
         t = type(v)
         if self.budget < 0 or depth > _MAX_DEPTH:
             self._put(h, b"~", t.__qualname__.encode())
+        elif t is int:
+            self._put(h, b"i", hex(v).encode())  # hex: no digit limit for huge ints
         elif t in _SCALARS:
             self._put(h, b"s", f"{t.__name__}:{v!r}".encode())
         elif t is str:

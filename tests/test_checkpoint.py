@@ -845,6 +845,27 @@ def test_mutable_state_is_not_identity() -> None:
     assert function_identity(stopping_square) == function_identity(stopping_square)
 
 
+HUGE = 10**20000  # past int->str's digit limit: must not break the identity
+
+
+def add_huge(x: int) -> int:
+    return x + HUGE
+
+
+def test_identity_survives_huge_and_odd_values() -> None:
+    """issue 12 item 4: huge ints, self-reference and objects never make identity raise."""
+    ident = function_identity(add_huge)
+    assert ident == function_identity(add_huge) and ident["func_values"]
+
+    class Odd:
+        def __call__(self, x: int) -> int:
+            return x
+
+    obj = Odd()
+    obj.me = obj  # type: ignore[attr-defined]
+    assert function_identity(obj)["func_qualname"].endswith("Odd")
+
+
 # --- issue 12: keyed item hashes (item 5) ---------------------------------------------------
 def _siphash24(key: bytes, msg: bytes) -> int:
     """SipHash-2-4, written from the paper (Aumasson & Bernstein 2012), for reference."""
