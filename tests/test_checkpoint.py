@@ -1275,7 +1275,7 @@ def fat(x: int) -> bytes:
 
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "clijob.py").write_text("def fat(x):\n    return len(bytes([x % 256]) * 1500)\n")
+    (tmp_path / "clijob.py").write_text("def fat(x):\n    return str(x % 10) * 1500\n")
     return subprocess.run(
         [sys.executable, "-m", "amorsize", "execute", "clijob:fat", "--backend", "serial", *args],
         capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False,
@@ -1299,7 +1299,6 @@ def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path: Path, small_disk
 
 def test_disk_full_in_the_cli_exits_2_with_one_line(tmp_path: Path, small_disk: Path) -> None:
     """issue 12 item 14: the CLI reports a full disk as one line, exit code 2."""
-    (small_disk / "filler").write_bytes(bytes(200 * 1024))
     run = _cli(tmp_path, "--data-range", "1000", "--checkpoint", str(small_disk / "run.db"), "-o", os.devnull)
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("\n") == 1 and "disk is full" in run.stderr and "run.db" in run.stderr
