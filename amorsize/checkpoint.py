@@ -8,53 +8,77 @@ a resumed run returns the same list as an uninterrupted one.
 
 Data flow (everything here runs in the parent, in the thread that called ``execute``)::
 
-    known(i, item) ── hash(pickle(item)) ──▶ stored index? ─ yes ─▶ same hash? ─▶ stored result
-                                              │                    └─ no ─▶ CheckpointMismatchError
-                                              └ no ─▶ item is run by a worker
+    begin() ── header: format, signer, function identity, input length ── verified, or written
+            ── every stored batch: checksum and signature verified, indexed (nothing unpickled)
+    known(i, item) ── keyed hash(item) ──▶ stored index? ─ yes ─▶ same hash? ─▶ stored result
+                                            │                    └─ no ─▶ CheckpointMismatchError
+                                            └ no ─▶ item is run by a worker
     on_success(i, item, result) ──▶ batch in memory ── every COMMIT_EVERY_ITEMS results or
-                                                       COMMIT_EVERY_SECONDS ──▶ one transaction
+                                    COMMIT_EVERY_SECONDS ──▶ checked to load, sealed, one transaction
     end() ──▶ last batch committed, file closed
 
 Storage. One row per committed batch holds the batch's input indices (as ``(start, count)``
-runs: a chunk is one run), the item hashes (packed uint64, computed by the compiled
-``_core.pack_item_hashes``) and the results (one pickle per batch). The whole batched store
-costs about 0.13 µs per item, hashing included; one SQLite row per item would cost 1.8 µs
-(measured by ``benchmarks/bench_checkpoint.py``). Indices, not positions in the file, are
-the key: a result belongs to the item at index ``i`` whose hash matches the stored one, and
-a run header records the function's identity and the input length.
+runs: a chunk is one run), the item hashes (packed uint64) and the results (one pickle per
+batch), with a BLAKE2b-128 digest of all three and an HMAC of the digest (see Integrity).
+Indices, not positions in the file, are the key: a result belongs to the item at index
+``i`` whose hash matches the stored one, and the run header records the function's identity
+and the input length. An **empty file** at the path is taken over; any other file that is
+not a checkpoint of this format version is refused and left unchanged (``_store``).
+
+Item hashes are keyed: 64 bits of SipHash-2-4 (ints, compiled) or BLAKE2b (the pickle of
+anything else) under a random 128-bit key stored in the file, so someone who controls the
+input items but cannot read the file cannot build two items that hash alike.
+
+Integrity and trust. Every batch row and the run header carry a digest, verified on every
+read (a flipped bit is a ``CheckpointError`` naming the file and the batch, never a wrong
+result), and an HMAC-SHA256 over (file id, block id, digest) with this user's secret key
+(``amorsize._signing``, 0o600 in the user's config directory). A file signed with another
+key, or not signed, is refused before anything is unpickled (loading a pickle can run
+code) unless ``Checkpoint(path, trust=True)``: then digests are still checked, signatures
+are not. Results are also loaded once when their batch is committed, so a result that
+pickles but does not unpickle is never stored (it is warned about and runs again on resume).
 
 Durability. WAL journal with ``synchronous=NORMAL`` by default: a committed batch survives
 a crash or ``SIGKILL`` of the process (it is in the WAL, handed to the OS), and the file is
 never corrupted; only a power loss or OS crash may lose the last batches committed before
 it, which are then simply run again. ``synchronous="FULL"`` also survives power loss, at the
-cost of an ``fsync`` per batch.
-
-Security. The file holds pickles, and loading a pickle can run arbitrary code: trust a
-checkpoint file like code. New files are created with owner-only permissions (0o600).
+cost of an ``fsync`` per batch. A full disk, a read-only file or directory, or a missing
+directory raise ``CheckpointError`` naming the path, the cause and the fix; what was
+committed stays. A read-only checkpoint can be read, and resumed from when it already holds
+every result.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import datetime
 import hashlib
-import inspect
 import os
 import pickle
 import sqlite3
 import sys
 import time
 import warnings
-import zlib
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from pathlib import Path
-from types import CodeType
 from typing import Any, Literal
 
-from amorsize._core import pack_item_hashes
+from amorsize._core import ItemHasher
+from amorsize._identity import function_identity
 from amorsize._observers import RunObserver
+from amorsize._store import (
+    BUSY_TIMEOUT_SECONDS,
+    Seal,
+    StoreConnection,
+    StoreError,
+    block_digest,
+    open_database,
+    write_error,
+)
 
 __all__ = [
+    "BUSY_TIMEOUT_SECONDS",
     "COMMIT_EVERY_ITEMS",
     "COMMIT_EVERY_SECONDS",
     "Checkpoint",
@@ -63,6 +87,9 @@ __all__ = [
     "CheckpointWarning",
     "StoreError",
     "checkpoint_observer",
+    "function_identity",
+    "item_hash",
+    "open_database",
 ]
 
 #: Results per committed batch. At 1000 a batch costs ~0.02 µs per item of pickling and one
@@ -72,241 +99,86 @@ COMMIT_EVERY_ITEMS = 1000
 #: A partial batch is committed once it is this old, so slow items are saved promptly: a
 #: crash loses at most about this many seconds of finished work.
 COMMIT_EVERY_SECONDS = 1.0
-#: How long a writer waits for another process holding the database lock before failing.
-BUSY_TIMEOUT_SECONDS = 30.0
 
 _FORMAT = "amorsize-checkpoint"
-# Version 2 stores each batch's input indices as (start, count) runs (version 1: one int64
-# per item); a file in another version is refused, never misread.
-_VERSION = "2"
+# Version 3 adds keyed item hashes, a digest and an HMAC per batch and a signed header
+# (version 2: unkeyed CRC hashes, no checksums); a file in another version is refused.
+_VERSION = "3"
 # How item hashes are made; recorded so that a future change is detected, not misread.
-_HASH_SCHEME = "int31|crc32+adler32(pickle protocol 5), v3"
-# Ints in [-2**30, 2**30) hash to themselves, shifted and tagged odd: one-digit arithmetic
-# for CPython, several times cheaper than pickling (larger ints take the pickle path).
-_INT_LIMIT = 1 << 30
-_INT_LOW = -_INT_LIMIT
-_EVEN_MASK = (1 << 64) - 2
+_HASH_SCHEME = "siphash24(int64)|blake2b-64(pickle 5), keyed per file, v4"
 _PROTOCOL = 5
+_KEY_BYTES = 16
+_MAX_BATCH = 1 << 40  # a sane bound on a batch's item count (a damaged one is refused)
 _CHECK_CLOCK_EVERY = 64  # results between two clock reads for the time-based commit
 _UNSEEN: Any = object()  # an index known() was not asked about (hash it now)
+_TRUST_HINT = "pass Checkpoint(path, trust=True) as checkpoint="
+# Header rows covered by its digest and signature (completed_at is informational, unsealed).
+_SEALED_KEYS = (
+    "format", "version", "file_id", "hash_key", "key_id", "func_module", "func_qualname",
+    "func_code", "func_values", "n_items", "hash_scheme", "python", "created_at",
+)
 
 _CHECKPOINT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoint_batches (
     id INTEGER PRIMARY KEY,
     n INTEGER NOT NULL,
     runs BLOB NOT NULL,      -- int64 little-endian (start, count) pairs: the input indices
-    hashes BLOB NOT NULL,    -- uint64 little-endian item hashes, one per result, same order
-    results BLOB NOT NULL    -- pickle of the list of results, same order
+    hashes BLOB NOT NULL,    -- uint64 little-endian keyed item hashes, one per result
+    results BLOB NOT NULL,   -- pickle of the list of results, same order
+    digest BLOB NOT NULL,    -- BLAKE2b-128 of (n, runs, hashes, results)
+    mac BLOB NOT NULL        -- HMAC-SHA256 of (file id, batch id, digest), the user's key
 );
 """
 
 
-class StoreError(Exception):
-    """An amorsize database file (checkpoint, dead-letter queue) cannot be used: it is not a
-    database, belongs to something else, or is damaged. The file is left unchanged."""
-
-
 class CheckpointError(StoreError):
-    """The checkpoint file cannot be used (not a database, not a checkpoint, unreadable)."""
+    """The checkpoint file cannot be used: not a checkpoint, damaged, signed by another key,
+    or not writable where it must be written. The message says why and what to do."""
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The checkpoint was written for another function or other input data."""
+    """The checkpoint was written for another function, other values, or other input data."""
 
 
 class CheckpointWarning(UserWarning):
     """An item or result could not be checkpointed (it will be run again on resume)."""
 
 
-# --- the SQLite file, shared with the dead-letter queue --------------------------------------
-def open_database(
-    path: str | os.PathLike[str],
-    kind: str,
-    schema: str,
-    *,
-    version: str,
-    synchronous: str = "NORMAL",
-    error: type[StoreError] = StoreError,
-) -> sqlite3.Connection:
-    """Open (or create, mode 0o600) the amorsize database of type ``kind`` at ``path``.
+# --- hashes ----------------------------------------------------------------------------------
+def _pickle_hasher(key: bytes) -> Callable[[Any], int | None]:
+    """The keyed hash of a non-int item: BLAKE2b-64 of its pickle, even (ints are odd)."""
+    blake2b = hashlib.blake2b
+    dumps = pickle.dumps
 
-    An existing file is only read until it is known to be an amorsize database of this
-    ``kind`` and format ``version``; anything else (not SQLite, corrupted, another
-    application's, another kind's or another format version's database) raises ``error``
-    (a ``StoreError``) and leaves the file untouched.
-    """
-    where = os.fspath(path)
-    if os.path.isdir(where):
-        msg = f"{where!r} is a directory; pass the path of a database file to create or reuse"
-        raise error(msg)
-    try:
-        fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        os.close(fd)
-    try:
-        conn = sqlite3.connect(
-            where, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-        )
-    except sqlite3.Error as exc:
-        msg = f"cannot open {where!r} as an SQLite database: {exc}"
-        raise error(msg) from exc
-    # SQLite's busy handler does not cover every lock taken on first open (switching to WAL,
-    # upgrading a read to a write), so writers that open a new file together can see
-    # "database is locked" at once: retry within the same busy timeout.
-    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
-    pause = 0.001
-    while True:
+    def hash_other(item: Any) -> int | None:
         try:
-            _check_or_init(conn, where, kind, version, schema, synchronous, error)
-            return conn
-        except error as exc:
-            locked = "locked" in str(exc.__cause__) or "busy" in str(exc.__cause__)
-            if not locked or time.monotonic() + pause > deadline:
-                conn.close()
-                raise
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
-        except BaseException:
-            conn.close()
-            raise
-
-
-def _check_or_init(
-    conn: sqlite3.Connection,
-    where: str,
-    kind: str,
-    version: str,
-    schema: str,
-    synchronous: str,
-    error: type[StoreError],
-) -> None:
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        meta: dict[str, str] = {}
-        if "amorsize_meta" in tables:
-            meta = dict(
-                conn.execute(
-                    "SELECT key, value FROM amorsize_meta WHERE key IN ('format', 'version')"
-                ).fetchall()
-            )
-        meta_kind = meta.get("format")
-    except sqlite3.DatabaseError as exc:
-        msg = (
-            f"{where!r} is not a readable SQLite database ({exc}); it was left unchanged."
-            f" Pass another path for the {kind}, or move the file away if it is damaged."
-        )
-        raise error(msg) from exc
-    if tables and meta_kind != kind:
-        what = f"an {meta_kind!r} file" if meta_kind else "another application's database"
-        msg = (
-            f"{where!r} is {what}, not an {kind!r} file (tables: {', '.join(sorted(tables))});"
-            f" it was left unchanged. Pass another path for the {kind}."
-        )
-        raise error(msg)
-    if tables and meta.get("version") != version:
-        msg = (
-            f"{where!r} is an {kind!r} file in format version {meta.get('version')!r}, and"
-            f" this version of amorsize reads version {version!r}; it was left unchanged."
-            " Pass another path, or open the file with the amorsize version that wrote it."
-        )
-        raise error(msg)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-        if not tables:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS amorsize_meta"
-                " (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-            )
-            conn.execute(
-                "INSERT OR IGNORE INTO amorsize_meta VALUES ('format', ?), ('version', ?)",
-                (kind, version),
-            )
-            _run_schema(conn, schema)
-            conn.execute("COMMIT")
-        else:
-            _run_schema(conn, schema)
-    except sqlite3.DatabaseError as exc:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        msg = f"cannot use {where!r} as an {kind!r} file: {exc}"
-        raise error(msg) from exc
-
-
-def _run_schema(conn: sqlite3.Connection, schema: str) -> None:
-    # executescript() would commit the open transaction; run statement by statement instead.
-    for statement in schema.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-
-
-# --- identities and hashes -------------------------------------------------------------------
-def _code_digest(code: CodeType, h: Any) -> None:
-    h.update(code.co_code)
-    h.update(repr(code.co_names).encode())
-    for const in code.co_consts:
-        if isinstance(const, CodeType):
-            _code_digest(const, h)
-        elif isinstance(const, frozenset):
-            # Set literals: element order follows string hashing, which varies per process.
-            h.update(repr(sorted(map(repr, const))).encode())
-        else:
-            h.update(repr(const).encode())
-
-
-def function_identity(func: Callable[..., Any]) -> dict[str, str]:
-    """The module, qualified name and code digest that identify ``func`` in a checkpoint.
-
-    Wrappers that set ``__wrapped__`` (``with_retry``, ``with_circuit_breaker``,
-    ``functools.wraps``) are looked through.
-
-    >>> function_identity(len)["func_qualname"]
-    'len'
-    """
-    f: Any = inspect.unwrap(func)
-    extra = b""
-    while hasattr(f, "func") and hasattr(f, "args") and hasattr(f, "keywords"):  # partial
-        try:
-            extra += pickle.dumps((f.args, sorted(f.keywords.items())), _PROTOCOL)
+            data = dumps(item, _PROTOCOL)
         except Exception:
-            extra += repr((f.args, f.keywords)).encode()
-        f = inspect.unwrap(f.func)
-    module = getattr(f, "__module__", None) or type(f).__module__
-    qualname = getattr(f, "__qualname__", None) or type(f).__qualname__
-    code = getattr(f, "__code__", None)
-    if code is None:
-        # A callable object: its class's __call__ holds the code.
-        code = getattr(type(f).__dict__.get("__call__"), "__code__", None)
-    digest = ""
-    if isinstance(code, CodeType) or extra:
-        h = hashlib.sha256(extra)
-        if isinstance(code, CodeType):
-            _code_digest(code, h)
-        digest = h.hexdigest()[:16]
-    return {"func_module": str(module), "func_qualname": str(qualname), "func_code": digest}
+            return None
+        h = int.from_bytes(blake2b(data, key=key, digest_size=8).digest(), "little")
+        # Never 0: packed hashes use 0 for "no hash".
+        return h & ~1 or 2
+
+    return hash_other
 
 
-def item_hash(item: Any) -> int | None:
-    """A 64-bit hash of ``item``, stable across processes and runs; None if unpicklable.
+def _hasher(key: bytes) -> ItemHasher:
+    return ItemHasher(key, _pickle_hasher(key))
 
-    Plain ints (the usual ids and indices) hash to themselves, tagged odd; anything else
-    hashes its pickle (CRC-32 and Adler-32 side by side), tagged even, so the two kinds
-    never collide.
 
-    >>> item_hash(3) == item_hash(3), item_hash(3) == item_hash(4), item_hash("3") == item_hash(3)
-    (True, False, False)
+def item_hash(item: Any, key: bytes) -> int | None:
+    """The 64-bit hash of ``item`` under a file's 16-byte ``key``; None if unpicklable.
+
+    Exact ints in the int64 range: SipHash-2-4 of their 8 bytes, odd; anything else: keyed
+    BLAKE2b of its pickle, even. Stable across processes and runs for the same key.
+
+    >>> k = bytes(16)
+    >>> item_hash(3, k) == item_hash(3, k), item_hash(3, k) == item_hash(4, k)
+    (True, False)
+    >>> item_hash("3", k) == item_hash(3, k), item_hash(3, k) == item_hash(3, b"1" * 16)
+    (False, False)
     """
-    if type(item) is int and _INT_LOW <= item < _INT_LIMIT:
-        return (item + _INT_LIMIT) * 2 + 1
-    try:
-        data = pickle.dumps(item, _PROTOCOL)
-    except Exception:
-        return None
-    # Never 0: packed hashes use 0 for "no hash" (see _core_checkpoint.pxi).
-    return (zlib.crc32(data) << 32 | zlib.adler32(data)) & _EVEN_MASK or 2
+    return _hasher(key)(item)
 
 
 def _pack(values: Iterable[int], code: str) -> bytes:
@@ -349,8 +221,117 @@ def _runs_of(indices: Iterable[int]) -> list[int]:
 
 
 def _hash_list(blob: bytes) -> list[int | None]:
-    """Hashes packed by ``pack_item_hashes`` as ints, None for its 0 (no hash)."""
+    """Hashes packed by ``ItemHasher.pack`` as ints, None for its 0 (no hash)."""
     return [h or None for h in _unpack(blob, "Q")]
+
+
+# --- the sealed header and batches -----------------------------------------------------------
+def _header_parts(head: dict[str, Any]) -> bytes:
+    """The canonical bytes of the sealed header rows (absent rows count as absent)."""
+    return b"".join(
+        f"{k}={head[k]}\n".encode("utf-8", "surrogatepass") for k in _SEALED_KEYS if k in head
+    )
+
+
+def _has_run(head: dict[str, Any]) -> bool:
+    """Whether a run header was written (any row beyond the format rows: a damaged header
+    must be verified and refused, never taken for a missing one and written over)."""
+    return any(k not in ("format", "version") for k in head)
+
+
+def _hex(value: Any, size: int) -> bytes | None:
+    """``value`` decoded from ``size`` bytes of hex, or None if it is not that."""
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        return None
+    return raw if len(raw) == size else None
+
+
+def _header_seal(head: dict[str, Any], where: str, *, trust: bool) -> Seal:
+    """Verify the run header (digest, then signer, then signature); the file's ``Seal``."""
+    file_id = _hex(head.get("file_id"), 16)
+    signer = head.get("key_id", "")
+    seal = Seal(
+        where, "checkpoint", file_id or b"", signer if isinstance(signer, str) else "?",
+        trust=trust, trust_hint=_TRUST_HINT, error=CheckpointError,
+    )
+    sealed = [k for k in _SEALED_KEYS if k != "key_id"]
+    if any(not isinstance(head.get(k), str) for k in sealed) or file_id is None:
+        raise seal.damaged("the run header", "is incomplete")
+    if _hex(head["hash_key"], _KEY_BYTES) is None:
+        raise seal.damaged("the run header", "holds a malformed key")
+    # The digest first: a damaged key id must read as damage, not as another user's file.
+    digest, parts = _hex(head.get("header_digest"), 16), _header_parts(head)
+    seal.check("the run header", digest, None, parts, digest_only=True)
+    seal.check_signer()
+    seal.check("the run header", digest, _hex(head.get("header_mac"), 32), parts)
+    return seal
+
+
+def _batch_parts(n: int, runs: bytes, hashes: bytes, results: bytes) -> tuple[bytes, ...]:
+    return n.to_bytes(8, "little"), runs, hashes, results
+
+
+def _verified_batches(
+    conn: sqlite3.Connection, seal: Seal, *, digest_only: bool = False, batch: int | None = None
+) -> Iterator[tuple[int, list[int], bytes, bytes]]:
+    """``(id, runs, hashes, results)`` of every batch (or one), each checked before use."""
+    sql = "SELECT id, n, runs, hashes, results, digest, mac FROM checkpoint_batches"
+    rows = (
+        conn.execute(sql + " ORDER BY id")
+        if batch is None
+        else conn.execute(sql + " WHERE id = ?", (batch,))
+    )
+    for bid, n, runs, hashes, results, digest, mac in rows:
+        block = f"batch {bid}"
+        if not (
+            isinstance(bid, int)
+            and isinstance(n, int)
+            and 0 < n <= _MAX_BATCH
+            and all(isinstance(b, bytes) for b in (runs, hashes, results))
+        ):
+            raise seal.damaged(block, "has fields of the wrong type or size")
+        seal.check(block, digest, mac, *_batch_parts(n, runs, hashes, results), digest_only=digest_only)
+        flat = list(_unpack(runs, "q")) if len(runs) % 16 == 0 else []
+        counts = flat[1::2]
+        if (
+            len(hashes) != 8 * n
+            or sum(counts) != n
+            or any(c < 1 for c in counts)
+            or any(s < 0 for s in flat[0::2])
+        ):
+            raise seal.damaged(block, "has an inconsistent index")
+        yield bid, flat, hashes, results
+
+
+def _unpickle_batch(seal: Seal, bid: int, n: int, results: bytes) -> list[Any]:
+    """The results of a verified batch; any failure is a ``CheckpointError`` naming it."""
+    try:
+        values = pickle.loads(results)
+    except Exception as exc:
+        msg = (
+            f"checkpoint {seal.where!r}: batch {bid} cannot be unpickled ({type(exc).__name__}:"
+            f" {exc}); it was written with classes that no longer import (or changed). Restore"
+            " them, or delete the file or move it aside to run the work again."
+        )
+        raise CheckpointError(msg) from exc
+    if type(values) is not list or len(values) != n:
+        raise seal.damaged(f"batch {bid}", "does not hold one result per index")
+    return values
+
+
+@contextlib.contextmanager
+def _reading(where: str) -> Iterator[None]:
+    """SQLite errors while reading a checkpoint as ``CheckpointError``."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        msg = (
+            f"checkpoint {where!r} cannot be read ({exc}); it was left unchanged. Delete the"
+            " damaged file or move it aside to run the work again, or pass another path."
+        )
+        raise CheckpointError(msg) from exc
 
 
 # --- the public object -----------------------------------------------------------------------
@@ -362,12 +343,17 @@ class Checkpoint:
 
     * ``synchronous``: ``"NORMAL"`` (default; survives process crashes, may lose the last
       batches on power loss) or ``"FULL"`` (survives power loss, an fsync per batch).
-    * ``check_code``: also refuse to resume when the function's code changed (not only its
-      module and name). Turn off to resume after an edit you know keeps results valid, or
-      after a Python upgrade (bytecode differs between versions).
+    * ``check_code``: also refuse to resume when the function's code, or the values it uses
+      (defaults, closure cells, module constants: see ``amorsize._identity`` for what is and
+      is not covered), changed, not only its module and name. Turn off to resume after an
+      edit you know keeps results valid, or after a Python upgrade (bytecode differs).
+    * ``trust``: load a file signed with another user's key or not signed (a copy from
+      another machine, a file you received). Such a file holds pickles that run code when
+      loaded: trust it only if you trust whoever wrote it. Checksums are still verified.
     * ``commit_every`` / ``commit_interval``: batch size and age that trigger a commit.
 
-    The file holds pickles: trust it like code. It is created with permissions 0o600.
+    The file is created with permissions 0o600; an empty file at ``path`` is taken over, any
+    other file that is not a checkpoint is refused, unchanged.
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "run.db")
@@ -384,6 +370,7 @@ class Checkpoint:
         *,
         synchronous: Synchronous = "NORMAL",
         check_code: bool = True,
+        trust: bool = False,
         commit_every: int = COMMIT_EVERY_ITEMS,
         commit_interval: float = COMMIT_EVERY_SECONDS,
     ) -> None:
@@ -402,13 +389,19 @@ class Checkpoint:
         self.path = Path(path)
         self.synchronous: Synchronous = synchronous
         self.check_code = bool(check_code)
+        self.trust = bool(trust)
         self.commit_every = commit_every
         self.commit_interval = float(commit_interval)
 
     def __repr__(self) -> str:
-        return f"Checkpoint({os.fspath(self.path)!r})"
+        trust = ", trust=True" if self.trust else ""
+        return f"Checkpoint({os.fspath(self.path)!r}{trust})"
 
-    def _connect(self) -> sqlite3.Connection:
+    @property
+    def _where(self) -> str:
+        return os.fspath(self.path)
+
+    def _connect(self) -> StoreConnection:
         return open_database(
             self.path,
             _FORMAT,
@@ -418,37 +411,57 @@ class Checkpoint:
             error=CheckpointError,
         )
 
-    def header(self) -> dict[str, str]:
-        """The run header: format, function identity, input length, completion, times."""
+    def _open(self, *, loading: bool) -> tuple[StoreConnection, Seal | None]:
+        """The file and its verified header's seal (None: no run was started in it yet)."""
         conn = self._connect()
         try:
-            return dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
+            with _reading(self._where):
+                head = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
+                if not _has_run(head):
+                    return conn, None
+                return conn, _header_seal(head, self._where, trust=self.trust or not loading)
+        except BaseException:
+            conn.close()
+            raise
+
+    def header(self) -> dict[str, str]:
+        """The run header: format, signer, function identity, input length, times.
+
+        Checked against its digest, not its signature (nothing is unpickled).
+        """
+        conn, _ = self._open(loading=False)
+        try:
+            with _reading(self._where):
+                return dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
         finally:
             conn.close()
 
     def results(self) -> dict[int, Any]:
-        """Every recorded result by input index (loads pickles: trust the file)."""
-        conn = self._connect()
+        """Every recorded result by input index (verified, then unpickled)."""
+        conn, seal = self._open(loading=True)
         out: dict[int, Any] = {}
         try:
-            for runs, blob in conn.execute(
-                "SELECT runs, results FROM checkpoint_batches ORDER BY id"
-            ):
-                for i, value in zip(
-                    _expand_runs(_unpack(runs, "q")), pickle.loads(blob), strict=True
-                ):
-                    out.setdefault(i, value)
+            if seal is None:
+                return out
+            with _reading(self._where):
+                for bid, runs, hashes, blob in _verified_batches(conn, seal):
+                    values = _unpickle_batch(seal, bid, len(hashes) // 8, blob)
+                    for i, value in zip(_expand_runs(runs), values, strict=True):
+                        out.setdefault(i, value)
         finally:
             conn.close()
         return dict(sorted(out.items()))
 
     def __len__(self) -> int:
-        """How many distinct items have a recorded result."""
-        conn = self._connect()
+        """How many distinct items have a recorded result (checksums verified)."""
+        conn, seal = self._open(loading=False)
         try:
+            if seal is None:
+                return 0
             seen: set[int] = set()
-            for (runs,) in conn.execute("SELECT runs FROM checkpoint_batches"):
-                seen.update(_expand_runs(_unpack(runs, "q")))
+            with _reading(self._where):
+                for _, runs, _, _ in _verified_batches(conn, seal, digest_only=True):
+                    seen.update(_expand_runs(runs))
             return len(seen)
         finally:
             conn.close()
@@ -462,7 +475,9 @@ class CheckpointObserver(RunObserver):
         self.checkpoint = checkpoint
         self.identity = function_identity(func)
         self.n_items = n_items
-        self.conn: sqlite3.Connection | None = None
+        self.conn: StoreConnection | None = None
+        self._seal: Seal | None = None
+        self._hasher: Any = None  # the file's ItemHasher, once begin() read its key
         # index -> (batch id, position, item hash) of results stored by earlier runs.
         self._where: dict[int, tuple[int, int, int]] = {}
         self._remaining: dict[int, int] = {}
@@ -481,24 +496,27 @@ class CheckpointObserver(RunObserver):
         self._countdown = min(_CHECK_CLOCK_EVERY, checkpoint.commit_every)
         self._last_commit = 0.0
         self._failed = 0
+        self._broken = False  # a write failed: nothing more is written in this run
         self._warned = False
         self.resumed = 0
 
+    @property
+    def _path(self) -> str:
+        return os.fspath(self.checkpoint.path)
+
     # -- RunObserver -------------------------------------------------------------------------
     def begin(self, func: Callable[[Any], Any]) -> None:
-        """Open the file, check or write the run header, index what earlier runs stored."""
+        """Open the file, check or write the run header, verify and index the stored batches."""
         self.conn = conn = self.checkpoint._connect()
         try:
-            self._check_header(conn)
-            self._load_index(conn)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            self.conn = None
-            msg = (
-                f"checkpoint {os.fspath(self.checkpoint.path)!r} cannot be read ({exc}); it was"
-                " left unchanged. Move the damaged file away or pass another path."
-            )
-            raise CheckpointError(msg) from exc
+            with _reading(self._path):
+                head = self._header(conn)
+                self._seal = seal = _header_seal(head, self._path, trust=self.checkpoint.trust)
+                self._compare(head)
+                self._hasher = _hasher(bytes.fromhex(head["hash_key"]))
+                self._load_index(conn, seal)
+            if conn.read_only:
+                self._check_complete()
         except BaseException:
             conn.close()
             self.conn = None
@@ -507,10 +525,7 @@ class CheckpointObserver(RunObserver):
 
     def known(self, index: int, item: Any) -> tuple[bool, Any]:
         """The stored result for ``item`` at ``index``; raises if a different item was there."""
-        if type(item) is int and _INT_LOW <= item < _INT_LIMIT:  # item_hash's int rule, inline
-            h: int | None = (item + _INT_LIMIT) * 2 + 1
-        else:
-            h = item_hash(item)
+        h = self._hasher(item)
         where = self._where.pop(index, None) if self._where else None
         if where is None:
             self._pending[index] = h
@@ -542,7 +557,7 @@ class CheckpointObserver(RunObserver):
         if h is _UNSEEN:
             h = self._hash_from_block(index)
             if h is _UNSEEN:
-                h = item_hash(item)
+                h = self._hasher(item)
         if h is None:
             self._warn(f"item {index} cannot be pickled, so it cannot be checkpointed")
             return
@@ -559,7 +574,7 @@ class CheckpointObserver(RunObserver):
         """Stored results for ``items[k]`` (input index ``start + k``), as ``{k: result}``."""
         if not self._where:
             # Nothing stored: only hash (before the items run: a function may mutate them).
-            blob, missing = pack_item_hashes(items, item_hash)
+            blob, missing = self._hasher.pack(items)
             self._block_hashes[start] = (len(items), blob, missing)
             return {}
         found: dict[int, Any] = {}
@@ -620,57 +635,83 @@ class CheckpointObserver(RunObserver):
         if conn is None:
             return
         try:
-            self.flush()
-            if completed and not self._failed:
-                conn.execute(
-                    "INSERT OR REPLACE INTO amorsize_meta VALUES ('completed_at', ?)",
-                    (_now(),),
-                )
+            if not self._broken:
+                self.flush()
+                if completed and not self._failed and not conn.read_only:
+                    self._mark_completed(conn)
         finally:
             self.conn = None
-            conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- writing -----------------------------------------------------------------------------
     def flush(self) -> None:
-        """Commit the results gathered since the last commit, as one batch row."""
+        """Commit the results gathered since the last commit, as one sealed batch row."""
         conn = self.conn
         self._last_commit = time.monotonic()
-        if conn is None or not self._values:
+        if conn is None or not self._values or self._broken:
             return
         runs, hashes, values = self._runs, bytes(self._hashes), self._values
         self._runs, self._hashes, self._values = [], bytearray(), []
-        blob: bytes
-        try:
-            blob = pickle.dumps(values, _PROTOCOL)
-        except Exception:
-            runs, hashes, values = self._keep_picklable(runs, hashes, values)
+        self._countdown = min(_CHECK_CLOCK_EVERY, self.checkpoint.commit_every)
+        blob = _dumps_loadable(values)
+        if blob is None:
+            runs, hashes, values = self._keep_storable(runs, hashes, values)
             if not values:
                 return
             blob = pickle.dumps(values, _PROTOCOL)
-        row = (len(values), _pack(runs, "q"), hashes, blob)
-        conn.execute("BEGIN IMMEDIATE")
+        if conn.read_only:
+            self._broken = True
+            raise self._read_only_error(f"{len(values)} new result(s) cannot be stored")
+        self._insert(conn, len(values), _pack(runs, "q"), hashes, blob)
+
+    def _insert(self, conn: StoreConnection, n: int, runs: bytes, hashes: bytes, blob: bytes) -> None:
+        assert self._seal is not None
+        digest = block_digest(*_batch_parts(n, runs, hashes, blob))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # The writer holds the lock: the next id is its own, and the MAC names it.
+                (bid,) = conn.execute(
+                    "SELECT coalesce(max(id), 0) + 1 FROM checkpoint_batches"
+                ).fetchone()
+                mac = self._seal.mac(f"batch {bid}", digest)
+                conn.execute(
+                    "INSERT INTO checkpoint_batches VALUES (?,?,?,?,?,?,?)",
+                    (bid, n, runs, hashes, blob, digest, mac),
+                )
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            self._broken = True
+            raise write_error(self._path, "checkpoint", "write to the", exc, CheckpointError) from exc
+
+    def _mark_completed(self, conn: StoreConnection) -> None:
         try:
             conn.execute(
-                "INSERT INTO checkpoint_batches (n, runs, hashes, results) VALUES (?,?,?,?)",
-                row,
+                "INSERT OR IGNORE INTO amorsize_meta VALUES ('completed_at', ?)", (_now(),)
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        self._countdown = min(_CHECK_CLOCK_EVERY, self.checkpoint.commit_every)
+        except sqlite3.Error as exc:
+            raise write_error(self._path, "checkpoint", "write to the", exc, CheckpointError) from exc
 
-    def _keep_picklable(
+    def _keep_storable(
         self, runs: list[int], hashes: bytes, values: list[Any]
     ) -> tuple[list[int], bytes, list[Any]]:
-        # Some result does not pickle: keep the others, drop (and warn about) the culprits.
+        # Some result does not pickle, or does not load back: keep the others, drop (and
+        # warn about) the culprits, which run again on resume.
         indices = _expand_runs(runs)
-        keep = [k for k, v in enumerate(values) if _picklable(v)]
-        dropped = sorted(set(range(len(values))) - set(keep))
-        if dropped:
-            self._warn(
-                f"the result of item {indices[dropped[0]]} cannot be pickled, so it is not saved"
-            )
+        keep: list[int] = []
+        first = ""
+        for k, value in enumerate(values):
+            why = _unstorable(value)
+            if why is None:
+                keep.append(k)
+            elif not first:
+                first = f"the result of item {indices[k]} {why}, so it is not saved"
+        if first:
+            self._warn(first)
         kept_hashes = b"".join(hashes[8 * k : 8 * k + 8] for k in keep)
         return _runs_of(indices[k] for k in keep), kept_hashes, [values[k] for k in keep]
 
@@ -679,65 +720,93 @@ class CheckpointObserver(RunObserver):
             return
         self._warned = True
         warnings.warn(
-            f"checkpoint {os.fspath(self.checkpoint.path)!r}: {what}; such items run again"
+            f"checkpoint {self._path!r}: {what}; such items run again"
             " when the run is resumed (this warning is shown once per run)",
             CheckpointWarning,
             stacklevel=4,
         )
 
-    def _check_header(self, conn: sqlite3.Connection) -> None:
-        head = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
-        mine = {**self.identity, "n_items": "" if self.n_items is None else str(self.n_items)}
-        if "func_qualname" not in head:
-            rows = [
-                *mine.items(),
-                ("hash_scheme", _HASH_SCHEME),
-                ("python", sys.version.split()[0]),
-                ("created_at", _now()),
-            ]
+    # -- reading -----------------------------------------------------------------------------
+    def _header(self, conn: StoreConnection) -> dict[str, Any]:
+        """The file's run header, written (sealed with a new file id and hash key) if absent."""
+        head: dict[str, Any] = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
+        if _has_run(head):
+            return head
+        if conn.read_only:
+            raise self._read_only_error("it holds no run yet, and one cannot be started")
+        try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT OR IGNORE INTO amorsize_meta VALUES (?, ?)", rows)
-            conn.execute("COMMIT")
-            head = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
+            try:
+                # Another process may have started a run in the file since we looked.
+                now = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
+                if not _has_run(now):
+                    conn.executemany(
+                        "INSERT INTO amorsize_meta VALUES (?, ?)", self._new_header(head).items()
+                    )
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise write_error(self._path, "checkpoint", "write to the", exc, CheckpointError) from exc
+        return dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
+
+    def _new_header(self, meta: dict[str, Any]) -> dict[str, str]:
+        file_id = os.urandom(16)
+        seal = Seal(
+            self._path, "checkpoint", file_id, "", trust=False, trust_hint="",
+            error=CheckpointError,
+        )
+        head = {
+            "format": str(meta.get("format")),
+            "version": str(meta.get("version")),
+            "file_id": file_id.hex(),
+            "hash_key": os.urandom(_KEY_BYTES).hex(),
+            "key_id": seal.key.key_id,
+            **self.identity,
+            "n_items": "" if self.n_items is None else str(self.n_items),
+            "hash_scheme": _HASH_SCHEME,
+            "python": sys.version.split()[0],
+            "created_at": _now(),
+        }
+        digest = block_digest(_header_parts(head))
+        rows = {k: v for k, v in head.items() if k not in ("format", "version")}
+        return {**rows, "header_digest": digest.hex(), "header_mac": seal.mac("the run header", digest).hex()}
+
+    def _compare(self, head: dict[str, Any]) -> None:
+        """Raise ``CheckpointMismatchError`` if the file was written for another run."""
+        mine = {**self.identity, "n_items": "" if self.n_items is None else str(self.n_items)}
         problems = []
-        if head.get("hash_scheme", _HASH_SCHEME) != _HASH_SCHEME:
+        if head["hash_scheme"] != _HASH_SCHEME:
             problems.append(
                 f"it hashes items with {head['hash_scheme']!r}, this version with {_HASH_SCHEME!r}"
             )
-        name_then = f"{head.get('func_module')}.{head.get('func_qualname')}"
+        name_then = f"{head['func_module']}.{head['func_qualname']}"
         name_now = f"{mine['func_module']}.{mine['func_qualname']}"
         if name_then != name_now:
             problems.append(f"it was written by function {name_then}, this run calls {name_now}")
-        elif self.checkpoint.check_code and head.get("func_code") != mine["func_code"]:
-            note = ""
-            if head.get("python") and head["python"] != sys.version.split()[0]:
-                note = f" (it was written by Python {head['python']}: bytecode differs)"
-            problems.append(
-                f"the code of {name_now} changed since it was written{note}; pass"
-                " Checkpoint(path, check_code=False) if the results are still valid"
-            )
-        then_n, now_n = head.get("n_items", ""), mine["n_items"]
+        elif self.checkpoint.check_code:
+            problems += _code_changes(head, mine, name_now)
+        then_n, now_n = head["n_items"], mine["n_items"]
         if then_n and now_n and then_n != now_n:
             problems.append(f"it was written for {then_n} input items, this run has {now_n}")
         if problems:
             msg = (
-                f"checkpoint {os.fspath(self.checkpoint.path)!r} does not match this run: "
+                f"checkpoint {self._path!r} does not match this run: "
                 + "; ".join(problems)
                 + ". Its results were not used. Use another checkpoint path, or delete the"
                 " file to start over."
             )
             raise CheckpointMismatchError(msg)
 
-    def _load_index(self, conn: sqlite3.Connection) -> None:
+    def _load_index(self, conn: StoreConnection, seal: Seal) -> None:
+        # Every batch is verified here, before any result is used or any new one written:
+        # a damaged file is refused whole, and left unchanged.
         where = self._where
         remaining = self._remaining
-        for batch, runs, hashes in conn.execute(
-            "SELECT id, runs, hashes FROM checkpoint_batches ORDER BY id"
-        ):
+        for batch, runs, hashes, _ in _verified_batches(conn, seal):
             count = 0
-            for pos, (i, h) in enumerate(
-                zip(_expand_runs(_unpack(runs, "q")), _unpack(hashes, "Q"), strict=True)
-            ):
+            for pos, (i, h) in enumerate(zip(_expand_runs(runs), _unpack(hashes, "Q"), strict=True)):
                 if i not in where:  # the first result recorded for an index wins
                     where[i] = (batch, pos, h)
                     count += 1
@@ -745,26 +814,40 @@ class CheckpointObserver(RunObserver):
                 remaining[batch] = count
 
     def _load_batch(self, batch: int) -> list[Any]:
-        assert self.conn is not None
-        try:
-            row = self.conn.execute(
-                "SELECT results FROM checkpoint_batches WHERE id = ?", (batch,)
-            ).fetchone()
-            values: list[Any] = pickle.loads(row[0])
-        except Exception as exc:
-            msg = (
-                f"checkpoint {os.fspath(self.checkpoint.path)!r}: batch {batch} cannot be"
-                f" unpickled ({type(exc).__name__}: {exc}); the file is damaged or was"
-                " written with classes that no longer import. Delete it to start over."
-            )
-            raise CheckpointError(msg) from exc
+        assert self.conn is not None and self._seal is not None
+        with _reading(self._path):
+            rows = list(_verified_batches(self.conn, self._seal, batch=batch))
+        if not rows:
+            raise self._seal.damaged(f"batch {batch}", "disappeared while the run was reading it")
+        _, _, hashes, blob = rows[0]
+        values = _unpickle_batch(self._seal, batch, len(hashes) // 8, blob)
         self._cache[batch] = values
         return values
+
+    def _check_complete(self) -> None:
+        """A read-only file can serve a run only if it already holds every result."""
+        if self.n_items is None:
+            return  # unknown length: the first result to store raises
+        stored = sum(1 for i in self._where if 0 <= i < self.n_items)
+        if stored < self.n_items:
+            raise self._read_only_error(
+                f"it holds {stored} of the {self.n_items} results, and this run would have"
+                f" to store the other {self.n_items - stored}"
+            )
+
+    def _read_only_error(self, what: str) -> CheckpointError:
+        cause = self.conn.read_only_cause if self.conn is not None else ""
+        msg = (
+            f"checkpoint {self._path!r} is read-only ({cause}): {what}. Make the file and its"
+            " directory writable, or copy the file to a writable place and pass that path;"
+            " it was left unchanged."
+        )
+        return CheckpointError(msg)
 
     def _mismatch_item(self, index: int, item: Any, h: int | None) -> None:
         why = "cannot be pickled now" if h is None else "differs from the one checkpointed"
         msg = (
-            f"checkpoint {os.fspath(self.checkpoint.path)!r} does not match this run: the"
+            f"checkpoint {self._path!r} does not match this run: the"
             f" input item at index {index} ({_short_repr(item)}) {why}. The input changed"
             " since the checkpoint was written (or pickles differently: sets of strings do"
             " between processes); its results were not used. Use another checkpoint path, or"
@@ -773,12 +856,43 @@ class CheckpointObserver(RunObserver):
         raise CheckpointMismatchError(msg)
 
 
-def _picklable(value: Any) -> bool:
+def _code_changes(head: dict[str, Any], mine: dict[str, str], name: str) -> list[str]:
+    """What changed in the function's code or in the values it uses (see _identity)."""
+    fix = "; pass Checkpoint(path, check_code=False) if the results are still valid"
+    if head["func_code"] != mine["func_code"]:
+        note = ""
+        if head["python"] != sys.version.split()[0]:
+            note = f" (it was written by Python {head['python']}: bytecode differs)"
+        return [f"the code of {name} changed since it was written{note}{fix}"]
+    if head["func_values"] != mine["func_values"]:
+        return [
+            f"the values {name} uses (default arguments, closure cells, module constants"
+            f" or functions it calls) changed since it was written{fix}"
+        ]
+    return []
+
+
+def _dumps_loadable(values: list[Any]) -> bytes | None:
+    """The pickle of ``values`` if it loads back (checked once per batch), else None."""
     try:
-        pickle.dumps(value, _PROTOCOL)
+        blob = pickle.dumps(values, _PROTOCOL)
+        back = pickle.loads(blob)
     except Exception:
-        return False
-    return True
+        return None
+    return blob if type(back) is list and len(back) == len(values) else None
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why ``value`` cannot be checkpointed (None: it can)."""
+    try:
+        blob = pickle.dumps(value, _PROTOCOL)
+    except Exception as exc:
+        return f"cannot be pickled ({type(exc).__name__}: {exc})"
+    try:
+        pickle.loads(blob)
+    except Exception as exc:
+        return f"pickles but does not unpickle ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _short_repr(item: Any) -> str:

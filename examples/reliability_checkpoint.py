@@ -5,7 +5,8 @@ Run it with ``python examples/reliability_checkpoint.py`` (about 1 second).
 The first run dies at item 600 (standing in for a crash, a reboot or Ctrl-C). Running the
 same call again with the same ``checkpoint=`` file skips the items already done and returns
 the full result list, identical to an uninterrupted run. A changed input is refused with a
-clear error instead of mixing results. The file holds pickles: trust it like code.
+clear error instead of mixing results. The file holds pickles, signed with your per-user key:
+a file written by someone else is refused unless you pass ``Checkpoint(path, trust=True)``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from pathlib import Path
 
 from amorsize import Checkpoint, CheckpointMismatchError, execute
 
-CRASH_AT: int | None = 600
+# A set, not a plain int: the checkpoint identifies `enrich` by its code and the constants it
+# uses, and a module-level int that changes between runs would count as a change of code.
+CRASH_AT: set[int] = {600}
 RUNS: list[int] = []
 
 
 def enrich(x: int) -> dict[str, int]:
     """About 0.2 ms of work per item."""
-    if x == CRASH_AT:
+    if x in CRASH_AT:
         raise RuntimeError(f"simulated crash at item {x}")
     RUNS.append(x)
     t = time.perf_counter() + 0.0002
@@ -32,7 +35,6 @@ def enrich(x: int) -> dict[str, int]:
 
 
 def main() -> None:
-    global CRASH_AT
     data = list(range(2000))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "enrich.db"
@@ -46,7 +48,7 @@ def main() -> None:
             print(f"  run died: {exc}; {len(Checkpoint(path))} results were saved")
 
         print("2. same call again: resumes")
-        CRASH_AT = None
+        CRASH_AT.clear()
         RUNS.clear()
         results = execute(enrich, data, checkpoint=path, **plan)
         print(f"  ran {len(RUNS)} items this time, returned {len(results)} results")
