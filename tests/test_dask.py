@@ -22,6 +22,7 @@ distributed = pytest.importorskip(
 import cloudpickle  # noqa: E402 - a dependency of dask, so present whenever dask is
 import dask  # noqa: E402
 
+from amorsize import ItemFailure, execute  # noqa: E402
 from amorsize.backends.base import (  # noqa: E402
     OkValues,
     Outcome,
@@ -37,7 +38,6 @@ from amorsize.backends.dask import (  # noqa: E402
     measure_costs,
     plan,
 )
-from amorsize import ItemFailure, execute  # noqa: E402
 from amorsize.sampling import sample  # noqa: E402
 
 # Under --import-mode=importlib this module cannot be imported by the worker processes:

@@ -145,15 +145,11 @@ def _result_message(func: Callable[[Any], Any], start: int, items: list[Any]) ->
 
 def _watch_parent(lifeline: Connection) -> None:
     """Block until the parent is gone (EOF on the lifeline), then end this worker at once."""
-    fd = lifeline.fileno()
-    while True:
-        try:
-            if not os.read(fd, 1):
-                break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
-            continue
-        except OSError:
-            break
+    try:
+        while True:
+            lifeline.recv_bytes()  # nothing is ever sent: this returns only by raising
+    except (EOFError, OSError):
+        pass
     # Nobody is left to read a result: skip cleanup (atexit, flushing) that could block.
     os._exit(_ORPHANED_EXIT)
 
