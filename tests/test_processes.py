@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,27 @@ class HalfReduced:
         return (HalfReduced, (self.a,))
 
 
+class StateRefused:
+    """Pickles its ``__dict__``; its ``__setstate__`` refuses it on load."""
+
+    def __init__(self) -> None:
+        self.x = 1
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError("state refused")
+
+
+def _class_only_in_the_worker() -> Any:
+    """An instance of a class from a module that exists only in the worker process."""
+    module = types.ModuleType("amorsize_worker_only")
+    exec("class Here:\n    pass\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    return module.Here()
+
+
 BAD_RESULTS = {
+    "setstate raises": StateRefused,
+    "class missing in the parent": _class_only_in_the_worker,
     "exception as a value": lambda: TwoArgError(1, 2),
     "init needs more than reduce gives": lambda: HalfReduced(1, 2),
     "reduce fails on load": LoadsBadly,

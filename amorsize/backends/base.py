@@ -179,9 +179,9 @@ def portable_outcomes(
     A result or exception that cannot be pickled (unpicklable, too deeply nested) would
     otherwise break the whole chunk's message. It becomes a ``PicklingError`` failure of its
     own item, naming its index (``start`` is the first item's) and ``where`` it could not
-    leave. Runs in the worker, only for chunks that
-    hold a failure or whose results did not pickle at once. Its counterpart in the parent,
-    for what pickles but does not load, is ``reload_outcomes``.
+    leave. Runs in the worker, only for chunks that hold a failure or whose results did not
+    pickle at once. Its counterpart in the parent, for what pickles but does not load, is
+    ``reload_outcomes``.
     """
     checked: list[Outcome] = []
     for i, out in enumerate(outcomes):
@@ -293,8 +293,8 @@ class _TolerantUnpickler(pickle._Unpickler):
             pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
         except Exception as exc:
             # The state was popped; the half-built object stays, marked broken.
-            stand_in = _Unloadable(f"{type(inst).__qualname__} object (its state did not load)", exc)
-            self.taint[id(inst)] = (inst, stand_in)
+            what = f"a {type(inst).__qualname__} object whose state did not load"
+            self.taint[id(inst)] = (inst, _Unloadable(what, exc))
 
 
 def _tainting(op: Callable[[Any], None], arity: int, code: int) -> Callable[[Any], None]:
