@@ -86,7 +86,7 @@ _ORPHAN_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "exit"])
 @pytest.mark.parametrize("start_method", START_METHODS)
 def test_workers_exit_when_the_parent_dies(tmp_path: Path, start_method: str, how: str) -> None:
-    """issue 12 item 1: busy workers exit within seconds of their parent's death, any start method."""
+    """issue 12 item 1: busy workers exit within seconds of their parent's death, any way."""
     script = tmp_path / "orphans.py"
     script.write_text(_ORPHAN_SCRIPT)
     parent = subprocess.Popen(
@@ -178,7 +178,7 @@ def test_a_pool_started_by_a_thread_that_ended_keeps_working() -> None:
         backend.close()
 
 
-# ---------------------------------------------------------------- items 7 and 8: items that do not travel
+# ---------------------------------------------------------------- items 7 and 8: bad payloads
 
 
 class TwoArgError(Exception):
@@ -328,7 +328,7 @@ def test_result_that_does_not_unpickle_raises_its_own_error(fresh: ProcessesBack
 def test_raised_exception_that_does_not_unpickle_keeps_the_workers_traceback(
     fresh: ProcessesBackend,
 ) -> None:
-    """issue 12 item 7: an exception raised (not returned) that does not load keeps its traceback."""
+    """issue 12 item 7: a raised exception that does not load keeps the worker's traceback."""
     out = as_outcomes(
         next(iter(fresh.run(_raise_two_arg, iter([Task(0, [0, 1])]), n_jobs=1, max_in_flight=2)))[1]
     )
