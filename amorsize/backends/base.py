@@ -207,7 +207,9 @@ class _Unloadable:
 
     def __init__(self, what: str, error: BaseException) -> None:
         self.what = what
-        self.error = error
+        # Without its traceback: the failure it becomes must not keep the loader's frames,
+        # and with them every object of the chunk, alive.
+        self.error = error.with_traceback(None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Unloadable:
         return self  # a class or function that could not be found, called by REDUCE
