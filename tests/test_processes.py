@@ -398,3 +398,33 @@ def test_item_that_does_not_unpickle_in_the_worker_fails_alone(
     assert _runs(log) == {i: 1 for i in range(8) if i != 3}
     assert {w.process.pid for w in fresh._workers} == workers, "a worker died"
     assert capfd.readouterr().err == ""
+
+
+class Payload:
+    """A plain result, to watch for being kept alive."""
+
+
+def test_a_reload_failure_keeps_no_other_result_alive() -> None:
+    """issue 12 item 7: the failure of a bad result does not pin its chunk's good results."""
+    import gc
+    import weakref
+
+    from amorsize.backends.base import Outcome, reload_outcomes
+
+    blob = pickle.dumps((0, [Payload(), HalfReduced(1, 2), Payload()]), protocol=5)
+    with pytest.raises(TypeError) as info:
+        pickle.loads(blob)
+    out = reload_outcomes(
+        blob,
+        Task(0, [0, 1, 2]),
+        info.value,
+        "here",
+        lambda m: [(v, Outcome(True, v)) for v in m[1]],
+    )
+    assert [o.ok for o in out] == [True, False, True]
+    good = [weakref.ref(o.value) for o in out if o.ok]
+    failure = out[1].value
+    del out
+    gc.collect()
+    assert [ref() for ref in good] == [None, None]
+    assert str(failure).startswith("item 1:") and "HalfReduced(1)" in str(failure)
