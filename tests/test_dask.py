@@ -22,6 +22,7 @@ distributed = pytest.importorskip(
 import cloudpickle  # noqa: E402 - a dependency of dask, so present whenever dask is
 import dask  # noqa: E402
 
+from amorsize import ItemFailure, execute  # noqa: E402
 from amorsize.backends.base import (  # noqa: E402
     OkValues,
     Outcome,
@@ -595,11 +596,103 @@ class ItemFromMissingModule:
         return (_import_missing_module, ())
 
 
-def test_item_not_loadable_on_worker_fails_its_chunk(backend: DaskBackend) -> None:
-    """Items whose class the workers lack fail with an error that says so."""
-    got = _collect(backend, repr, iter([Task(0, [ItemFromMissingModule(), 2])]))
-    assert not got[0].ok and not got[1].ok
-    assert "could not be unpickled on the dask worker" in str(got[0].value)
+def test_item_not_loadable_on_worker_fails_alone(backend: DaskBackend) -> None:
+    """issue 12 item 8: an item the workers cannot load fails alone, never run; its chunk runs."""
+    got = _collect(backend, repr, iter([Task(0, [1, ItemFromMissingModule(), 2])]))
+    assert [got[0].value, got[2].value] == ["1", "2"]
+    err = got[1].value
+    assert not got[1].ok and got[1].attempts == 0
+    assert isinstance(err, pickle.UnpicklingError)
+    assert str(err).startswith("item 1 cannot be unpickled on the dask worker")
+    assert isinstance(err.__cause__, RemoteTraceback)
+
+
+class HalfReduced:
+    """Its ``__reduce__`` forgets an argument its ``__init__`` needs: pickles, does not load."""
+
+    def __init__(self, a: int, b: int) -> None:
+        self.a, self.b = a, b
+
+    def __reduce__(self) -> Any:
+        return (HalfReduced, (self.a,))
+
+
+class LoadsBadly:
+    """Pickles anywhere, raises wherever it is unpickled."""
+
+    def __reduce__(self) -> Any:
+        return (int, ("not a number",))
+
+
+class Unpicklable:
+    """Cannot be pickled, and its repr raises too."""
+
+    def __reduce__(self) -> Any:
+        raise TypeError("not picklable")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr is broken")
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD_RESULTS: dict[str, Callable[[], Any]] = {
+    "exception as a value": lambda: TwoArgError(1, 2),
+    "init needs more than reduce gives": lambda: HalfReduced(1, 2),
+    "reduce fails on load": LoadsBadly,
+    "nested in a good value": lambda: {"ok": [1, 2], "bad": (LoadsBadly(),)},
+    "unpicklable, repr raises": Unpicklable,
+    "nested 100,000 deep": lambda: _nested(100_000),
+}
+
+
+def bad_on_three(kind: str, x: int) -> Any:
+    if x == 3:
+        return BAD_RESULTS[kind]()
+    if x == 5:
+        raise KeyError(x)
+    return x * 10
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RESULTS))
+def test_result_that_does_not_travel_fails_alone(client: Any, kind: str) -> None:
+    """issue 12 items 7 and 8: a result that does not pickle or load fails alone, by index."""
+    out = execute(
+        functools.partial(bad_on_three, kind),
+        range(8),
+        backend="dask",
+        client=client,
+        n_jobs=2,
+        chunksize=4,
+        on_error="collect",
+    )
+    assert [o for i, o in enumerate(out) if i not in (3, 5)] == [0, 10, 20, 40, 60, 70]
+    assert isinstance(out[5], ItemFailure) and isinstance(out[5].exception, KeyError)
+    bad = out[3]
+    assert isinstance(bad, ItemFailure) and bad.attempts == 1
+    assert isinstance(bad.exception, pickle.PickleError)
+    assert str(bad.exception).startswith("item 3")
+    assert "cannot be unpickled" in str(bad.exception) or "cannot be pickled" in str(
+        bad.exception
+    )
+
+
+def test_result_that_does_not_unpickle_raises_in_raise_mode(client: Any) -> None:
+    """issue 12 item 7: in raise mode the item's own error is raised, naming the item."""
+    with pytest.raises(pickle.UnpicklingError, match=r"^item 3: .*HalfReduced\(1\)"):
+        execute(
+            functools.partial(bad_on_three, "init needs more than reduce gives"),
+            range(4),
+            backend="dask",
+            client=client,
+            n_jobs=2,
+            chunksize=4,
+        )
 
 
 def test_interrupt_cancels_pending_tasks(backend: DaskBackend, client: Any) -> None:

@@ -6,7 +6,7 @@ Data flow (the client process runs ``execute``; the scheduler only routes small 
     --------------                              ---------                  ------------
     func ─ cloudpickle once per run ─▶ a task holding the bytes ─────────▶ fetched once per
                                        (recomputed if its worker dies)     worker, loaded once
-    Task(start, items) ─ pickle ─▶ submit(_run_remote, token, func, blob)
+    Task(start, items) ─ pickle ─▶ submit(_run_remote, token, func, blob, start)
         blob < 1 MB: inside the task message ─▶ routes it ───────────────▶ run_chunk_fast
         blob ≥ 1 MB: scatter(blob) straight to a worker; the task follows it
     (Task, outcomes) ◀─ as_completed(with_results) ◀───── pickled result (bytes) ◀─┘
@@ -57,8 +57,10 @@ from amorsize.backends.base import (
     RemoteTraceback,
     Task,
     WorkerCrashedError,
+    error_payload,
     failure_outcome,
     portable_outcomes,
+    reload_outcomes,
     run_chunk_fast,
 )
 
@@ -186,7 +188,8 @@ _FUNCS: OrderedDict[str, Callable[[Any], Any]] = OrderedDict()
 _FUNCS_LOCK = threading.Lock()
 _FUNCS_KEPT = 8
 
-_OK, _MIXED = 0, 1
+_OK, _MIXED, _NOLOAD = 0, 1, 2
+_WHERE = "the dask worker"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -218,27 +221,24 @@ def _pack(outcome: Outcome) -> tuple[bool, Any, int, str | None]:
     return outcome.ok, outcome.value, outcome.attempts, tb
 
 
-def _result_bytes(result: list[Outcome] | OkValues) -> bytes:
+def _result_bytes(result: list[Outcome] | OkValues, start: int) -> bytes:
     """Pickle a chunk's results in the worker: an unpicklable result fails only its item."""
     if type(result) is OkValues:
         try:
             return _dumps((_OK, list(result)))
         except Exception:
             result = [Outcome(True, v) for v in result]
-    outcomes = portable_outcomes(cast("list[Outcome]", result), _dumps, "the dask worker")
+    outcomes = portable_outcomes(cast("list[Outcome]", result), _dumps, _WHERE, start)
     return _dumps((_MIXED, [_pack(o) for o in outcomes]))
 
 
-def _run_remote(token: str, func_blob: bytes, items_blob: bytes) -> bytes:
+def _run_remote(token: str, func_blob: bytes, items_blob: bytes, start: int) -> bytes:
     """The dask task: load the run's function (once per worker), run the chunk, pickle it."""
     try:
         items = cast("list[Any]", pickle.loads(items_blob))
     except Exception as exc:
-        msg = (
-            f"a chunk's items could not be unpickled on the dask worker ({type(exc).__name__}: "
-            f"{exc}); the modules that define their classes must be installed on the workers"
-        )
-        raise RuntimeError(msg) from exc
+        # None of the items ran: the client re-sends them one per task to find the culprit.
+        return _dumps((_NOLOAD, error_payload(exc)))
     try:
         func = _load_func(token, func_blob)
     except Exception as exc:
@@ -249,21 +249,40 @@ def _run_remote(token: str, func_blob: bytes, items_blob: bytes) -> bytes:
         )
         err = RuntimeError(msg)
         err.__cause__ = exc
-        return _result_bytes([failure_outcome(err)] * len(items))
-    return _result_bytes(run_chunk_fast(func, items, remote=True))
+        return _result_bytes([failure_outcome(err)] * len(items), start)
+    return _result_bytes(run_chunk_fast(func, items, remote=True), start)
 
 
-def _outcomes_from(blob: bytes) -> list[Outcome] | OkValues:
-    kind, payload = pickle.loads(blob)
+def _outcomes_from(blob: bytes, task: Task) -> list[Outcome] | OkValues | tuple[str, str, str]:
+    """A chunk's outcomes, or ``(type, message, traceback)`` if its items did not load."""
+    try:
+        kind, payload = pickle.loads(blob)
+    except Exception as exc:
+        # A result or exception that pickled on the worker but does not load here fails alone.
+        return reload_outcomes(blob, task, exc, _WHERE, _entries)
     if kind == _OK:
         return OkValues(payload)
-    out: list[Outcome] = []
-    for ok, value, attempts, tb in payload:
-        if not ok and tb is not None:
-            # Plain pickling drops __cause__: put the worker's traceback back.
-            value.__cause__ = RemoteTraceback(tb)
-        out.append(Outcome(ok, value, attempts))
-    return out
+    if kind == _NOLOAD:
+        return cast("tuple[str, str, str]", payload)
+    return [_unpack(entry) for entry in payload]
+
+
+def _unpack(entry: tuple[bool, Any, int, str | None]) -> Outcome:
+    ok, value, attempts, tb = entry
+    if not ok and tb is not None:
+        # Plain pickling drops __cause__: put the worker's traceback back.
+        value.__cause__ = RemoteTraceback(tb)
+    return Outcome(ok, value, attempts)
+
+
+def _entries(message: Any) -> list[tuple[Any, Outcome]]:
+    """A reloaded message's items for ``reload_outcomes``: (what to check, its outcome)."""
+    kind, payload = message
+    if kind == _OK:
+        return [(v, Outcome(True, v)) for v in payload]
+    if kind == _MIXED:
+        return [(entry, _unpack(entry)) for entry in payload]
+    return []
 
 
 def _noop(x: Any) -> Any:
@@ -416,6 +435,7 @@ class DaskBackend(Backend):
                 token,
                 func_future,
                 payload,
+                task.start,
                 key=f"amorsize-{token}-{next(seq)}",
                 pure=False,
             )
@@ -466,7 +486,13 @@ class DaskBackend(Backend):
                 # Judge by the result, not fut.status: the worker holding a result already
                 # fetched may die a moment later, turning the status to "lost".
                 if type(result) is bytes:
-                    yield part.task, _outcomes_from(result)
+                    outcomes = _outcomes_from(result, part.task)
+                    if isinstance(outcomes, tuple):
+                        bad = self._unloadable_items(part.task, outcomes, front)
+                        if bad is not None:
+                            yield bad
+                    else:
+                        yield part.task, outcomes
                 else:
                     failed = self._failed(part, result, front, report)
                     if failed is not None:
@@ -532,6 +558,24 @@ class DaskBackend(Backend):
         if tb is not None:
             exc.__cause__ = RemoteTraceback("".join(traceback.format_tb(tb)))
         return task, [Outcome(False, exc, 1) for _ in task.items]
+
+    def _unloadable_items(
+        self, task: Task, error: tuple[str, str, str], front: list[_Part]
+    ) -> tuple[Task, list[Outcome]] | None:
+        """A chunk whose items the worker could not unpickle (none ran): re-sent one item per
+        task to find the culprit, which then fails alone."""
+        if len(task.items) > 1:
+            pieces = [_Part(Task(task.start + i, [x])) for i, x in enumerate(task.items)]
+            front.extend(reversed(pieces))
+            return None
+        name, text, tb = error
+        msg = (
+            f"item {task.start} cannot be unpickled on the dask worker ({name}: {text}); the "
+            "modules that define its class must be installed on the workers"
+        )
+        err = pickle.UnpicklingError(msg)
+        err.__cause__ = RemoteTraceback(tb)
+        return task, [Outcome(False, err, 0)]
 
     def _unpicklable(
         self, task: Task, exc: Exception, front: list[_Part]

@@ -8,10 +8,18 @@ Data flow (the parent always knows which task is running on which worker)::
       FUNC (func, threads)  once per run ──── out_i ─────▶ loads func, limits BLAS threads
       TASK items (pickle protocol 5)   ──── out_i ─────▶ values = [func(x) for x in items]
       ◀─── conn_i ─── READY once | OK values | MIXED outcomes | FATAL (func not loadable)
+                      | NOLOAD (the task's items did not unpickle: re-sent one item per task)
     epoll([conn_i..., sentinel_i...]) → a result, or a death
     death → read what the pipe still holds; the running task's items are re-queued one item
             per task (crash count + 1); an item that crashed more than ``crash_retries``
             times becomes a ``WorkerCrashedError`` outcome; tasks queued behind it re-run as is
+
+Parent death: every worker holds the read end of one lifeline pipe whose only write end the
+parent holds (a forked worker closes the parent's ends it inherited, see
+``_after_fork_in_child``); a watchdog thread in the worker sees EOF the moment the parent is
+gone, however it died (SIGKILL, SIGTERM, ``os._exit``), and ends the worker, even mid-item.
+A pipe rather than ``prctl(PR_SET_PDEATHSIG)``: that signal fires when the *thread* that
+started the worker exits, and the warm pool outlives the thread that created it.
 
 Each direction is its own OS pipe: a small message costs about a third less CPU than
 through a socketpair (``Pipe(duplex=True)``), measured by a round-trip loop here.
@@ -46,14 +54,16 @@ from amorsize.backends.base import (
     RemoteTraceback,
     Task,
     WorkerCrashedError,
+    error_payload,
     failure_outcome,
     portable_outcomes,
+    reload_outcomes,
     run_chunk_fast,
 )
 
 # Message kinds, parent -> worker and worker -> parent.
 _FUNC, _TASK, _STOP = 0, 1, 2
-_OK, _MIXED, _FATAL = 0, 1, 2
+_OK, _MIXED, _FATAL, _NOLOAD = 0, 1, 2, 3
 # A worker's first message: it is up and serving. A worker that dies before sending it
 # never started anything (bootstrap failure), so its tasks are not suspects.
 _READY = b"ready"
@@ -78,6 +88,9 @@ _THREAD_ENV = (
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
 )
+_WHERE = "the worker process"
+# Exit code of a worker that ended because its parent died (no one reads it; for ps/strace).
+_ORPHANED_EXIT = 70
 # Modules whose presence means a BLAS/OpenMP pool may be loaded (threadpoolctl is then asked).
 _THREADED_MODULES = ("numpy", "scipy", "torch", "sklearn", "numexpr", "numba", "cv2")
 
@@ -119,22 +132,45 @@ def _safe_dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=5)
 
 
-def _result_message(func: Callable[[Any], Any], items: list[Any]) -> bytes:
+def _result_message(func: Callable[[Any], Any], start: int, items: list[Any]) -> bytes:
     result = run_chunk_fast(func, items)
     if type(result) is OkValues:
         try:
             return _safe_dumps((_OK, list(result)))
         except Exception:
             result = [Outcome(True, v) for v in result]
-    outcomes = cast("list[Outcome]", result)
-    return _safe_dumps((_MIXED, portable_outcomes(outcomes, _safe_dumps, "the worker process")))
+    outcomes = portable_outcomes(cast("list[Outcome]", result), _safe_dumps, _WHERE, start)
+    return _safe_dumps((_MIXED, outcomes))
 
 
-def _worker_main(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
-    """Serve tasks until the parent says stop or goes away (EOF on the pipe)."""
+def _watch_parent(lifeline: Connection) -> None:
+    """Block until the parent is gone (EOF on the lifeline), then end this worker at once."""
+    try:
+        while True:
+            lifeline.recv_bytes()  # nothing is ever sent: this returns only by raising
+    except (EOFError, OSError):
+        pass
+    # Nobody is left to read a result: skip cleanup (atexit, flushing) that could block.
+    os._exit(_ORPHANED_EXIT)
+
+
+def _worker_main(
+    tasks: Connection, conn: Connection, env: dict[str, str], lifeline: Connection
+) -> None:
+    """Serve tasks until the parent says stop or goes away (EOF on the pipe or lifeline)."""
     # Ctrl-C reaches the whole process group: the parent decides, workers do not die midway.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn.send_bytes(_READY)
+    threading.Thread(
+        target=_watch_parent, args=(lifeline,), name="amorsize-lifeline", daemon=True
+    ).start()
+    try:
+        conn.send_bytes(_READY)
+        _serve(tasks, conn, env)
+    except OSError:
+        return  # the parent closed our pipes (it stopped or died): nothing to report to
+
+
+def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
     # The parent sends only the variables the user left unset: set them even over a value
     # a forkserver inherited from an earlier pool of another size.
     os.environ.update(env)
@@ -145,14 +181,30 @@ def _worker_main(tasks: Connection, conn: Connection, env: dict[str, str]) -> No
     fatal: bytes | None = None
     while True:
         try:
-            kind, payload = loads(recv())
-        except (EOFError, OSError):
+            data = recv()
+        except EOFError:
             return
+        try:
+            kind, payload = loads(data)
+        except Exception as exc:
+            # Only a TASK can fail to load (FUNC carries bytes, loaded below): none of its
+            # items ran; the parent re-sends them one per task to find the culprit.
+            send(_safe_dumps((_NOLOAD, error_payload(exc))))
+            continue
         if kind == _TASK:
             if fatal is not None or func is None:
                 send(fatal or _safe_dumps((_FATAL, ("RuntimeError", "no function loaded", ""))))
-            else:
-                send(_result_message(func, payload))
+                continue
+            start, items = payload
+            try:
+                message = _result_message(func, start, items)
+            except Exception as exc:
+                # Belt and braces: whatever went wrong packing results fails the chunk's
+                # items, never the worker (a dead worker's items would run again).
+                msg = f"the results of items {start}.. could not be sent back: {exc!r:.300}"
+                failed = failure_outcome(RuntimeError(msg))
+                message = _safe_dumps((_MIXED, [failed] * len(items)))
+            send(message)
         elif kind == _FUNC:
             try:
                 func = loads(payload[0])
@@ -160,8 +212,7 @@ def _worker_main(tasks: Connection, conn: Connection, env: dict[str, str]) -> No
                 limiter.apply(payload[1])
             except BaseException as exc:
                 func = None
-                tb = failure_outcome(exc).value.__cause__.tb
-                fatal = _safe_dumps((_FATAL, (type(exc).__name__, str(exc), tb)))
+                fatal = _safe_dumps((_FATAL, error_payload(exc)))
         else:
             return
 
@@ -280,21 +331,32 @@ class ProcessesBackend(Backend):
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             try:
+                lifeline = _lifeline()
                 for _ in range(count):
                     task_r, task_w = ctx.Pipe(duplex=False)
                     result_r, result_w = ctx.Pipe(duplex=False)
                     self._started += 1
                     proc = ctx.Process(  # type: ignore[attr-defined]
                         target=_worker_main,
-                        args=(task_r, result_w, env),
+                        args=(task_r, result_w, env, lifeline),
                         name=f"amorsize-worker-{self._started}",
                         daemon=True,
                     )
-                    proc.start()
+                    # In the pool before it starts: a forked worker then closes its copies of
+                    # the parent's ends (_after_fork_in_child), its own included (else it
+                    # would hold the write end of its own task pipe and never see EOF), and a
+                    # Ctrl-C during start-up still stops it.
+                    worker = _Worker(proc, task_w, result_r)
+                    self._workers.append(worker)
+                    try:
+                        proc.start()
+                    except BaseException:
+                        self._workers.remove(worker)
+                        for end in (task_r, task_w, result_r, result_w):
+                            end.close()
+                        raise
                     task_r.close()
                     result_w.close()
-                    # In the pool at once: a Ctrl-C during start-up still stops this one.
-                    self._workers.append(_Worker(proc, task_w, result_r))
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -444,7 +506,7 @@ class ProcessesBackend(Backend):
                             task, msg = nxt, None
                         if msg is None:
                             try:
-                                msg = dumps((_TASK, task.items), protocol=5)
+                                msg = dumps((_TASK, (task.start, task.items)), protocol=5)
                             except Exception as exc:
                                 bad = self._unpicklable(task, exc, front)
                                 if bad is not None:
@@ -541,7 +603,7 @@ class ProcessesBackend(Backend):
                         w.ready = True
                         self._startup_deaths = 0
                     else:
-                        yield from self._result(w, run_id, data)
+                        yield from self._result(w, run_id, data, front)
                     return
         # Dead: whatever it sent before dying is still in the pipe.
         while w.inflight:
@@ -555,7 +617,7 @@ class ProcessesBackend(Backend):
                 w.ready = True
                 self._startup_deaths = 0
                 continue
-            yield from self._result(w, run_id, data)
+            yield from self._result(w, run_id, data, front)
         if not dead:
             return
         lost = list(w.inflight)
@@ -595,17 +657,26 @@ class ProcessesBackend(Backend):
             yield run_id, (task, _NOTHING)
 
     def _result(
-        self, w: _Worker, run_id: int, data: bytes
+        self, w: _Worker, run_id: int, data: bytes, front: deque[tuple[Task, bytes | None]]
     ) -> Iterator[tuple[int | None, tuple[Task, list[Outcome] | OkValues]]]:
         """Decode one message from ``w``: the outcome of its oldest task in flight."""
         rid, task, _ = w.inflight.popleft()
         if rid != run_id:
             return  # a cancelled run's task: its result is not wanted
-        kind, payload = pickle.loads(data)
+        try:
+            kind, payload = pickle.loads(data)
+        except Exception as exc:
+            # A result or exception that pickled in the worker but does not load here: it
+            # fails alone. Only this path pays for finding it.
+            outcomes = reload_outcomes(data, task, exc, _WHERE, _entries)
+            yield run_id, (task, outcomes)
+            return
         if kind == _OK:
             yield run_id, (task, OkValues(payload))
         elif kind == _MIXED:
             yield run_id, (task, payload)
+        elif kind == _NOLOAD:
+            yield run_id, self._unloadable_items(task, payload, front)
         else:
             self._discard(w, kill=True)
             name, text, tb = payload
@@ -616,6 +687,26 @@ class ProcessesBackend(Backend):
                 f"lambdas, closures and __main__ functions by value"
             )
             raise RuntimeError(msg) from RemoteTraceback(tb)
+
+    def _unloadable_items(
+        self, task: Task, error: tuple[str, str, str], front: deque[tuple[Task, bytes | None]]
+    ) -> tuple[Task, list[Outcome] | OkValues]:
+        """A task whose items the worker could not unpickle: none of them ran. Re-sent one
+        item per task (at the front, in order) to find the culprit, which then fails alone."""
+        if len(task.items) > 1:
+            for i in reversed(range(len(task.items))):
+                front.appendleft((Task(task.start + i, [task.items[i]]), None))
+            return task, _NOTHING
+        name, text, tb = error
+        msg = (
+            f"item {task.start} cannot be unpickled in the worker process ({name}: {text}); "
+            f"its class must load there (importable under start method "
+            f"{self.start_method!r}, or defined where cloudpickle sends it by value), or use "
+            f"backend='threads'"
+        )
+        err = pickle.UnpicklingError(msg)
+        err.__cause__ = RemoteTraceback(tb)
+        return task, [Outcome(False, err, 0)]
 
     def _unpicklable(
         self, task: Task, exc: Exception, front: deque[tuple[Task, bytes | None]]
@@ -632,6 +723,16 @@ class ProcessesBackend(Backend):
         err = pickle.PicklingError(msg)
         err.__cause__ = exc
         return task, [Outcome(False, err, 0)]
+
+
+def _entries(message: Any) -> list[tuple[Any, Outcome]]:
+    """A reloaded message's items for ``reload_outcomes``: (what to check, its outcome)."""
+    kind, payload = message
+    if kind == _OK:
+        return [(v, Outcome(True, v)) for v in payload]
+    if kind == _MIXED:
+        return [(o, o) for o in payload]
+    return []
 
 
 # A dead worker's task that is not reported itself (its items are re-queued or failed):
@@ -652,7 +753,29 @@ def _close_all() -> None:
         backend.close()
 
 
+_LIFELINE: list[Connection] = []  # [read end, write end] once a pool has started
+_LIFELINE_LOCK = threading.Lock()
+
+
+def _lifeline() -> Connection:
+    """The read end of this process's lifeline pipe (see the module docstring)."""
+    with _LIFELINE_LOCK:
+        if not _LIFELINE:
+            _LIFELINE.extend(multiprocessing.Pipe(duplex=False))
+        return _LIFELINE[0]
+
+
 def _after_fork_in_child() -> None:
+    # Any forked child (a worker, or the user's own fork) must not hold the parent's ends:
+    # the lifeline's write end would keep every worker alive after the parent dies, and a
+    # task pipe's write end would keep its worker from ever seeing EOF.
+    if _LIFELINE:
+        with contextlib.suppress(OSError):
+            _LIFELINE[1].close()
+        # The read end stays open: a forked worker watches it (it is that worker's argument).
+        _LIFELINE.clear()
+    global _LIFELINE_LOCK
+    _LIFELINE_LOCK = threading.Lock()  # another thread may have held it at fork time
     for backend in list(_LIVE):
         backend._forget_after_fork()
 
