@@ -519,7 +519,9 @@ def test_failed_sample_does_not_force_serial(
         {"on_error": "collect"} if how == "collect" else {"dead_letter": tmp_path / "dl.db"}
     )
     results, plan = execute(busy_fails_first, data, return_plan=True, **kw)
-    assert plan.backend == "processes" and plan.n_jobs == 2, plan.reason
+    # Which parallel plan wins depends on how busy the machine is while sampling (a crowded
+    # item looks like waiting): only "not serial because of the failure" is asserted.
+    assert plan.backend != "serial", plan.reason
     assert isinstance(results[0], ItemFailure) and results[0].index == 0
     assert results[1:] == list(range(1, 200))
     assert [_calls(tmp_path, i) for i in range(200)] == [1] * 200  # nothing ran twice
@@ -535,7 +537,7 @@ def test_transient_sample_failure_is_retried_in_the_sample(
     with set_testing(True):
         results, plan = execute(busy_fails_first, data, retry=RetryPolicy(max_retries=2),
                                 return_plan=True)
-    assert plan.backend == "processes", plan.reason
+    assert plan.backend != "serial", plan.reason
     assert results == list(range(200))
     assert _calls(tmp_path, 0) == 2 and _calls(tmp_path, 1) == 1
 
