@@ -68,6 +68,7 @@ if TYPE_CHECKING:
         ExecutionPlan,
         ItemFailure,
         RunObserver,
+        RunReport,
         execute,
         execute_iter,
     )
@@ -104,9 +105,10 @@ _SOURCES: dict[str, str] = {
     "with_circuit_breaker": "amorsize.circuit",
     "DeadLetter": "amorsize.dlq",
     "DeadLetterQueue": "amorsize.dlq",
-    "ExecutionPlan": "amorsize.executor",
+    "ExecutionPlan": "amorsize.executor",  # deprecated alias of RunReport, kept until 1.0
     "ItemFailure": "amorsize.executor",
     "RunObserver": "amorsize.executor",
+    "RunReport": "amorsize.executor",
     "execute": "amorsize.executor",
     "execute_iter": "amorsize.executor",
     "OptimizationResult": "amorsize.optimizer",
@@ -143,6 +145,7 @@ __all__ = [
     "RetryPolicy",
     "RetryStats",
     "RunObserver",
+    "RunReport",
     "SystemInfo",
     "WorkerCrashedError",
     "__version__",

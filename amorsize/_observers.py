@@ -44,7 +44,27 @@ in-flight items finished. ``counts`` maps ``"completed"``, ``"failed"`` and
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """An item that failed for good: it sits in the item's result slot (collect mode).
+
+    ``attempts`` counts calls of ``func`` (retries included) or worker crashes; it is 0 for
+    an item never attempted because dispatch stopped. Defined here, with the hooks, so that
+    the modules below the executor (the dead-letter queue's replay) can tell a failure from
+    a result without importing the executor.
+
+    >>> ItemFailure(3, "x", ValueError("bad"), 2)
+    ItemFailure(index=3, item='x', exception=ValueError('bad'), attempts=2)
+    """
+
+    index: int
+    item: Any
+    exception: BaseException
+    attempts: int
 
 
 class DispatchStoppedError(RuntimeError):

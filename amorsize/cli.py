@@ -970,8 +970,10 @@ def _cmd_dead_letter(args: argparse.Namespace) -> int:
 
 def _replay(dlq: Any, func: Callable[[Any], Any], *, trust: bool) -> int:
     """``dead-letter PATH --replay``: one line per entry, with the new error if it fails."""
+    from amorsize.executor import execute
+
     with _stdout_to_stderr(True):
-        report = dlq.replay(func, trust=trust)
+        report = dlq.replay(func, execute=execute, trust=trust)
     for entry, value in report.succeeded:
         result = _json_line(value, entry.index, {})
         print(f"#{entry.id} item {entry.index}: now succeeds -> {result}")

@@ -16,8 +16,8 @@ Data flow::
 
     worker: func(item) raises ──▶ parent: on_failure(i, item, exc, attempts)
                                    └─▶ UPSERT one row, committed at once ──▶ failed.db
-    DeadLetterQueue(path).replay(func) ─▶ verify each signature ─▶ unpickle the items
-                                   ─▶ execute(func, items, on_error="collect")
+    DeadLetterQueue(path).replay(func, execute=amorsize.execute) ─▶ verify each signature
+                                   ─▶ unpickle the items ─▶ execute(func, items, on_error="collect")
                                    ├─ succeeded: rows deleted
                                    └─ failed again: rows updated (attempts, error, time)
 
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from amorsize._observers import RunObserver
+from amorsize._observers import ItemFailure, RunObserver
 from amorsize._signing import user_key
 from amorsize.checkpoint import StoreError, open_database
 
@@ -433,24 +433,30 @@ class DeadLetterQueue:
 
     # --- replay -----------------------------------------------------------------------------
     def replay(
-        self, func: Callable[[Any], Any], *, trust: bool = False, **execute_kwargs: Any
+        self,
+        func: Callable[[Any], Any],
+        *,
+        execute: Callable[..., list[Any]],
+        trust: bool = False,
+        **execute_kwargs: Any,
     ) -> ReplayResult:
-        """Run every replayable entry through ``amorsize.execute(func, items, ...)``.
+        """Run every replayable entry through ``execute(func, items, ...)``.
 
-        Every item's signature is checked first (nothing runs if one fails; ``trust=True``
-        skips the check, see :meth:`load_item`). Entries that now succeed are removed; those
-        that fail again are updated (attempts added, new error and time).
-        ``execute_kwargs`` go to ``execute`` (``retry=``, ``n_jobs=``, ``backend=`` ...);
-        ``on_error`` is always ``"collect"``.
+        ``execute`` is ``amorsize.execute`` (or a wrapper of it taking the same keywords): the
+        queue sits below the executor and does not import it. Every item's signature is
+        checked first (nothing runs if one fails; ``trust=True`` skips the check, see
+        :meth:`load_item`). Entries that now succeed are removed; those that fail again are
+        updated (attempts added, new error and time). ``execute_kwargs`` go to ``execute``
+        (``retry=``, ``n_jobs=``, ``backend=`` ...); ``on_error`` is always ``"collect"``.
 
         >>> import tempfile, os
+        >>> from amorsize import execute
         >>> dlq = DeadLetterQueue(os.path.join(tempfile.mkdtemp(), "failed.db"))
         >>> _ = dlq.record(0, 4, ValueError("flaky"))
-        >>> [result for _, result in dlq.replay(lambda x: x * 10).succeeded], len(dlq)
+        >>> report = dlq.replay(lambda x: x * 10, execute=execute)
+        >>> [result for _, result in report.succeeded], len(dlq)
         ([40], 0)
         """
-        from amorsize.executor import ItemFailure, execute
-
         for bad in ("on_error", "dead_letter", "checkpoint"):
             if bad in execute_kwargs:
                 msg = f"replay() does not take {bad}=: it always collects failures itself"

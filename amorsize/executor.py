@@ -5,15 +5,19 @@ Data flow::
     data ──▶ optimizer (auto) ──▶ plan: backend, n_jobs, chunksize, data', sample results
               │                      (sampled items are never run again)
               ▼
-    data' ──▶ _tasks(): known()/sample results ──▶ ready queue ───────────────┐
+    data' ──▶ _UnknownItems: known()/sample results ──▶ ready queue ──────────┐
               │ consecutive unknown items ─▶ Task(start, items)                │
-              │ allow_dispatch() / reorder window gate each Task               │
+              │ allow_dispatch() / reorder window gate each Task (_tasks)      │
               ▼                                                                ▼
-    backend.run(func or retry wrapper, tasks) ─▶ (task, outcomes) ─▶ _Execution.chunks():
+    backend.run(func or retry wrapper, tasks) ─▶ (task, outcomes) ─▶ _Execution.result_blocks():
               on_success / on_failure, failure policy, progress  ─▶ (start, values)
                                                                       │
         execute: one list in input order ◀────────────────────────────┤
         execute_iter: values in input order (reorder buffer) or as completed
+
+A run is a sequence of named steps (``_Execution``): begin (observers, sampling and the
+plan), reuse the samples, run the tasks (the dispatch loop), finish (the report, closing
+everything). The options are checked once into a frozen ``_RunOptions``.
 
 The loop, the observers and the ordering all run in the calling thread; only the backend
 moves chunks to workers and outcomes back (see ``amorsize.backends.base``).
@@ -21,7 +25,6 @@ moves chunks to workers and outcomes back (see ``amorsize.backends.base``).
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 import multiprocessing
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Literal, cast, overload
 
-from amorsize._observers import DispatchStoppedError, RunObserver
+from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
 from amorsize.backends.base import (
@@ -47,7 +50,6 @@ from amorsize.backends.base import (
     StopOnFailure,
     Task,
     WorkerCrashedError,
-    as_outcomes,
 )
 from amorsize.backends.processes import available_cpus
 from amorsize.sampling import ItemRun, SampledFailure, TimedCall
@@ -57,6 +59,7 @@ __all__ = [
     "ExecutionPlan",
     "ItemFailure",
     "RunObserver",
+    "RunReport",
     "execute",
     "execute_iter",
 ]
@@ -77,32 +80,16 @@ _SERIAL_CHUNK_MAX = 4096
 # Items read at once from the input to ask observers which results they already hold, before
 # the plan (and its chunk size) is known.
 _SCAN_BLOCK = 256
-# Fallback when the optimizer is unavailable: four chunks per worker balance the load.
+# Sizes when the optimizer has no plan for the backend asked for: four chunks per worker
+# balance the load.
 _CHUNKS_PER_WORKER = 4
 _FALLBACK_CHUNK = 16
 
 _ON_ERROR = ("raise", "collect")
 
 
-@dataclass(frozen=True)
-class ItemFailure:
-    """An item that failed for good: it sits in the item's result slot (collect mode).
-
-    ``attempts`` counts calls of ``func`` (retries included) or worker crashes; it is 0 for
-    an item never attempted because dispatch stopped.
-
-    >>> ItemFailure(3, "x", ValueError("bad"), 2)
-    ItemFailure(index=3, item='x', exception=ValueError('bad'), attempts=2)
-    """
-
-    index: int
-    item: Any
-    exception: BaseException
-    attempts: int
-
-
 @dataclass
-class ExecutionPlan:
+class RunReport:
     """What ``execute`` decided and what happened (``return_plan=True`` returns it).
 
     ``optimization`` is the optimizer's result when it was consulted (None when
@@ -159,7 +146,12 @@ class ExecutionPlan:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- validation
+ExecutionPlan = RunReport
+"""Deprecated alias of :class:`RunReport`, its former name (the object reports a run; it is
+not the plan): kept until 1.0, without a warning for now. New code uses ``RunReport``."""
+
+
+# --------------------------------------------------------------------------- options
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -167,6 +159,17 @@ def _check_bool(name: str, value: Any) -> bool:
         msg = f"{name} must be True or False; got {value!r}"
         raise TypeError(msg)
     return value
+
+
+def _check_call(func: Any, data: Any) -> None:
+    if not callable(func):
+        msg = f"func must be callable (it is applied to each item); got {func!r}"
+        raise TypeError(msg)
+    try:
+        iter(data)
+    except TypeError:
+        msg = f"data must be an iterable (list, range, generator...); got {type(data).__name__}"
+        raise TypeError(msg) from None
 
 
 def _check_sizes(api: str, n_jobs: Any, chunksize: Any) -> tuple[int | None, int | None]:
@@ -196,11 +199,8 @@ def _check_backend(value: Any) -> str | Backend:
 def _retry_policy(retry: Any) -> Any:
     if retry is None or retry is False:
         return None
-    try:
-        from amorsize.retry import RetryPolicy
-    except ImportError as exc:  # pragma: no cover - the retry module ships with amorsize
-        msg = "retry= needs amorsize.retry, which could not be imported"
-        raise NotImplementedError(msg) from exc
+    from amorsize.retry import RetryPolicy
+
     if retry is True:
         return RetryPolicy()
     if isinstance(retry, RetryPolicy):
@@ -220,27 +220,6 @@ def _retrying(func: Callable[[Any], Any], policy: Any) -> Callable[[Any], Any]:
     return cast("Callable[[Any], Any]", RetryingItemFunction(func, policy))
 
 
-_FACTORIES = {
-    "checkpoint": ("amorsize.checkpoint", "checkpoint_observer"),
-    "dead_letter": ("amorsize.dlq", "dead_letter_observer"),
-    "circuit_breaker": ("amorsize.circuit", "circuit_observer"),
-}
-
-
-def _observer_factory(param: str) -> Callable[..., RunObserver]:
-    module_name, func_name = _FACTORIES[param]
-    try:
-        module = importlib.import_module(module_name)
-        factory = getattr(module, func_name)
-    except (ImportError, AttributeError) as exc:
-        msg = (
-            f"{param}= needs {module_name}.{func_name}, which is not available in this "
-            f"version of amorsize ({exc})"
-        )
-        raise NotImplementedError(msg) from exc
-    return cast("Callable[..., RunObserver]", factory)
-
-
 def _build_observers(
     func: Callable[[Any], Any],
     data: Any,
@@ -248,14 +227,21 @@ def _build_observers(
     dead_letter: Any,
     circuit_breaker: Any,
     observers: Sequence[RunObserver] | None,
-) -> list[RunObserver]:
+) -> tuple[RunObserver, ...]:
+    # Imported on demand: a run without them loads no SQLite and no breaker.
     out: list[RunObserver] = []
     if checkpoint is not None:
-        out.append(_observer_factory("checkpoint")(checkpoint, func, data))
+        from amorsize.checkpoint import checkpoint_observer
+
+        out.append(checkpoint_observer(checkpoint, func, data))
     if dead_letter is not None:
-        out.append(_observer_factory("dead_letter")(dead_letter))
+        from amorsize.dlq import dead_letter_observer
+
+        out.append(dead_letter_observer(dead_letter))
     if circuit_breaker is not None:
-        out.append(_observer_factory("circuit_breaker")(circuit_breaker))
+        from amorsize.circuit import circuit_observer
+
+        out.append(circuit_observer(circuit_breaker))
     if observers is not None:
         if isinstance(observers, RunObserver) or not isinstance(observers, Sequence):
             msg = f"observers must be a list of RunObserver; got {observers!r}"
@@ -265,7 +251,80 @@ def _build_observers(
                 msg = f"observers must hold RunObserver instances; got {obs!r}"
                 raise TypeError(msg)
         out.extend(observers)
-    return out
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _RunOptions:
+    """``execute``'s options, checked and normalised once (:meth:`build`).
+
+    ``absorbs_failures``: an observer may record a failure so that the run goes on (a
+    dead-letter queue, or a user observer overriding ``on_failure``). ``ordered_window``:
+    ``execute_iter(ordered=True)`` bounds its reorder buffer by pausing dispatch.
+    """
+
+    n_jobs: int | None
+    chunksize: int | None
+    backend: str | Backend
+    retry: Any  # a RetryPolicy, or None
+    collect: bool
+    progress: bool
+    verbose: bool
+    client: Any
+    observers: tuple[RunObserver, ...]
+    absorbs_failures: bool
+    ordered_window: bool = False
+
+    @property
+    def keep_going(self) -> bool:
+        """A failure does not end the run (a failed sample is then a data point)."""
+        return self.collect or self.absorbs_failures
+
+    @classmethod
+    def build(
+        cls,
+        api: str,
+        func: Any,
+        data: Any,
+        *,
+        n_jobs: Any,
+        chunksize: Any,
+        backend: Any,
+        retry: Any,
+        on_error: Any,
+        progress: Any,
+        verbose: Any,
+        client: Any,
+        checkpoint: Any,
+        dead_letter: Any,
+        circuit_breaker: Any,
+        observers: Any,
+        ordered_window: bool = False,
+    ) -> _RunOptions:
+        """The options of ``api`` (``execute`` or ``execute_iter``), as the user gave them."""
+        _check_call(func, data)
+        jobs, chunk = _check_sizes(api, n_jobs, chunksize)
+        be = _check_backend(backend)
+        if on_error not in _ON_ERROR:
+            msg = f"on_error must be 'raise' or 'collect'; got {on_error!r}"
+            raise ValueError(msg)
+        _check_bool("progress", progress)
+        _check_bool("verbose", verbose)
+        if be == "serial" and jobs not in (None, 1):
+            msg = f"n_jobs must be 1 (or None) with backend='serial'; got {n_jobs!r}"
+            raise ValueError(msg)
+        if client is not None and be not in ("auto", "dask") and not isinstance(be, Backend):
+            msg = f"client= only applies to backend='dask' or 'auto'; got backend={backend!r}"
+            raise ValueError(msg)
+        policy = _retry_policy(retry)
+        obs = _build_observers(func, data, checkpoint, dead_letter, circuit_breaker, observers)
+        absorbs = dead_letter is not None or any(
+            _overrides(o, "on_failure") for o in observers or ()
+        )
+        return cls(
+            jobs, chunk, be, policy, on_error == "collect", progress, verbose, client, obs,
+            absorbs, ordered_window,
+        )  # fmt: skip
 
 
 def _not_run_message(count: int) -> str:
@@ -291,14 +350,6 @@ def _length(data: Any) -> int | None:
 
 
 # --------------------------------------------------------------------------- planning
-
-
-def _optimizer() -> Callable[..., Any] | None:
-    try:
-        from amorsize.optimizer import _optimize
-    except ImportError:
-        return None
-    return cast("Callable[..., Any]", _optimize)
 
 
 def _predicted(opt: Any) -> float | None:
@@ -349,8 +400,9 @@ def _remote_sampler(
             for task, outcomes in be.run(
                 call, iter([Task(first, items)]), n_jobs=1, max_in_flight=1
             ):
-                for k, out in enumerate(as_outcomes(outcomes)):
-                    got[task.start + k - first] = _item_run(out)
+                all_ok = type(outcomes) is OkValues
+                for k, out in enumerate(outcomes):
+                    got[task.start + k - first] = _item_run(Outcome(True, out) if all_ok else out)
         except (TypeError, RuntimeError) as exc:
             if not optional or got:
                 raise
@@ -393,92 +445,123 @@ def _sample_where(
 
 
 def _make_plan(
-    func: Callable[[Any], Any],
-    data: Iterable[Any],
-    n_jobs: int | None,
-    chunksize: int | None,
-    backend: str | Backend,
-    client: Any,
-    rules: _SampleRules = _SampleRules(),
+    func: Callable[[Any], Any], data: Iterable[Any], opts: _RunOptions, rules: _SampleRules
 ) -> _Plan:
-    if backend != "auto" and n_jobs is not None and chunksize is not None:
+    """The run's plan: what the caller fixed, the optimizer's choice for the rest."""
+    backend, client = opts.backend, opts.client
+    if backend != "auto" and opts.n_jobs is not None and opts.chunksize is not None:
         # Everything is decided already: no sampling.
         be = backend if isinstance(backend, Backend) else _get(backend, client)
-        jobs = 1 if be.name == "serial" else n_jobs
-        return _Plan(be, jobs, chunksize, "given by the caller", data, (), None, None)
+        jobs = 1 if be.name == "serial" else opts.n_jobs
+        return _Plan(be, jobs, opts.chunksize, "given by the caller", data, (), None, None)
     if backend == "auto":
-        in_daemon = multiprocessing.current_process().daemon
-        names: tuple[str, ...] = (
-            ("serial", "threads") if in_daemon else ("serial", "processes", "threads")
-        )
-        if client is not None or _current_dask_client() is not None:
-            names += ("dask",)
+        names = _auto_candidates(client)
     else:
         be = backend if isinstance(backend, Backend) else _get(backend, client)
         if be.name == "serial":
-            return _Plan(be, 1, chunksize or _SERIAL_CHUNK, "serial run", data, (), None, None)
+            chunk = opts.chunksize or _SERIAL_CHUNK
+            return _Plan(be, 1, chunk, "serial run", data, (), None, None)
         # Serial stays in so that the optimizer always has a plan; the sizes used are those
         # of its best plan on the requested backend.
         names = (be.name, "serial")
-    optimize = _optimizer()
-    if optimize is None:  # pragma: no cover - the optimizer ships with amorsize
-        return _default_plan(
-            data, n_jobs, chunksize, _get("serial", client) if backend == "auto" else be
-        )
+    opt = _ask_optimizer(func, data, opts, names, rules)
+    if backend == "auto":
+        be = _get(opt.backend, client)
+        sizes = _Sizes(int(opt.n_jobs), int(opt.chunksize), _predicted(opt), str(opt.reason))
+    else:
+        sizes = _sizes_on(be, opt, opts)
+    return _with_overrides(be, sizes, opt, opts)
+
+
+def _auto_candidates(client: Any) -> tuple[str, ...]:
+    """The backends ``backend="auto"`` chooses from."""
+    # A daemon process (a worker of a pool) cannot have children of its own.
+    in_daemon = multiprocessing.current_process().daemon
+    names: tuple[str, ...] = (
+        ("serial", "threads") if in_daemon else ("serial", "processes", "threads")
+    )
+    if client is not None or _current_dask_client() is not None:
+        names += ("dask",)
+    return names
+
+
+def _ask_optimizer(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    opts: _RunOptions,
+    names: tuple[str, ...],
+    rules: _SampleRules,
+) -> Any:
+    """The optimizer's result for ``names`` (it samples ``func`` on the first items)."""
+    from amorsize.optimizer import _optimize
+
+    backend = opts.backend
     # Warm workers cost no start-up, which can tip a small job towards processes (asked
     # after sampling, which may have started one).
     warm: Callable[[], int] = (
         backend.warm_workers if isinstance(backend, Backend)
         else lambda: warm_workers("processes")
     )
-    opt = optimize(
+    return _optimize(
         func,
         data,
-        n_jobs=n_jobs,
+        n_jobs=opts.n_jobs,
         sample_size=None,
         backends=names,
         warm_workers=warm,
-        client=client,
+        client=opts.client,
         keep_going=rules.keep_going,
         index_of=rules.index_of,
         **_sample_where(backend, names, func, rules.keep_going),
     )
-    samples = tuple(getattr(opt, "sample_results", ()) or ())
-    stopped = _stopped_failure(opt.profile)
-    if backend == "auto":
-        be = _get(opt.backend, client)
-        jobs, chunk, predicted = int(opt.n_jobs), int(opt.chunksize), _predicted(opt)
-        reason = str(opt.reason)
-    else:
-        best = next((c for c in opt.alternatives if c.backend == be.name), None)
-        if opt.backend == be.name:
-            jobs, chunk, predicted = int(opt.n_jobs), int(opt.chunksize), _predicted(opt)
-            reason = str(opt.reason)
-        elif best is not None:
-            jobs, chunk, predicted = int(best.n_jobs), int(best.chunksize), float(best.seconds)
-            reason = (
-                f"backend={be.name!r} as asked, with the optimizer's best plan for it "
-                f"(it would have chosen {opt.backend}: {opt.reason})"
-            )
-        else:
-            fallback = _default_plan(opt.data, n_jobs, chunksize, be)
-            jobs, chunk, predicted = fallback.n_jobs, fallback.chunksize, None
-            reason = f"backend={be.name!r} as asked, default sizes ({opt.reason})"
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """A plan's sizes, its predicted seconds and why."""
+
+    n_jobs: int
+    chunksize: int
+    predicted: float | None
+    reason: str
+
+
+def _sizes_on(be: Backend, opt: Any, opts: _RunOptions) -> _Sizes:
+    """The sizes for the backend the caller asked for: the optimizer's best plan on it."""
+    if opt.backend == be.name:
+        return _Sizes(int(opt.n_jobs), int(opt.chunksize), _predicted(opt), str(opt.reason))
+    best = next((c for c in opt.alternatives if c.backend == be.name), None)
+    if best is not None:
+        reason = (
+            f"backend={be.name!r} as asked, with the optimizer's best plan for it "
+            f"(it would have chosen {opt.backend}: {opt.reason})"
+        )
+        return _Sizes(int(best.n_jobs), int(best.chunksize), float(best.seconds), reason)
+    jobs, chunk = _default_sizes(opt.data, opts.n_jobs, opts.chunksize, be.name)
+    reason = f"backend={be.name!r} as asked, default sizes ({opt.reason})"
+    return _Sizes(jobs, chunk, None, reason)
+
+
+def _with_overrides(be: Backend, sizes: _Sizes, opt: Any, opts: _RunOptions) -> _Plan:
+    """The plan, with the sizes the caller fixed taking precedence over the optimizer's."""
+    jobs, chunk, reason = sizes.n_jobs, sizes.chunksize, sizes.reason
     if be.name == "serial":
         # Chunks only batch the executor's bookkeeping here: the optimizer's chunk size is
         # for dispatch to workers, and one item per chunk made tiny items ~18x slower.
-        jobs, chunk = 1, _serial_chunk(getattr(opt, "profile", None))
-    elif n_jobs is not None:
-        jobs = n_jobs
-    overrides = [f"n_jobs={n_jobs}"] if n_jobs is not None and be.name != "serial" else []
-    if chunksize is not None:
-        chunk = chunksize
-        overrides.append(f"chunksize={chunksize}")
+        jobs, chunk = 1, _serial_chunk(opt.profile)
+    elif opts.n_jobs is not None:
+        jobs = opts.n_jobs
+    overrides = [f"n_jobs={opts.n_jobs}"] if opts.n_jobs is not None and be.name != "serial" else []
+    if opts.chunksize is not None:
+        chunk = opts.chunksize
+        overrides.append(f"chunksize={opts.chunksize}")
     if overrides:
         reason += f" (overridden by the caller: {', '.join(overrides)})"
+    samples = tuple(opt.sample_results or ())
     return _Plan(
-        be, max(1, jobs), max(1, chunk), reason, opt.data, samples, opt, predicted, stopped
-    )
+        be, max(1, jobs), max(1, chunk), reason, opt.data, samples, opt, sizes.predicted,
+        _stopped_failure(opt.profile),
+    )  # fmt: skip
 
 
 def _stopped_failure(profile: Any) -> SampledFailure | None:
@@ -502,20 +585,18 @@ def _serial_chunk(profile: Any) -> int:
     return max(1, min(_SERIAL_CHUNK_MAX, int(_SERIAL_CHUNK_SECONDS / mean)))
 
 
-def _default_plan(
-    data: Iterable[Any], n_jobs: int | None, chunksize: int | None, be: Backend
-) -> _Plan:
-    """Simple, safe sizes when the optimizer cannot size the run."""
-    if be.name == "serial":
-        return _Plan(be, 1, chunksize or _SERIAL_CHUNK, "serial run", data, (), None, None)
+def _default_sizes(
+    data: Iterable[Any], n_jobs: int | None, chunksize: int | None, name: str
+) -> tuple[int, int]:
+    """Simple, safe ``(n_jobs, chunksize)`` when the optimizer has no plan for a backend."""
     cpus = available_cpus()
-    jobs = n_jobs or (min(32, cpus + 4) if be.name == "threads" else cpus)
+    jobs = n_jobs or (min(32, cpus + 4) if name == "threads" else cpus)
     if chunksize is None:
         n = _length(data)
         chunksize = (
             _FALLBACK_CHUNK if n is None else max(1, math.ceil(n / (_CHUNKS_PER_WORKER * jobs)))
         )
-    return _Plan(be, jobs, chunksize, "default sizes", data, (), None, None)
+    return jobs, chunksize
 
 
 def _current_dask_client() -> Any:
@@ -538,7 +619,7 @@ def _get(name: str, client: Any) -> Backend:
 # --------------------------------------------------------------------------- the run
 
 
-class _Indexed:
+class _UnknownItems:
     """The input minus the items an observer already knows, read in blocks.
 
     Each block is checked with one ``known_block`` call per observer; known items go
@@ -565,7 +646,7 @@ class _Indexed:
         self.buffer: deque[tuple[int, int, Any]] = deque()
         self.handed: deque[tuple[int, int, Any]] = deque()
         self.next_index = 0
-        # Until the plan is known; then the plan's chunk size (see ``_Execution.chunks``).
+        # Until the plan is known; then the plan's chunk size (see ``_Execution._begin``).
         self.block_size = _SCAN_BLOCK
 
     def _block(self) -> tuple[int, list[Any], dict[int, Any]] | None:
@@ -584,7 +665,7 @@ class _Indexed:
         self.run.skipped += len(found)
         return start, items, found
 
-    def __iter__(self) -> _Indexed:
+    def __iter__(self) -> _UnknownItems:
         return self
 
     def __next__(self) -> Any:
@@ -647,47 +728,31 @@ class _Indexed:
 
 
 class _Execution:
-    """One run: yields ``(start, values)`` blocks of consecutive results."""
+    """One run, in named steps: begin (observers, sampling and the plan), reuse the samples,
+    run the tasks (the dispatch loop), finish (the report; close the backend's generator,
+    the progress bar and the observers). :meth:`result_blocks` drives them."""
 
-    def __init__(
-        self,
-        func: Callable[[Any], Any],
-        data: Iterable[Any],
-        *,
-        n_jobs: int | None,
-        chunksize: int | None,
-        backend: str | Backend,
-        retry: Any,
-        on_error: str,
-        progress: bool,
-        verbose: bool,
-        client: Any,
-        observers: list[RunObserver],
-        ordered_window: bool,
-        absorbs_failures: bool = False,
-    ) -> None:
+    def __init__(self, func: Callable[[Any], Any], data: Iterable[Any], opts: _RunOptions) -> None:
         self.func = func
         self.data = data
-        self.n_jobs = n_jobs
-        self.chunksize = chunksize
-        self.backend = backend
-        self.policy = retry
-        self.collect = on_error == "collect"
-        # A failed sample is a data point when failures do not stop the run.
-        self.keep_going = self.collect or absorbs_failures
-        self.progress = progress
-        self.verbose = verbose
-        self.client = client
-        self.observers = observers
-        self.ordered_window = ordered_window
-        # Raise mode with no observer that may absorb a failure: the first failure ends the
-        # run, so workers stop at it too (StopOnFailure) instead of finishing their chunks.
-        self.stop_on_failure = not self.collect and not absorbs_failures
-        self.not_run = 0  # items a worker skipped after a failure still on its way
-        self.plan: ExecutionPlan | None = None
-        self.emitted = 0  # execute_iter(ordered=True) advances this: the reorder window
+        self.opts = opts
         self.n_items = _length(data)
-        self.chunksize_used = 1
+        observers = opts.observers
+        self.on_success = [o for o in observers if _overrides(o, "on_success", "on_success_block")]
+        self.knowers = [o for o in observers if _overrides(o, "known", "known_block")]
+        self.gates = [o for o in observers if _overrides(o, "allow_dispatch")]
+        # Known results (sampled, checkpointed) waiting to be handed out, in blocks.
+        self.ready: deque[tuple[int, list[Any]]] = deque()
+        self.stream: _UnknownItems | None = None
+        self.report: RunReport | None = None
+        self.bar: Any = None
+        # The backend's generator while tasks run: closed on an error or when abandoned.
+        self.outcomes: Iterator[tuple[Task, list[Outcome] | OkValues]] | None = None
+        self.backend: Backend | None = None
+        self.completed = False  # every item ran to a result or a failure (observers' end)
+        self.not_run = 0  # items a worker skipped after a failure still on its way
+        self.emitted = 0  # execute_iter(ordered=True) advances this: the reorder window
+        self.chunksize = 1  # the plan's, once known
         self.skipped = 0  # items a checkpoint already had
         self.dispatched = 0  # items handed to the backend ...
         self.finished = 0  # ... and items it gave back: the difference is in flight
@@ -695,41 +760,171 @@ class _Execution:
         self.leftover: tuple[int, list[Any]] | None = None
         self.pending_chunks: Iterator[tuple[int, list[Any]]] = iter(())
 
-    # -- task generation -----------------------------------------------------------------
+    def result_blocks(self) -> Iterator[tuple[int, list[Any]]]:
+        """The run: ``(start, values)`` blocks of consecutive results, in completion order."""
+        t0 = time.perf_counter()
+        try:
+            plan = self._begin()
+            it, n_sampled = self._reuse_samples(plan)
+            self.outcomes = self._start_tasks(plan, it, n_sampled)
+            yield from self._run_tasks(self.outcomes)
+            self.outcomes = None
+            yield from self._after_tasks()
+            # Items left unattempted mean the work is not done, even if all were reported.
+            self.completed = self.stopped_by is None
+        except BaseException as exc:
+            self._cancel(exc)
+            raise
+        finally:
+            self._finish(time.perf_counter() - t0)
+
+    # -- begin -----------------------------------------------------------------------------
+
+    def _begin(self) -> _Plan:
+        """Tell the observers, plan the run (sampling on the way), open the report."""
+        opts = self.opts
+        for obs in opts.observers:
+            obs.begin(self.func)
+        # With known results (a checkpoint), the optimizer and the backend only ever see
+        # the items still to run: a resumed run samples nothing it already has.
+        if self.knowers:
+            self.stream = _UnknownItems(self.data, self.knowers, self.ready, self)
+        stream = self.stream
+        rules = _SampleRules(opts.keep_going, None if stream is None else stream.index_of)
+        # Sampling runs what the run runs (retries included): no sampled item runs again.
+        data = self.data if stream is None else stream
+        plan = _make_plan(self._item_func(), data, opts, rules)
+        self.report = RunReport(
+            backend=plan.backend.name,
+            n_jobs=plan.n_jobs,
+            chunksize=plan.chunksize,
+            reason=plan.reason,
+            optimization=plan.optimization,
+            predicted_seconds=plan.predicted,
+        )
+        if opts.verbose:
+            print(plan.optimization if plan.optimization is not None else self.report, flush=True)
+        self.chunksize = plan.chunksize
+        if stream is not None:
+            stream.block_size = plan.chunksize
+        self.bar = self._progress_bar()
+        return plan
+
+    def _item_func(self) -> Callable[[Any], Any]:
+        """What runs on each item: ``func``, wrapped by the retry policy if there is one."""
+        policy = self.opts.retry
+        return self.func if policy is None else _retrying(self.func, policy)
+
+    def _progress_bar(self) -> Any:
+        if not self.opts.progress:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            warnings.warn(
+                "progress=True needs tqdm, which is not installed: running without a "
+                "progress bar (pip install tqdm, or amorsize[full])",
+                RuntimeWarning,
+                stacklevel=5,  # _progress_bar, _begin, result_blocks, execute or _iterate: caller
+            )
+            return None
+        return tqdm(total=self.n_items, unit="item", desc="execute", file=sys.stderr)
+
+    # -- reuse samples ---------------------------------------------------------------------
+
+    def _reuse_samples(self, plan: _Plan) -> tuple[Iterator[Any], int]:
+        """Hand out what sampling found, in its slots: the rest of the input, and how many
+        items sampling used up.
+
+        Results are reused and failures go through the error policy like any other
+        (observers, ``on_error``): no sampled item is run again. (With a stream, the stream
+        itself is the data: it recorded what it handed out.)
+        """
+        report = self.report
+        assert report is not None
+        it = iter(plan.data)
+        found: list[Any] = list(plan.sample_results)
+        if plan.stopped is not None:
+            found.append(plan.stopped)
+        sampled = (
+            [(k, next(it)) for k in range(len(found))]
+            if self.stream is None
+            else self.stream.take_sampled(len(found))
+        )
+        for (index, item), result in zip(sampled, found, strict=True):
+            if type(result) is SampledFailure:
+                failed = Outcome(False, result.exception, result.attempts)
+                self.ready.append((index, self._apply_policy(Task(index, [item]), [failed])))
+                continue
+            report.reused += 1
+            for obs in self.on_success:
+                obs.on_success(index, item, result)
+            self.ready.append((index, [result]))
+        return it, len(found)
+
+    # -- run tasks -------------------------------------------------------------------------
+
+    def _start_tasks(
+        self, plan: _Plan, it: Iterator[Any], n_sampled: int
+    ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
+        """The backend's generator of ``(task, outcomes)``, pulling tasks lazily."""
+        func = self._item_func()
+        if not self.opts.keep_going:
+            # The first failure ends the run, so workers stop at it too instead of finishing
+            # their chunks.
+            func = StopOnFailure(func)
+        be = self.backend = plan.backend
+        jobs = self._workers(plan.n_jobs, n_sampled)
+        n_in_flight = _IN_FLIGHT_PER_WORKER * jobs
+        window = None
+        if self.opts.ordered_window and be.supports_pause:
+            window = (n_in_flight + _REORDER_TASKS * jobs) * plan.chunksize
+        if self.stream is None:
+            chunks = self._input_chunks(it, n_sampled)
+        else:
+            chunks = self._segment_chunks(self.stream.segments())
+        tasks = self._tasks(chunks, window)
+        return be.run(
+            func, cast("Iterator[Task]", tasks), n_jobs=jobs, max_in_flight=n_in_flight
+        )
+
+    def _workers(self, planned: int, n_sampled: int) -> int:
+        """Never more workers than chunks left to run (no idle process to start)."""
+        if self.n_items is None:
+            return planned
+        left = self.n_items - n_sampled
+        if self.stream is not None:
+            left = operator.length_hint(self.stream, left) + len(self.stream.handed)
+        return max(1, min(planned, math.ceil(left / self.chunksize)))
+
+    def _input_chunks(self, it: Iterator[Any], first: int) -> Iterator[tuple[int, list[Any]]]:
+        """``(start, items)`` chunks of the plan's size, read from ``it`` (index ``first`` on)."""
+        chunksize = self.chunksize
+        index = first
+        while items := list(islice(it, chunksize)):
+            yield index, items
+            index += len(items)
+
+    def _segment_chunks(
+        self, segments: Iterator[tuple[int, list[Any]]]
+    ) -> Iterator[tuple[int, list[Any]]]:
+        """Runs of consecutive unknown items, cut into chunks of at most the plan's size."""
+        chunksize = self.chunksize
+        for start, run in segments:
+            if len(run) <= chunksize:
+                yield start, run
+                continue
+            for off in range(0, len(run), chunksize):
+                yield start + off, run[off : off + chunksize]
 
     def _tasks(
-        self,
-        it: Iterator[Any],
-        segments: Iterator[tuple[int, list[Any]]] | None,
-        first_index: int,
-        window: int | None,
+        self, chunks: Iterator[tuple[int, list[Any]]], window: int | None
     ) -> Iterator[Task | None]:
-        """Chunks of consecutive items to run, gated by observers and the reorder window.
-
-        ``segments`` (with observers that know results) gives runs of consecutive unknown
-        items; otherwise ``it`` gives the items from ``first_index`` on.
-        """
-        chunksize = self.chunksize_used
-        gates = [
-            o for o in self.observers if type(o).allow_dispatch is not RunObserver.allow_dispatch
-        ]
-
-        def chunks() -> Iterator[tuple[int, list[Any]]]:
-            if segments is None:
-                index = first_index
-                while items := list(islice(it, chunksize)):
-                    yield index, items
-                    index += len(items)
-                return
-            for start, run in segments:
-                if len(run) <= chunksize:
-                    yield start, run
-                    continue
-                for off in range(0, len(run), chunksize):
-                    yield start + off, run[off : off + chunksize]
-
-        self.pending_chunks = source = chunks()
-        for start, items in source:
+        """The chunks as tasks, gated by observers and the reorder window (``None``: pause
+        until the next completion)."""
+        self.pending_chunks = chunks
+        gates = self.gates
+        for start, items in chunks:
             for gate in gates:
                 if not gate.allow_dispatch():
                     self.stopped_by = gate
@@ -743,180 +938,58 @@ class _Execution:
             self.dispatched += len(items)
             yield Task(start, items)
 
-    # -- the main loop ---------------------------------------------------------------------
-
-    def chunks(self) -> Iterator[tuple[int, list[Any]]]:
-        """The run: ``(start, values)`` blocks of consecutive results, in completion order."""
-        t0 = time.perf_counter()
-        observers = self.observers
-        on_success = [o for o in observers if _overrides(o, "on_success", "on_success_block")]
-        knowers = [o for o in observers if _overrides(o, "known", "known_block")]
-        ready: deque[tuple[int, list[Any]]] = deque()
-        report: ExecutionPlan | None = None
-        bar = None
-        completed = False
-        gen: Iterator[tuple[Task, list[Outcome] | OkValues]] | None = None
-        try:
-            for obs in observers:
-                obs.begin(self.func)
-            # With known results (a checkpoint), the optimizer and the backend only ever see
-            # the items still to run: a resumed run samples nothing it already has.
-            stream = _Indexed(self.data, knowers, ready, self) if knowers else None
-            # Sampling runs what the run runs (retries included): no sampled item runs again.
-            func = self.func if self.policy is None else _retrying(self.func, self.policy)
-            plan = _make_plan(
-                func,
-                self.data if stream is None else stream,
-                self.n_jobs,
-                self.chunksize,
-                self.backend,
-                self.client,
-                _SampleRules(self.keep_going, None if stream is None else stream.index_of),
-            )
-            self.plan = report = ExecutionPlan(
-                backend=plan.backend.name,
-                n_jobs=plan.n_jobs,
-                chunksize=plan.chunksize,
-                reason=plan.reason,
-                optimization=plan.optimization,
-                predicted_seconds=plan.predicted,
-            )
-            if self.verbose:
-                print(plan.optimization if plan.optimization is not None else report, flush=True)
-            self.chunksize_used = plan.chunksize
-            if stream is not None:
-                stream.block_size = plan.chunksize
-            bar = self._progress_bar()
-            # Items the optimizer already ran: their results are reused, never recomputed.
-            # (With a stream, the stream itself is the data: it recorded what it handed out.)
-            it = iter(plan.data)
-            n_sampled = self._reuse_sampled(plan, it, stream, ready, on_success)
-            func = self.func if self.policy is None else _retrying(self.func, self.policy)
-            if self.stop_on_failure:
-                func = StopOnFailure(func)
-            be = plan.backend
-            jobs = plan.n_jobs
-            if self.n_items is not None:
-                # Never more workers than chunks left to run (no idle process to start).
-                left = self.n_items - n_sampled
-                if stream is not None:
-                    left = operator.length_hint(stream, left) + len(stream.handed)
-                jobs = max(1, min(jobs, math.ceil(left / plan.chunksize)))
-            n_in_flight = _IN_FLIGHT_PER_WORKER * jobs
-            window = None
-            if self.ordered_window and be.supports_pause:
-                window = (n_in_flight + _REORDER_TASKS * jobs) * plan.chunksize
-            segments = None if stream is None else stream.segments()
-            tasks = self._tasks(it, segments, n_sampled, window)
-            gen = be.run(
-                func, cast("Iterator[Task]", tasks), n_jobs=jobs, max_in_flight=n_in_flight
-            )
-            yield from self._drain(ready, bar)
-            for task, outcomes in gen:
-                if ready:
-                    yield from self._drain(ready, bar)
-                n = len(task.items)
-                self.finished += n
-                if type(outcomes) is OkValues:
-                    report.completed += n
-                    for obs in on_success:
-                        obs.on_success_block(task.start, task.items, outcomes)
-                    if bar is not None:
-                        bar.update(n)
-                    yield task.start, outcomes
-                else:
-                    values = self._settle(task, outcomes, on_success)
-                    if bar is not None:
-                        bar.update(n)
-                    if values:
-                        yield task.start, values
-            gen = None
-            if self.not_run:
-                # The failure that made a worker skip them never arrived (its worker died).
-                raise NotRunError(_not_run_message(self.not_run))
-            yield from self._drain(ready, bar)
-            if self.stopped_by is not None:
-                yield from self._not_attempted(stream)
-                yield from self._drain(ready, bar)
-            # Items left unattempted mean the work is not done, even if all were reported.
-            completed = self.stopped_by is None
-        except BaseException as exc:
-            if gen is not None:
-                # Cancel pending work; on Ctrl-C also stop the workers at once (a warm pool
-                # is simply restarted by the next call).
-                getattr(gen, "close", lambda: None)()
-                gen = None
-                if not isinstance(exc, (Exception, GeneratorExit)) and report is not None:
-                    plan.backend.close()
-            raise
-        finally:
-            if gen is not None:
-                getattr(gen, "close", lambda: None)()
-            if report is not None:
-                report.skipped = self.skipped
-                report.items = report.completed + report.failed + report.not_attempted
-                report.wall_seconds = time.perf_counter() - t0
-            if bar is not None:
-                bar.close()
-            try:
-                for obs in observers:
-                    obs.end(completed)
-            finally:
-                if self.verbose and report is not None and sys.exc_info()[0] is None:
-                    print(report, flush=True)
-
-    def _reuse_sampled(
-        self,
-        plan: _Plan,
-        it: Iterator[Any],
-        stream: _Indexed | None,
-        ready: deque[tuple[int, list[Any]]],
-        on_success: list[RunObserver],
-    ) -> int:
-        """Hand out what sampling found, in its slots; return how many items it used up.
-
-        Results are reused and failures settled like any other (observers, error policy):
-        no sampled item is run again.
-        """
-        report = self.plan
-        assert report is not None
-        found: list[Any] = list(plan.sample_results)
-        if plan.stopped is not None:
-            found.append(plan.stopped)
-        sampled = (
-            [(k, next(it)) for k in range(len(found))]
-            if stream is None
-            else stream.take_sampled(len(found))
-        )
-        for (index, item), result in zip(sampled, found, strict=True):
-            if type(result) is SampledFailure:
-                failed = Outcome(False, result.exception, result.attempts)
-                ready.append((index, self._settle(Task(index, [item]), [failed], on_success)))
-                continue
-            report.reused += 1
-            for obs in on_success:
-                obs.on_success(index, item, result)
-            ready.append((index, [result]))
-        return len(found)
-
-    def _drain(
-        self, ready: deque[tuple[int, list[Any]]], bar: Any
+    def _run_tasks(
+        self, outcomes: Iterator[tuple[Task, list[Outcome] | OkValues]]
     ) -> Iterator[tuple[int, list[Any]]]:
+        """The dispatch loop: each finished task's values, and known results between them."""
+        report = self.report
+        assert report is not None
+        ready, bar, on_success = self.ready, self.bar, self.on_success
+        yield from self._drain()
+        for task, outs in outcomes:
+            if ready:
+                yield from self._drain()
+            n = len(task.items)
+            self.finished += n
+            if type(outs) is OkValues:
+                report.completed += n
+                for obs in on_success:
+                    obs.on_success_block(task.start, task.items, outs)
+                if bar is not None:
+                    bar.update(n)
+                yield task.start, outs
+            else:
+                values = self._apply_policy(task, outs)
+                if bar is not None:
+                    bar.update(n)
+                if values:
+                    yield task.start, values
+
+    def _after_tasks(self) -> Iterator[tuple[int, list[Any]]]:
+        """What is left once the backend is done: known results, items never dispatched."""
+        if self.not_run:
+            # The failure that made a worker skip them never arrived (its worker died).
+            raise NotRunError(_not_run_message(self.not_run))
+        yield from self._drain()
+        if self.stopped_by is not None:
+            yield from self._not_attempted()
+            yield from self._drain()
+
+    def _drain(self) -> Iterator[tuple[int, list[Any]]]:
         """Known results (sampled, checkpointed) waiting to be handed out."""
-        assert self.plan is not None
+        report, ready, bar = self.report, self.ready, self.bar
+        assert report is not None
         while ready:
             block = ready.popleft()
             if type(block[1][0]) is not ItemFailure:  # a sampled failure is counted already
-                self.plan.completed += 1
+                report.completed += 1
             if bar is not None:
                 bar.update(1)
             yield block
 
-    def _settle(
-        self, task: Task, outcomes: list[Outcome], on_success: list[RunObserver]
-    ) -> list[Any]:
-        """Values for a task with failures: apply observers and the error policy."""
-        report = self.plan
+    def _apply_policy(self, task: Task, outcomes: list[Outcome]) -> list[Any]:
+        """Values for a task with failures: tell the observers, apply the error policy."""
+        report = self.report
         assert report is not None
         values: list[Any] = []
         for i, out in enumerate(outcomes):
@@ -929,28 +1002,27 @@ class _Execution:
                 return values
             if out.ok:
                 report.completed += 1
-                for obs in on_success:
+                for obs in self.on_success:
                     obs.on_success(index, item, out.value)
                 values.append(out.value)
                 continue
             exc = cast(BaseException, out.value)
             recorded = False
-            for obs in self.observers:
+            for obs in self.opts.observers:
                 # Every observer hears of it (no short-circuit): the circuit breaker counts
                 # a failure even when the dead-letter queue records it.
                 recorded = obs.on_failure(index, item, exc, out.attempts) or recorded
             failure = ItemFailure(index, item, exc, out.attempts)
             report.failed += 1
             report.failures.append(failure)
-            if not self.collect and not recorded:
+            if not self.opts.collect and not recorded:
                 raise exc
             values.append(failure)
         return values
 
-    def _not_attempted(self, stream: _Indexed | None) -> Iterator[tuple[int, list[Any]]]:
+    def _not_attempted(self) -> Iterator[tuple[int, list[Any]]]:
         """Items never dispatched because an observer stopped dispatch."""
-        report = self.plan
-        gate = self.stopped_by
+        report, gate, stream = self.report, self.stopped_by, self.stream
         assert report is not None and gate is not None and self.leftover is not None
         rest: Iterator[tuple[int, list[Any]]] = self.pending_chunks
         count: int | None = None
@@ -969,90 +1041,43 @@ class _Execution:
             "not_attempted": count,
         }
         error = gate.stop_error(counts)
-        if not self.collect:
+        if not self.opts.collect:
             raise error
         for first, xs in itertools.chain([self.leftover], rest):
             report.not_attempted += len(xs)
             yield first, [ItemFailure(first + i, x, error, 0) for i, x in enumerate(xs)]
 
-    def _progress_bar(self) -> Any:
-        if not self.progress:
-            return None
+    # -- finish ----------------------------------------------------------------------------
+
+    def _cancel(self, exc: BaseException) -> None:
+        """Cancel pending work; on Ctrl-C also stop the workers at once (a warm pool is
+        simply restarted by the next call)."""
+        outcomes, self.outcomes = self.outcomes, None
+        if outcomes is None:
+            return
+        getattr(outcomes, "close", lambda: None)()
+        if not isinstance(exc, (Exception, GeneratorExit)) and self.backend is not None:
+            self.backend.close()
+
+    def _finish(self, wall_seconds: float) -> None:
+        """Complete the report, close the progress bar, tell the observers the run ended."""
+        report = self.report
+        if report is not None:
+            report.skipped = self.skipped
+            report.items = report.completed + report.failed + report.not_attempted
+            report.wall_seconds = wall_seconds
+        if self.bar is not None:
+            self.bar.close()
         try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            warnings.warn(
-                "progress=True needs tqdm, which is not installed: running without a "
-                "progress bar (pip install tqdm, or amorsize[full])",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return None
-        return tqdm(total=self.n_items, unit="item", desc="execute", file=sys.stderr)
+            for obs in self.opts.observers:
+                obs.end(self.completed)
+        finally:
+            # Called from ``result_blocks``'s ``finally``: exc_info is the run's error, if any.
+            if self.opts.verbose and report is not None and sys.exc_info()[0] is None:
+                print(report, flush=True)
 
 
 # --------------------------------------------------------------------------- public API
-
-
-def _prepare(
-    func: Any,
-    data: Any,
-    n_jobs: Any,
-    chunksize: Any,
-    backend: Any,
-    retry: Any,
-    on_error: Any,
-    progress: Any,
-    return_plan: Any,
-    verbose: Any,
-    client: Any,
-    checkpoint: Any,
-    dead_letter: Any,
-    circuit_breaker: Any,
-    observers: Any,
-    ordered_window: bool,
-    api: str,
-) -> _Execution:
-    if not callable(func):
-        msg = f"func must be callable (it is applied to each item); got {func!r}"
-        raise TypeError(msg)
-    try:
-        iter(data)
-    except TypeError:
-        msg = f"data must be an iterable (list, range, generator...); got {type(data).__name__}"
-        raise TypeError(msg) from None
-    jobs, chunk = _check_sizes(api, n_jobs, chunksize)
-    be = _check_backend(backend)
-    if on_error not in _ON_ERROR:
-        msg = f"on_error must be 'raise' or 'collect'; got {on_error!r}"
-        raise ValueError(msg)
-    _check_bool("progress", progress)
-    _check_bool("return_plan", return_plan)
-    _check_bool("verbose", verbose)
-    if be == "serial" and jobs not in (None, 1):
-        msg = f"n_jobs must be 1 (or None) with backend='serial'; got {n_jobs!r}"
-        raise ValueError(msg)
-    if client is not None and be not in ("auto", "dask") and not isinstance(be, Backend):
-        msg = f"client= only applies to backend='dask' or 'auto'; got backend={backend!r}"
-        raise ValueError(msg)
-    policy = _retry_policy(retry)
-    obs = _build_observers(func, data, checkpoint, dead_letter, circuit_breaker, observers)
-    return _Execution(
-        func,
-        data,
-        n_jobs=jobs,
-        chunksize=chunk,
-        backend=be,
-        retry=policy,
-        on_error=on_error,
-        progress=progress,
-        verbose=verbose,
-        client=client,
-        observers=obs,
-        ordered_window=ordered_window,
-        absorbs_failures=dead_letter is not None
-        or any(_overrides(o, "on_failure") for o in observers or ()),
-    )
 
 
 @overload
@@ -1094,7 +1119,7 @@ def execute(
     dead_letter: Any = ...,
     circuit_breaker: Any = ...,
     observers: Sequence[RunObserver] | None = ...,
-) -> tuple[list[Any], ExecutionPlan]: ...
+) -> tuple[list[Any], RunReport]: ...
 
 
 def execute(
@@ -1114,7 +1139,7 @@ def execute(
     dead_letter: Any = None,
     circuit_breaker: Any = None,
     observers: Sequence[RunObserver] | None = None,
-) -> list[Any] | tuple[list[Any], ExecutionPlan]:
+) -> list[Any] | tuple[list[Any], RunReport]:
     """``[func(x) for x in data]``, run serially, on processes or on threads as planned.
 
     ``backend="auto"`` asks the optimizer (sampled items are reused, never run twice);
@@ -1124,8 +1149,8 @@ def execute(
     ``on_error="raise"`` raises the first failure observed (in completion order, which is
     input order on the serial backend) after cancelling pending work, with a worker's
     traceback as ``__cause__``; ``"collect"`` puts an ``ItemFailure`` in each failed slot
-    and lists them in ``plan.failures``. ``return_plan=True`` returns
-    ``(results, ExecutionPlan)``. ``checkpoint=``, ``dead_letter=`` and ``circuit_breaker=``
+    and lists them in ``report.failures``. ``return_plan=True`` returns
+    ``(results, RunReport)``. ``checkpoint=``, ``dead_letter=`` and ``circuit_breaker=``
     plug in the reliability layer; ``observers=`` takes extra ``RunObserver`` hooks.
 
     Sampling (when the optimizer sizes the run) calls ``func`` with its retry policy, and no
@@ -1144,28 +1169,17 @@ def execute(
     >>> execute(abs, [-1, -2, 3], backend="serial")
     [1, 2, 3]
     """
-    run = _prepare(
-        func,
-        data,
-        n_jobs,
-        chunksize,
-        backend,
-        retry,
-        on_error,
-        progress,
-        return_plan,
-        verbose,
-        client,
-        checkpoint,
-        dead_letter,
-        circuit_breaker,
-        observers,
-        False,
-        "execute",
-    )
+    _check_bool("return_plan", return_plan)
+    opts = _RunOptions.build(
+        "execute", func, data, n_jobs=n_jobs, chunksize=chunksize, backend=backend,
+        retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
+        checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
+        observers=observers,
+    )  # fmt: skip
+    run = _Execution(func, data, opts)
     results: list[Any] = []
     extend = results.extend
-    for start, values in run.chunks():
+    for start, values in run.result_blocks():
         if start == len(results):
             extend(values)
         else:
@@ -1174,8 +1188,8 @@ def execute(
                 extend([None] * (end - len(results)))
             results[start:end] = values
     if return_plan:
-        assert run.plan is not None
-        return results, run.plan
+        assert run.report is not None
+        return results, run.report
     return results
 
 
@@ -1209,35 +1223,22 @@ def execute_iter(
     [1, 2]
     """
     _check_bool("ordered", ordered)
-    run = _prepare(
-        func,
-        data,
-        n_jobs,
-        chunksize,
-        backend,
-        retry,
-        on_error,
-        progress,
-        False,
-        verbose,
-        client,
-        checkpoint,
-        dead_letter,
-        circuit_breaker,
-        observers,
-        ordered,
-        "execute_iter",
-    )
-    return _iterate(run, ordered)
+    opts = _RunOptions.build(
+        "execute_iter", func, data, n_jobs=n_jobs, chunksize=chunksize, backend=backend,
+        retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
+        checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
+        observers=observers, ordered_window=ordered,
+    )  # fmt: skip
+    return _iterate(_Execution(func, data, opts), ordered)
 
 
 def _iterate(run: _Execution, ordered: bool) -> Iterator[Any]:
     if not ordered:
-        for start, values in run.chunks():
+        for start, values in run.result_blocks():
             yield from enumerate(values, start)
         return
     pending: dict[int, list[Any]] = {}
-    for start, values in run.chunks():
+    for start, values in run.result_blocks():
         if start != run.emitted:
             pending[start] = values
             continue

@@ -55,7 +55,7 @@ def main() -> None:
         print("  worker traceback kept:", first["traceback"].strip().splitlines()[-1])
 
         print("3. replay with the fix")
-        report = dlq.replay(parse_fixed, backend="serial")
+        report = dlq.replay(parse_fixed, execute=execute, backend="serial")
         print("  now succeed:", [(e.item, value) for e, value in report.succeeded])
         print("  still failing:", [e.item for e in report.failed], f"(queue: {len(dlq)})")
 

@@ -193,7 +193,7 @@ def test_replay_removes_successes_and_updates_failures(tmp_path: Path) -> None:
             raise Unlucky(f"still failing on {x}")
         return x * 10
 
-    report = dlq.replay(only_odd, backend="serial")
+    report = dlq.replay(only_odd, execute=execute, backend="serial")
     assert sorted((e.index, r) for e, r in report.succeeded) == [(3, 30), (9, 90)]
     assert sorted(e.index for e in report.failed) == [0, 6]
     assert [e.index for e in report.skipped] == [99]
@@ -208,7 +208,7 @@ def test_replay_runs_through_worker_processes(tmp_path: Path) -> None:
     dlq = DeadLetterQueue(tmp_path / "failed.db")
     for i in range(6):
         dlq.record(i, i, Unlucky("x"))
-    report = dlq.replay(abs, backend="processes", n_jobs=2)
+    report = dlq.replay(abs, execute=execute, backend="processes", n_jobs=2)
     assert sorted(r for _, r in report.succeeded) == list(range(6))
     assert len(dlq) == 0
 
@@ -217,12 +217,12 @@ def test_replay_refuses_options_it_owns(tmp_path: Path) -> None:
     """on_error, dead_letter and checkpoint are replay's own business."""
     dlq = DeadLetterQueue(tmp_path / "failed.db")
     with pytest.raises(TypeError, match="on_error"):
-        dlq.replay(abs, on_error="raise")
+        dlq.replay(abs, execute=execute, on_error="raise")
 
 
 def test_replay_of_an_empty_queue_does_nothing(tmp_path: Path) -> None:
     """An empty queue replays to an empty report."""
-    report = DeadLetterQueue(tmp_path / "failed.db").replay(abs)
+    report = DeadLetterQueue(tmp_path / "failed.db").replay(abs, execute=execute)
     assert (report.succeeded, report.failed, report.skipped) == ([], [], [])
 
 
@@ -336,12 +336,15 @@ def test_crafted_item_runs_only_with_trust(
     assert (entry.item, entry.item_repr) == (7, "7")  # the text stored at write time
     dlq.export_jsonl(io.StringIO())
     assert not marker.exists()
-    for load in (lambda: dlq.replay(abs, backend="serial"), lambda: dlq.load_item(entry)):
+    for load in (
+        lambda: dlq.replay(abs, execute=execute, backend="serial"),
+        lambda: dlq.load_item(entry),
+    ):
         with pytest.raises(DeadLetterError, match=f"{why}.*trust=True"):
             load()
         assert not marker.exists()
     assert len(dlq) == 1
-    dlq.replay(str, backend="serial", trust=True)
+    dlq.replay(str, execute=execute, backend="serial", trust=True)
     assert marker.exists()  # trust=True means: run what the file holds
 
 

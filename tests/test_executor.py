@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import itertools
 import os
 import signal
@@ -22,13 +24,14 @@ from hypothesis import strategies as st
 
 import amorsize
 from amorsize import (
-    ExecutionPlan,
     ItemFailure,
     RunObserver,
+    RunReport,
     WorkerCrashedError,
     execute,
     execute_iter,
 )
+from amorsize import executor as executor_module
 from amorsize.backends import get_backend
 from amorsize.backends.base import Backend, NotRunError, RemoteTraceback, run_chunk_fast
 from amorsize.executor import DispatchStoppedError
@@ -615,10 +618,10 @@ def test_circuit_breaker_stops_the_run() -> None:
 
 
 def test_return_plan_has_measurements() -> None:
-    """return_plan=True returns an ExecutionPlan with timings and counts."""
+    """return_plan=True returns a RunReport with timings and counts."""
     results, plan = execute(square, range(50), return_plan=True)
     assert results == [i * i for i in range(50)]
-    assert isinstance(plan, ExecutionPlan)
+    assert isinstance(plan, RunReport)
     assert plan.items == 50 and plan.wall_seconds > 0 and plan.items_per_second > 0
     assert plan.backend in ("serial", "threads", "processes")
     assert plan.predicted_seconds is not None and plan.predicted_over_measured is not None
@@ -684,8 +687,50 @@ def test_n_jobs_minus_one_means_every_cpu() -> None:
 
 def test_public_names() -> None:
     """execute and friends are exported from the package."""
-    for name in ("execute", "execute_iter", "ExecutionPlan", "ItemFailure", "RunObserver"):
+    for name in ("execute", "execute_iter", "RunReport", "ItemFailure", "RunObserver"):
         assert name in amorsize.__all__
+
+
+def test_execution_plan_is_the_deprecated_alias_of_run_report() -> None:
+    """ExecutionPlan, the report's former name, stays exported as an alias until 1.0."""
+    assert "ExecutionPlan" in amorsize.__all__
+    assert amorsize.ExecutionPlan is amorsize.RunReport is executor_module.ExecutionPlan
+
+
+def test_execute_and_execute_iter_share_their_options() -> None:
+    """Both signatures agree (names, defaults, types) and _RunOptions.build takes just those."""
+    run = dict(inspect.signature(execute).parameters)
+    it = dict(inspect.signature(execute_iter).parameters)
+    assert run.pop("return_plan").default is False and it.pop("ordered").default is True
+    assert list(run) == list(it)
+    for name, param in run.items():
+        assert (param.kind, param.default, param.annotation) == (
+            it[name].kind, it[name].default, it[name].annotation,
+        ), name  # fmt: skip
+    build = dict(inspect.signature(executor_module._RunOptions.build).parameters)
+    del build["api"], build["ordered_window"]
+    assert list(build) == list(run)
+
+
+def test_modules_below_the_executor_never_import_it() -> None:
+    """Imports go one way: only the CLI, the demo and the package root import the executor,
+    even inside a function body (no hidden cycle)."""
+    package = Path(amorsize.__file__).parent
+    above = {"executor.py", "cli.py", "demo.py", "__init__.py", "__main__.py"}
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name in above and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module is not None:
+                names = {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+            elif isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+            else:
+                continue
+            if names & {"amorsize.executor", "amorsize.execute", "amorsize.execute_iter"}:
+                offenders.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert offenders == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
