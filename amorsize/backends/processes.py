@@ -736,8 +736,9 @@ def _entries(message: Any) -> list[tuple[Any, Outcome]]:
 
 
 # A dead worker's task that is not reported itself (its items are re-queued or failed):
-# ``_run`` only counts it out of flight and skips yielding it.
-_NOTHING: Any = OkValues()
+# ``_run`` only counts it out of flight and skips yielding it. A bare marker, never a value
+# a task could have (an empty ``OkValues`` would be a valid outcome of an empty task).
+_NOTHING: Any = object()
 _END: Any = object()
 _ENV_LOCK = threading.Lock()
 _LIVE: Any = __import__("weakref").WeakSet()
