@@ -322,8 +322,9 @@ class _RunOptions:
             _overrides(o, "on_failure") for o in observers or ()
         )
         return cls(
-            jobs, chunk, be, policy, on_error == "collect", progress, verbose, client, obs,
-            absorbs, ordered_window,
+            n_jobs=jobs, chunksize=chunk, backend=be, retry=policy,
+            collect=on_error == "collect", progress=progress, verbose=verbose, client=client,
+            observers=obs, absorbs_failures=absorbs, ordered_window=ordered_window,
         )  # fmt: skip
 
 
@@ -380,8 +381,8 @@ class _SampleRules:
     ``index_of``: the input index of the k-th item sampled (a stream skipping known items).
     """
 
-    keep_going: bool = False
-    index_of: Callable[[int], int] | None = None
+    keep_going: bool
+    index_of: Callable[[int], int] | None
 
 
 def _remote_sampler(
@@ -791,8 +792,8 @@ class _Execution:
             self.stream = _UnknownItems(self.data, self.knowers, self.ready, self)
         stream = self.stream
         rules = _SampleRules(opts.keep_going, None if stream is None else stream.index_of)
-        # Sampling runs what the run runs (retries included): no sampled item runs again.
         data = self.data if stream is None else stream
+        # Sampling runs what the run runs (retries included): no sampled item runs again.
         plan = _make_plan(self._item_func(), data, opts, rules)
         self.report = RunReport(
             backend=plan.backend.name,
