@@ -1,5 +1,7 @@
 """The hook protocol through which reliability features (checkpoint, dead-letter queue,
-circuit breaker) plug into ``execute`` without touching its loop.
+circuit breaker) plug into ``execute`` without touching its loop, and ``ItemFailure``, the
+value a failed item leaves in its slot. Both live below the executor, so the features import
+them without importing the executor.
 
 Call sequence for one ``execute`` run (every call happens in the thread that called
 ``execute``, never concurrently, so an observer needs no locking of its own)::
