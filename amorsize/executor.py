@@ -37,7 +37,7 @@ from typing import Any, Literal, cast, overload
 
 from amorsize._observers import DispatchStoppedError, RunObserver
 from amorsize._validate import MAX_WORKERS, check_int
-from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
+from amorsize.backends import BACKEND_NAMES, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
     Backend,
     NotRunError,
@@ -49,8 +49,8 @@ from amorsize.backends.base import (
     WorkerCrashedError,
     as_outcomes,
 )
-from amorsize.backends.processes import available_cpus
 from amorsize.sampling import ItemRun, SampledFailure, TimedCall
+from amorsize.system import available_cpus
 
 __all__ = [
     "DispatchStoppedError",
@@ -407,12 +407,10 @@ def _make_plan(
         jobs = 1 if be.name == "serial" else n_jobs
         return _Plan(be, jobs, chunksize, "given by the caller", data, (), None, None)
     if backend == "auto":
-        in_daemon = multiprocessing.current_process().daemon
-        names: tuple[str, ...] = (
-            ("serial", "threads") if in_daemon else ("serial", "processes", "threads")
+        names = auto_backends(
+            in_daemon=multiprocessing.current_process().daemon,
+            cluster=client is not None or _current_dask_client() is not None,
         )
-        if client is not None or _current_dask_client() is not None:
-            names += ("dask",)
     else:
         be = backend if isinstance(backend, Backend) else _get(backend, client)
         if be.name == "serial":

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 __all__ = [
+    "ASSUMED_UNKNOWN_LENGTH",
     "MAX_SAMPLE_ITEMS",
     "SAMPLE_BUDGET_S",
     "ItemRun",
@@ -67,6 +68,9 @@ MAX_SAMPLE_ITEMS = 2000
 # items and, beyond two items, about this many bytes.
 _PICKLE_ITEMS = 256
 _PICKLE_BYTES = 2 << 20
+#: Planning horizon for iterators of unknown length: long enough that start-up amortises,
+#: the common case for generators fed to a parallel map.
+ASSUMED_UNKNOWN_LENGTH = 10_000
 # Items whose resident-memory growth is read (each read is a small file read, ~5 us).
 _MEMORY_ITEMS = 4
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -671,7 +675,7 @@ def sample(
     budget_s: float = SAMPLE_BUDGET_S,
     max_items: int = MAX_SAMPLE_ITEMS,
     cores: float = 1.0,
-    assumed_length: int = 10_000,
+    assumed_length: int = ASSUMED_UNKNOWN_LENGTH,
     keep_going: bool = False,
     remote: RemoteRunner | None = None,
     offload: Callable[[float, int], bool] | None = None,
