@@ -199,7 +199,8 @@ def _build_parser() -> _Parser:
     )
     p.add_argument(
         "--backends", default=",".join(DEFAULT_BACKENDS), metavar="LIST",
-        help="comma-separated backends to choose from (default: %(default)s; also: dask)",
+        help="comma-separated backends to choose from (default: %(default)s; also: "
+        + ", ".join(b for b in BACKEND_NAMES if b not in DEFAULT_BACKENDS) + ")",
     )
     p.add_argument(
         "--scheduler", metavar="ADDRESS",

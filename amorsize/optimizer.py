@@ -24,7 +24,7 @@ import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from amorsize._core import model_max_workers_for_memory, model_search
 from amorsize._model_types import Machine, Workload
@@ -412,11 +412,18 @@ def _offload_rule(system: SystemInfo, warm: int, total: int) -> Callable[[float,
 
 
 # --------------------------------------------------------------------------- the decision
-@dataclass(frozen=True)
-class _Job:
+# (backend, n_jobs, chunksize, predicted seconds for the items left, note)
+_Row = tuple[str, int, int, float, str]
+
+
+class _Job(NamedTuple):
     """The sampled job as the decision sees it: items left and their serial seconds.
 
     ``sampled_s`` was already spent running the sampled items: every total includes it.
+    ``cpu_fraction`` is the share of an item's wall time not spent waiting, in [0, 1];
+    ``io_bound`` items mostly wait (sleep, I/O): many more workers than cores pay off;
+    ``nothing_left``: every item already ran while sampling.
+    (Tuples, not dataclasses, here: the whole decision costs tens of microseconds.)
     """
 
     profile: Profile
@@ -424,6 +431,9 @@ class _Job:
     sampled_s: float
     serial_rest: float
     serial_total: float
+    cpu_fraction: float
+    io_bound: bool
+    nothing_left: bool
 
     @classmethod
     def of(cls, profile: Profile) -> _Job:
@@ -437,26 +447,30 @@ class _Job:
             )
         serial_rest = remaining * profile.mean_seconds
         sampled_s = profile.sample_seconds
-        return cls(profile, remaining, sampled_s, serial_rest, sampled_s + serial_rest)
+        cpu_fraction = min(max(1.0 - profile.wait_fraction, 0.0), 1.0)
+        # Nothing to plan: every item ran while sampling (a failure that stopped it still
+        # has to be delivered, by the run).
+        nothing_left = (
+            profile.n_items is not None and remaining == 0 and not profile.stopped_on_error
+        )
+        return cls(
+            profile, remaining, sampled_s, serial_rest, sampled_s + serial_rest,
+            cpu_fraction, cpu_fraction < IO_BOUND_CPU_RATIO, nothing_left,
+        )
 
-    @property
-    def cpu_fraction(self) -> float:
-        """The share of an item's wall time not spent waiting, in [0, 1]."""
-        return min(max(1.0 - self.profile.wait_fraction, 0.0), 1.0)
-
-    @property
-    def io_bound(self) -> bool:
-        """Items mostly wait (sleep, I/O): many more workers than cores pay off."""
-        return self.cpu_fraction < IO_BOUND_CPU_RATIO
-
-    def candidate(self, backend: str, n: int, c: int, rest: float, note: str = "") -> Candidate:
-        """A ranked plan predicted to run the items left in ``rest`` seconds."""
-        total = self.sampled_s + rest
-        return Candidate(backend, n, c, total, self.serial_total / total if total else 1.0, note)
+    def candidates(self, plans: Iterable[_Row]) -> list[Candidate]:
+        """Candidates from ``(backend, n_jobs, chunksize, seconds for the items left, note)``
+        rows: their totals include the sample, their speedups are against serial."""
+        out = []
+        for backend, n, c, rest, note in plans:
+            total = self.sampled_s + rest
+            out.append(
+                Candidate(backend, n, c, total, self.serial_total / total if total else 1.0, note)
+            )
+        return out
 
 
-@dataclass(frozen=True)
-class _Choice:
+class _Choice(NamedTuple):
     """The plan chosen: ``rest`` is its predicted seconds for the items left."""
 
     backend: str
@@ -471,8 +485,7 @@ class _Choice:
         return cls("serial", 1, 1, rest, reason)
 
 
-@dataclass(frozen=True)
-class _Ranked:
+class _Ranked(NamedTuple):
     """Every predicted plan, fastest first, and what predicting them found.
 
     ``ghost`` is the predicted speedup of the best process plan when the function or data
@@ -503,32 +516,25 @@ def _decide(
     """
     if t_decide is None:
         t_decide = time.perf_counter()
-    job = _Job.of(s.profile)
-    warnings = _sample_warnings(s.profile, allowed)
-    if s.profile.n_items is not None and job.remaining == 0 and not s.profile.stopped_on_error:
-        choice = _Choice.serial(0.0, _reason_serial_nothing(s.profile.n_items, s.profile))
+    p = s.profile
+    job = _Job.of(p)
+    warnings = _sample_warnings(p, allowed)
+    if job.nothing_left:
+        choice = _Choice.serial(0.0, _reason_serial_nothing(p.n_items or 0, p))
         return _result(s, system, job, choice, warnings, (), verbose=verbose, t_decide=t_decide)
-    allowed, forced = _rule_out_this_process(s.profile, allowed)
+    allowed, forced = _rule_out_this_process(p, allowed)
     if forced:
         warnings.append(forced)
-    early = _early_serial_reason(s.profile, allowed, n_jobs)
+    early = _early_serial_reason(p, allowed, n_jobs)
     if early:
         choice = _Choice.serial(job.serial_rest, early)
         return _result(s, system, job, choice, warnings, (), verbose=verbose, t_decide=t_decide)
     ranked = _rank(job, system, allowed, n_jobs, warm_workers, client)
     warnings += ranked.warnings
-    best = _choose(s.profile, ranked.candidates, allowed, min_speedup)
-    if best is None:
-        parallel = _parallel(ranked.candidates, allowed)
-        why = _why_not_parallel(s.profile, parallel, system, allowed, ranked.ghost)
-        choice = _Choice.serial(job.serial_rest, f"serial is best: {why}")
-    else:
-        reason, note = _explain(job, best, forced, min_speedup)
-        if note:
-            warnings.append(note)
-        choice = _Choice(
-            best.backend, best.n_jobs, best.chunksize, best.seconds - job.sampled_s, reason
-        )
+    best = _choose(p, ranked.candidates, allowed, min_speedup)
+    choice, note = _explain(job, best, ranked, system, allowed, forced, min_speedup)
+    if note:
+        warnings.append(note)
     alts = ranked.candidates
     return _result(s, system, job, choice, warnings, alts, verbose=verbose, t_decide=t_decide)
 
@@ -671,12 +677,10 @@ def _rank(
     top, limit = max(int(system.usable_cores), 1), max(int(job.remaining), 1)
     proc_ns, thread_ns, ghost_ns = _worker_counts(p, allowed, n_jobs, top, limit, job.io_bound)
     w, m = _model_inputs(job, system, warm_workers, t_par)
-    cands = [
-        job.candidate(
-            _CODE[int(code)], int(n), int(c), job.serial_rest if code == 0 else secs
-        )
+    cands = job.candidates(
+        (_CODE[int(code)], int(n), int(c), job.serial_rest if code == 0 else secs, "")
         for code, n, c, secs in model_search(w, m, proc_ns, thread_ns)
-    ]
+    )
     ghost = 0.0
     if ghost_ns:
         best = min(secs for code, _, _, secs in model_search(w, m, ghost_ns, []) if code)
@@ -684,7 +688,7 @@ def _rank(
         ghost = job.serial_total / total if total > 0 else 0.0
     if proc_ns:
         warnings.extend(_memory_warning(w, m, system, p, max(proc_ns)))
-    cands.extend(_hook_candidates(job, allowed, client))
+    cands.extend(job.candidates(_hook_plans(job.profile, allowed, client)))
     cands.sort(key=lambda cand: cand.seconds)
     return _Ranked(tuple(cands), ghost, tuple(warnings))
 
@@ -702,7 +706,7 @@ def _memory_warning(
     ]
 
 
-def _hook_candidates(job: _Job, allowed: tuple[str, ...], client: Any) -> list[Candidate]:
+def _hook_plans(profile: Profile, allowed: tuple[str, ...], client: Any) -> list[_Row]:
     """The plans of the allowed backends that plan themselves (``BackendSpec.plan``)."""
     out = []
     for name in allowed:
@@ -718,11 +722,9 @@ def _hook_candidates(job: _Job, allowed: tuple[str, ...], client: Any) -> list[C
             )
             raise ImportError(msg) from exc
         assert hook is not None  # REGISTRY[name].plan is set
-        hp = hook(job.profile, job.profile.n_items, client)
-        out.append(
-            job.candidate(name, int(hp.n_jobs), int(hp.chunksize), float(hp.seconds),
-                          str(getattr(hp, "reason", "")))
-        )
+        hp = hook(profile, profile.n_items, client)
+        note = str(getattr(hp, "reason", ""))
+        out.append((name, int(hp.n_jobs), int(hp.chunksize), float(hp.seconds), note))
     return out
 
 
@@ -753,34 +755,53 @@ def _choose(
 
 
 # --------------------------------------------------------------------------- explanation
-def _explain(job: _Job, c: Candidate, forced: str, min_speedup: float) -> tuple[str, str]:
-    """The reason for the parallel plan ``c``, and a warning when serial was excluded."""
+def _explain(
+    job: _Job,
+    best: Candidate | None,
+    ranked: _Ranked,
+    system: SystemInfo,
+    allowed: tuple[str, ...],
+    forced: str,
+    min_speedup: float,
+) -> tuple[_Choice, str]:
+    """The choice with its reason (serial when ``best`` is None), and a warning when serial
+    was excluded although the plan is not clearly faster (else ``""``)."""
     p = job.profile
+    if best is None:
+        parallel = _parallel(ranked.candidates, allowed)
+        why = _why_not_parallel(p, parallel, system, allowed, ranked.ghost)
+        return _Choice.serial(job.serial_rest, f"serial is best: {why}"), ""
     what = (
         f"items take {_fmt_s(p.mean_seconds)} each"
         + (f", mostly waiting ({p.wait_fraction:.0%} of wall time)" if job.io_bound else "")
         + (f" and {job.remaining:,.0f} remain" if p.n_items is not None else "")
     )
-    if c.backend == "threads" and job.io_bound:
-        why = "threads overlap the waiting with little overhead"
-    elif c.backend == "threads":
-        why = "threads avoid pickling costs and the work releases the GIL"
-    elif c.backend == "processes":
-        why = "processes run Python in parallel on the usable cores"
-    else:
-        why = c.note or "the cluster has the most capacity"
     reason = (
-        f"{what}: {_plan_name(c.backend, c.n_jobs, c.chunksize)} is predicted"
-        f" {c.speedup:.2f}x faster than serial ({why})"
+        f"{what}: {_plan_name(best.backend, best.n_jobs, best.chunksize)} is predicted"
+        f" {best.speedup:.2f}x faster than serial ({_why_parallel(job, best)})"
     )
+    note = ""
     if forced:
-        return f"{reason}; {forced}", ""
-    if c.speedup < min_speedup:
-        return f"{reason}; serial was excluded by backends", (
-            f"the chosen plan is predicted only {c.speedup:.2f}x vs serial, which was "
+        reason += f"; {forced}"
+    elif best.speedup < min_speedup:
+        reason += "; serial was excluded by backends"
+        note = (
+            f"the chosen plan is predicted only {best.speedup:.2f}x vs serial, which was "
             "excluded by backends"
         )
-    return reason, ""
+    rest = best.seconds - job.sampled_s
+    return _Choice(best.backend, best.n_jobs, best.chunksize, rest, reason), note
+
+
+def _why_parallel(job: _Job, c: Candidate) -> str:
+    """What makes the parallel plan ``c`` pay off, in a few words."""
+    if c.backend == "threads" and job.io_bound:
+        return "threads overlap the waiting with little overhead"
+    if c.backend == "threads":
+        return "threads avoid pickling costs and the work releases the GIL"
+    if c.backend == "processes":
+        return "processes run Python in parallel on the usable cores"
+    return c.note or "the cluster has the most capacity"  # a planning hook's reason
 
 
 def optimize(
