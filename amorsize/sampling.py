@@ -640,6 +640,7 @@ def _run_here(
             if item is _END:
                 break
         pos += 1
+        ran += 1
         track_mem = _HAS_STATM and len(times) < _MEMORY_ITEMS
         rss0 = _rss() if track_mem else 0
         t0 = pc()
@@ -647,13 +648,11 @@ def _run_here(
             out = func(item)
         except Exception as exc:
             t1 = pc()
-            ran += 1
             tally.fail(pos - 1, exc, max(t1 - t0 - overhead, 0.0), getattr(exc, "attempts", 1))
             if tally.stopped:
                 break
         else:
             t1 = pc()
-            ran += 1
             if track_mem:
                 tally.mem = max(tally.mem, _rss() - rss0)
             sec = t1 - t0 - overhead
