@@ -93,12 +93,9 @@ class RetryCoroutine:
     def close(self) -> None: ...
 
 # --- model ---------------------------------------------------------------------------------
-# Workload / Machine are the model's structs; pass dicts with exactly these keys.
-_Workload = dict[str, float]  # n_items t_mean t_std t_max cpu_fraction in_bytes out_bytes
-#   in_dump_s in_load_s out_dump_s out_load_s mem_per_item func_bytes
-_Machine = dict[str, float]  # cores proc_startup_s proc_startup_per_worker_s warm_workers
-#   proc_roundtrip_s per_byte_s parent_item_s worker_rss available_memory
-#   thread_startup_s thread_roundtrip_s
+# Workload / Machine are the model's structs, typed in amorsize._model_types.
+from amorsize._model_types import Machine as _Machine  # noqa: E402
+from amorsize._model_types import Workload as _Workload  # noqa: E402
 
 def model_serial_seconds(w: _Workload) -> float: ...
 def model_process_seconds(w: _Workload, m: _Machine, n: float, c: float) -> float: ...

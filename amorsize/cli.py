@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from amorsize._version import read_version
+from amorsize.backends import BACKEND_NAMES, DEFAULT_BACKENDS
 
 __all__ = [
     "EXIT_FAILED",
@@ -63,7 +64,7 @@ EXIT_BROKEN_PIPE = 141
 
 # Failed items listed one per line on stderr before the rest are summarised as a count.
 _MAX_FAILURE_LINES = 10
-_BACKENDS = ("auto", "serial", "processes", "threads", "dask")
+_BACKENDS = ("auto", *BACKEND_NAMES)
 _JITTER = {"on": True, "off": False, "full": "full", "equal": "equal",
            "decorrelated": "decorrelated"}
 
@@ -197,8 +198,9 @@ def _build_parser() -> _Parser:
         help="sample exactly N items (default: adapt to the item cost)",
     )
     p.add_argument(
-        "--backends", default="serial,processes,threads", metavar="LIST",
-        help="comma-separated backends to choose from (default: %(default)s; also: dask)",
+        "--backends", default=",".join(DEFAULT_BACKENDS), metavar="LIST",
+        help="comma-separated backends to choose from (default: %(default)s; also: "
+        + ", ".join(b for b in BACKEND_NAMES if b not in DEFAULT_BACKENDS) + ")",
     )
     p.add_argument(
         "--scheduler", metavar="ADDRESS",

@@ -40,7 +40,7 @@ from typing import Any, Literal, cast, overload
 
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._validate import MAX_WORKERS, check_int
-from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
+from amorsize.backends import BACKEND_NAMES, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
     Backend,
     NotRunError,
@@ -51,8 +51,8 @@ from amorsize.backends.base import (
     Task,
     WorkerCrashedError,
 )
-from amorsize.backends.processes import available_cpus
 from amorsize.sampling import ItemRun, SampledFailure, TimedCall
+from amorsize.system import available_cpus
 
 __all__ = [
     "DispatchStoppedError",
@@ -477,13 +477,10 @@ def _make_plan(
 def _auto_candidates(client: Any) -> tuple[str, ...]:
     """The backends ``backend="auto"`` chooses from."""
     # A daemon process (a worker of a pool) cannot have children of its own.
-    in_daemon = multiprocessing.current_process().daemon
-    names: tuple[str, ...] = (
-        ("serial", "threads") if in_daemon else ("serial", "processes", "threads")
+    return auto_backends(
+        in_daemon=multiprocessing.current_process().daemon,
+        cluster=client is not None or _current_dask_client() is not None,
     )
-    if client is not None or _current_dask_client() is not None:
-        names += ("dask",)
-    return names
 
 
 def _ask_optimizer(

@@ -7,7 +7,7 @@ Data flow::
     system.get_system_info() ─────────────┤  (cached JSON: measured once per machine)
                                           ▼
                     _core.model_search(): predicted seconds per (backend, n, chunksize)
-                                          │  (+ amorsize.backends.dask.plan() if asked)
+                                          │  (+ a backend's planning hook, e.g. dask's)
                                           ▼
                OptimizationResult: the fastest plan, clearly faster than serial or serial
 
@@ -24,11 +24,13 @@ import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from amorsize._core import model_max_workers_for_memory, model_search
+from amorsize._model_types import Machine, Workload
 from amorsize._validate import MAX_WORKERS, check_int
-from amorsize.sampling import Profile, RemoteRunner, Sample, sample
+from amorsize.backends import BACKEND_NAMES, DEFAULT_BACKENDS, REGISTRY, plan_hook
+from amorsize.sampling import ASSUMED_UNKNOWN_LENGTH, Profile, RemoteRunner, Sample, sample
 from amorsize.system import SystemInfo, get_system_info
 
 __all__ = ["MIN_SPEEDUP", "Candidate", "Estimate", "OptimizationResult", "optimize"]
@@ -43,9 +45,6 @@ IO_BOUND_CPU_RATIO = 0.5
 #: Thread counts tried: up to 64 for waiting work (benchmarks/bench_quality.py's
 #: sleep-bound workload is fastest at 32-64 threads).
 THREAD_COUNTS = (2, 4, 8, 16, 32, 64)
-#: Planning horizon for iterators of unknown length: long enough that start-up amortises,
-#: the common case for generators fed to a parallel map.
-ASSUMED_UNKNOWN_LENGTH = 10_000
 #: The executor's own bookkeeping per item in the parent (ordering, result slots), beyond
 #: pickling: parent CPU time per item of ``execute(ident, range(400_000),
 #: backend="processes", chunksize=2000)`` is ~70 ns on the CI machine, ~30 ns of it pickling.
@@ -60,7 +59,7 @@ MULTITHREADED_CPU_RATIO = 1.3
 _OFFLOAD_MIN_ITEM_S = 1e-6
 # Above this pickled size per item, transfer is worth naming as the reason for serial.
 _BIG_ITEM_BYTES = 16 * 1024
-_BACKENDS = ("serial", "processes", "threads", "dask")
+# The compiled model's backend codes (model_search's tuples; _core_model.pxi's enum).
 _CODE = {0: "serial", 1: "processes", 2: "threads"}
 
 
@@ -70,17 +69,12 @@ class Estimate:
 
     Both include the time already spent running the sampled items.
 
-    >>> Estimate(serial=2.0, chosen=1.0)["serial"]
+    >>> Estimate(serial=2.0, chosen=1.0).serial
     2.0
     """
 
     serial: float
     chosen: float
-
-    def __getitem__(self, key: str) -> float:
-        if key not in ("serial", "chosen"):
-            raise KeyError(key)
-        return float(getattr(self, key))
 
 
 @dataclass(frozen=True)
@@ -229,9 +223,9 @@ def _validate(
         raise ValueError(msg)
     out: list[str] = []
     for b in backends:
-        if b not in _BACKENDS:
+        if b not in BACKEND_NAMES:
             msg = (
-                f"optimize(): backends may contain only {', '.join(map(repr, _BACKENDS))}; got "
+                f"optimize(): backends may contain only {', '.join(map(repr, BACKEND_NAMES))}; got "
                 f"{b!r} in {backends!r}. Remove it or fix its spelling."
             )
             raise ValueError(msg)
@@ -241,26 +235,6 @@ def _validate(
 
 
 # --------------------------------------------------------------------------- planning
-def _dask_candidate(profile: Profile, n_items: int | None, client: Any) -> Any:
-    try:
-        from amorsize.backends import dask as dask_backend
-    except ImportError as exc:
-        msg = (
-            "optimize(): backends includes 'dask' but amorsize's dask backend cannot be "
-            f"imported ({type(exc).__name__}: {exc}). Install the extra with "
-            "`pip install 'amorsize[dask]'`, or leave 'dask' out of backends."
-        )
-        raise ImportError(msg) from exc
-    plan = getattr(dask_backend, "plan", None)
-    if plan is None:
-        msg = (
-            "optimize(): backends includes 'dask' but amorsize.backends.dask has no plan() "
-            "function in this version. Leave 'dask' out of backends."
-        )
-        raise ImportError(msg)
-    return plan(profile, n_items, client)
-
-
 def _reason_serial_nothing(n_items: int, profile: Profile) -> str:
     if n_items == 0:
         return "there are no items, so there is nothing to parallelise"
@@ -368,7 +342,7 @@ def _optimize(
     *,
     n_jobs: int | None = None,
     sample_size: int | None = None,
-    backends: Sequence[str] = ("serial", "processes", "threads"),
+    backends: Sequence[str] = DEFAULT_BACKENDS,
     verbose: bool = False,
     warm_workers: int | Callable[[], int] = 0,
     client: Any = None,
@@ -437,6 +411,92 @@ def _offload_rule(system: SystemInfo, warm: int, total: int) -> Callable[[float,
     return could_pay
 
 
+# --------------------------------------------------------------------------- the decision
+# (backend, n_jobs, chunksize, predicted seconds for the items left, note)
+_Row = tuple[str, int, int, float, str]
+
+
+class _Job(NamedTuple):
+    """The sampled job as the decision sees it: items left and their serial seconds.
+
+    ``sampled_s`` was already spent running the sampled items: every total includes it.
+    ``cpu_fraction`` is the share of an item's wall time not spent waiting, in [0, 1];
+    ``io_bound`` items mostly wait (sleep, I/O): many more workers than cores pay off;
+    ``nothing_left``: every item already ran while sampling.
+    (Tuples, not dataclasses, here: the whole decision costs tens of microseconds.)
+    """
+
+    profile: Profile
+    remaining: float
+    sampled_s: float
+    serial_rest: float
+    serial_total: float
+    cpu_fraction: float
+    io_bound: bool
+    nothing_left: bool
+
+    @classmethod
+    def of(cls, profile: Profile) -> _Job:
+        """The job left after ``profile``'s sample (an unknown length: the horizon)."""
+        if profile.n_items is None:
+            remaining = float(ASSUMED_UNKNOWN_LENGTH)
+        else:
+            # A failure that stopped sampling is delivered too: it is not run again.
+            remaining = float(
+                max(profile.n_items - profile.n_sampled - profile.stopped_on_error, 0)
+            )
+        serial_rest = remaining * profile.mean_seconds
+        sampled_s = profile.sample_seconds
+        cpu_fraction = min(max(1.0 - profile.wait_fraction, 0.0), 1.0)
+        # Nothing to plan: every item ran while sampling (a failure that stopped it still
+        # has to be delivered, by the run).
+        nothing_left = (
+            profile.n_items is not None and remaining == 0 and not profile.stopped_on_error
+        )
+        return cls(
+            profile, remaining, sampled_s, serial_rest, sampled_s + serial_rest,
+            cpu_fraction, cpu_fraction < IO_BOUND_CPU_RATIO, nothing_left,
+        )
+
+    def candidates(self, plans: Iterable[_Row]) -> list[Candidate]:
+        """Candidates from ``(backend, n_jobs, chunksize, seconds for the items left, note)``
+        rows: their totals include the sample, their speedups are against serial."""
+        out = []
+        for backend, n, c, rest, note in plans:
+            total = self.sampled_s + rest
+            out.append(
+                Candidate(backend, n, c, total, self.serial_total / total if total else 1.0, note)
+            )
+        return out
+
+
+class _Choice(NamedTuple):
+    """The plan chosen: ``rest`` is its predicted seconds for the items left."""
+
+    backend: str
+    n_jobs: int
+    chunksize: int
+    rest: float
+    reason: str
+
+    @classmethod
+    def serial(cls, rest: float, reason: str) -> _Choice:
+        """Serial, with its predicted seconds and why."""
+        return cls("serial", 1, 1, rest, reason)
+
+
+class _Ranked(NamedTuple):
+    """Every predicted plan, fastest first, and what predicting them found.
+
+    ``ghost`` is the predicted speedup of the best process plan when the function or data
+    cannot be pickled (0 when processes were not considered).
+    """
+
+    candidates: tuple[Candidate, ...]
+    ghost: float
+    warnings: tuple[str, ...]
+
+
 def _decide(
     s: Sample,
     system: SystemInfo,
@@ -449,120 +509,137 @@ def _decide(
     verbose: bool = False,
     t_decide: float | None = None,
 ) -> OptimizationResult:
-    """The plan for an already measured sample on ``system`` (no sampling, no I/O)."""
+    """The plan for an already measured sample on ``system`` (no sampling, no I/O).
+
+    Steps: what the sample says (warnings, plans it rules out) -> the ranked candidates ->
+    the choice -> its explanation.
+    """
     if t_decide is None:
         t_decide = time.perf_counter()
-    profile = s.profile
-    warnings: list[str] = []
-
-    n_items = profile.n_items
-    warnings.extend(_failure_warnings(profile))
-    if profile.pickle_error is not None and (
-        "processes" in allowed or "dask" in allowed
-    ):
-        warnings.append(profile.pickle_error + "; process backends are ruled out")
-
-    remaining: float
-    if n_items is None:
-        remaining = float(ASSUMED_UNKNOWN_LENGTH)
-        warnings.append(
-            f"the data's length is unknown (an iterator); planned as if {remaining:,.0f} more"
-            " items follow the sample"
-        )
-    else:
-        # A failure that stopped sampling is delivered too: it is not run again.
-        remaining = float(max(n_items - profile.n_sampled - profile.stopped_on_error, 0))
-
-    sampled_s = profile.sample_seconds
-    t = profile.mean_seconds
-    serial_rest = remaining * t
-    serial_total = sampled_s + serial_rest
-
-    def result(
-        backend: str, n: int, c: int, chosen_rest: float, reason: str,
-        alts: tuple[Candidate, ...] = (),
-    ) -> OptimizationResult:
-        chosen_total = sampled_s + chosen_rest
-        speedup = serial_total / chosen_total if chosen_total > 0 else 1.0
-        r = OptimizationResult(
-            n_jobs=n,
-            chunksize=c,
-            backend=backend,
-            estimated_speedup=speedup,
-            estimated_seconds=Estimate(serial=serial_total, chosen=chosen_total),
-            reason=reason,
-            warnings=warnings,
-            data=s.data,
-            profile=profile,
-            system=system,
-            alternatives=alts or (
-                Candidate("serial", 1, 1, serial_total, 1.0),
-            ),
-            sample_results=s.results,
-            n_items=n_items,
-            decision_seconds=time.perf_counter() - t_decide,
-        )
-        if verbose:
-            print(r.report())
-        return r
-
-    if n_items is not None and remaining == 0 and not profile.stopped_on_error:
-        return result("serial", 1, 1, 0.0, _reason_serial_nothing(n_items, profile))
-    forced = ""
-    if profile.n_crashed and "processes" in allowed and profile.picklable:
-        # Serial or threads would run the rest in this process, where the crash is fatal.
-        allowed = tuple(b for b in allowed if b in ("processes", "dask"))
-        forced = (
-            f"serial and threads are ruled out: {profile.n_crashed} sampled item(s) crashed a "
-            "worker process, and in the calling process a crash would end the program"
-        )
+    p = s.profile
+    job = _Job.of(p)
+    warnings = _sample_warnings(p, allowed)
+    if job.nothing_left:
+        choice = _Choice.serial(0.0, _reason_serial_nothing(p.n_items or 0, p))
+        return _result(s, system, job, choice, warnings, (), verbose=verbose, t_decide=t_decide)
+    allowed, forced = _rule_out_this_process(p, allowed)
+    if forced:
         warnings.append(forced)
-    serial_ok = "serial" in allowed
-    if profile.stopped_on_error and profile.n_sampled == 0:
-        return result(
-            "serial", 1, 1, serial_rest,
-            f"func raised on the first item ({type(profile.error).__name__}), so nothing could "
-            "be timed; running serially surfaces the error at once",
-        )
-    if n_jobs == 1 and serial_ok:
-        return result("serial", 1, 1, serial_rest, "n_jobs=1 was requested")
+    early = _early_serial_reason(p, allowed, n_jobs)
+    if early:
+        choice = _Choice.serial(job.serial_rest, early)
+        return _result(s, system, job, choice, warnings, (), verbose=verbose, t_decide=t_decide)
+    ranked = _rank(job, system, allowed, n_jobs, warm_workers, client)
+    warnings += ranked.warnings
+    best = _choose(p, ranked.candidates, allowed, min_speedup)
+    choice, note = _explain(job, best, ranked, system, allowed, forced, min_speedup)
+    if note:
+        warnings.append(note)
+    alts = ranked.candidates
+    return _result(s, system, job, choice, warnings, alts, verbose=verbose, t_decide=t_decide)
 
-    cores = system.usable_cores
-    cpu_ratio = profile.cpu_ratio
-    cpu_fraction = min(max(1.0 - profile.wait_fraction, 0.0), 1.0)
-    io_bound = cpu_fraction < IO_BOUND_CPU_RATIO
-    # Work that already keeps several cores busy (BLAS/OpenMP) gets no more CPU from more
-    # workers: plan with its CPU seconds per item as if it ran on one thread.
-    t_par = t
-    if cpu_ratio > MULTITHREADED_CPU_RATIO:
-        t_par = t * cpu_ratio
-        warnings.append(
-            f"func uses about {cpu_ratio:.1f} cores by itself (BLAS/OpenMP threads:"
-            f" {system.blas_threads}); parallel workers would compete for the same cores"
-        )
 
-    proc_ns, thread_ns, ghost_ns = _worker_counts(
-        profile, allowed, n_jobs, max(int(cores), 1), max(int(remaining), 1), io_bound
+def _result(
+    s: Sample,
+    system: SystemInfo,
+    job: _Job,
+    choice: _Choice,
+    warnings: list[str],
+    alts: tuple[Candidate, ...],
+    *,
+    verbose: bool,
+    t_decide: float,
+) -> OptimizationResult:
+    """The ``OptimizationResult`` for ``choice`` (printed with ``verbose``)."""
+    chosen_total = job.sampled_s + choice.rest
+    r = OptimizationResult(
+        n_jobs=choice.n_jobs,
+        chunksize=choice.chunksize,
+        backend=choice.backend,
+        estimated_speedup=job.serial_total / chosen_total if chosen_total > 0 else 1.0,
+        estimated_seconds=Estimate(serial=job.serial_total, chosen=chosen_total),
+        reason=choice.reason,
+        warnings=warnings,
+        data=s.data,
+        profile=s.profile,
+        system=system,
+        alternatives=alts or (Candidate("serial", 1, 1, job.serial_total, 1.0),),
+        sample_results=s.results,
+        n_items=s.profile.n_items,
+        decision_seconds=time.perf_counter() - t_decide,
     )
-    procs_ok = bool(proc_ns)
+    if verbose:
+        print(r.report())
+    return r
 
-    w = {
-        "n_items": remaining,
+
+# --------------------------------------------------------------------------- what the sample says
+def _sample_warnings(profile: Profile, allowed: tuple[str, ...]) -> list[str]:
+    """Warnings from the sample alone: failures, what cannot travel, an unknown length."""
+    warnings = _failure_warnings(profile)
+    if profile.pickle_error is not None and any(REGISTRY[b].out_of_process for b in allowed):
+        warnings.append(profile.pickle_error + "; process backends are ruled out")
+    if profile.n_items is None:
+        warnings.append(
+            f"the data's length is unknown (an iterator); planned as if"
+            f" {float(ASSUMED_UNKNOWN_LENGTH):,.0f} more items follow the sample"
+        )
+    return warnings
+
+
+def _rule_out_this_process(
+    profile: Profile, allowed: tuple[str, ...]
+) -> tuple[tuple[str, ...], str]:
+    """``allowed`` without the in-process backends once a sampled item crashed a worker.
+
+    Serial or threads would run the rest in this process, where the crash is fatal. Returns
+    the backends left and the sentence saying why (empty when nothing was ruled out).
+    """
+    if not (profile.n_crashed and "processes" in allowed and profile.picklable):
+        return allowed, ""
+    forced = (
+        f"serial and threads are ruled out: {profile.n_crashed} sampled item(s) crashed a "
+        "worker process, and in the calling process a crash would end the program"
+    )
+    return tuple(b for b in allowed if REGISTRY[b].out_of_process), forced
+
+
+def _early_serial_reason(profile: Profile, allowed: tuple[str, ...], n_jobs: int | None) -> str:
+    """Why serial is decided before any plan is predicted, or ``""``."""
+    if profile.stopped_on_error and profile.n_sampled == 0:
+        return (
+            f"func raised on the first item ({type(profile.error).__name__}), so nothing could "
+            "be timed; running serially surfaces the error at once"
+        )
+    if n_jobs == 1 and "serial" in allowed:
+        return "n_jobs=1 was requested"
+    return ""
+
+
+# --------------------------------------------------------------------------- candidates
+def _model_inputs(
+    job: _Job, system: SystemInfo, warm_workers: int, t_par: float
+) -> tuple[Workload, Machine]:
+    """The compiled model's structs; ``t_par`` is the item's seconds as one thread's work."""
+    p = job.profile
+    t = p.mean_seconds
+    w: Workload = {
+        "n_items": job.remaining,
         "t_mean": t_par,
-        "t_std": profile.std_seconds * (t_par / t if t > 0 else 1.0),
-        "t_max": profile.max_seconds * (t_par / t if t > 0 else 1.0),
-        "cpu_fraction": cpu_fraction,
-        "in_bytes": profile.in_bytes,
-        "out_bytes": profile.out_bytes,
-        "in_dump_s": profile.in_dump_seconds,
-        "in_load_s": profile.in_load_seconds,
-        "out_dump_s": profile.out_dump_seconds,
-        "out_load_s": profile.out_load_seconds,
-        "mem_per_item": profile.mem_per_item,
-        "func_bytes": float(profile.func_bytes),
+        "t_std": p.std_seconds * (t_par / t if t > 0 else 1.0),
+        "t_max": p.max_seconds * (t_par / t if t > 0 else 1.0),
+        "cpu_fraction": job.cpu_fraction,
+        "in_bytes": p.in_bytes,
+        "out_bytes": p.out_bytes,
+        "in_dump_s": p.in_dump_seconds,
+        "in_load_s": p.in_load_seconds,
+        "out_dump_s": p.out_dump_seconds,
+        "out_load_s": p.out_load_seconds,
+        "mem_per_item": p.mem_per_item,
+        "func_bytes": float(p.func_bytes),
     }
-    m = {
-        "cores": cores,
+    m: Machine = {
+        "cores": system.usable_cores,
         "proc_startup_s": system.process_startup_s,
         "proc_startup_per_worker_s": system.process_startup_per_worker_s,
         "warm_workers": float(max(warm_workers, 0)),
@@ -574,81 +651,157 @@ def _decide(
         "thread_startup_s": system.thread_startup_s,
         "thread_roundtrip_s": system.thread_roundtrip_s,
     }
-    raw = model_search(w, m, proc_ns, thread_ns)
+    return w, m
+
+
+def _rank(
+    job: _Job,
+    system: SystemInfo,
+    allowed: tuple[str, ...],
+    n_jobs: int | None,
+    warm_workers: int,
+    client: Any,
+) -> _Ranked:
+    """Every plan predicted, fastest first: the compiled model's, then the planning hooks'."""
+    p = job.profile
+    warnings: list[str] = []
+    # Work that already keeps several cores busy (BLAS/OpenMP) gets no more CPU from more
+    # workers: plan with its CPU seconds per item as if it ran on one thread.
+    t_par = p.mean_seconds
+    if p.cpu_ratio > MULTITHREADED_CPU_RATIO:
+        t_par = p.mean_seconds * p.cpu_ratio
+        warnings.append(
+            f"func uses about {p.cpu_ratio:.1f} cores by itself (BLAS/OpenMP threads:"
+            f" {system.blas_threads}); parallel workers would compete for the same cores"
+        )
+    top, limit = max(int(system.usable_cores), 1), max(int(job.remaining), 1)
+    proc_ns, thread_ns, ghost_ns = _worker_counts(p, allowed, n_jobs, top, limit, job.io_bound)
+    w, m = _model_inputs(job, system, warm_workers, t_par)
+    cands = job.candidates(
+        (_CODE[int(code)], int(n), int(c), job.serial_rest if code == 0 else secs, "")
+        for code, n, c, secs in model_search(w, m, proc_ns, thread_ns)
+    )
     ghost = 0.0
     if ghost_ns:
-        best_ghost = min(secs for code, _, _, secs in model_search(w, m, ghost_ns, []) if code)
-        ghost = serial_total / (sampled_s + best_ghost) if sampled_s + best_ghost > 0 else 0.0
-    if procs_ok and proc_ns:
-        fit = model_max_workers_for_memory(w, m, 1.0)
-        if fit < max(proc_ns):
-            warnings.append(
-                f"memory ({_fmt_b(system.available_memory)} available) fits only {fit} process"
-                f" workers of {_fmt_b(system.worker_rss_bytes + profile.mem_per_item)} each"
-            )
-
-    cands: list[Candidate] = []
-    for code, workers, chunk, secs in raw:
-        backend = _CODE[int(code)]
-        if backend == "serial":
-            secs = serial_rest
-        total = sampled_s + secs
-        cands.append(
-            Candidate(backend, int(workers), int(chunk), total,
-                      serial_total / total if total else 1.0)
-        )
-    if "dask" in allowed:
-        dp = _dask_candidate(profile, n_items, client)
-        total = sampled_s + float(dp.seconds)
-        cands.append(
-            Candidate("dask", int(dp.n_jobs), int(dp.chunksize), total,
-                      serial_total / total if total else 1.0, str(getattr(dp, "reason", "")))
-        )
+        best = min(secs for code, _, _, secs in model_search(w, m, ghost_ns, []) if code)
+        total = job.sampled_s + best
+        ghost = job.serial_total / total if total > 0 else 0.0
+    if proc_ns:
+        warnings.extend(_memory_warning(w, m, system, p, max(proc_ns)))
+    cands.extend(job.candidates(_hook_plans(job.profile, allowed, client)))
     cands.sort(key=lambda cand: cand.seconds)
-    alts = tuple(cands)
-    usable = [c for c in cands if c.backend in allowed]
-    parallel = [c for c in usable if c.backend != "serial"]
-    best_par = parallel[0] if parallel else None
-    if best_par is None and not serial_ok:
+    return _Ranked(tuple(cands), ghost, tuple(warnings))
+
+
+def _memory_warning(
+    w: Workload, m: Machine, system: SystemInfo, profile: Profile, most: int
+) -> list[str]:
+    """A warning when memory fits fewer process workers than ``most``."""
+    fit = model_max_workers_for_memory(w, m, 1.0)
+    if fit >= most:
+        return []
+    return [
+        f"memory ({_fmt_b(system.available_memory)} available) fits only {fit} process"
+        f" workers of {_fmt_b(system.worker_rss_bytes + profile.mem_per_item)} each"
+    ]
+
+
+def _hook_plans(profile: Profile, allowed: tuple[str, ...], client: Any) -> list[_Row]:
+    """The plans of the allowed backends that plan themselves (``BackendSpec.plan``)."""
+    out = []
+    for name in allowed:
+        if REGISTRY[name].plan is None:
+            continue
+        try:
+            hook = plan_hook(name)
+        except ImportError as exc:
+            msg = (
+                f"optimize(): backends includes {name!r}, but its planning hook cannot be "
+                f"imported ({type(exc).__name__}: {exc}). Install what it needs, or leave "
+                f"{name!r} out of backends."
+            )
+            raise ImportError(msg) from exc
+        assert hook is not None  # REGISTRY[name].plan is set
+        hp = hook(profile, profile.n_items, client)
+        note = str(getattr(hp, "reason", ""))
+        out.append((name, int(hp.n_jobs), int(hp.chunksize), float(hp.seconds), note))
+    return out
+
+
+# --------------------------------------------------------------------------- choice
+def _parallel(cands: tuple[Candidate, ...], allowed: tuple[str, ...]) -> list[Candidate]:
+    """The allowed parallel plans, fastest first."""
+    return [c for c in cands if c.backend in allowed and c.backend != "serial"]
+
+
+def _choose(
+    profile: Profile, cands: tuple[Candidate, ...], allowed: tuple[str, ...], min_speedup: float
+) -> Candidate | None:
+    """The fastest allowed parallel plan if it is clearly faster than serial (or serial is
+    not allowed); ``None``: serial."""
+    parallel = _parallel(cands, allowed)
+    best = parallel[0] if parallel else None
+    serial_ok = "serial" in allowed
+    if best is None and not serial_ok:
         msg = (
             f"optimize(): no backend in backends={allowed!r} can run this function: "
             f"{profile.pickle_error or 'no candidate plan'}. Add 'threads' or 'serial' to "
             "backends, or make the function and items picklable."
         )
         raise ValueError(msg)
+    if best is not None and (not serial_ok or best.speedup >= min_speedup):
+        return best
+    return None
 
-    if best_par is not None and (not serial_ok or best_par.speedup >= min_speedup):
-        c = best_par
-        rest = c.seconds - sampled_s
-        what = (
-            f"items take {_fmt_s(t)} each"
-            + (f", mostly waiting ({profile.wait_fraction:.0%} of wall time)" if io_bound else "")
-            + (f" and {remaining:,.0f} remain" if n_items is not None else "")
-        )
-        if c.backend == "threads" and io_bound:
-            why = "threads overlap the waiting with little overhead"
-        elif c.backend == "threads":
-            why = "threads avoid pickling costs and the work releases the GIL"
-        elif c.backend == "dask":
-            why = c.note or "the cluster has the most capacity"
-        else:
-            why = "processes run Python in parallel on the usable cores"
-        reason = (
-            f"{what}: {_plan_name(c.backend, c.n_jobs, c.chunksize)} is predicted"
-            f" {c.speedup:.2f}x faster than serial ({why})"
-        )
-        if forced:
-            reason += f"; {forced}"
-        elif c.speedup < min_speedup:
-            reason += "; serial was excluded by backends"
-            warnings.append(
-                f"the chosen plan is predicted only {c.speedup:.2f}x vs serial, which was "
-                "excluded by backends"
-            )
-        return result(c.backend, c.n_jobs, c.chunksize, rest, reason, alts)
 
-    why = _why_not_parallel(profile, parallel, system, allowed, ghost)
-    return result("serial", 1, 1, serial_rest, f"serial is best: {why}", alts)
+# --------------------------------------------------------------------------- explanation
+def _explain(
+    job: _Job,
+    best: Candidate | None,
+    ranked: _Ranked,
+    system: SystemInfo,
+    allowed: tuple[str, ...],
+    forced: str,
+    min_speedup: float,
+) -> tuple[_Choice, str]:
+    """The choice with its reason (serial when ``best`` is None), and a warning when serial
+    was excluded although the plan is not clearly faster (else ``""``)."""
+    p = job.profile
+    if best is None:
+        parallel = _parallel(ranked.candidates, allowed)
+        why = _why_not_parallel(p, parallel, system, allowed, ranked.ghost)
+        return _Choice.serial(job.serial_rest, f"serial is best: {why}"), ""
+    what = (
+        f"items take {_fmt_s(p.mean_seconds)} each"
+        + (f", mostly waiting ({p.wait_fraction:.0%} of wall time)" if job.io_bound else "")
+        + (f" and {job.remaining:,.0f} remain" if p.n_items is not None else "")
+    )
+    reason = (
+        f"{what}: {_plan_name(best.backend, best.n_jobs, best.chunksize)} is predicted"
+        f" {best.speedup:.2f}x faster than serial ({_why_parallel(job, best)})"
+    )
+    note = ""
+    if forced:
+        reason += f"; {forced}"
+    elif best.speedup < min_speedup:
+        reason += "; serial was excluded by backends"
+        note = (
+            f"the chosen plan is predicted only {best.speedup:.2f}x vs serial, which was "
+            "excluded by backends"
+        )
+    rest = best.seconds - job.sampled_s
+    return _Choice(best.backend, best.n_jobs, best.chunksize, rest, reason), note
+
+
+def _why_parallel(job: _Job, c: Candidate) -> str:
+    """What makes the parallel plan ``c`` pay off, in a few words."""
+    if c.backend == "threads" and job.io_bound:
+        return "threads overlap the waiting with little overhead"
+    if c.backend == "threads":
+        return "threads avoid pickling costs and the work releases the GIL"
+    if c.backend == "processes":
+        return "processes run Python in parallel on the usable cores"
+    return c.note or "the cluster has the most capacity"  # a planning hook's reason
 
 
 def optimize(
@@ -657,7 +810,7 @@ def optimize(
     *,
     n_jobs: int | None = None,
     sample_size: int | None = None,
-    backends: Sequence[str] = ("serial", "processes", "threads"),
+    backends: Sequence[str] = DEFAULT_BACKENDS,
     verbose: bool = False,
     client: Any = None,
 ) -> OptimizationResult:

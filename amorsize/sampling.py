@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 __all__ = [
+    "ASSUMED_UNKNOWN_LENGTH",
     "MAX_SAMPLE_ITEMS",
     "SAMPLE_BUDGET_S",
     "ItemRun",
@@ -67,6 +68,9 @@ MAX_SAMPLE_ITEMS = 2000
 # items and, beyond two items, about this many bytes.
 _PICKLE_ITEMS = 256
 _PICKLE_BYTES = 2 << 20
+#: Planning horizon for iterators of unknown length: long enough that start-up amortises,
+#: the common case for generators fed to a parallel map.
+ASSUMED_UNKNOWN_LENGTH = 10_000
 # Items whose resident-memory growth is read (each read is a small file read, ~5 us).
 _MEMORY_ITEMS = 4
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -556,6 +560,54 @@ class _Rules:
         return max(1, min(math.ceil(want) - n, left))
 
 
+class _Meter:
+    """The caller's clocks when a run of items in the calling thread starts."""
+
+    __slots__ = ("cpu0", "start", "vol0", "wall0")
+
+    def __init__(self, tally: _Tally) -> None:
+        self.wall0 = tally.wall
+        self.cpu0 = time.process_time()
+        self.vol0 = _voluntary_switches()
+        self.start = time.perf_counter()
+
+    def spent(self, now: float) -> float:
+        """Seconds of sampling so far, in the caller and before this run."""
+        return self.wall0 + (now - self.start)
+
+    def verdict(
+        self,
+        tally: _Tally,
+        rules: _Rules,
+        offload: Callable[[float, int], bool] | None,
+        timed: float,
+        now: float,
+    ) -> str:
+        """After an item: ``"enough"`` (the sample is done), ``"offload"`` (the rest goes
+        to a worker) or ``""`` (go on). ``timed`` is this run's item seconds so far."""
+        n = len(tally.times)
+        cpu = tally.cpu + time.process_time() - self.cpu0
+        switches = _voluntary_switches() - self.vol0 if self.vol0 >= 0 else -1
+        if rules.enough(self.spent(now), n, cpu, switches):
+            return "enough"
+        # Asked only from 1 ms of work on: a lone first call is often slow (caches,
+        # imports) and would send microsecond work to a worker.
+        if offload is not None and offload((tally.timed + timed) / n, n):
+            return "offload"
+        return ""
+
+    def settle(self, tally: _Tally, ran: int, timed: float) -> None:
+        """Add this run's items and clocks to ``tally``."""
+        tally.timed += timed
+        tally.in_caller += ran
+        tally.wall += time.perf_counter() - self.start
+        tally.cpu += time.process_time() - self.cpu0
+        if self.vol0 < 0:
+            tally.switches = -1
+        elif tally.switches >= 0:
+            tally.switches += _voluntary_switches() - self.vol0
+
+
 def _run_here(
     func: Callable[[Any], Any],
     src: _Source,
@@ -566,21 +618,20 @@ def _run_here(
 ) -> bool:
     """Run items in the calling thread until the sample is done; True: the rest goes remote.
 
-    ``offload(mean seconds, items so far)`` is asked after each item.
+    ``offload(mean seconds, items so far)`` is asked after each item. The success path stays
+    inline: on microsecond items this loop is the sample's cost.
     """
     pc = time.perf_counter
     overhead = _timer_overhead()
-    results, times = tally.results, tally.times
-    keep, put = results.append, times.append  # the loop is the sample's cost on tiny items
+    times = tally.times
+    keep, put = tally.results.append, times.append
     timed = 0.0
     ran = 0
-    moved = False
+    verdict = ""
     seq = src.seq  # limit <= len(seq): index it directly, the cheapest way to get an item
     pos = src.pos
-    wall0 = tally.wall
-    cpu0 = time.process_time()
-    vol0 = _voluntary_switches()
-    start = pc()
+    meter = _Meter(tally)
+    wall0, start = meter.wall0, meter.start
     while pos < limit:
         if seq is not None:
             item = seq[pos]
@@ -589,6 +640,7 @@ def _run_here(
             if item is _END:
                 break
         pos += 1
+        ran += 1
         track_mem = _HAS_STATM and len(times) < _MEMORY_ITEMS
         rss0 = _rss() if track_mem else 0
         t0 = pc()
@@ -596,13 +648,11 @@ def _run_here(
             out = func(item)
         except Exception as exc:
             t1 = pc()
-            ran += 1
             tally.fail(pos - 1, exc, max(t1 - t0 - overhead, 0.0), getattr(exc, "attempts", 1))
             if tally.stopped:
                 break
         else:
             t1 = pc()
-            ran += 1
             if track_mem:
                 tally.mem = max(tally.mem, _rss() - rss0)
             sec = t1 - t0 - overhead
@@ -611,30 +661,13 @@ def _run_here(
             keep(out)
             put(sec)
             timed += sec
-        n = len(times)
-        if n == 0:
-            continue
-        spent = wall0 + (t1 - start)
-        if spent >= _MIN_SAMPLE_S or rules.budget_s <= 0:
-            cpu = tally.cpu + time.process_time() - cpu0
-            switches = _voluntary_switches() - vol0 if vol0 >= 0 else -1
-            if rules.enough(spent, n, cpu, switches):
-                break
-            # Asked only from 1 ms of work on: a lone first call is often slow (caches,
-            # imports) and would send microsecond work to a worker.
-            if offload is not None and offload((tally.timed + timed) / n, n):
-                moved = True
+        if times and (wall0 + (t1 - start) >= _MIN_SAMPLE_S or rules.budget_s <= 0):
+            verdict = meter.verdict(tally, rules, offload, timed, t1)
+            if verdict:
                 break
     src.pos = pos
-    tally.timed += timed
-    tally.in_caller += ran
-    tally.wall += pc() - start
-    tally.cpu += time.process_time() - cpu0
-    if vol0 < 0:
-        tally.switches = -1
-    elif tally.switches >= 0:
-        tally.switches += _voluntary_switches() - vol0
-    return moved
+    meter.settle(tally, ran, timed)
+    return verdict == "offload"
 
 
 def _run_remote(
@@ -671,7 +704,7 @@ def sample(
     budget_s: float = SAMPLE_BUDGET_S,
     max_items: int = MAX_SAMPLE_ITEMS,
     cores: float = 1.0,
-    assumed_length: int = 10_000,
+    assumed_length: int = ASSUMED_UNKNOWN_LENGTH,
     keep_going: bool = False,
     remote: RemoteRunner | None = None,
     offload: Callable[[float, int], bool] | None = None,
@@ -733,24 +766,94 @@ def _finish(
     index_of: Callable[[int], int],
 ) -> Sample:
     """The profile and the data to run on, once the items have run."""
-    n_items = src.n_items
-    out_data: Iterable[Any] = data
-    exhausted = src.ended and not tally.stopped
-    if src.is_iterator:
-        assert src.it is not None
-        out_data = itertools.chain(src.drawn, src.it)
-        if src.it_done:
-            n_items = len(src.drawn)
+    out_data, n_items = _data_to_run(data, src)
+    sizes = _sizes(func, src, tally, index_of)
+    timing = _timing(tally)
+    profile = Profile(
+        n_sampled=len(tally.results),
+        n_items=n_items,
+        exhausted=src.ended and not tally.stopped,
+        item_seconds=tuple(tally.times),
+        mean_seconds=timing.mean,
+        std_seconds=timing.std,
+        max_seconds=max(tally.times, default=0.0),
+        cpu_ratio=timing.cpu_ratio,
+        wait_fraction=timing.wait_fraction,
+        in_bytes=sizes.in_bytes,
+        out_bytes=sizes.out_bytes,
+        in_dump_seconds=sizes.in_dump,
+        in_load_seconds=sizes.in_load,
+        out_dump_seconds=sizes.out_dump,
+        out_load_seconds=sizes.out_load,
+        mem_per_item=float(max(tally.mem, 0, int(sizes.out_bytes))),
+        func_bytes=sizes.func_bytes,
+        func_picklable=sizes.func_ok,
+        items_picklable=sizes.in_error is None,
+        outputs_picklable=sizes.out_error is None,
+        pickle_error=sizes.func_error or sizes.in_error or sizes.out_error,
+        n_failed=tally.n_failed,
+        n_crashed=tally.n_crashed,
+        in_caller=tally.in_caller,
+        error_index=None if tally.error_pos is None else index_of(tally.error_pos),
+        error=tally.error,
+        sample_seconds=wall,
+    )
+    return Sample(profile=profile, results=tuple(tally.results), data=out_data)
 
+
+def _data_to_run(data: Iterable[Any], src: _Source) -> tuple[Iterable[Any], int | None]:
+    """The data equal to the input (an iterator's sampled items chained back in front of
+    the rest), and its length if known (an iterator that ended while sampled: known now)."""
+    if not src.is_iterator:
+        return data, src.n_items
+    assert src.it is not None
+    return itertools.chain(src.drawn, src.it), len(src.drawn) if src.it_done else src.n_items
+
+
+class _Sizes(NamedTuple):
+    """Pickled bytes and (un)pickling seconds per item, and why something cannot travel."""
+
+    func_bytes: int
+    func_ok: bool
+    func_error: str | None
+    in_bytes: float
+    in_dump: float
+    in_load: float
+    in_error: str | None
+    out_bytes: float
+    out_dump: float
+    out_load: float
+    out_error: str | None
+
+
+def _sizes(
+    func: Callable[[Any], Any], src: _Source, tally: _Tally, index_of: Callable[[int], int]
+) -> _Sizes:
+    """Pickle the function, the first sampled inputs and their results (failures left out)."""
     n_in = min(src.pos, _PICKLE_ITEMS)
     items = list(src.seq[:n_in]) if src.seq is not None else src.drawn[:n_in]
     func_bytes, func_ok, func_err = _func_pickle(func)
-    in_b, in_dump, in_load, in_err = _batch_pickle(
-        list(enumerate(items)), "item", index_of)
+    in_b, in_dump, in_load, in_err = _batch_pickle(list(enumerate(items)), "item", index_of)
     outs = [(k, r) for k, r in enumerate(tally.results[:_PICKLE_ITEMS])
             if type(r) is not SampledFailure]
     out_b, out_dump, out_load, out_err = _batch_pickle(outs, "result", index_of)
+    return _Sizes(
+        func_bytes, func_ok, func_err, in_b, in_dump, in_load, in_err,
+        out_b, out_dump, out_load, out_err,
+    )
 
+
+class _Timing(NamedTuple):
+    """Item seconds (mean, spread), CPU over wall, and the share spent blocked."""
+
+    mean: float
+    std: float
+    cpu_ratio: float
+    wait_fraction: float
+
+
+def _timing(tally: _Tally) -> _Timing:
+    """What the item times and the caller's clocks say about the work."""
     times = tally.times
     n = len(times)
     mean = math.fsum(times) / n if n else 0.0
@@ -761,33 +864,4 @@ def _finish(
     # Blocking shows as voluntary switches (at least one per waiting call); without them a
     # low ratio means the machine was busy, and the work itself is CPU-bound.
     blocked = tally.switches < 0 or tally.switches >= 0.5 * max(n, 1)
-    profile = Profile(
-        n_sampled=len(tally.results),
-        n_items=n_items,
-        exhausted=exhausted,
-        item_seconds=tuple(times),
-        mean_seconds=mean,
-        std_seconds=std,
-        max_seconds=max(times, default=0.0),
-        cpu_ratio=cpu_ratio,
-        wait_fraction=max(0.0, 1.0 - cpu_ratio) if blocked else 0.0,
-        in_bytes=in_b,
-        out_bytes=out_b,
-        in_dump_seconds=in_dump,
-        in_load_seconds=in_load,
-        out_dump_seconds=out_dump,
-        out_load_seconds=out_load,
-        mem_per_item=float(max(tally.mem, 0, int(out_b))),
-        func_bytes=func_bytes,
-        func_picklable=func_ok,
-        items_picklable=in_err is None,
-        outputs_picklable=out_err is None,
-        pickle_error=func_err or in_err or out_err,
-        n_failed=tally.n_failed,
-        n_crashed=tally.n_crashed,
-        in_caller=tally.in_caller,
-        error_index=None if tally.error_pos is None else index_of(tally.error_pos),
-        error=tally.error,
-        sample_seconds=wall,
-    )
-    return Sample(profile=profile, results=tuple(tally.results), data=out_data)
+    return _Timing(mean, std, cpu_ratio, max(0.0, 1.0 - cpu_ratio) if blocked else 0.0)

@@ -48,6 +48,7 @@ from typing import Any
 
 __all__ = [
     "SystemInfo",
+    "available_cpus",
     "cache_file",
     "get_system_info",
     "set_cache_dir",
@@ -306,7 +307,15 @@ def _write_cache(path: Path, key: dict[str, Any], facts: dict[str, Any]) -> bool
 
 
 # --------------------------------------------------------------------------- cheap live facts
-def _affinity_cores() -> int:
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the platform has one.
+
+    A container's CPU quota is not applied here (``SystemInfo.usable_cores`` applies it):
+    this is how many workers ``n_jobs=-1`` starts, and how a worker's BLAS pool is sized.
+
+    >>> available_cpus() >= 1
+    True
+    """
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -338,7 +347,7 @@ def _cgroup_quota_cores(root: str = "/sys/fs/cgroup") -> float | None:
 
 
 def _usable_cores() -> float:
-    cores = float(_affinity_cores())
+    cores = float(available_cpus())
     quota = _cgroup_quota_cores()
     if quota is not None:
         cores = min(cores, max(quota, 1.0))

@@ -9,6 +9,7 @@ import multiprocessing
 import sys
 import threading
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,14 @@ from amorsize._core import (
     model_search,
     model_serial_seconds,
     model_thread_seconds,
+)
+from amorsize.backends import (
+    BACKEND_NAMES,
+    DEFAULT_BACKENDS,
+    REGISTRY,
+    BackendSpec,
+    auto_backends,
+    plan_hook,
 )
 from amorsize.optimizer import MIN_SPEEDUP, OptimizationResult, _decide, _offload_rule, optimize
 from amorsize.retry import set_testing
@@ -92,7 +101,6 @@ def _check_bounds(r: OptimizationResult, n: int | None) -> None:
         assert r.n_jobs <= max(n, 1) or r.backend == "serial"
     assert r.estimated_speedup > 0
     assert math.isfinite(r.estimated_seconds.serial) and math.isfinite(r.estimated_seconds.chosen)
-    assert r.estimated_seconds["chosen"] == r.estimated_seconds.chosen
     assert r.reason and isinstance(r.warnings, list)
     if r.backend != "serial":
         assert r.estimated_speedup >= MIN_SPEEDUP
@@ -647,3 +655,146 @@ def test_resumed_generator_is_planned_as_unknown_length(tmp_path: Path) -> None:
                             return_plan=True)
     assert results == [x + 1 for x in range(n)]
     assert plan.optimization.n_items is None and "no items" not in plan.reason
+
+
+# --------------------------------------------------------------------------- registry & hooks
+def test_registry_is_the_one_list_of_backends() -> None:
+    """Names, optimize's default backends and the CLI's choices all come from REGISTRY."""
+    import inspect
+
+    from amorsize import cli
+
+    assert BACKEND_NAMES == tuple(REGISTRY) == ("serial", "processes", "threads", "dask")
+    assert all(spec.name == name for name, spec in REGISTRY.items())
+    assert DEFAULT_BACKENDS == ("serial", "processes", "threads")
+    assert inspect.signature(optimize).parameters["backends"].default == DEFAULT_BACKENDS
+    assert ("auto", *BACKEND_NAMES) == cli._BACKENDS
+    assert plan_hook("processes") is None
+
+
+@pytest.mark.parametrize(
+    ("in_daemon", "cluster", "names"),
+    [
+        (False, False, ("serial", "processes", "threads")),
+        (True, False, ("serial", "threads")),
+        (False, True, ("serial", "processes", "threads", "dask")),
+        (True, True, ("serial", "threads", "dask")),
+    ],
+)
+def test_auto_backends(in_daemon: bool, cluster: bool, names: tuple[str, ...]) -> None:
+    """backend="auto" plans no process pool in a daemon, and a cluster only with a client."""
+    assert auto_backends(in_daemon=in_daemon, cluster=cluster) == names
+
+
+@dataclasses.dataclass(frozen=True)
+class _HookPlan:
+    n_jobs: int
+    chunksize: int
+    seconds: float
+    reason: str
+
+
+_HOOK_CALLS: list[tuple[Any, ...]] = []
+
+
+def _cluster_plan(profile: Profile, n_items: int | None, client: Any) -> _HookPlan:
+    _HOOK_CALLS.append((profile, n_items, client))
+    seconds = float(client) if isinstance(client, float) else 0.01
+    return _HookPlan(4, 50, seconds, "the test cluster is fast")
+
+
+@pytest.fixture
+def cluster_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A backend "cluster" registered with a planning hook (in an importable module)."""
+    module = types.ModuleType("amorsize_test_hooks")
+    module.plan = _cluster_plan  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    spec = BackendSpec(
+        "cluster", "amorsize.backends.serial:SerialBackend",
+        plan="amorsize_test_hooks:plan", out_of_process=True,
+    )  # fmt: skip
+    monkeypatch.setitem(REGISTRY, "cluster", spec)
+    _HOOK_CALLS.clear()
+    yield "cluster"
+    _HOOK_CALLS.clear()
+
+
+_WITH_CLUSTER = ("serial", "processes", "threads", "cluster")
+
+
+def test_planning_hook_is_ranked_beside_the_model(cluster_backend: str) -> None:
+    """A hook is asked with profile, length and client; its plan wins when fastest."""
+    p = _profile(1e-3, 10_000)
+    r = _plan(p, allowed=_WITH_CLUSTER, client="the client")
+    assert [(p, 10_000, "the client")] == _HOOK_CALLS
+    assert (r.backend, r.n_jobs, r.chunksize) == ("cluster", 4, 50)
+    assert "the test cluster is fast" in r.reason
+    assert {c.backend for c in r.alternatives} == {"serial", "processes", "threads", "cluster"}
+
+
+def test_planning_hook_that_cannot_run_loses(cluster_backend: str) -> None:
+    """A hook predicting infinite time is ranked last, never chosen."""
+    r = _plan(_profile(1e-3, 10_000), allowed=_WITH_CLUSTER, client=math.inf)
+    assert r.backend == "processes"
+    assert r.alternatives[-1].backend == "cluster" and r.alternatives[-1].speedup == 0.0
+
+
+def test_crash_keeps_out_of_process_hook_backends(cluster_backend: str) -> None:
+    """A sampled crash rules out serial and threads, not a backend running elsewhere."""
+    p = _profile(1e-3, 10_000, n_crashed=1, n_failed=1, error_index=3, error=RuntimeError("x"))
+    r = _plan(p, allowed=_WITH_CLUSTER, client=1e9)
+    assert r.backend == "processes" and "ruled out" in r.reason
+    r = _plan(p, allowed=_WITH_CLUSTER)
+    assert r.backend == "cluster"
+
+
+def test_missing_planning_hook_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook whose module is missing names the backend and the extra to install."""
+    spec = BackendSpec(
+        "cluster", "amorsize.backends.serial:SerialBackend",
+        plan="amorsize_no_such_module:plan", extra="cluster",
+    )  # fmt: skip
+    monkeypatch.setitem(REGISTRY, "cluster", spec)
+    with pytest.raises(ImportError) as info:
+        _plan(_profile(1e-3, 1000), allowed=("serial", "cluster"))
+    msg = str(info.value)
+    assert "'cluster'" in msg and "pip install 'amorsize[cluster]'" in msg, msg
+    assert "leave 'cluster' out of backends" in msg, msg
+
+
+# --------------------------------------------------------------------------- dask cost model
+def test_dask_cost_model_on_injected_costs() -> None:
+    """Tiny items are batched into far bigger tasks than slow ones, at 10x the overhead."""
+    from amorsize._dask_plan import MIN_OVERHEAD_RATIO, ClusterCosts, _chunksize, _reason, _work
+
+    costs = ClusterCosts(latency_s=4e-3, task_s=2e-3, bytes_per_s=2e8)
+    tiny = _work(_profile(1e-6, 200_000), 200_000, costs, processes=2, threads=2)
+    slow = _work(_profile(2e-2, 40), 40, costs, processes=2, threads=2)
+    c_tiny = _chunksize(tiny)[0]
+    c_slow, cap, want = _chunksize(slow)
+    assert c_tiny > 100 * c_slow
+    assert c_tiny * tiny.t >= MIN_OVERHEAD_RATIO * costs.task_s
+    n_tasks = math.ceil(40 / c_slow)
+    assert n_tasks >= 2 * 2  # slow items: several tasks per worker
+    assert 0 < tiny.seconds(c_tiny) < tiny.seconds(1)
+    reason = _reason(slow, c_slow, cap, want, 2, 2, n_tasks)
+    assert "task" in reason and ". " not in reason  # one sentence
+
+
+@pytest.mark.parametrize(
+    ("kw", "n", "words"),
+    [
+        ({"func_picklable": False, "pickle_error": "no pickle"}, 100, "ruled out: no pickle"),
+        ({}, 10, "no items are left"),
+    ],
+)
+def test_dask_cost_model_needs_no_cluster_to_say_no(
+    kw: dict[str, Any], n: int, words: str
+) -> None:
+    """Unpicklable work and nothing left are planned without measuring the cluster."""
+    from amorsize._dask_plan import _nothing_to_plan
+
+    p = _profile(1e-3, n, **kw)
+    got = _nothing_to_plan(p, max(n - p.n_sampled, 0), processes=2, threads=2)
+    assert got is not None and words in got.reason and got.costs is None
+    assert _nothing_to_plan(p, 10, processes=0, threads=0) is not None

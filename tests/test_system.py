@@ -314,3 +314,11 @@ def test_default_cache_dir_without_platformdirs(monkeypatch: pytest.MonkeyPatch)
         assert system._default_cache_dir() == Path("/xdg-cache/amorsize")
     else:
         assert system._default_cache_dir().name in ("amorsize", "Cache")
+
+
+def test_available_cpus_is_the_affinity_mask() -> None:
+    """available_cpus() counts the CPUs this process may run on; usable cores never exceed it."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    assert system.available_cpus() == len(os.sched_getaffinity(0))
+    assert 1.0 <= system._usable_cores() <= system.available_cpus()

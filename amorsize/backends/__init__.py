@@ -1,11 +1,13 @@
 """Execution backends: serial, threads, processes (and dask, where installed).
 
+``REGISTRY`` is the one list of backends: the optimizer, ``execute`` and the command line
+read their names, defaults and planning hooks from it. Each ``BackendSpec`` names its class
+as ``"module:Class"``, imported only when the backend is asked for, so the core install
+never imports dask.
+
 ``get_backend(name, **options)`` returns the shared instance for a name and its options, so
 that warm pools are reused across ``execute`` calls; ``warm_workers(name)`` says how many
 workers such a pool already holds (the optimizer counts no start-up for them).
-
-The dask backend lives in ``amorsize.backends.dask`` (class ``DaskBackend``, taking
-``client=``) and is imported only when asked for, so the core install never imports dask.
 """
 
 from __future__ import annotations
@@ -13,51 +15,167 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from amorsize.backends.base import Backend, Outcome, Task, WorkerCrashedError
 
 __all__ = [
     "BACKEND_NAMES",
+    "DEFAULT_BACKENDS",
+    "REGISTRY",
     "Backend",
+    "BackendSpec",
+    "HookPlan",
     "Outcome",
+    "PlanHook",
     "Task",
     "WorkerCrashedError",
+    "auto_backends",
     "get_backend",
+    "plan_hook",
     "warm_workers",
 ]
 
-#: Every name ``get_backend`` accepts.
-BACKEND_NAMES = ("serial", "threads", "processes", "dask")
 
-# name -> "module:class"; imported lazily so that importing amorsize stays cheap.
-_CLASSES = {
-    "serial": "amorsize.backends.serial:SerialBackend",
-    "threads": "amorsize.backends.threads:ThreadsBackend",
-    "processes": "amorsize.backends.processes:ProcessesBackend",
-    "dask": "amorsize.backends.dask:DaskBackend",
+class HookPlan(Protocol):
+    """What a backend's planning hook returns: its best plan and the predicted wall seconds
+    for the items left after sampling (``math.inf`` when it cannot run them)."""
+
+    @property
+    def n_jobs(self) -> int: ...
+    @property
+    def chunksize(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def reason(self) -> str: ...
+
+
+#: ``hook(profile, n_items, client)``: plans a backend the compiled model does not know.
+#: ``profile`` is the sample's ``amorsize.sampling.Profile``, ``n_items`` the data's length
+#: (``None``: unknown), ``client`` what the caller passed as ``client=``.
+PlanHook = Callable[[Any, int | None, Any], HookPlan]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One registered backend: its name, its class, and how the optimizer plans it.
+
+    ``target`` is ``"module:Class"`` (imported on first use). ``plan`` is ``"module:function"``
+    of a ``PlanHook``, for a backend whose costs the compiled model does not know; without
+    one, the optimizer plans the backend with that model. ``default``: planned without being
+    named (``optimize``'s default ``backends``, ``execute(backend="auto")``);
+    ``spawns_processes``: cannot run inside a daemonic process, which may not have
+    children; ``out_of_process``: runs ``func`` outside the calling process (so function and
+    items must pickle, and a crash there does not end the program); ``cluster``:
+    ``backend="auto"`` plans it when a cluster client is at hand.
+    ``extra`` is the pip extra that installs what it needs.
+
+    >>> REGISTRY["processes"].default, REGISTRY["dask"].plan
+    (True, 'amorsize.backends.dask:plan')
+    """
+
+    name: str
+    target: str
+    plan: str | None = None
+    default: bool = False
+    spawns_processes: bool = False
+    out_of_process: bool = False
+    cluster: bool = False
+    extra: str | None = None
+
+
+#: Every backend, by name, in the order messages and the command line list them.
+REGISTRY: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("serial", "amorsize.backends.serial:SerialBackend", default=True),
+        BackendSpec(
+            "processes",
+            "amorsize.backends.processes:ProcessesBackend",
+            default=True,
+            spawns_processes=True,
+            out_of_process=True,
+        ),
+        BackendSpec("threads", "amorsize.backends.threads:ThreadsBackend", default=True),
+        BackendSpec(
+            "dask",
+            "amorsize.backends.dask:DaskBackend",
+            plan="amorsize.backends.dask:plan",
+            out_of_process=True,
+            cluster=True,
+            extra="dask",
+        ),
+    )
 }
+
+#: Every name ``get_backend`` accepts.
+BACKEND_NAMES = tuple(REGISTRY)
+#: What ``optimize`` chooses from unless told otherwise.
+DEFAULT_BACKENDS = tuple(name for name, spec in REGISTRY.items() if spec.default)
 
 _SHARED: dict[tuple[str, tuple[tuple[str, Any], ...]], Backend] = {}
 _LOCK = threading.Lock()
 
 
-def _backend_class(name: str) -> type[Backend]:
-    if not isinstance(name, str) or name not in _CLASSES:
+def auto_backends(*, in_daemon: bool = False, cluster: bool = False) -> tuple[str, ...]:
+    """The backends ``execute(backend="auto")`` plans among.
+
+    The default ones this process can start (no process pool inside a daemonic process),
+    plus the cluster backends when a cluster client is at hand (``cluster``).
+
+    >>> auto_backends(in_daemon=True)
+    ('serial', 'threads')
+    """
+    return tuple(
+        spec.name
+        for spec in REGISTRY.values()
+        if (spec.default and not (in_daemon and spec.spawns_processes))
+        or (cluster and spec.cluster)
+    )
+
+
+def plan_hook(name: str) -> PlanHook | None:
+    """The planning hook of backend ``name`` (imported now), or ``None`` if it has none.
+
+    >>> plan_hook("processes") is None
+    True
+    """
+    spec = _spec(name)
+    if spec.plan is None:
+        return None
+    hook: PlanHook = _load(spec, spec.plan)
+    return hook
+
+
+def _spec(name: str) -> BackendSpec:
+    if not isinstance(name, str) or name not in REGISTRY:
         msg = f"backend must be one of {list(BACKEND_NAMES)}; got {name!r}"
         raise ValueError(msg)
-    module_name, _, cls_name = _CLASSES[name].partition(":")
+    return REGISTRY[name]
+
+
+def _load(spec: BackendSpec, target: str) -> Any:
+    """The object ``target`` (``"module:name"``) names; a missing extra says how to add it."""
+    module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        if name == "dask":
-            msg = (
-                "backend='dask' needs dask.distributed and amorsize's dask backend: "
-                f"{exc}. Install it with: pip install 'amorsize[dask]'"
-            )
-            raise ImportError(msg) from exc
-        raise
-    cls: type[Backend] = getattr(module, cls_name)
+        if spec.extra is None:
+            raise
+        msg = (
+            f"backend={spec.name!r} needs the {spec.extra!r} extra: {exc}. Install it with: "
+            f"pip install 'amorsize[{spec.extra}]'"
+        )
+        raise ImportError(msg) from exc
+    return getattr(module, attr)
+
+
+def _backend_class(name: str) -> type[Backend]:
+    spec = _spec(name)
+    cls: type[Backend] = _load(spec, spec.target)
     return cls
 
 

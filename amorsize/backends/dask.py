@@ -1,4 +1,4 @@
-"""Dask backend: run chunks on a ``dask.distributed`` cluster, and plan chunk sizes for it.
+"""Dask backend: run chunks on a ``dask.distributed`` cluster (its cost model: ``_dask_plan``).
 
 Data flow (the client process runs ``execute``; the scheduler only routes small messages)::
 
@@ -35,7 +35,6 @@ import contextlib
 import itertools
 import logging
 import math
-import os
 import pickle
 import threading
 import time
@@ -50,6 +49,8 @@ from typing import Any, ClassVar, cast
 import cloudpickle  # a dependency of dask itself
 import distributed
 
+from amorsize import _dask_plan
+from amorsize._dask_plan import ClusterCosts, DaskPlan, measure_costs
 from amorsize.backends.base import (
     Backend,
     OkValues,
@@ -90,19 +91,6 @@ _SPLIT = 8
 # of riding in the task message through the scheduler (dask warns about task messages of
 # 10 MB and more; the scheduler is a single process that every message passes through).
 SCATTER_BYTES = 1 << 20
-
-# Planning rules. A task costs at least this many times the scheduler's per-task overhead
-# (issue 7 asks for 10-100x): below it, overhead would be more than ~10% of the run.
-MIN_OVERHEAD_RATIO = 10.0
-# A task need not be longer than this: longer tasks only delay the first results, raise the
-# work lost to a killed worker and hold more results in worker memory.
-MAX_TASK_SECONDS = 2.0
-# Largest pickled input per task: bounds worker memory and the size of each transfer.
-MAX_CHUNK_BYTES = 16 << 20
-# Overhead probe: enough no-op tasks for a stable mean, cheap enough to run once per cluster
-# (about 0.2-0.4 s on a 2-core LocalCluster).
-_PROBE_TASKS = 64
-_PROBE_BYTES = 1 << 20
 
 _PROTOCOL = 5
 
@@ -151,7 +139,7 @@ def _embedded_client() -> distributed.Client:
         client = _EMBEDDED.get("client")
         if client is not None and client.status == "running":
             return cast(distributed.Client, client)
-        from amorsize.backends.processes import available_cpus
+        from amorsize.system import available_cpus
 
         cluster = distributed.LocalCluster(
             n_workers=available_cpus(),
@@ -597,118 +585,10 @@ class DaskBackend(Backend):
 # --------------------------------------------------------------------------- planning
 
 
-@dataclass(frozen=True)
-class ClusterCosts:
-    """What one task costs on a scheduler, measured once per scheduler address.
-
-    ``latency_s``: one no-op task's round trip; ``task_s``: the cluster's cost per task when
-    many are in flight (its throughput limit: client, scheduler and workers together);
-    ``bytes_per_s``: bytes moved to a worker and back per second, through the task path.
-
-    >>> ClusterCosts(0.004, 0.002, 2e8).task_s
-    0.002
-    """
-
-    latency_s: float
-    task_s: float
-    bytes_per_s: float
-
-
-_COSTS: dict[str, ClusterCosts] = {}
-_COSTS_LOCK = threading.Lock()
-
-
-def measure_costs(client: distributed.Client, *, refresh: bool = False) -> ClusterCosts:
-    """Measure (once per scheduler address, then cached) what a task costs on ``client``.
-
-    Runs about 130 no-op tasks and one 1 MB round trip: about 0.2-0.4 s on a LocalCluster.
-
-    >>> from distributed import Client, LocalCluster
-    >>> with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, \\
-    ...         Client(cluster) as client:
-    ...     measure_costs(client).task_s > 0
-    True
-    """
-    rpc = client.scheduler
-    address = str(rpc.address if rpc is not None else client.scheduler_info()["address"])
-    with _COSTS_LOCK:
-        costs = _COSTS.get(address)
-    if costs is not None and not refresh:
-        return costs
-    pc = time.perf_counter
-    latency = math.inf
-    for _ in range(3):
-        t0 = pc()
-        client.submit(_noop, None, pure=False).result()
-        latency = min(latency, pc() - t0)
-    wall = math.inf
-    for _ in range(2):  # the first batch may still pay for imports on fresh workers
-        t0 = pc()
-        client.gather([client.submit(_noop, i, pure=False) for i in range(_PROBE_TASKS)])
-        wall = min(wall, pc() - t0)
-    # One latency is paid once, not per task; never let noise make tasks free.
-    task_s = max(wall - latency, wall / 4) / _PROBE_TASKS
-    blob = os.urandom(_PROBE_BYTES)  # incompressible: dask may compress frames
-    t0 = pc()
-    client.submit(_noop, blob, pure=False).result()
-    moved = pc() - t0
-    bytes_per_s = 2 * _PROBE_BYTES / max(moved - latency, 1e-4)
-    costs = ClusterCosts(latency, task_s, bytes_per_s)
-    with _COSTS_LOCK:
-        _COSTS[address] = costs
-    return costs
-
-
-@dataclass(frozen=True)
-class DaskPlan:
-    """How to run a job on the cluster: ``n_jobs`` worker threads, ``chunksize`` items per
-    task, the predicted wall time ``seconds`` (sampled items excluded; infinite when dask
-    cannot run it) and why.
-
-    ``optimize(..., backends=("dask",))`` turns it into a plan with ``backend == "dask"``.
-
-    >>> costs = ClusterCosts(0.004, 0.002, 2e8)
-    >>> DaskPlan(2, 500, 0.5, "why", processes=2, threads=2, n_tasks=8, costs=costs).chunksize
-    500
-    """
-
-    n_jobs: int
-    chunksize: int
-    seconds: float
-    reason: str
-    processes: int
-    threads: int
-    n_tasks: int
-    costs: ClusterCosts | None  # None when nothing had to be measured
-
-
-def _fmt_s(s: float) -> str:
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.1f} us"
-
-
-def _predict(
-    n: int, c: int, slots: float, t: float, sd: float, costs: ClusterCosts, client_s: float
-) -> float:
-    """Wall time for ``n`` items in tasks of ``c``: waves of tasks or the dispatch limit."""
-    n_tasks = math.ceil(n / c)
-    waves = math.ceil(n_tasks / slots)
-    compute = waves * c * t + sd * math.sqrt(c)  # the last wave carries the imbalance
-    return costs.latency_s + n * client_s + max(compute, n_tasks * costs.task_s)
-
-
 def plan(profile: Any, n_items: int | None, client: distributed.Client | None = None) -> DaskPlan:
-    """Size the work for the cluster behind ``client`` (else the current one, else the
-    embedded LocalCluster), from the sampled ``profile`` (``amorsize.sampling.Profile``).
-
-    Counts the worker processes and threads the scheduler reports, the measured per-task
-    cost (small items are batched so that a task costs at least 10x that overhead), load
-    balance (the square-root rule weighs overhead against an idle last wave), and the bytes
-    moved per item; the client pickles inputs and unpickles outputs alone, so those are
-    serial terms.
+    """The dask backend's planning hook (``BackendSpec.plan``): size the work for the
+    cluster behind ``client`` (else the current one, else the embedded LocalCluster) from the
+    sampled ``profile``; the cost model is ``amorsize._dask_plan.plan``.
 
     >>> from amorsize.sampling import sample
     >>> from distributed import Client, LocalCluster
@@ -718,94 +598,7 @@ def plan(profile: Any, n_items: int | None, client: distributed.Client | None = 
     >>> p.chunksize > 100
     True
     """
-    client = _resolve(client)
-    nthreads = client.nthreads()
-    processes = len(nthreads)
-    threads = sum(nthreads.values())
-    n_sampled = int(getattr(profile, "n_sampled", 0))
-    if n_items is None:
-        from amorsize.optimizer import ASSUMED_UNKNOWN_LENGTH
-
-        n = ASSUMED_UNKNOWN_LENGTH
-    else:
-        n = max(int(n_items) - n_sampled, 0)
-    if processes == 0:  # nothing to measure on, and nothing would run
-        return DaskPlan(1, 1, math.inf, "the cluster has no workers", 0, 0, 0, None)
-    if not getattr(profile, "picklable", True):
-        why = getattr(profile, "pickle_error", None) or "the function or items cannot be pickled"
-        return DaskPlan(
-            threads, 1, math.inf, f"dask is ruled out: {why}", processes, threads, 0, None
-        )
-    if n == 0:
-        return DaskPlan(threads, 1, 0.0, "no items are left to run", processes, threads, 0, None)
-    costs = measure_costs(client)
-    mean = float(profile.mean_seconds)
-    sd = float(getattr(profile, "std_seconds", 0.0))
-    # The share of time not spent waiting: cpu_ratio drops when the machine is merely busy.
-    cpu = min(max(1.0 - float(getattr(profile, "wait_fraction", 0.0)), 0.0), 1.0)
-    in_b = float(getattr(profile, "in_bytes", 0.0))
-    out_b = float(getattr(profile, "out_bytes", 0.0))
-    # Per item, on a worker: the call, loading its input and pickling its output.
-    t = max(
-        mean + getattr(profile, "in_load_seconds", 0.0) + getattr(profile, "out_dump_seconds", 0.0),
-        1e-9,
-    )
-    # Per item, on the client alone: pickling its input, unpickling its output, the bytes.
-    client_s = (
-        getattr(profile, "in_dump_seconds", 0.0)
-        + getattr(profile, "out_load_seconds", 0.0)
-        + (in_b + out_b) / costs.bytes_per_s
-    )
-    # Threads of one worker process share its GIL: they add capacity only while items wait.
-    slots = processes + (threads - processes) * (1.0 - cpu)
-
-    # Overhead per task against load imbalance: the run loses about n/c * o to overhead and
-    # about c * t * slots / (2n) of itself to the last, partly idle wave; their sum is least
-    # at c = sqrt(2 n o / (t slots)) (the classic square-root chunking rule).
-    c_sqrt = max(1, round(math.sqrt(2.0 * n * costs.task_s / (t * slots))))
-    c_over = math.ceil(MIN_OVERHEAD_RATIO * costs.task_s / t)
-    c_cap = max(1, min(int(MAX_TASK_SECONDS / t), int(MAX_CHUNK_BYTES / max(in_b, 1.0)), n))
-    want = max(c_sqrt, c_over)
-    c = min(want, c_cap)
-    all_slots = math.ceil(n / slots)
-    if c > all_slots and _predict(n, all_slots, slots, t, sd, costs, client_s) < _predict(
-        n, c, slots, t, sd, costs, client_s
-    ):
-        c = all_slots
-    # Even out the tasks so that the last wave is full: never a lone short task at the end.
-    waves = math.ceil(math.ceil(n / c) / slots)
-    c = max(1, math.ceil(n / (waves * slots)))
-    seconds = _predict(n, c, slots, t, sd, costs, client_s)
-    n_tasks = math.ceil(n / c)
-
-    ratio = c * t / costs.task_s
-    what = (
-        f"the cluster has {processes} worker process(es) with {threads} thread(s); a task "
-        f"costs {_fmt_s(costs.task_s)} on this scheduler and an item {_fmt_s(t)}"
-    )
-    if c_cap < want and c < n:
-        limit = (
-            f"tasks are capped at {_fmt_s(MAX_TASK_SECONDS)}"
-            if c_cap == int(MAX_TASK_SECONDS / t)
-            else f"tasks are capped at {MAX_CHUNK_BYTES >> 20} MB of input"
-        )
-        how = f"{c:,} items per task ({limit}, {ratio:.0f}x the overhead)"
-    elif ratio >= MIN_OVERHEAD_RATIO / 2 or n_tasks > slots:
-        how = (
-            f"{c:,} items per task make {n_tasks:,} tasks of {_fmt_s(c * t)} "
-            f"({ratio:.0f}x the overhead), balancing overhead against an idle last wave"
-        )
-    else:
-        how = (
-            f"one task per worker slot ({c:,} items, tasks of {_fmt_s(c * t)}) still leaves "
-            f"the overhead at {100 / (1 + ratio):.0f}% of each task"
-        )
-    if in_b + out_b >= SCATTER_BYTES / 8:
-        how += (
-            f", and moving {(in_b + out_b) * n / 1e6:,.1f} MB through the client costs "
-            f"{_fmt_s(n * client_s)}"
-        )
-    return DaskPlan(threads, c, seconds, f"{what}, so {how}", processes, threads, n_tasks, costs)
+    return _dask_plan.plan(profile, n_items, _resolve(client))
 
 
 # Future states after which a future's data is no longer on the cluster.

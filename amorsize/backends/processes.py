@@ -95,14 +95,6 @@ _ORPHANED_EXIT = 70
 _THREADED_MODULES = ("numpy", "scipy", "torch", "sklearn", "numexpr", "numba", "cv2")
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (affinity mask where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 # --------------------------------------------------------------------------- worker side
 
 
@@ -454,6 +446,9 @@ class ProcessesBackend(Backend):
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
         run_id = next(self._runs)
         self._startup_deaths = 0
+        # Imported here: a spawned worker imports this module and needs no machine facts.
+        from amorsize.system import available_cpus
+
         threads = max(1, available_cpus() // n_jobs)
         func_msg = _safe_dumps((_FUNC, (_dump_func(func), threads)))
         self._reap_stale()
