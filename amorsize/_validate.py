@@ -19,6 +19,8 @@ import operator
 import sys
 from typing import Literal, overload
 
+from amorsize._format import safe_repr
+
 #: Largest count a C ``long long`` field (the compiled core) or ``islice`` accepts.
 MAX_COUNT = sys.maxsize
 #: Largest number of seconds accepted for a delay or a timeout: about 31 years
@@ -30,16 +32,8 @@ MAX_WORKERS = 10_000
 
 
 def show(value: object) -> str:
-    """``repr(value)``, shortened: a huge int by its digit count, anything else to 80 chars."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
-        # repr() of a huge int is unreadable, and refused past 4,300 digits.
-        digits = math.floor(value.bit_length() * math.log10(2)) + 1
-        return f"an int of about {digits} digits"
-    try:
-        text = repr(value)
-    except Exception:  # a broken __repr__ must not hide the real error
-        text = f"<{type(value).__name__} object>"
-    return text if len(text) <= 80 else text[:77] + "..."
+    """The value as an error message shows it: :func:`amorsize._format.safe_repr`, 80 chars."""
+    return safe_repr(value, 80)
 
 
 def _bound(x: float) -> str:

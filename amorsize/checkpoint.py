@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from amorsize._core import ItemHasher
+from amorsize._format import safe_repr
 from amorsize._identity import function_identity
 from amorsize._observers import RunObserver
 from amorsize._store import (
@@ -848,7 +849,7 @@ class CheckpointObserver(RunObserver):
         why = "cannot be pickled now" if h is None else "differs from the one checkpointed"
         msg = (
             f"checkpoint {self._path!r} does not match this run: the"
-            f" input item at index {index} ({_short_repr(item)}) {why}. The input changed"
+            f" input item at index {index} ({safe_repr(item, 60)}) {why}. The input changed"
             " since the checkpoint was written (or pickles differently: sets of strings do"
             " between processes); its results were not used. Use another checkpoint path, or"
             " delete the file to start over."
@@ -893,14 +894,6 @@ def _unstorable(value: Any) -> str | None:
     except Exception as exc:
         return f"pickles but does not unpickle ({type(exc).__name__}: {exc})"
     return None
-
-
-def _short_repr(item: Any) -> str:
-    try:
-        text = repr(item)
-    except Exception:
-        text = f"<{type(item).__name__}>"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _now() -> str:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from amorsize._format import format_bytes, format_seconds, safe_repr
 from amorsize._version import read_version
 
 __all__ = [
@@ -609,11 +610,7 @@ def _json_line(value: Any, index: int, state: dict[str, bool]) -> str:
                 f"result of item {index} is not JSON-serialisable ({type(value).__name__}); "
                 "such results are written as their repr() string"
             )
-        try:
-            text = repr(value)
-        except Exception as exc:  # e.g. an int with more than 4300 digits
-            text = f"<{type(value).__name__} whose repr raised {type(exc).__name__}>"
-        return json.dumps(text)
+        return json.dumps(safe_repr(value, limit=None))
 
 
 def _err(message: str) -> None:
@@ -1029,11 +1026,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         d["optional_packages"] = optional
         print(json.dumps(d, indent=2))
         return EXIT_OK
-    from amorsize.optimizer import _fmt_b, _fmt_s
-
     cache = (
         f"read from {info.cache_path}" if info.from_cache
-        else f"measured now ({_fmt_s(info.measured_seconds)}), "
+        else f"measured now ({format_seconds(info.measured_seconds)}), "
         + (f"saved to {info.cache_path}" if info.cache_path else "not cached")
     )
     pools = ", ".join(
@@ -1047,15 +1042,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"{platform.python_implementation()} {platform.python_version()}",
         f"cores: {info.logical_cores} logical, {info.physical_cores} physical, "
         f"{info.usable_cores:g} usable by this process (affinity and CPU quota)",
-        f"available memory: {_fmt_b(info.available_memory)}",
+        f"available memory: {format_bytes(info.available_memory)}",
         f"start method: {info.start_method}",
-        f"process worker: start-up {_fmt_s(info.process_startup_s)} "
-        f"(+{_fmt_s(info.process_startup_per_worker_s)} per extra worker), round trip "
-        f"{_fmt_s(info.process_roundtrip_s)}, "
+        f"process worker: start-up {format_seconds(info.process_startup_s)} "
+        f"(+{format_seconds(info.process_startup_per_worker_s)} per extra worker), round trip "
+        f"{format_seconds(info.process_roundtrip_s)}, "
         f"{info.transfer_s_per_byte * (1 << 20) * 1e3:.3g} ms/MB through a pipe, "
-        f"idle worker {_fmt_b(info.worker_rss_bytes)}",
-        f"thread worker: start-up {_fmt_s(info.thread_startup_s)}, round trip "
-        f"{_fmt_s(info.thread_roundtrip_s)}",
+        f"idle worker {format_bytes(info.worker_rss_bytes)}",
+        f"thread worker: start-up {format_seconds(info.thread_startup_s)}, round trip "
+        f"{format_seconds(info.thread_roundtrip_s)}",
         f"BLAS/OpenMP threads: {info.blas_threads} ({pools})",
         f"machine facts: {cache}",
         f"optional packages: {present}; missing: {absent}",

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from amorsize._format import safe_repr
 from amorsize._observers import RunObserver
 from amorsize._signing import user_key
 from amorsize.checkpoint import StoreError, open_database
@@ -181,14 +182,6 @@ def _qualified(obj: Any) -> str:
     return f"{module}.{name}" if module and module != "builtins" else str(name)
 
 
-def _safe_repr(item: Any) -> str:
-    try:
-        text = repr(item)
-    except Exception as exc:
-        text = f"<{type(item).__qualname__} whose repr raised {type(exc).__name__}>"
-    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
-
-
 def _exact_json(item: Any) -> str | None:
     """``item`` as JSON text when decoding it gives back an equal item of the same type."""
     try:
@@ -271,7 +264,7 @@ class DeadLetterQueue:
             blob: bytes | None = pickle.dumps(item, _PROTOCOL)
         except Exception:
             blob = None
-        item_repr = _safe_repr(item)
+        item_repr = safe_repr(item, _REPR_LIMIT)
         name = func if isinstance(func, str) else _qualified(func)
         item_key = hashlib.sha256(blob if blob is not None else item_repr.encode()).hexdigest()
         mac: bytes | None = None

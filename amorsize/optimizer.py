@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amorsize._core import model_max_workers_for_memory, model_search
+from amorsize._format import format_bytes as _fmt_b
+from amorsize._format import format_seconds as _fmt_s
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.sampling import Profile, RemoteRunner, Sample, sample
 from amorsize.system import SystemInfo, get_system_info
@@ -139,23 +141,6 @@ class OptimizationResult:
 
 
 # --------------------------------------------------------------------------- formatting
-def _fmt_s(s: float) -> str:
-    if s >= 1.0:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    if s >= 1e-6:
-        return f"{s * 1e6:.3g} us"
-    return f"{s * 1e9:.3g} ns"
-
-
-def _fmt_b(b: float) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if b >= size:
-            return f"{b / size:.3g} {unit}"
-    return f"{b:.0f} B"
-
-
 def _plan_name(backend: str, n: int, c: int) -> str:
     if backend == "serial":
         return "serial"

@@ -50,6 +50,7 @@ from typing import Any, ClassVar, cast
 import cloudpickle  # a dependency of dask itself
 import distributed
 
+from amorsize._format import format_seconds as _fmt_s
 from amorsize.backends.base import (
     Backend,
     OkValues,
@@ -680,14 +681,6 @@ class DaskPlan:
     threads: int
     n_tasks: int
     costs: ClusterCosts | None  # None when nothing had to be measured
-
-
-def _fmt_s(s: float) -> str:
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.1f} us"
 
 
 def _predict(
