@@ -54,6 +54,7 @@ from typing import IO, Any
 from amorsize._format import safe_repr
 from amorsize._observers import RunObserver
 from amorsize._signing import user_key
+from amorsize._validate import fail
 from amorsize.checkpoint import StoreError, open_database
 
 __all__ = [
@@ -233,9 +234,9 @@ class DeadLetterQueue:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        if not isinstance(path, (str, os.PathLike)):
-            msg = f"dead-letter path must be a str or os.PathLike, got {type(path).__name__}"  # type: ignore[unreachable]
-            raise TypeError(msg)
+        given: object = path
+        if not isinstance(given, (str, os.PathLike)):
+            fail(TypeError, "DeadLetterQueue: ", "path", "a str or os.PathLike", given)
         self.path = Path(path)
         # Opening validates the file at once: a foreign or damaged file is reported here.
         self._connect().close()
