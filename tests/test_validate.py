@@ -173,9 +173,12 @@ def test_every_option_error_has_one_style(
 
 @pytest.mark.parametrize(
     ("value", "choices", "ok"),
-    [(True, (True, False), True), (1, (True, False), False), ("a", ("a",), True), (1.0, (1,), False)],
+    [(True, (True, False), True), (1, (True, False), False), ("a", ("a",), True),
+     (1.0, (1,), False)],
 )
-def test_check_choice_compares_types_too(value: object, choices: tuple[object, ...], ok: bool) -> None:
+def test_check_choice_compares_types_too(
+    value: object, choices: tuple[object, ...], ok: bool
+) -> None:
     """1 is not True and 1.0 is not 1: a choice matches only a value of its own type."""
     if ok:
         assert check_choice("", "x", value, choices) == value
