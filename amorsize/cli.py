@@ -424,12 +424,11 @@ def _ship_by_value(func: Callable[[Any], Any], module: Any, where: str) -> Calla
 
     Dask workers run on other machines (or were started elsewhere): they cannot import a
     module that sits in the caller's directory, nor load a file by its path there.
-    Installed modules still go by reference.
+    Installed modules still go by reference. Called once the dask backend imported, and
+    with it cloudpickle (a dependency of dask).
     """
-    try:
-        import cloudpickle
-    except ImportError:
-        return func
+    import cloudpickle
+
     path = getattr(module, "__file__", None)
     if path and Path(path).resolve().is_relative_to(Path(where).resolve()):
         cloudpickle.register_pickle_by_value(module)
@@ -706,11 +705,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         fail(CliError, "amorsize optimize: ", "--backends", rule, args.backends)
     client = None
     if args.scheduler is not None:
-        try:
-            importlib.import_module("amorsize.backends.dask")
-        except ImportError as exc:
-            msg = f"the dask backend is not available: {_one_line(exc)}"
-            raise CliError(msg) from None
+        _require_dask()
         func = _ship_by_value(func, module, where)
         client = _dask_client(args.scheduler)
         if "dask" not in backends:
@@ -825,11 +820,7 @@ def _backend_option(args: argparse.Namespace) -> Any:
         msg = f"argument --scheduler: runs on dask; got --backend {args.backend}"
         raise CliError(msg)
     if args.backend == "dask" or args.scheduler is not None:
-        try:
-            importlib.import_module("amorsize.backends.dask")
-        except ImportError as exc:
-            msg = f"the dask backend is not available: {_one_line(exc)}"
-            raise CliError(msg) from None
+        _require_dask()
         if args.scheduler is not None:
             return "dask"
     if args.start_method is None:
@@ -849,6 +840,15 @@ def _backend_option(args: argparse.Namespace) -> Any:
         )
         raise CliError(msg)
     return get_backend("processes", start_method=args.start_method)
+
+
+def _require_dask() -> None:
+    """Import the dask backend, or report (as bad input) why it is not available."""
+    try:
+        importlib.import_module("amorsize.backends.dask")
+    except ImportError as exc:
+        msg = f"the dask backend is not available: {_one_line(exc)}"
+        raise CliError(msg) from None
 
 
 #: Seconds to wait for a dask scheduler before reporting that it cannot be reached.
