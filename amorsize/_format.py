@@ -7,7 +7,9 @@ shows a user's value shows it the same safe way:
 * :func:`format_seconds` — ``"2.50 s"``, ``"12.3 ms"``, ``"450 us"``, ``"80 ns"``;
 * :func:`format_bytes` — ``"1.5 MB"``, ``"512 B"`` (binary units);
 * :func:`safe_repr` — a bounded ``repr`` that never raises, however deep, large or broken
-  the value (an item, a result, an option value).
+  the value (an item, a result, an option value);
+* :func:`describe_error` — ``"ValueError: bad input"``, even when ``str()`` of the exception
+  raises.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import reprlib
 from typing import Any
 
-__all__ = ["format_bytes", "format_seconds", "safe_repr"]
+__all__ = ["describe_error", "format_bytes", "format_seconds", "safe_repr"]
 
 # Ints shown as "an int of about N digits" past this size: their repr is unreadable, and
 # refused past 4,300 digits (sys.set_int_max_str_digits).
@@ -133,3 +135,21 @@ def safe_repr(obj: object, limit: int | None = 160) -> str:
     if limit is None or len(text) <= limit:
         return text
     return text[: limit - 3] + "..."
+
+
+def describe_error(exc: BaseException, *, one_line: bool = False) -> str:
+    """``"TypeName: message"`` (the name alone for an empty message); never raises.
+
+    ``one_line`` folds the message's whitespace, for a line on stderr or in a log.
+
+    >>> describe_error(ValueError("bad   input"), one_line=True), describe_error(KeyError())
+    ('ValueError: bad input', 'KeyError')
+    """
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not hide the error it describes
+        text = "<str() of the exception raised>"
+    if one_line:
+        text = " ".join(text.split())
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

@@ -50,6 +50,7 @@ from amorsize._core import (
     CircuitCore,
     CircuitGuarded,
 )
+from amorsize._format import describe_error
 from amorsize._observers import RunObserver
 from amorsize._validate import (
     MAX_SECONDS,
@@ -429,7 +430,7 @@ class CircuitBreaker:
             else:
                 core.record_failure(generation)
                 if generation == core.generation:
-                    self._reason = f"a probe call failed: {_describe(exc)}"
+                    self._reason = f"a probe call failed: {describe_error(exc, one_line=True)}"
                     self._enter(CIRCUIT_OPEN)
                     fire = (self._policy.on_open, CIRCUIT_OPEN)
         if fire is not None:
@@ -437,13 +438,14 @@ class CircuitBreaker:
 
     def _trip_reason(self, exc: BaseException) -> str:
         core = self._core
+        last = describe_error(exc, one_line=True)
         if self._policy.failure_rate is None:
             n = core.consecutive_failures
             plural = "s" if n != 1 else ""
-            return f"{n} consecutive failure{plural}, the last: {_describe(exc)}"
+            return f"{n} consecutive failure{plural}, the last: {last}"
         return (
             f"{core.window_failures} of the last {core.window_calls} calls failed, rate"
-            f" >= {self._policy.failure_rate:g}; the last: {_describe(exc)}"
+            f" >= {self._policy.failure_rate:g}; the last: {last}"
         )
 
     def _enter(self, state: int) -> None:
@@ -593,15 +595,6 @@ def _rebuild_breaker(
     policy: CircuitBreakerPolicy, name: str, clock: Callable[[], float]
 ) -> CircuitBreaker:
     return CircuitBreaker(policy, name=name, clock=clock)
-
-
-def _describe(exc: BaseException) -> str:
-    try:
-        text = str(exc)
-    except Exception:
-        text = "<str() of the exception raised>"
-    name = type(exc).__qualname__
-    return f"{name}: {text}" if text else name
 
 
 @overload

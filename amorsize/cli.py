@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeAlias
 
-from amorsize._format import format_bytes, format_seconds, safe_repr
+from amorsize._format import describe_error, format_bytes, format_seconds, safe_repr
 from amorsize._validate import MAX_SECONDS, MAX_WORKERS, check_int, check_number, fail
 from amorsize._version import read_version
 
@@ -674,8 +674,7 @@ def _err(message: str) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe_error(exc, one_line=True)
 
 
 def _describe_failure(f: Any) -> str:

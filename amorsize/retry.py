@@ -39,6 +39,7 @@ from amorsize._core import (
     _RetryPolicyCore,
     seed_jitter,
 )
+from amorsize._format import describe_error
 from amorsize._validate import (
     MAX_SECONDS,
     check_bool,
@@ -127,11 +128,7 @@ class RetryExhaustedError(Exception):
         if exc is None:
             last = f"last result rejected by retry_on_result: {self.last_result!r}"
         else:
-            try:
-                text = str(exc)
-            except Exception:  # a broken __str__ must not hide the retry outcome
-                text = "<unprintable>"
-            last = f"last error: {type(exc).__name__}: {text}"
+            last = f"last error: {describe_error(exc)}"
         return f"{who}gave up after {self.attempts} {plural}; {last}"
 
     def __reduce__(self) -> tuple[Any, ...]:

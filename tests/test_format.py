@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from amorsize._format import format_bytes, format_seconds, safe_repr
+from amorsize._format import describe_error, format_bytes, format_seconds, safe_repr
 
 
 @pytest.mark.parametrize(
@@ -89,3 +89,23 @@ def test_safe_repr_width_grows_with_the_limit() -> None:
     assert safe_repr(list(range(100))) == "[0, 1, 2, 3, 4, 5, ...]"
     assert safe_repr(list(range(50)), 2000) == repr(list(range(50)))
     assert safe_repr(list(range(100)), None) == repr(list(range(100)))
+
+
+class _BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+@pytest.mark.parametrize(
+    ("exc", "one_line", "text"),
+    [
+        (ValueError("bad"), False, "ValueError: bad"),
+        (KeyError(), False, "KeyError"),
+        (ValueError("two\nlines"), False, "ValueError: two\nlines"),
+        (ValueError("two\n  lines"), True, "ValueError: two lines"),
+        (_BrokenStr(), False, "_BrokenStr: <str() of the exception raised>"),
+    ],
+)
+def test_describe_error(exc: BaseException, one_line: bool, text: str) -> None:
+    """'Type: message', the name alone when empty, folded on request, even if str() raises."""
+    assert describe_error(exc, one_line=one_line) == text
