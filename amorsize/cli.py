@@ -94,9 +94,10 @@ def _number(text: str) -> object:
 
 
 class _Checked(argparse.Action):
-    """Stores a numeric option once :mod:`amorsize._validate` accepts it.
+    """Stores an option's value as ``check(where, option, text)`` returns it.
 
-    A bad value reads like the library's own errors, with the command as the owner:
+    The checks raise through :mod:`amorsize._validate`, so a bad value reads like the
+    library's own errors, with the command as the owner:
     ``amorsize execute: --retries must be an int in [-1, ...] (-1: no limit); got -3``.
     """
 
@@ -105,7 +106,7 @@ class _Checked(argparse.Action):
         option_strings: list[str],
         dest: str,
         *,
-        check: Callable[[str, str, object], Any],
+        check: Callable[[str, str, str], Any],
         **kwargs: Any,
     ) -> None:
         super().__init__(option_strings, dest, **kwargs)
@@ -120,7 +121,7 @@ class _Checked(argparse.Action):
     ) -> None:
         """Check the option's value and store it, or report it through ``parser.error``."""
         try:
-            value = self.check(f"{parser.prog}: ", option_string or self.dest, _number(values))
+            value = self.check(f"{parser.prog}: ", option_string or self.dest, values)
         except (TypeError, ValueError) as exc:
             parser.error(str(exc))
         setattr(namespace, self.dest, value)
@@ -128,7 +129,11 @@ class _Checked(argparse.Action):
 
 def _number_option(check: Callable[..., Any], **rule: Any) -> dict[str, Any]:
     """``add_argument`` keywords for a number checked by ``check(where, name, value, **rule)``."""
-    return {"action": _Checked, "check": functools.partial(check, **rule)}
+
+    def parse(where: str, name: str, text: str) -> Any:
+        return check(where, name, _number(text), **rule)
+
+    return {"action": _Checked, "check": parse}
 
 
 def _check_jobs(where: str, name: str, value: object) -> int:
@@ -142,7 +147,7 @@ _COUNT = _number_option(check_int, low=1)
 _SECONDS = _number_option(check_number, low=0, high=MAX_SECONDS, note=" (seconds)")
 
 
-def _data_range(text: str) -> range:
+def _data_range(where: str, name: str, text: str) -> range:
     """``N`` (0 .. N-1) or ``START:STOP[:STEP]``, as for Python's ``range``."""
     parts = text.split(":")
     try:
@@ -150,14 +155,11 @@ def _data_range(text: str) -> range:
             raise ValueError
         nums = [int(p) for p in parts]
     except ValueError:
-        msg = f"must be N or START:STOP[:STEP] with integers; got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
+        fail(ValueError, where, name, "N or START:STOP[:STEP], in integers", text)
     if len(nums) == 1 and nums[0] < 0:
-        msg = f"N must be >= 0 (the items are 0 .. N-1); got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
+        fail(ValueError, where, name, "N >= 0 (the items are 0 .. N-1)", text)
     if len(nums) == 3 and nums[2] == 0:
-        msg = f"STEP must not be 0; got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
+        fail(ValueError, where, name, "START:STOP:STEP with a STEP other than 0", text)
     return range(*nums)
 
 
@@ -199,7 +201,7 @@ def _add_function_and_data(p: argparse.ArgumentParser, *, stdin: str) -> None:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--data-range", metavar="N", type=_data_range,
+        "--data-range", metavar="N", action=_Checked, check=_data_range,
         help="the items are the integers 0 .. N-1 (or START:STOP[:STEP])",
     )
     src.add_argument(

@@ -316,6 +316,8 @@ def test_long_first_delay_alone_raises_the_default_cap() -> None:
         (["optimize", "--n-jobs", "-1"], "--n-jobs"),
         (["execute", "--backend", "serial", "--n-jobs", "4"], "--n-jobs"),
         (["optimize", "--backends", "gpu"], "--backends"),
+        (["optimize", "--data-range", "ten"], "--data-range"),
+        (["execute", "--data-range", "0:9:0"], "--data-range"),
     ],
 )
 def test_option_errors_read_like_the_library(
