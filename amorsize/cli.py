@@ -151,10 +151,10 @@ def _data_range(where: str, name: str, text: str) -> range:
     """``N`` (0 .. N-1) or ``START:STOP[:STEP]``, as for Python's ``range``."""
     parts = text.split(":")
     try:
-        if len(parts) > 3:
-            raise ValueError
-        nums = [int(p) for p in parts]
+        nums = [int(p) for p in parts] if len(parts) <= 3 else []
     except ValueError:
+        nums = []
+    if not nums:
         fail(ValueError, where, name, "N or START:STOP[:STEP], in integers", text)
     if len(nums) == 1 and nums[0] < 0:
         fail(ValueError, where, name, "N >= 0 (the items are 0 .. N-1)", text)
@@ -933,7 +933,7 @@ def _cmd_execute(args: argparse.Namespace) -> int:
             results = _start_run(func, data, client=client, **options)
             _write_results(results, out, tally, flush_each=args.data_file == "-")
     except (CliError, BrokenPipeError):
-        raise
+        raise  # not "the run stopped": main gives them their own exit codes (2, 141)
     except StoreError as exc:
         # The checkpoint or dead-letter file is foreign, damaged, or from another run.
         raise CliError(_one_line(exc)) from None
