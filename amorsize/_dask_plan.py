@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from amorsize._format import format_seconds
 from amorsize.sampling import ASSUMED_UNKNOWN_LENGTH
 
 if TYPE_CHECKING:
@@ -148,14 +149,6 @@ def measure_costs(client: distributed.Client, *, refresh: bool = False) -> Clust
 
 
 # --------------------------------------------------------------------------- the model
-def _fmt_s(s: float) -> str:
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.1f} us"
-
-
 @dataclass(frozen=True)
 class _Work:
     """The job as the cluster sees it: ``n`` items of ``t`` seconds on a worker (call,
@@ -233,29 +226,29 @@ def _reason(
     ratio = c * t / task_s
     what = (
         f"the cluster has {processes} worker process(es) with {threads} thread(s); a task "
-        f"costs {_fmt_s(task_s)} on this scheduler and an item {_fmt_s(t)}"
+        f"costs {format_seconds(task_s)} on this scheduler and an item {format_seconds(t)}"
     )
     if cap < want and c < w.n:
         limit = (
-            f"tasks are capped at {_fmt_s(MAX_TASK_SECONDS)}"
+            f"tasks are capped at {format_seconds(MAX_TASK_SECONDS)}"
             if cap == int(MAX_TASK_SECONDS / t)
             else f"tasks are capped at {MAX_CHUNK_BYTES >> 20} MB of input"
         )
         how = f"{c:,} items per task ({limit}, {ratio:.0f}x the overhead)"
     elif ratio >= MIN_OVERHEAD_RATIO / 2 or n_tasks > w.slots:
         how = (
-            f"{c:,} items per task make {n_tasks:,} tasks of {_fmt_s(c * t)} "
+            f"{c:,} items per task make {n_tasks:,} tasks of {format_seconds(c * t)} "
             f"({ratio:.0f}x the overhead), balancing overhead against an idle last wave"
         )
     else:
         how = (
-            f"one task per worker slot ({c:,} items, tasks of {_fmt_s(c * t)}) still leaves "
+            f"one task per worker slot ({c:,} items, tasks of {format_seconds(c * t)}) still leaves "
             f"the overhead at {100 / (1 + ratio):.0f}% of each task"
         )
     if w.in_b + w.out_b >= _NAMED_BYTES:
         how += (
             f", and moving {(w.in_b + w.out_b) * w.n / 1e6:,.1f} MB through the client costs "
-            f"{_fmt_s(w.n * w.client_s)}"
+            f"{format_seconds(w.n * w.client_s)}"
         )
     return f"{what}, so {how}"
 

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from amorsize._core import ItemHasher
+from amorsize._format import safe_repr
 from amorsize._identity import function_identity
 from amorsize._observers import RunObserver
 from amorsize._store import (
@@ -76,6 +77,7 @@ from amorsize._store import (
     open_database,
     write_error,
 )
+from amorsize._validate import MAX_SECONDS, check_choice, check_int, check_number, fail
 
 __all__ = [
     "BUSY_TIMEOUT_SECONDS",
@@ -374,24 +376,18 @@ class Checkpoint:
         commit_every: int = COMMIT_EVERY_ITEMS,
         commit_interval: float = COMMIT_EVERY_SECONDS,
     ) -> None:
-        if not isinstance(path, (str, os.PathLike)):
-            msg = f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}"  # type: ignore[unreachable]
-            raise TypeError(msg)
-        if synchronous not in ("NORMAL", "FULL"):
-            msg = f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}"
-            raise ValueError(msg)
-        if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every < 1:
-            msg = f"commit_every must be an int >= 1, got {commit_every!r}"
-            raise ValueError(msg)
-        if not isinstance(commit_interval, (int, float)) or not commit_interval >= 0:
-            msg = f"commit_interval must be a number of seconds >= 0, got {commit_interval!r}"
-            raise ValueError(msg)
+        given: object = path
+        if not isinstance(given, (str, os.PathLike)):
+            fail(TypeError, "Checkpoint: ", "path", "a str or os.PathLike", given)
+        check_choice("Checkpoint: ", "synchronous", synchronous, ("NORMAL", "FULL"))
         self.path = Path(path)
         self.synchronous: Synchronous = synchronous
         self.check_code = bool(check_code)
         self.trust = bool(trust)
-        self.commit_every = commit_every
-        self.commit_interval = float(commit_interval)
+        self.commit_every = check_int("Checkpoint: ", "commit_every", commit_every, 1)
+        self.commit_interval = check_number(
+            "Checkpoint: ", "commit_interval", commit_interval, 0, MAX_SECONDS, note=" (seconds)"
+        )
 
     def __repr__(self) -> str:
         trust = ", trust=True" if self.trust else ""
@@ -848,7 +844,7 @@ class CheckpointObserver(RunObserver):
         why = "cannot be pickled now" if h is None else "differs from the one checkpointed"
         msg = (
             f"checkpoint {self._path!r} does not match this run: the"
-            f" input item at index {index} ({_short_repr(item)}) {why}. The input changed"
+            f" input item at index {index} ({safe_repr(item, 60)}) {why}. The input changed"
             " since the checkpoint was written (or pickles differently: sets of strings do"
             " between processes); its results were not used. Use another checkpoint path, or"
             " delete the file to start over."
@@ -893,14 +889,6 @@ def _unstorable(value: Any) -> str | None:
     except Exception as exc:
         return f"pickles but does not unpickle ({type(exc).__name__}: {exc})"
     return None
-
-
-def _short_repr(item: Any) -> str:
-    try:
-        text = repr(item)
-    except Exception:
-        text = f"<{type(item).__name__}>"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _now() -> str:

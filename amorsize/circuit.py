@@ -50,8 +50,16 @@ from amorsize._core import (
     CircuitCore,
     CircuitGuarded,
 )
+from amorsize._format import describe_error
 from amorsize._observers import RunObserver
-from amorsize._validate import MAX_SECONDS, check_int, check_number
+from amorsize._validate import (
+    MAX_SECONDS,
+    check_callable,
+    check_exception_types,
+    check_int,
+    check_number,
+    fail,
+)
 
 __all__ = [
     "CircuitBreaker",
@@ -178,15 +186,6 @@ _WHERE = "CircuitBreakerPolicy: "
 _MAX_WINDOW = 1_000_000
 
 
-def _check_callback(name: str, value: object) -> None:
-    if value is not None and not callable(value):
-        msg = (
-            f"{name} must be a callable taking the breaker, or None; got {value!r}"
-            f" ({type(value).__name__})"
-        )
-        raise TypeError(msg)
-
-
 @dataclass(frozen=True)
 class CircuitBreakerPolicy:
     """When a breaker opens, how long it stays open, and how it closes again; validated once.
@@ -236,31 +235,22 @@ class CircuitBreakerPolicy:
         )
         if rate is not None:
             if self.minimum_calls > self.window:
-                msg = (
-                    f"minimum_calls ({self.minimum_calls}) must be <= window ({self.window}):"
-                    " the window never holds more calls than its length, so the breaker"
-                    " could never open; lower minimum_calls or raise window"
-                )
-                raise ValueError(msg)
+                # The window never holds more calls than its length: the breaker could
+                # never open.
+                fail(
+                    ValueError, _WHERE, "minimum_calls", f"<= window ({self.window})",
+                    self.minimum_calls, " with failure_rate set",
+                    fix="lower minimum_calls or raise window",
+                )  # fmt: skip
             object.__setattr__(self, "failure_rate", rate)
-        object.__setattr__(
-            self, "expected_exceptions", _exception_tuple(self.expected_exceptions)
-        )
+        exceptions = check_exception_types(
+            _WHERE, "expected_exceptions", self.expected_exceptions,
+            " (e.g. (ConnectionError, TimeoutError))",
+        )  # fmt: skip
+        object.__setattr__(self, "expected_exceptions", exceptions)
         for name in ("on_open", "on_close", "on_half_open"):
-            _check_callback(name, getattr(self, name))
-
-
-def _exception_tuple(value: object) -> tuple[type[BaseException], ...]:
-    items = value if isinstance(value, tuple) else (value,)
-    if not items or not all(
-        isinstance(cls, type) and issubclass(cls, BaseException) for cls in items
-    ):
-        msg = (
-            "expected_exceptions must be an exception class or a non-empty tuple of them,"
-            f" got {value!r}; e.g. (ConnectionError, TimeoutError)"
-        )
-        raise TypeError(msg)
-    return items
+            check_callable(_WHERE, name, getattr(self, name), "a callable taking the breaker",
+                           none=True)
 
 
 class CircuitBreaker:
@@ -290,12 +280,10 @@ class CircuitBreaker:
     ) -> None:
         if policy is None:
             policy = CircuitBreakerPolicy()
-        if not isinstance(policy, CircuitBreakerPolicy):
-            msg = f"policy must be a CircuitBreakerPolicy or None, got {type(policy).__name__}"  # type: ignore[unreachable]
-            raise TypeError(msg)
-        if not callable(clock):
-            msg = f"clock must be a callable returning seconds, got {clock!r}"  # type: ignore[unreachable]
-            raise TypeError(msg)
+        given: object = policy
+        if not isinstance(given, CircuitBreakerPolicy):
+            fail(TypeError, "CircuitBreaker: ", "policy", "a CircuitBreakerPolicy or None", given)
+        check_callable("CircuitBreaker: ", "clock", clock, "a callable returning seconds")
         self._policy = policy
         self._name = name if name is not None else f"breaker-{id(self):x}"
         self._clock = clock
@@ -350,8 +338,16 @@ class CircuitBreaker:
         """Seconds until an open breaker lets a call through (0.0 unless open)."""
         if self._core.state != CIRCUIT_OPEN:
             return 0.0
-        remaining = self._opened_at + self._policy.timeout - self._clock()
+        remaining = self._open_for()
         return min(max(0.0, remaining), self._policy.timeout)
+
+    def _open_for(self) -> float:
+        """Seconds an open breaker still refuses calls (<= 0: its timeout has passed).
+
+        ``timeout - elapsed``: the comparison ``state`` makes (``elapsed >= timeout``), so that
+        float rounding can never make one say half-open while the other still refuses.
+        """
+        return self._policy.timeout - (self._clock() - self._opened_at)
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self._name!r} {self.state}>"
@@ -374,13 +370,13 @@ class CircuitBreaker:
         if core.state == CIRCUIT_OPEN:
             # Refusing is the hot path of an open breaker: no lock. A transition racing with
             # this check can at worst refuse one call that a moment later would have probed.
-            remaining = self._opened_at + self._policy.timeout - self._clock()
+            remaining = self._open_for()
             if remaining > 0:
                 remaining = min(remaining, self._policy.timeout)
                 raise CircuitOpenError(self._name, remaining, reason=self._reason)
         with self._lock:
             if core.state == CIRCUIT_OPEN:
-                remaining = self._opened_at + self._policy.timeout - self._clock()
+                remaining = self._open_for()
                 if remaining > 0:
                     # min(): float rounding in opened_at + timeout - now can exceed timeout.
                     remaining = min(remaining, self._policy.timeout)
@@ -434,7 +430,7 @@ class CircuitBreaker:
             else:
                 core.record_failure(generation)
                 if generation == core.generation:
-                    self._reason = f"a probe call failed: {_describe(exc)}"
+                    self._reason = f"a probe call failed: {describe_error(exc, one_line=True)}"
                     self._enter(CIRCUIT_OPEN)
                     fire = (self._policy.on_open, CIRCUIT_OPEN)
         if fire is not None:
@@ -442,13 +438,14 @@ class CircuitBreaker:
 
     def _trip_reason(self, exc: BaseException) -> str:
         core = self._core
+        last = describe_error(exc, one_line=True)
         if self._policy.failure_rate is None:
             n = core.consecutive_failures
             plural = "s" if n != 1 else ""
-            return f"{n} consecutive failure{plural}, the last: {_describe(exc)}"
+            return f"{n} consecutive failure{plural}, the last: {last}"
         return (
             f"{core.window_failures} of the last {core.window_calls} calls failed, rate"
-            f" >= {self._policy.failure_rate:g}; the last: {_describe(exc)}"
+            f" >= {self._policy.failure_rate:g}; the last: {last}"
         )
 
     def _enter(self, state: int) -> None:
@@ -498,8 +495,6 @@ class CircuitBreaker:
             self._enter(CIRCUIT_CLOSED)
         self._fire(self._policy.on_close, CIRCUIT_CLOSED)
 
-    reset = close
-
     def allows_calls(self) -> bool:
         """True if a call made now would be let through (moves open to half-open when due)."""
         state = self.state
@@ -536,9 +531,7 @@ class CircuitBreaker:
     def __call__(self, func: F) -> F: ...
     def __call__(self, func: Callable[..., Any]) -> Callable[..., Any]:
         """Decorate ``func`` (sync or ``async def``) so that its calls go through the breaker."""
-        if not callable(func):
-            msg = f"CircuitBreaker decorates a callable, got {func!r} ({type(func).__name__})"  # type: ignore[unreachable]
-            raise TypeError(msg)
+        check_callable("CircuitBreaker: ", "the decorated object", func)
         if inspect.iscoroutinefunction(func):
             return self._wrap_async(func)
         guarded = CircuitGuarded(func, self._core, self)
@@ -604,15 +597,6 @@ def _rebuild_breaker(
     return CircuitBreaker(policy, name=name, clock=clock)
 
 
-def _describe(exc: BaseException) -> str:
-    try:
-        text = str(exc)
-    except Exception:
-        text = "<str() of the exception raised>"
-    name = type(exc).__qualname__
-    return f"{name}: {text}" if text else name
-
-
 @overload
 def with_circuit_breaker(func: F, /) -> F: ...
 @overload
@@ -655,9 +639,9 @@ def with_circuit_breaker(
                 " not both; a shared breaker already has its policy and name"
             )
             raise TypeError(msg)
-        if not isinstance(breaker, CircuitBreaker):
-            msg = f"breaker must be a CircuitBreaker, got {type(breaker).__name__}"  # type: ignore[unreachable]
-            raise TypeError(msg)
+        given: object = breaker
+        if not isinstance(given, CircuitBreaker):
+            fail(TypeError, "with_circuit_breaker: ", "breaker", "a CircuitBreaker or None", given)
     else:
         if policy is not None and policy_kwargs:
             msg = (
@@ -726,10 +710,7 @@ def circuit_observer(
     if isinstance(circuit_breaker, CircuitBreakerPolicy):
         circuit_breaker = CircuitBreaker(circuit_breaker, name="execute")
     if not isinstance(circuit_breaker, CircuitBreaker):
-        msg = (
-            "circuit_breaker must be a CircuitBreaker, a CircuitBreakerPolicy or True,"
-            f" got {circuit_breaker!r} ({type(circuit_breaker).__name__})"
-        )
-        raise TypeError(msg)
+        rule = "a CircuitBreaker, a CircuitBreakerPolicy or True"
+        fail(TypeError, "execute(): ", "circuit_breaker", rule, circuit_breaker)
     return CircuitObserver(circuit_breaker)
 

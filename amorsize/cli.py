@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import importlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TypeAlias
 
+from amorsize._format import describe_error, format_bytes, format_seconds, safe_repr
+from amorsize._validate import MAX_SECONDS, MAX_WORKERS, check_int, check_number, fail
 from amorsize._version import read_version
 from amorsize.backends import BACKEND_NAMES, DEFAULT_BACKENDS
 
@@ -82,94 +84,99 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- arguments
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"must be a positive integer; got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _jobs(text: str) -> int:
-    if text.strip() == "-1":
-        return -1
-    try:
-        return _positive_int(text)
-    except argparse.ArgumentTypeError:
-        msg = f"must be a positive integer or -1 (every CPU); got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-
-
-def _retries(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -2
-    if value < -1:
-        msg = f"must be an integer >= 0, or -1 for no limit; got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _float_at_least(minimum: float, what: str) -> Callable[[str], float]:
-    """An argparse type: a finite float of at least ``minimum``, else a one-line error."""
-
-    def parse(text: str) -> float:
+def _number(text: str) -> object:
+    """The int or float that ``text`` spells, else ``text`` itself (which the check refuses)."""
+    for convert in (int, float):
         try:
-            value = float(text)
+            return convert(text)
         except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < minimum:
-            msg = f"must be {what} >= {minimum:g}; got {text!r}"
-            raise argparse.ArgumentTypeError(msg)
-        return value
-
-    return parse
+            pass
+    return text
 
 
-_seconds = _float_at_least(0, "a number of seconds")
-_base = _float_at_least(1, "a number")
+class _Checked(argparse.Action):
+    """Stores an option's value as ``check(where, option, text)`` returns it.
+
+    The checks raise through :mod:`amorsize._validate`, so a bad value reads like the
+    library's own errors, with the command as the owner:
+    ``amorsize execute: --retries must be an int in [-1, ...] (-1: no limit); got -3``.
+    """
+
+    def __init__(
+        self,
+        option_strings: list[str],
+        dest: str,
+        *,
+        check: Callable[[str, str, str], Any],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.check = check
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        """Check the option's value and store it, or report it through ``parser.error``."""
+        try:
+            value = self.check(f"{parser.prog}: ", option_string or self.dest, values)
+        except (TypeError, ValueError) as exc:
+            parser.error(str(exc))
+        setattr(namespace, self.dest, value)
 
 
-def _data_range(text: str) -> range:
+def _number_option(check: Callable[..., Any], **rule: Any) -> dict[str, Any]:
+    """``add_argument`` keywords for a number checked by ``check(where, name, value, **rule)``."""
+
+    def parse(where: str, name: str, text: str) -> Any:
+        return check(where, name, _number(text), **rule)
+
+    return {"action": _Checked, "check": parse}
+
+
+def _check_jobs(where: str, name: str, value: object) -> int:
+    """``execute``'s rule for ``n_jobs``: -1 (every CPU) or a worker count."""
+    if type(value) is int and value == -1:
+        return -1
+    return check_int(where, name, value, 1, MAX_WORKERS, note=" (-1: every CPU)")
+
+
+_COUNT = _number_option(check_int, low=1)
+_SECONDS = _number_option(check_number, low=0, high=MAX_SECONDS, note=" (seconds)")
+
+
+def _data_range(where: str, name: str, text: str) -> range:
     """``N`` (0 .. N-1) or ``START:STOP[:STEP]``, as for Python's ``range``."""
     parts = text.split(":")
     try:
-        if len(parts) > 3:
-            raise ValueError
-        nums = [int(p) for p in parts]
+        nums = [int(p) for p in parts] if len(parts) <= 3 else []
     except ValueError:
-        msg = f"must be N or START:STOP[:STEP] with integers; got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
+        nums = []
+    if not nums:
+        fail(ValueError, where, name, "N or START:STOP[:STEP], in integers", text)
     if len(nums) == 1 and nums[0] < 0:
-        msg = f"N must be >= 0 (the items are 0 .. N-1); got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
+        fail(ValueError, where, name, "N >= 0 (the items are 0 .. N-1)", text)
     if len(nums) == 3 and nums[2] == 0:
-        msg = f"STEP must not be 0; got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
+        fail(ValueError, where, name, "START:STOP:STEP with a STEP other than 0", text)
     return range(*nums)
 
 
-def _add_function_and_data(p: argparse.ArgumentParser, *, stdin: str) -> None:
-    p.add_argument(
-        "function", metavar="MODULE:FUNC",
-        help="the function applied to each item, e.g. mymodule:work or jobs.py:work",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--data-range", metavar="N", type=_data_range,
-        help="the items are the integers 0 .. N-1 (or START:STOP[:STEP])",
-    )
-    src.add_argument(
-        "--data-file", metavar="F",
-        help=f"the items are the JSON values in F, one per line ('-': {stdin})",
-    )
+def _retry_defaults() -> dict[str, Any]:
+    """``RetryPolicy``'s field defaults: what a retry option means when it is not given."""
+    from amorsize.retry import RetryPolicy
+
+    return {f.name: f.default for f in dataclasses.fields(RetryPolicy)}
+
+
+# --------------------------------------------------------------------------- the parser
+_Commands: TypeAlias = "argparse._SubParsersAction[_Parser]"
 
 
 def _build_parser() -> _Parser:
+    """The ``amorsize`` parser: one sub-parser per command, each built by its own function."""
     parser = _Parser(
         prog="amorsize",
         description=(
@@ -181,9 +188,31 @@ def _build_parser() -> _Parser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"amorsize {read_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in (_add_optimize, _add_execute, _add_dead_letter, _add_demo, _add_bench,
+                        _add_info):  # fmt: skip
+        add_command(commands)
+    return parser
 
-    p = sub.add_parser(
+
+def _add_function_and_data(p: argparse.ArgumentParser, *, stdin: str) -> None:
+    p.add_argument(
+        "function", metavar="MODULE:FUNC",
+        help="the function applied to each item, e.g. mymodule:work or jobs.py:work",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--data-range", metavar="N", action=_Checked, check=_data_range,
+        help="the items are the integers 0 .. N-1 (or START:STOP[:STEP])",
+    )
+    src.add_argument(
+        "--data-file", metavar="F",
+        help=f"the items are the JSON values in F, one per line ('-': {stdin})",
+    )
+
+
+def _add_optimize(commands: _Commands) -> None:
+    p = commands.add_parser(
         "optimize", help="print the plan for map(FUNC, data) without running it all",
         description=(
             "Sample FUNC on the first items, read this machine's costs and print the plan: "
@@ -192,10 +221,13 @@ def _build_parser() -> _Parser:
     )
     _add_function_and_data(p, stdin="stdin")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    p.add_argument("--n-jobs", type=_positive_int, metavar="N", help="fix the worker count")
     p.add_argument(
-        "--sample-size", type=_positive_int, metavar="N",
-        help="sample exactly N items (default: adapt to the item cost)",
+        "--n-jobs", metavar="N", help="fix the worker count",
+        **_number_option(check_int, low=1, high=MAX_WORKERS),
+    )
+    p.add_argument(
+        "--sample-size", metavar="N",
+        help="sample exactly N items (default: adapt to the item cost)", **_COUNT,
     )
     p.add_argument(
         "--backends", default=",".join(DEFAULT_BACKENDS), metavar="LIST",
@@ -212,7 +244,9 @@ def _build_parser() -> _Parser:
     )
     p.set_defaults(handler=_cmd_optimize)
 
-    p = sub.add_parser(
+
+def _add_execute(commands: _Commands) -> None:
+    p = commands.add_parser(
         "execute", help="run FUNC on every item and write the results as JSON lines",
         description=(
             "Run FUNC on every item as planned (or as told), in input order, writing one "
@@ -223,9 +257,9 @@ def _build_parser() -> _Parser:
     p.add_argument("-o", "--output", metavar="F", help="write the results to F, not stdout")
     p.add_argument("--backend", choices=_BACKENDS, default="auto", help="default: auto (plan)")
     p.add_argument(
-        "--n-jobs", type=_jobs, metavar="N", help="worker count (-1: every CPU)"
+        "--n-jobs", metavar="N", help="worker count (-1: every CPU)", **_number_option(_check_jobs)
     )
-    p.add_argument("--chunksize", type=_positive_int, metavar="N", help="items per task")
+    p.add_argument("--chunksize", metavar="N", help="items per task", **_COUNT)
     p.add_argument(
         "--scheduler", metavar="ADDRESS",
         help="run on this dask.distributed scheduler (e.g. tcp://10.0.0.5:8786); implies dask",
@@ -243,27 +277,47 @@ def _build_parser() -> _Parser:
         "--on-error", choices=("raise", "collect"), default="raise",
         help="raise: stop at the first failed item (default); collect: run every item",
     )
+    _add_retry_options(p)
+    _add_reliability_options(p)
+    p.set_defaults(handler=_cmd_execute)
+
+
+def _add_retry_options(p: argparse.ArgumentParser) -> None:
+    """``execute``'s retry group; the defaults its help names are ``RetryPolicy``'s own."""
+    d = _retry_defaults()
+    jitter = {value: name for name, value in _JITTER.items()}[d["jitter"]]
+    budget = "no limit" if d["max_elapsed"] is None else format_seconds(d["max_elapsed"])
     g = p.add_argument_group("retry (any of these turns retrying on, per item)")
     g.add_argument(
-        "--retries", type=_retries, metavar="N",
-        help="retries after the first attempt (default 3; -1: no limit)",
+        "--retries", metavar="N",
+        help=f"retries after the first attempt (default {d['max_retries']}; -1: no limit)",
+        **_number_option(check_int, low=-1, note=" (-1: no limit)"),
     )
     g.add_argument(
-        "--retry-delay", type=_seconds, metavar="S", help="first delay (default 0.1 s)"
+        "--retry-delay", metavar="S", help=f"first delay (default {d['initial_delay']:g} s)",
+        **_SECONDS,
     )
     g.add_argument(
-        "--retry-max-delay", type=_seconds, metavar="S", help="longest delay (default 60 s)"
+        "--retry-max-delay", metavar="S", help=f"longest delay (default {d['max_delay']:g} s)",
+        **_SECONDS,
     )
     g.add_argument(
-        "--retry-backoff", type=_base, metavar="B", help="delay growth factor (default 2)"
+        "--retry-backoff", metavar="B",
+        help=f"delay growth factor (default {d['exponential_base']:g})",
+        **_number_option(check_number, low=1, note=" (1: constant delay)"),
     )
     g.add_argument(
-        "--retry-jitter", choices=tuple(_JITTER), help="jitter strategy (default: on, +-25%%)"
+        "--retry-jitter", choices=tuple(_JITTER),
+        help=f"jitter strategy (default: {jitter}; on: +-25%%)",
     )
     g.add_argument(
-        "--retry-max-elapsed", type=_seconds, metavar="S",
-        help="give up on an item once retrying it would pass S seconds",
+        "--retry-max-elapsed", metavar="S",
+        help=f"give up on an item once retrying it would pass S seconds (default: {budget})",
+        **_number_option(check_number, low=0, high=MAX_SECONDS, low_open=True, note=" (seconds)"),
     )
+
+
+def _add_reliability_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reliability")
     g.add_argument(
         "--checkpoint", metavar="PATH",
@@ -274,12 +328,13 @@ def _build_parser() -> _Parser:
         help="record items that fail for good in this SQLite file, and go on",
     )
     g.add_argument(
-        "--circuit-breaker", type=_positive_int, metavar="N",
-        help="stop dispatching after N consecutive failures",
+        "--circuit-breaker", metavar="N",
+        help="stop dispatching after N consecutive failures", **_COUNT,
     )
-    p.set_defaults(handler=_cmd_execute)
 
-    p = sub.add_parser(
+
+def _add_dead_letter(commands: _Commands) -> None:
+    p = commands.add_parser(
         "dead-letter", help="list, export, replay or clear a dead-letter file",
         description=(
             "Show the items recorded by execute --dead-letter PATH, export them as JSON "
@@ -302,7 +357,9 @@ def _build_parser() -> _Parser:
     )
     p.set_defaults(handler=_cmd_dead_letter)
 
-    p = sub.add_parser(
+
+def _add_demo(commands: _Commands) -> None:
+    p = commands.add_parser(
         "demo", help="show the decision on three contrasting workloads, run them, time them",
         description=(
             "Optimize and execute three built-in workloads (tiny items: serial wins; "
@@ -316,7 +373,9 @@ def _build_parser() -> _Parser:
     )
     p.set_defaults(handler=_cmd_demo)
 
-    p = sub.add_parser(
+
+def _add_bench(commands: _Commands) -> None:
+    p = commands.add_parser(
         "bench", help="time amorsize's retry decorator against the installed peers",
         description=(
             "Per-call cost of a retry-decorated function that succeeds, for amorsize and "
@@ -324,20 +383,21 @@ def _build_parser() -> _Parser:
         ),
     )
     p.add_argument(
-        "--seconds", type=_seconds, default=1.0, metavar="S",
-        help="measuring time per contender (default: %(default)s)",
+        "--seconds", default=1.0, metavar="S",
+        help="measuring time per contender (default: %(default)s)", **_SECONDS,
     )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(handler=_cmd_bench)
 
-    p = sub.add_parser(
+
+def _add_info(commands: _Commands) -> None:
+    p = commands.add_parser(
         "info", help="print the machine facts the optimizer uses",
         description="Cores, memory, start method and measured worker costs (cached).",
     )
     p.add_argument("--json", action="store_true", help="print the facts as one JSON object")
     p.add_argument("--refresh", action="store_true", help="measure again and rewrite the cache")
     p.set_defaults(handler=_cmd_info)
-    return parser
 
 
 # --------------------------------------------------------------------------- inputs
@@ -368,12 +428,11 @@ def _ship_by_value(func: Callable[[Any], Any], module: Any, where: str) -> Calla
 
     Dask workers run on other machines (or were started elsewhere): they cannot import a
     module that sits in the caller's directory, nor load a file by its path there.
-    Installed modules still go by reference.
+    Installed modules still go by reference. Called once the dask backend imported, and
+    with it cloudpickle (a dependency of dask).
     """
-    try:
-        import cloudpickle
-    except ImportError:
-        return func
+    import cloudpickle
+
     path = getattr(module, "__file__", None)
     if path and Path(path).resolve().is_relative_to(Path(where).resolve()):
         cloudpickle.register_pickle_by_value(module)
@@ -611,11 +670,7 @@ def _json_line(value: Any, index: int, state: dict[str, bool]) -> str:
                 f"result of item {index} is not JSON-serialisable ({type(value).__name__}); "
                 "such results are written as their repr() string"
             )
-        try:
-            text = repr(value)
-        except Exception as exc:  # e.g. an int with more than 4300 digits
-            text = f"<{type(value).__name__} whose repr raised {type(exc).__name__}>"
-        return json.dumps(text)
+        return json.dumps(safe_repr(value, limit=None))
 
 
 def _err(message: str) -> None:
@@ -623,8 +678,7 @@ def _err(message: str) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe_error(exc, one_line=True)
 
 
 def _describe_failure(f: Any) -> str:
@@ -650,18 +704,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     bad = [b for b in backends if b not in _BACKENDS[1:]]
     if bad or not backends:
-        msg = (
-            f"argument --backends: must list names from {', '.join(_BACKENDS[1:])}; "
-            f"got {args.backends!r}"
-        )
-        raise CliError(msg)
+        rule = f"a comma-separated list of {', '.join(_BACKENDS[1:])}"
+        fail(CliError, "amorsize optimize: ", "--backends", rule, args.backends)
     client = None
     if args.scheduler is not None:
-        try:
-            importlib.import_module("amorsize.backends.dask")
-        except ImportError as exc:
-            msg = f"the dask backend is not available: {_one_line(exc)}"
-            raise CliError(msg) from None
+        _require_dask()
         func = _ship_by_value(func, module, where)
         client = _dask_client(args.scheduler)
         if "dask" not in backends:
@@ -736,8 +783,9 @@ def _retry_policy(args: argparse.Namespace) -> Any:
         return None
     from amorsize.retry import RetryPolicy
 
-    if "max_delay" not in kwargs and kwargs.get("initial_delay", 0.0) > 60.0:
-        # `--retry-delay 120` alone means "wait 120 s", not "conflicts with the 60 s cap".
+    cap = _retry_defaults()["max_delay"]
+    if "max_delay" not in kwargs and kwargs.get("initial_delay", 0.0) > cap:
+        # `--retry-delay 120` alone means "wait 120 s", not "conflicts with the default cap".
         kwargs["max_delay"] = kwargs["initial_delay"]
     try:
         return RetryPolicy(**kwargs)
@@ -770,17 +818,12 @@ def _check_store_path(option: str, path: str | None) -> None:
 def _backend_option(args: argparse.Namespace) -> Any:
     """``--backend`` / ``--start-method`` as ``execute``'s ``backend=`` (a name or a backend)."""
     if args.backend == "serial" and args.n_jobs not in (None, 1):
-        msg = f"argument --n-jobs: must be 1 with --backend serial; got {args.n_jobs}"
-        raise CliError(msg)
+        fail(CliError, "amorsize execute: ", "--n-jobs", "1 with --backend serial", args.n_jobs)
     if args.scheduler is not None and args.backend not in ("auto", "dask"):
         msg = f"argument --scheduler: runs on dask; got --backend {args.backend}"
         raise CliError(msg)
     if args.backend == "dask" or args.scheduler is not None:
-        try:
-            importlib.import_module("amorsize.backends.dask")
-        except ImportError as exc:
-            msg = f"the dask backend is not available: {_one_line(exc)}"
-            raise CliError(msg) from None
+        _require_dask()
         if args.scheduler is not None:
             return "dask"
     if args.start_method is None:
@@ -800,6 +843,15 @@ def _backend_option(args: argparse.Namespace) -> Any:
         )
         raise CliError(msg)
     return get_backend("processes", start_method=args.start_method)
+
+
+def _require_dask() -> None:
+    """Import the dask backend, or report (as bad input) why it is not available."""
+    try:
+        importlib.import_module("amorsize.backends.dask")
+    except ImportError as exc:
+        msg = f"the dask backend is not available: {_one_line(exc)}"
+        raise CliError(msg) from None
 
 
 #: Seconds to wait for a dask scheduler before reporting that it cannot be reached.
@@ -836,105 +888,148 @@ def _open_output(path: str | None) -> IO[str]:
         raise CliError(msg) from None
 
 
-def _summarise(failures: list[Any], skipped: list[Any], dead_letter: str | None) -> int:
-    """The closing stderr lines about failed and never-attempted items; the exit code."""
-    if skipped:
-        _err(f"{len(skipped)} item(s) not attempted: {_one_line(skipped[0].exception)}")
-    if not failures and not skipped:
-        return EXIT_OK
-    what = f"{len(failures)} item(s) failed"
-    more = len(failures) - _MAX_FAILURE_LINES
-    if more > 0:
-        what += f" ({more} not listed above)"
-    if skipped:
-        what += f", {len(skipped)} not attempted"
-    where = f"; failures recorded in {dead_letter}" if dead_letter else ""
-    _err(f"{what}; their result lines are null{where}")
-    return EXIT_FAILED
+@dataclasses.dataclass
+class _Tally:
+    """The items of a run that have no result: failed ones, and ones never dispatched."""
+
+    failures: list[Any] = dataclasses.field(default_factory=list)
+    skipped: list[Any] = dataclasses.field(default_factory=list)
+
+    def add(self, failure: Any) -> None:
+        """Count an ``ItemFailure``; the first failures get a stderr line each, at once."""
+        if failure.attempts == 0:  # never dispatched: one line for all, at the end
+            self.skipped.append(failure)
+            return
+        self.failures.append(failure)
+        if len(self.failures) <= _MAX_FAILURE_LINES:
+            _err(_describe_failure(failure))
+
+    def summary(self, dead_letter: str | None) -> int:
+        """The closing stderr lines about failed and never-attempted items; the exit code."""
+        failures, skipped = self.failures, self.skipped
+        if skipped:
+            _err(f"{len(skipped)} item(s) not attempted: {_one_line(skipped[0].exception)}")
+        if not failures and not skipped:
+            return EXIT_OK
+        what = f"{len(failures)} item(s) failed"
+        more = len(failures) - _MAX_FAILURE_LINES
+        if more > 0:
+            what += f" ({more} not listed above)"
+        if skipped:
+            what += f", {len(skipped)} not attempted"
+        where = f"; failures recorded in {dead_letter}" if dead_letter else ""
+        _err(f"{what}; their result lines are null{where}")
+        return EXIT_FAILED
 
 
 def _cmd_execute(args: argparse.Namespace) -> int:
-    import sqlite3
+    """``amorsize execute``: check every input, run, write one JSON line per item."""
+    from amorsize._store import StoreError
 
-    from amorsize.checkpoint import StoreError
-    from amorsize.circuit import CircuitOpenError
-    from amorsize.executor import ItemFailure, execute_iter
-
-    # Everything that can be checked is checked before anything runs.
-    _check_store_path("--checkpoint", args.checkpoint)
-    _check_store_path("--dead-letter", args.dead_letter)
-    func, module, where = _load(args.function)
-    # stdin streams, so that `producer | amorsize execute ... -` starts work at once and
-    # runs in bounded memory; a file is checked completely before anything runs.
-    streaming = args.data_file == "-"
-    data = load_data(args.data_range, args.data_file, stream=streaming)
-    policy = _retry_policy(args)
-    circuit = _circuit(args)
-    backend = _backend_option(args)
-    if backend == "dask":
-        func = _ship_by_value(func, module, where)
+    func, data, options = _execute_inputs(args)
     client = _dask_client(args.scheduler)
     out = _open_output(args.output)
-    failures: list[Any] = []
-    skipped: list[Any] = []
-    state: dict[str, bool] = {}
+    tally = _Tally()
     try:
         with _stdout_to_stderr(args.output is None):
-            try:
-                results = execute_iter(
-                    func, data, n_jobs=args.n_jobs, chunksize=args.chunksize,
-                    backend=backend, retry=policy, on_error=args.on_error,
-                    progress=args.progress, verbose=args.verbose, checkpoint=args.checkpoint,
-                    dead_letter=args.dead_letter, circuit_breaker=circuit, client=client,
-                )
-            except (
-                TypeError, ValueError, ImportError, NotImplementedError, StoreError, OSError,
-                sqlite3.Error,
-            ) as exc:  # fmt: skip
-                # Raised while checking the options and opening the files, before anything
-                # ran (func runs only once the results are iterated).
-                raise CliError(_one_line(exc)) from None
-            write = out.write
-            flush = out.flush if streaming else None  # in a pipeline, pass each line on
-            for index, value in enumerate(results):
-                if isinstance(value, ItemFailure):
-                    if value.attempts == 0:  # never dispatched: one line for all, at the end
-                        skipped.append(value)
-                    else:
-                        failures.append(value)
-                        if len(failures) <= _MAX_FAILURE_LINES:
-                            _err(_describe_failure(value))
-                    write("null\n")
-                else:
-                    write(_json_line(value, index, state) + "\n")
-                if flush is not None:
-                    flush()
-            out.flush()
+            results = _start_run(func, data, client=client, **options)
+            _write_results(results, out, tally, flush_each=args.data_file == "-")
     except (CliError, BrokenPipeError):
-        raise
+        raise  # not "the run stopped": main gives them their own exit codes (2, 141)
     except StoreError as exc:
         # The checkpoint or dead-letter file is foreign, damaged, or from another run.
         raise CliError(_one_line(exc)) from None
     except Exception as exc:
         out.flush()
-        if isinstance(exc, CircuitOpenError):
-            _err(f"run stopped: {_one_line(exc)}")
-        else:
-            hint = "" if args.on_error == "collect" else " (--on-error collect runs every item)"
-            _err(f"run stopped by a failed item: {_one_line(exc)}{hint}")
+        _err(_stopped(exc, args.on_error))
         return EXIT_FAILED
     finally:
         if out is not sys.stdout:
             out.close()
         if client is not None:
             client.close()
-    return _summarise(failures, skipped, args.dead_letter)
+    return tally.summary(args.dead_letter)
+
+
+def _execute_inputs(
+    args: argparse.Namespace,
+) -> tuple[Callable[[Any], Any], Iterable[Any], dict[str, Any]]:
+    """``func``, the items and ``execute_iter``'s options: all checked before anything runs."""
+    _check_store_path("--checkpoint", args.checkpoint)
+    _check_store_path("--dead-letter", args.dead_letter)
+    func, module, where = _load(args.function)
+    # stdin streams, so that `producer | amorsize execute ... -` starts work at once and
+    # runs in bounded memory; a file is checked completely before anything runs.
+    data = load_data(args.data_range, args.data_file, stream=args.data_file == "-")
+    options = {
+        "retry": _retry_policy(args),
+        "circuit_breaker": _circuit(args),
+        "backend": _backend_option(args),
+        "n_jobs": args.n_jobs,
+        "chunksize": args.chunksize,
+        "on_error": args.on_error,
+        "progress": args.progress,
+        "verbose": args.verbose,
+        "checkpoint": args.checkpoint,
+        "dead_letter": args.dead_letter,
+    }
+    if options["backend"] == "dask":
+        func = _ship_by_value(func, module, where)
+    return func, data, options
+
+
+def _start_run(func: Callable[[Any], Any], data: Iterable[Any], **options: Any) -> Iterator[Any]:
+    """``execute_iter``'s results; what it refuses before running anything is bad input."""
+    import sqlite3
+
+    from amorsize._store import StoreError
+    from amorsize.executor import execute_iter
+
+    try:
+        return execute_iter(func, data, **options)
+    except (
+        TypeError, ValueError, ImportError, NotImplementedError, StoreError, OSError,
+        sqlite3.Error,
+    ) as exc:  # fmt: skip
+        # Raised while checking the options and opening the files, before anything ran
+        # (func runs only once the results are iterated).
+        raise CliError(_one_line(exc)) from None
+
+
+def _write_results(
+    results: Iterator[Any], out: IO[str], tally: _Tally, *, flush_each: bool
+) -> None:
+    """One JSON line per item, in input order; ``null`` for an item without a result."""
+    from amorsize.executor import ItemFailure
+
+    write = out.write
+    flush = out.flush if flush_each else None  # in a pipeline, pass each line on
+    state: dict[str, bool] = {}
+    for index, value in enumerate(results):
+        if isinstance(value, ItemFailure):
+            tally.add(value)
+            write("null\n")
+        else:
+            write(_json_line(value, index, state) + "\n")
+        if flush is not None:
+            flush()
+    out.flush()
+
+
+def _stopped(exc: Exception, on_error: str) -> str:
+    """The stderr line for a run that ``exc`` ended."""
+    from amorsize.circuit import CircuitOpenError
+
+    if isinstance(exc, CircuitOpenError):
+        return f"run stopped: {_one_line(exc)}"
+    hint = "" if on_error == "collect" else " (--on-error collect runs every item)"
+    return f"run stopped by a failed item: {_one_line(exc)}{hint}"
 
 
 def _cmd_dead_letter(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from amorsize.checkpoint import StoreError
+    from amorsize._store import StoreError
     from amorsize.dlq import DeadLetterQueue
 
     if not Path(args.path).is_file():
@@ -1033,11 +1128,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         d["optional_packages"] = optional
         print(json.dumps(d, indent=2))
         return EXIT_OK
-    from amorsize.optimizer import _fmt_b, _fmt_s
-
     cache = (
         f"read from {info.cache_path}" if info.from_cache
-        else f"measured now ({_fmt_s(info.measured_seconds)}), "
+        else f"measured now ({format_seconds(info.measured_seconds)}), "
         + (f"saved to {info.cache_path}" if info.cache_path else "not cached")
     )
     pools = ", ".join(
@@ -1051,15 +1144,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"{platform.python_implementation()} {platform.python_version()}",
         f"cores: {info.logical_cores} logical, {info.physical_cores} physical, "
         f"{info.usable_cores:g} usable by this process (affinity and CPU quota)",
-        f"available memory: {_fmt_b(info.available_memory)}",
+        f"available memory: {format_bytes(info.available_memory)}",
         f"start method: {info.start_method}",
-        f"process worker: start-up {_fmt_s(info.process_startup_s)} "
-        f"(+{_fmt_s(info.process_startup_per_worker_s)} per extra worker), round trip "
-        f"{_fmt_s(info.process_roundtrip_s)}, "
+        f"process worker: start-up {format_seconds(info.process_startup_s)} "
+        f"(+{format_seconds(info.process_startup_per_worker_s)} per extra worker), round trip "
+        f"{format_seconds(info.process_roundtrip_s)}, "
         f"{info.transfer_s_per_byte * (1 << 20) * 1e3:.3g} ms/MB through a pipe, "
-        f"idle worker {_fmt_b(info.worker_rss_bytes)}",
-        f"thread worker: start-up {_fmt_s(info.thread_startup_s)}, round trip "
-        f"{_fmt_s(info.thread_roundtrip_s)}",
+        f"idle worker {format_bytes(info.worker_rss_bytes)}",
+        f"thread worker: start-up {format_seconds(info.thread_startup_s)}, round trip "
+        f"{format_seconds(info.thread_roundtrip_s)}",
         f"BLAS/OpenMP threads: {info.blas_threads} ({pools})",
         f"machine facts: {cache}",
         f"optional packages: {present}; missing: {absent}",

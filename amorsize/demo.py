@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from amorsize._format import format_seconds
+
 __all__ = ["DemoResult", "Workload", "cpu_item", "run_bench", "run_demo", "sleep_item",
            "tiny_item", "workloads"]
 
@@ -120,12 +122,6 @@ class DemoResult:
     correct: bool
 
 
-def _fmt(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
-
-
 def _ratio(x: float) -> str:
     return f"{x:.2f}x" if x < 1 else f"{x:.1f}x"
 
@@ -143,7 +139,6 @@ def run_demo(*, baseline: bool = True, out: Any = None) -> list[DemoResult]:
     >>> [r.plan for r in run_demo(baseline=False)]   # doctest: +SKIP
     ['serial', 'processes x2, chunks of 4', 'threads x64, chunks of 1']
     """
-    from amorsize.executor import execute
     from amorsize.system import get_system_info
 
     out = sys.stdout if out is None else out
@@ -158,49 +153,67 @@ def run_demo(*, baseline: bool = True, out: Any = None) -> list[DemoResult]:
     # that the one-off measurement does not count in the first workload's time.
     info = get_system_info()
     how = "read from the cache" if info.from_cache else (
-        f"measured now in {_fmt(info.measured_seconds)}, once per machine")
+        f"measured now in {format_seconds(info.measured_seconds)}, once per machine")
     say(f"Machine: {info.usable_cores:g} usable cores, start method {info.start_method} ({how}).")
-    rows: list[DemoResult] = []
-    for number, w in enumerate(workloads(), 1):
-        say()
-        say(f"{number}. {w.name}: {len(w.data):,} items; expected: {w.expect}")
-        results, plan = execute(w.func, w.data, return_plan=True)
-        name = _plan_name(plan.backend, plan.n_jobs, plan.chunksize)
-        say(f"   plan: {name}")
-        say(f"   why: {plan.reason}")
-        serial_s: float | None = None
-        expected: list[int] | None = None
-        if baseline:
-            t0 = time.perf_counter()
-            expected = [w.func(x) for x in w.data]
-            serial_s = time.perf_counter() - t0
-        else:
-            expected = [w.func(x) for x in w.data[:10]]  # a spot check, ~0.1 s at most
-        correct = results[: len(expected)] == expected and len(results) == len(w.data)
-        line = f"   predicted {_fmt(plan.predicted_seconds)}, measured {_fmt(plan.wall_seconds)}"
-        if serial_s is not None:
-            line += f"; plain serial loop measured {_fmt(serial_s)}"
-            line += f" (speedup {_ratio(serial_s / plan.wall_seconds)})"
-        say(line + ("" if correct else "  RESULTS DIFFER FROM SERIAL"))
-        rows.append(
-            DemoResult(w.name, name, plan.reason, plan.predicted_seconds, plan.wall_seconds,
-                       serial_s, correct)
-        )
+    rows = [_run_workload(number, w, baseline, say) for number, w in enumerate(workloads(), 1)]
     say()
-    head = f"{'workload':<30} {'plan':<32} {'predicted':>10} {'measured':>10}"
-    if baseline:
-        head += f" {'serial':>10} {'speedup':>8}"
-    say(head)
-    for r in rows:
-        line = f"{r.name:<30} {r.plan:<32} {_fmt(r.predicted):>10} {_fmt(r.measured):>10}"
-        if r.serial is not None:
-            line += f" {_fmt(r.serial):>10} {_ratio(r.serial / r.measured):>8}"
+    for line in _table(rows, baseline):
         say(line)
     say()
     say("Times include the sampling and the decision. Try it on your own function:")
     say("  amorsize optimize mymodule:work --data-range 1000")
     say("  amorsize execute mymodule:work --data-file items.jsonl --progress -o results.jsonl")
     return rows
+
+
+def _run_workload(
+    number: int, w: Workload, baseline: bool, say: Callable[[str], None]
+) -> DemoResult:
+    """Execute one workload as planned, time a serial loop too, and say what happened."""
+    from amorsize.executor import execute
+
+    say("")
+    say(f"{number}. {w.name}: {len(w.data):,} items; expected: {w.expect}")
+    results, plan = execute(w.func, w.data, return_plan=True)
+    name = _plan_name(plan.backend, plan.n_jobs, plan.chunksize)
+    say(f"   plan: {name}")
+    say(f"   why: {plan.reason}")
+    serial_s: float | None = None
+    if baseline:
+        t0 = time.perf_counter()
+        expected = [w.func(x) for x in w.data]
+        serial_s = time.perf_counter() - t0
+    else:
+        expected = [w.func(x) for x in w.data[:10]]  # a spot check, ~0.1 s at most
+    correct = results[: len(expected)] == expected and len(results) == len(w.data)
+    line = (
+        f"   predicted {format_seconds(plan.predicted_seconds)},"
+        f" measured {format_seconds(plan.wall_seconds)}"
+    )
+    if serial_s is not None:
+        line += f"; plain serial loop measured {format_seconds(serial_s)}"
+        line += f" (speedup {_ratio(serial_s / plan.wall_seconds)})"
+    say(line + ("" if correct else "  RESULTS DIFFER FROM SERIAL"))
+    return DemoResult(
+        w.name, name, plan.reason, plan.predicted_seconds, plan.wall_seconds, serial_s, correct
+    )
+
+
+def _table(rows: list[DemoResult], baseline: bool) -> list[str]:
+    """The closing summary table, one line per workload under a header."""
+    head = f"{'workload':<30} {'plan':<32} {'predicted':>10} {'measured':>10}"
+    if baseline:
+        head += f" {'serial':>10} {'speedup':>8}"
+    lines = [head]
+    for r in rows:
+        line = (
+            f"{r.name:<30} {r.plan:<32} {format_seconds(r.predicted):>10}"
+            f" {format_seconds(r.measured):>10}"
+        )
+        if r.serial is not None:
+            line += f" {format_seconds(r.serial):>10} {_ratio(r.serial / r.measured):>8}"
+        lines.append(line)
+    return lines
 
 
 # --------------------------------------------------------------------------- bench

@@ -51,8 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from amorsize._format import safe_repr
 from amorsize._observers import ItemFailure, RunObserver
 from amorsize._signing import user_key
+from amorsize._validate import fail
 from amorsize.checkpoint import StoreError, open_database
 
 __all__ = [
@@ -181,14 +183,6 @@ def _qualified(obj: Any) -> str:
     return f"{module}.{name}" if module and module != "builtins" else str(name)
 
 
-def _safe_repr(item: Any) -> str:
-    try:
-        text = repr(item)
-    except Exception as exc:
-        text = f"<{type(item).__qualname__} whose repr raised {type(exc).__name__}>"
-    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
-
-
 def _exact_json(item: Any) -> str | None:
     """``item`` as JSON text when decoding it gives back an equal item of the same type."""
     try:
@@ -240,9 +234,9 @@ class DeadLetterQueue:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        if not isinstance(path, (str, os.PathLike)):
-            msg = f"dead-letter path must be a str or os.PathLike, got {type(path).__name__}"  # type: ignore[unreachable]
-            raise TypeError(msg)
+        given: object = path
+        if not isinstance(given, (str, os.PathLike)):
+            fail(TypeError, "DeadLetterQueue: ", "path", "a str or os.PathLike", given)
         self.path = Path(path)
         # Opening validates the file at once: a foreign or damaged file is reported here.
         self._connect().close()
@@ -271,7 +265,7 @@ class DeadLetterQueue:
             blob: bytes | None = pickle.dumps(item, _PROTOCOL)
         except Exception:
             blob = None
-        item_repr = _safe_repr(item)
+        item_repr = safe_repr(item, _REPR_LIMIT)
         name = func if isinstance(func, str) else _qualified(func)
         item_key = hashlib.sha256(blob if blob is not None else item_repr.encode()).hexdigest()
         mac: bytes | None = None

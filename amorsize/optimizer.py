@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from amorsize._core import model_max_workers_for_memory, model_search
+from amorsize._format import format_bytes, format_seconds
 from amorsize._model_types import Machine, Workload
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.backends import BACKEND_NAMES, DEFAULT_BACKENDS, REGISTRY, plan_hook
@@ -133,23 +134,6 @@ class OptimizationResult:
 
 
 # --------------------------------------------------------------------------- formatting
-def _fmt_s(s: float) -> str:
-    if s >= 1.0:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    if s >= 1e-6:
-        return f"{s * 1e6:.3g} us"
-    return f"{s * 1e9:.3g} ns"
-
-
-def _fmt_b(b: float) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if b >= size:
-            return f"{b / size:.3g} {unit}"
-    return f"{b:.0f} B"
-
-
 def _plan_name(backend: str, n: int, c: int) -> str:
     if backend == "serial":
         return "serial"
@@ -161,22 +145,22 @@ def _report(r: OptimizationResult, alternatives: int) -> str:
     lines = [
         f"amorsize plan: {_plan_name(r.backend, r.n_jobs, r.chunksize)}"
         f" (predicted {r.estimated_speedup:.2f}x vs serial:"
-        f" {_fmt_s(r.estimated_seconds.chosen)} vs {_fmt_s(r.estimated_seconds.serial)})",
+        f" {format_seconds(r.estimated_seconds.chosen)} vs {format_seconds(r.estimated_seconds.serial)})",
         f"why: {r.reason}",
     ]
     if p.n_sampled:
         kind = "mostly waiting" if p.wait_fraction > 1.0 - IO_BOUND_CPU_RATIO else "CPU-bound"
         lines.append(
             f"sampled {p.n_sampled} of {r.n_items if r.n_items is not None else '?'} items in"
-            f" {_fmt_s(p.sample_seconds)}: {_fmt_s(p.mean_seconds)} each"
+            f" {format_seconds(p.sample_seconds)}: {format_seconds(p.mean_seconds)} each"
             f" (spread {p.cv:.0%}), {kind} (CPU/wall {p.cpu_ratio:.2f}),"
-            f" {_fmt_b(p.in_bytes)} in / {_fmt_b(p.out_bytes)} out per item"
+            f" {format_bytes(p.in_bytes)} in / {format_bytes(p.out_bytes)} out per item"
         )
     s = r.system
     lines.append(
         f"machine: {s.usable_cores:g} usable cores, start method {s.start_method},"
-        f" worker start-up {_fmt_s(s.process_startup_s)}, round trip"
-        f" {_fmt_s(s.process_roundtrip_s)}, {s.transfer_s_per_byte * (1 << 20) * 1e3:.3g} ms/MB"
+        f" worker start-up {format_seconds(s.process_startup_s)}, round trip"
+        f" {format_seconds(s.process_roundtrip_s)}, {s.transfer_s_per_byte * (1 << 20) * 1e3:.3g} ms/MB"
         f" through a pipe"
     )
     lines.extend(f"warning: {w}" for w in r.warnings)
@@ -188,7 +172,7 @@ def _report(r: OptimizationResult, alternatives: int) -> str:
             note = f"  {c.note}" if c.note else ""
             lines.append(
                 f" {mark} {_plan_name(c.backend, c.n_jobs, c.chunksize):<40}"
-                f" {_fmt_s(c.seconds):>10}  {c.speedup:5.2f}x{note}"
+                f" {format_seconds(c.seconds):>10}  {c.speedup:5.2f}x{note}"
             )
     return "\n".join(lines)
 
@@ -240,7 +224,7 @@ def _reason_serial_nothing(n_items: int, profile: Profile) -> str:
         return "there are no items, so there is nothing to parallelise"
     return (
         f"all {profile.n_sampled} item(s) already ran while sampling"
-        f" ({_fmt_s(profile.sample_seconds)}), so nothing is left to parallelise"
+        f" ({format_seconds(profile.sample_seconds)}), so nothing is left to parallelise"
     )
 
 
@@ -292,16 +276,16 @@ def _why_not_parallel(
     t = profile.mean_seconds
     if out_cost > 0.4 * t and out_cost >= in_cost and profile.out_bytes >= _BIG_ITEM_BYTES:
         return (
-            f"each result is {_fmt_b(profile.out_bytes)} and the parent alone must receive and "
-            f"unpickle it ({_fmt_s(out_cost)}, vs {_fmt_s(t)} to compute it){gil}"
+            f"each result is {format_bytes(profile.out_bytes)} and the parent alone must receive and "
+            f"unpickle it ({format_seconds(out_cost)}, vs {format_seconds(t)} to compute it){gil}"
         )
     if in_cost > 0.4 * t and profile.in_bytes >= _BIG_ITEM_BYTES:
         return (
-            f"each input is {_fmt_b(profile.in_bytes)} and the parent alone must pickle and send"
-            f" it ({_fmt_s(in_cost)}, vs {_fmt_s(t)} to compute it){gil}"
+            f"each input is {format_bytes(profile.in_bytes)} and the parent alone must pickle and send"
+            f" it ({format_seconds(in_cost)}, vs {format_seconds(t)} to compute it){gil}"
         )
     return (
-        f"the work is too small for the overhead ({_fmt_s(t)} per item; the best process plan, "
+        f"the work is too small for the overhead ({format_seconds(t)} per item; the best process plan, "
         f"{_plan_name(best.backend, best.n_jobs, best.chunksize)}, is predicted "
         f"{best.speedup:.2f}x vs serial){gil}"
     )
@@ -701,8 +685,8 @@ def _memory_warning(
     if fit >= most:
         return []
     return [
-        f"memory ({_fmt_b(system.available_memory)} available) fits only {fit} process"
-        f" workers of {_fmt_b(system.worker_rss_bytes + profile.mem_per_item)} each"
+        f"memory ({format_bytes(system.available_memory)} available) fits only {fit} process"
+        f" workers of {format_bytes(system.worker_rss_bytes + profile.mem_per_item)} each"
     ]
 
 
@@ -772,7 +756,7 @@ def _explain(
         why = _why_not_parallel(p, parallel, system, allowed, ranked.ghost)
         return _Choice.serial(job.serial_rest, f"serial is best: {why}"), ""
     what = (
-        f"items take {_fmt_s(p.mean_seconds)} each"
+        f"items take {format_seconds(p.mean_seconds)} each"
         + (f", mostly waiting ({p.wait_fraction:.0%} of wall time)" if job.io_bound else "")
         + (f" and {job.remaining:,.0f} remain" if p.n_items is not None else "")
     )

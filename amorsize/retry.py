@@ -29,7 +29,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from types import TracebackType
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, cast, overload
+from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, cast, overload
 
 from amorsize import _core
 from amorsize._core import (
@@ -39,7 +39,17 @@ from amorsize._core import (
     _RetryPolicyCore,
     seed_jitter,
 )
-from amorsize._validate import MAX_SECONDS, check_int, check_number
+from amorsize._format import describe_error
+from amorsize._validate import (
+    MAX_SECONDS,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_exception_types,
+    check_int,
+    check_number,
+    fail,
+)
 
 __all__ = [
     "AsyncRetryingFunction",
@@ -63,9 +73,26 @@ R = TypeVar("R")
 #: ``jitter`` values: ``True`` is the proportional +-25 % jitter, ``False`` none.
 JitterStrategy = bool | Literal["full", "equal", "decorrelated"]
 
-# Codes understood by the core (_core_retry.pxi, JITTER_*): False 0, True 1, then these.
-_JITTER_CODES: dict[str, int] = {"full": 2, "equal": 3, "decorrelated": 4}
+# Codes understood by the core (_core_retry.pxi, JITTER_*).
+_JITTER_CODES: dict[object, int] = {True: 1, False: 0, "full": 2, "equal": 3, "decorrelated": 4}
+_JITTERS = tuple(_JITTER_CODES)
 _NO_LIMIT = -1.0  # max_elapsed in the core when there is no time budget
+
+
+class _Lowered(NamedTuple):
+    """A validated policy as ``_RetryPolicyCore._lower`` takes it, in its argument order."""
+
+    max_retries: int
+    initial_delay: float
+    max_delay: float
+    exponential_base: float
+    jitter_mode: int
+    exc_types: tuple[type[BaseException], ...]
+    on_retry: Callable[[BaseException | None, int, float], object] | None
+    max_elapsed: float
+    retry_on_result: Callable[[Any], object] | None
+    reraise: bool
+    exc_excluded: tuple[type[BaseException], ...]
 
 
 class RetryExhaustedError(Exception):
@@ -101,11 +128,7 @@ class RetryExhaustedError(Exception):
         if exc is None:
             last = f"last result rejected by retry_on_result: {self.last_result!r}"
         else:
-            try:
-                text = str(exc)
-            except Exception:  # a broken __str__ must not hide the retry outcome
-                text = "<unprintable>"
-            last = f"last error: {type(exc).__name__}: {text}"
+            last = f"last error: {describe_error(exc)}"
         return f"{who}gave up after {self.attempts} {plural}; {last}"
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -167,93 +190,74 @@ class RetryPolicy(_RetryPolicyCore):
     reraise: bool = False
 
     def __post_init__(self) -> None:
-        # Checked as `object`: callers without a type checker pass anything.
-        mr = check_int(_WHERE, "max_retries", self.max_retries, -1, note=" (-1: no limit)")
-        initial = _check_delay("initial_delay", self.initial_delay)
-        cap = _check_delay("max_delay", self.max_delay)
-        if cap < initial:
-            msg = (
-                f"max_delay must be >= initial_delay, got max_delay={self.max_delay!r} < "
-                f"initial_delay={self.initial_delay!r}; raise max_delay or lower initial_delay"
-            )
-            raise ValueError(msg)
-        base = check_number(
-            _WHERE, "exponential_base", self.exponential_base, 1, note=" (1: constant delay)"
-        )
-        jitter: object = self.jitter
-        if isinstance(jitter, bool):
-            code = 1 if jitter else 0
-        elif isinstance(jitter, str) and jitter in _JITTER_CODES:
-            code = _JITTER_CODES[jitter]
-        else:
-            msg = (
-                f"jitter must be True (+-25 %), False, 'full', 'equal' or 'decorrelated', "
-                f"got {jitter!r}"
-            )
-            raise ValueError(msg)
-        exc_types = self._exception_types()
-        excluded: tuple[type[BaseException], ...] = ()
-        if self.retry_on_exceptions is None:
-            # An open circuit breaker means "stop calling for a while": retrying it at
-            # once only burns the attempts. Naming CircuitOpenError opts back in.
-            from amorsize.circuit import CircuitOpenError
+        """Validate every field, normalise, and lower the result into the C fields."""
+        lowered = self._validated()
+        if self.retry_on_exceptions is not None:
+            # None stays None (the default, which differs from an explicit (Exception,)).
+            object.__setattr__(self, "retry_on_exceptions", lowered.exc_types)
+        self._lower(*lowered)
 
-            excluded = (CircuitOpenError,)
-        on_retry: object = self.on_retry
-        if on_retry is not None and not callable(on_retry):
-            msg = (
-                f"on_retry must be a callable (exception, attempt, delay) or None, got {on_retry!r}"
-            )
-            raise TypeError(msg)
-        predicate: object = self.retry_on_result
-        if predicate is not None and not callable(predicate):
-            msg = f"retry_on_result must be a predicate (result) -> bool or None, got {predicate!r}"
-            raise TypeError(msg)
+    def _validated(self) -> _Lowered:
+        """Every field checked (as ``object``: callers without a type checker pass anything)
+        and turned into what the core reads: plain numbers, a jitter code, class tuples."""
+        initial, cap = self._delays()
         elapsed = check_number(
             _WHERE, "max_elapsed", self.max_elapsed, 0, MAX_SECONDS, low_open=True, none=True,
             note=" (seconds; None: no budget)",
         )
-        reraise: object = self.reraise
-        if not isinstance(reraise, bool):
-            msg = f"reraise must be True or False, got {reraise!r}"
-            raise TypeError(msg)
-        if self.retry_on_exceptions is not None:
-            # None stays None (the default, which differs from an explicit (Exception,)).
-            object.__setattr__(self, "retry_on_exceptions", exc_types)
-        self._lower(
-            mr,
-            initial,
-            cap,
-            base,
-            code,
-            exc_types,
-            self.on_retry,
-            _NO_LIMIT if elapsed is None else elapsed,
-            self.retry_on_result,
-            reraise,
-            excluded,
+        check_callable(
+            _WHERE, "on_retry", self.on_retry, "a callable (exception, attempt, delay)", none=True
+        )
+        check_callable(
+            _WHERE, "retry_on_result", self.retry_on_result, "a predicate (result) -> bool",
+            none=True,
+        )
+        return _Lowered(
+            max_retries=check_int(
+                _WHERE, "max_retries", self.max_retries, -1, note=" (-1: no limit)"
+            ),
+            initial_delay=initial,
+            max_delay=cap,
+            exponential_base=check_number(
+                _WHERE, "exponential_base", self.exponential_base, 1, note=" (1: constant delay)"
+            ),
+            jitter_mode=_JITTER_CODES[check_choice(_WHERE, "jitter", self.jitter, _JITTERS)],
+            exc_types=self._exception_types(),
+            on_retry=self.on_retry,
+            max_elapsed=_NO_LIMIT if elapsed is None else elapsed,
+            retry_on_result=self.retry_on_result,
+            reraise=check_bool(_WHERE, "reraise", self.reraise),
+            exc_excluded=self._excluded_types(),
         )
 
+    def _delays(self) -> tuple[float, float]:
+        """``(initial_delay, max_delay)``: each a number of seconds, the cap not below the first."""
+        initial = _check_delay("initial_delay", self.initial_delay)
+        cap = _check_delay("max_delay", self.max_delay)
+        if cap < initial:
+            fail(
+                ValueError, _WHERE, "max_delay", f">= initial_delay ({self.initial_delay!r})",
+                self.max_delay, fix="raise max_delay or lower initial_delay",
+            )  # fmt: skip
+        return initial, cap
+
     def _exception_types(self) -> tuple[type[BaseException], ...]:
-        types: object = self.retry_on_exceptions
-        if types is None:
+        """The classes to retry: ``retry_on_exceptions``, or ``(Exception,)`` for None."""
+        if self.retry_on_exceptions is None:
             return (Exception,)
-        if isinstance(types, type):
-            types = (types,)
-        if not isinstance(types, (tuple, list, frozenset, set)) or not types:
-            msg = (
-                f"retry_on_exceptions must be a non-empty tuple of exception classes or None "
-                f"(meaning Exception), got {types!r}"
-            )
-            raise TypeError(msg)
-        for t in types:
-            if not (isinstance(t, type) and issubclass(t, BaseException)):
-                msg = (
-                    f"retry_on_exceptions must hold exception classes only, got {t!r} "
-                    f"({type(t).__name__}) in {types!r}"
-                )
-                raise TypeError(msg)
-        return tuple(types)
+        return check_exception_types(
+            _WHERE, "retry_on_exceptions", self.retry_on_exceptions, " (None: Exception)"
+        )
+
+    def _excluded_types(self) -> tuple[type[BaseException], ...]:
+        """Classes never retried although ``Exception`` covers them: none once named."""
+        if self.retry_on_exceptions is not None:
+            return ()
+        # An open circuit breaker means "stop calling for a while": retrying it at once
+        # only burns the attempts. Naming CircuitOpenError opts back in.
+        from amorsize.circuit import CircuitOpenError
+
+        return (CircuitOpenError,)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt through __init__, so the C fields are validated and lowered again.
@@ -274,12 +278,6 @@ class RetryPolicy(_RetryPolicyCore):
         }
 
 
-def _check_callable(what: str, value: object) -> None:
-    if not callable(value):
-        msg = f"{what} must be callable, got {value!r} ({type(value).__name__})"
-        raise TypeError(msg)
-
-
 def _policy_from_kwargs(kwargs: Mapping[str, Any]) -> RetryPolicy:
     return RetryPolicy(**kwargs)
 
@@ -297,14 +295,13 @@ def _policy_for(
             raise TypeError(msg)
         given: object = policy
         if not isinstance(given, RetryPolicy):
-            msg = f"{where}: policy must be a RetryPolicy, got {policy!r} ({type(policy).__name__})"
-            raise TypeError(msg)
+            fail(TypeError, f"{where}: ", "policy", "a RetryPolicy or None", given)
         return policy
     return RetryPolicy(**policy_kwargs)
 
 
 def _wrap(func: Callable[P, R], policy: RetryPolicy) -> RetryingFunction[P, R]:
-    _check_callable("with_retry: the decorated object", func)
+    check_callable("with_retry: ", "the decorated object", func)
     call = getattr(func, "__call__", None)  # noqa: B004 - the method itself is inspected
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         msg = (
@@ -396,7 +393,7 @@ def retry_call(
     >>> retry_call(int, args=("42",), max_retries=1)
     42
     """
-    _check_callable("retry_call: func", func)
+    check_callable("retry_call(): ", "func", func)
     p = _policy_for("retry_call", policy, policy_kwargs)
     result: R = _core.retry_call_core(func, p, tuple(args), dict(kwargs) if kwargs else None)
     return result
@@ -442,7 +439,7 @@ class BatchRetryWrapper(Generic[R]):
     def __init__(
         self, func: Callable[..., R], policy: RetryPolicy | None = None, fail_fast: bool = False
     ) -> None:
-        _check_callable("create_batch_retry_wrapper: func", func)
+        check_callable("create_batch_retry_wrapper(): ", "func", func)
         self.func = func
         self.policy = _policy_for("create_batch_retry_wrapper", policy, {})
         self.fail_fast = bool(fail_fast)
@@ -522,10 +519,7 @@ def set_testing(enabled: bool = True, max_retries: int | None = None) -> _Testin
     >>> with set_testing(True, max_retries=1):
     ...     pass
     """
-    flag: object = enabled
-    if not isinstance(flag, bool):
-        msg = f"set_testing: enabled must be True or False, got {enabled!r}"
-        raise TypeError(msg)
+    check_bool("set_testing(): ", "enabled", enabled)
     limit = check_int("set_testing(): ", "max_retries", max_retries, 0, none=True)
     cap = -1 if limit is None else limit
     previous: tuple[bool, int] = _core._set_testing_state(enabled, cap if enabled else -1)

@@ -422,6 +422,23 @@ class Model:
             self.state, self.opened_at, self.consecutive, self.window = "open", now, 0, []
 
 
+@pytest.mark.parametrize("opened_at", [1014.56931502570535, 0.1, 1e6 + 0.3])
+def test_state_and_admission_agree_at_the_timeout(opened_at: float) -> None:
+    """At the float-rounded end of the timeout, a call is refused exactly while state is open."""
+    clock = FakeClock()
+    clock.now = opened_at
+    b = CircuitBreaker(CircuitBreakerPolicy(failure_threshold=1, timeout=10.0), clock=clock)
+    trip(b, 1)
+    clock.advance(10.0)  # opened_at + 10.0 - opened_at may round below 10.0
+    open_now = b.state is CircuitState.OPEN
+    try:
+        b.call(ok)
+        refused = False
+    except CircuitOpenError:
+        refused = True
+    assert refused == open_now
+
+
 events = st.lists(
     st.one_of(st.just("S"), st.just("F"), st.floats(min_value=0.0, max_value=20.0)),
     max_size=80,

@@ -263,6 +263,73 @@ def test_retry_options_build_the_policy() -> None:
     assert (off.jitter, off.max_retries) == (False, 3)
 
 
+def test_retry_help_names_the_policy_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """execute --help states RetryPolicy's own defaults, read from its fields."""
+    import dataclasses
+
+    from amorsize.retry import RetryPolicy
+
+    assert cli.main(["execute", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    d = {f.name: f.default for f in dataclasses.fields(RetryPolicy)}
+    assert f"retries after the first attempt (default {d['max_retries']};" in text
+    assert f"first delay (default {d['initial_delay']:g} s)" in text
+    assert f"longest delay (default {d['max_delay']:g} s)" in text
+    assert f"delay growth factor (default {d['exponential_base']:g})" in text
+    assert "jitter strategy (default: on;" in text and d["jitter"] is True
+
+
+def test_retry_help_follows_changed_defaults(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing in the help is written by hand: other defaults show as given."""
+    fake = {"max_retries": 7, "initial_delay": 0.25, "max_delay": 9.0, "exponential_base": 3.0,
+            "jitter": "full", "max_elapsed": 30.0}
+    monkeypatch.setattr(cli, "_retry_defaults", lambda: fake)
+    assert cli.main(["execute", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("(default 7;", "(default 0.25 s)", "(default 9 s)", "(default 3)",
+                   "(default: full;", "(default: 30.00 s)"):
+        assert needle in text, needle
+
+
+def test_long_first_delay_alone_raises_the_default_cap() -> None:
+    """--retry-delay above RetryPolicy's default max_delay alone means 'wait that long'."""
+    parser = cli._build_parser()
+    policy = cli._retry_policy(parser.parse_args(["execute", "m:f", "--data-range", "1",
+                                                  "--retry-delay", "120"]))
+    assert (policy.initial_delay, policy.max_delay) == (120.0, 120.0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["execute", "--retries", "-3"], "--retries"),
+        (["execute", "--retries", "1.5"], "--retries"),
+        (["execute", "--retry-delay", "nan"], "--retry-delay"),
+        (["execute", "--retry-max-elapsed", "0"], "--retry-max-elapsed"),
+        (["execute", "--retry-backoff", "x"], "--retry-backoff"),
+        (["execute", "--n-jobs", "0"], "--n-jobs"),
+        (["execute", "--chunksize", "0"], "--chunksize"),
+        (["execute", "--circuit-breaker", "-1"], "--circuit-breaker"),
+        (["optimize", "--sample-size", "0"], "--sample-size"),
+        (["optimize", "--n-jobs", "-1"], "--n-jobs"),
+        (["execute", "--backend", "serial", "--n-jobs", "4"], "--n-jobs"),
+        (["optimize", "--backends", "gpu"], "--backends"),
+        (["optimize", "--data-range", "ten"], "--data-range"),
+        (["execute", "--data-range", "0:9:0"], "--data-range"),
+    ],
+)
+def test_option_errors_read_like_the_library(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad option value: '<command>: <option> must be <rule>; got <value>', exit code 2."""
+    command, *rest = argv
+    assert cli.main([command, "math:sqrt", "--data-range", "3", *rest]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"error: amorsize {command}: {option} must be " in err and "; got " in err, err
+
+
 def test_execute_range_with_start_stop_step(workdir: Path) -> None:
     """--data-range accepts START:STOP:STEP like range()."""
     p = run(workdir, "execute", "jobs:square", "--data-range", "10:0:-3")

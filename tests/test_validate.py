@@ -11,14 +11,18 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from amorsize import (
+    Checkpoint,
+    CircuitBreaker,
     CircuitBreakerPolicy,
+    DeadLetterQueue,
     RetryPolicy,
     execute,
     execute_iter,
     optimize,
     set_testing,
+    with_retry,
 )
-from amorsize._validate import check_int, check_number, show
+from amorsize._validate import check_choice, check_int, check_number, show
 
 
 def square(x: int) -> int:
@@ -129,3 +133,55 @@ def test_helpers_accept_what_they_promise() -> None:
     with pytest.raises(TypeError, match=r"n must be an int in \[1, 8\]; got None \(NoneType\)"):
         check_int("", "n", None, 1, 8)
     assert show(10**5000) == "an int of about 5001 digits"
+
+
+# One message style for the options that are not numbers, and for rules across options.
+_STYLE = r"^[\w.]+(\(\))?: [\w ]+ must be .+; got .+"
+
+
+@pytest.mark.parametrize(
+    ("build", "kwargs", "error"),
+    [
+        (RetryPolicy, {"jitter": "sometimes"}, ValueError),
+        (RetryPolicy, {"jitter": 1}, ValueError),
+        (RetryPolicy, {"on_retry": "log"}, TypeError),
+        (RetryPolicy, {"retry_on_result": 3}, TypeError),
+        (RetryPolicy, {"reraise": "yes"}, TypeError),
+        (RetryPolicy, {"retry_on_exceptions": ()}, TypeError),
+        (RetryPolicy, {"initial_delay": 2.0, "max_delay": 1.0}, ValueError),
+        (CircuitBreakerPolicy, {"expected_exceptions": "ValueError"}, TypeError),
+        (CircuitBreakerPolicy, {"on_open": 3}, TypeError),
+        (CircuitBreakerPolicy, {"failure_rate": 0.5, "window": 5, "minimum_calls": 6}, ValueError),
+        (lambda **kw: CircuitBreaker(**kw), {"policy": {"failure_threshold": 3}}, TypeError),
+        (lambda **kw: CircuitBreaker(**kw), {"clock": 5}, TypeError),
+        (lambda **kw: Checkpoint("x.db", **kw), {"synchronous": "OFF"}, ValueError),
+        (lambda **kw: Checkpoint("x.db", **kw), {"commit_every": True}, TypeError),
+        (lambda **kw: Checkpoint("x.db", **kw), {"commit_interval": math.nan}, ValueError),
+        (lambda **kw: DeadLetterQueue(**kw), {"path": 3}, TypeError),
+        (lambda **kw: set_testing(**kw), {"enabled": 1}, TypeError),
+        (lambda **kw: with_retry(policy=kw["policy"]), {"policy": "p"}, TypeError),
+    ],
+)
+def test_every_option_error_has_one_style(
+    build: Callable[..., Any], kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    """Non-numeric and cross-option checks read '<owner>: <param> must be <rule>; got <value>'."""
+    with pytest.raises(error, match=_STYLE) as info:
+        build(**kwargs)
+    assert show(kwargs[next(reversed(kwargs))]) in str(info.value)  # the offending value
+
+
+@pytest.mark.parametrize(
+    ("value", "choices", "ok"),
+    [(True, (True, False), True), (1, (True, False), False), ("a", ("a",), True),
+     (1.0, (1,), False)],
+)
+def test_check_choice_compares_types_too(
+    value: object, choices: tuple[object, ...], ok: bool
+) -> None:
+    """1 is not True and 1.0 is not 1: a choice matches only a value of its own type."""
+    if ok:
+        assert check_choice("", "x", value, choices) == value
+    else:
+        with pytest.raises(ValueError, match="x must be"):
+            check_choice("", "x", value, choices)

@@ -30,17 +30,13 @@ from __future__ import annotations
 import abc
 import io
 import pickle
-import reprlib
 import signal
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-# Item reprs in error messages: short, and safe on deep or self-referencing values.
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 160
-_REPR.maxlevel = 4
+from amorsize._format import safe_repr
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,14 +140,6 @@ def failure_outcome(exc: BaseException, attempts: int = 1) -> Outcome:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc.__cause__ = RemoteTraceback(tb)
     return Outcome(False, exc, getattr(exc, "attempts", attempts))
-
-
-def safe_repr(obj: Any) -> str:
-    """A short ``repr`` of ``obj`` that never raises, however deep or broken ``obj`` is."""
-    try:
-        return _REPR.repr(obj)
-    except Exception:  # reprlib guards __repr__ of instances, not of every container
-        return f"<{type(obj).__qualname__} object (repr failed)>"
 
 
 def _safe_str(exc: BaseException) -> str:
