@@ -23,36 +23,31 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint64_t
 
 
-cdef extern from "Python.h":
-    bint PyLong_CheckExact(object o)
-    long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
-
-
-cdef inline uint64_t _rotl(uint64_t x, int b) noexcept nogil:
+cdef inline uint64_t _ckpt_rotl(uint64_t x, int b) noexcept nogil:
     return (x << b) | (x >> (64 - b))
 
 
-cdef inline void _sip_rounds(uint64_t* v, int n) noexcept nogil:
+cdef inline void _ckpt_sip_rounds(uint64_t* v, int n) noexcept nogil:
     """``n`` SipRounds on the state ``v[0..3]`` (inlined: the state stays in registers)."""
     cdef int r
     for r in range(n):
         v[0] += v[1]
-        v[1] = _rotl(v[1], 13)
+        v[1] = _ckpt_rotl(v[1], 13)
         v[1] ^= v[0]
-        v[0] = _rotl(v[0], 32)
+        v[0] = _ckpt_rotl(v[0], 32)
         v[2] += v[3]
-        v[3] = _rotl(v[3], 16)
+        v[3] = _ckpt_rotl(v[3], 16)
         v[3] ^= v[2]
         v[0] += v[3]
-        v[3] = _rotl(v[3], 21)
+        v[3] = _ckpt_rotl(v[3], 21)
         v[3] ^= v[0]
         v[2] += v[1]
-        v[1] = _rotl(v[1], 17)
+        v[1] = _ckpt_rotl(v[1], 17)
         v[1] ^= v[2]
-        v[2] = _rotl(v[2], 32)
+        v[2] = _ckpt_rotl(v[2], 32)
 
 
-cdef inline uint64_t _siphash24_word(uint64_t k0, uint64_t k1, uint64_t m) noexcept nogil:
+cdef inline uint64_t _ckpt_siphash24_word(uint64_t k0, uint64_t k1, uint64_t m) noexcept nogil:
     """SipHash-2-4 of one 8-byte message whose little-endian value is ``m``."""
     cdef uint64_t v[4]
     v[0] = k0 ^ 0x736F6D6570736575ULL
@@ -62,17 +57,17 @@ cdef inline uint64_t _siphash24_word(uint64_t k0, uint64_t k1, uint64_t m) noexc
     # The final block of an 8-byte message holds only its length, in the top byte.
     cdef uint64_t last = (<uint64_t> 8) << 56
     v[3] ^= m
-    _sip_rounds(v, 2)  # c = 2 compression rounds per block
+    _ckpt_sip_rounds(v, 2)  # c = 2 compression rounds per block
     v[0] ^= m
     v[3] ^= last
-    _sip_rounds(v, 2)
+    _ckpt_sip_rounds(v, 2)
     v[0] ^= last
     v[2] ^= 0xFF
-    _sip_rounds(v, 4)  # d = 4 finalization rounds
+    _ckpt_sip_rounds(v, 4)  # d = 4 finalization rounds
     return v[0] ^ v[1] ^ v[2] ^ v[3]
 
 
-cdef inline uint64_t _le64(const unsigned char* p) noexcept nogil:
+cdef inline uint64_t _ckpt_le64(const unsigned char* p) noexcept nogil:
     cdef uint64_t v = 0
     cdef int b
     for b in range(8):
@@ -85,7 +80,7 @@ def siphash24_int64(bytes key, long long value):
     if len(key) != 16:
         raise ValueError(f"a SipHash key has 16 bytes, got {len(key)}")
     cdef const unsigned char* k = <const unsigned char*> PyBytes_AS_STRING(key)
-    return _siphash24_word(_le64(k), _le64(k + 8), <uint64_t> value)
+    return _ckpt_siphash24_word(_ckpt_le64(k), _ckpt_le64(k + 8), <uint64_t> value)
 
 
 cdef class ItemHasher:
@@ -103,8 +98,8 @@ cdef class ItemHasher:
         if len(key) != 16:
             raise ValueError(f"an item-hash key has 16 bytes, got {len(key)}")
         cdef const unsigned char* k = <const unsigned char*> PyBytes_AS_STRING(key)
-        self.k0 = _le64(k)
-        self.k1 = _le64(k + 8)
+        self.k0 = _ckpt_le64(k)
+        self.k1 = _ckpt_le64(k + 8)
         self.hash_other = hash_other
 
     cdef inline uint64_t _int_hash(self, object x, bint* ok):
@@ -114,7 +109,7 @@ cdef class ItemHasher:
             ok[0] = False
             return 0
         ok[0] = True
-        return _siphash24_word(self.k0, self.k1, <uint64_t> v) | 1
+        return _ckpt_siphash24_word(self.k0, self.k1, <uint64_t> v) | 1
 
     def __call__(self, item):
         cdef bint ok = False

@@ -63,7 +63,7 @@ R = TypeVar("R")
 #: ``jitter`` values: ``True`` is the proportional +-25 % jitter, ``False`` none.
 JitterStrategy = bool | Literal["full", "equal", "decorrelated"]
 
-# Codes understood by the core (_core_retry.pxi, JITTER_*): False 0, True 1, then these.
+# Codes understood by the core (_core_retry.pxi, _RETRY_JITTER_*): False 0, True 1, then these.
 _JITTER_CODES: dict[str, int] = {"full": 2, "equal": 3, "decorrelated": 4}
 _NO_LIMIT = -1.0  # max_elapsed in the core when there is no time budget
 
