@@ -13,11 +13,16 @@
 # file holds its own random 128-bit key; SipHash-2-4 (Aumasson & Bernstein, "SipHash: a fast
 # short-input PRF", 2012) is a PRF under that key, written here from the paper.
 #
-# The rule (``checkpoint.item_hash`` applies it through this class; tests check SipHash
-# against a reference written from the paper): an exact int in [-2**63, 2**63) hashes to
-# ``siphash24(key, its 8 little-endian two's-complement bytes) | 1`` (odd); anything else to
-# ``hash_other(item)``, which is even; 0 marks an item that has no hash (``hash_other``
-# returned None: it does not pickle).
+# The rule, stated and applied here only (``checkpoint.item_hash`` and the checkpoint's
+# observer call this class; tests check SipHash against a reference written from the paper):
+#
+# * an exact int in the int64 range hashes to ``siphash24(key, its 8 little-endian
+#   two's-complement bytes) | 1``: odd;
+# * anything else to the 64-bit ``hash_other(item)`` with its low bit cleared: even, and 2
+#   where that would be 0;
+# * 0 marks an item that has no hash (``hash_other`` returned None: it does not pickle).
+#
+# Odd and even keep the two families apart: no int can hash like a non-int item.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint64_t
@@ -84,11 +89,12 @@ def siphash24_int64(bytes key, long long value):
 
 
 cdef class ItemHasher:
-    """The keyed hash of input items for one checkpoint file (see the comment above).
+    """The keyed hash of input items for one checkpoint file (the rule above).
 
-    ``hasher(item)`` is the item's hash (None when ``hash_other`` gives None);
-    ``hasher.pack(items)`` is ``(blob, missing)``: the items' hashes as little-endian uint64,
-    0 for the ``missing`` items that have none.
+    ``hash_other(item)`` is a keyed 64-bit hash of any item that is not an int64 (an int
+    in ``[0, 2**64)``), or None when the item has none. ``hasher(item)`` is the item's
+    hash (None when it has none); ``hasher.pack(items)`` is ``(blob, missing)``: the items'
+    hashes as little-endian uint64, 0 for the ``missing`` items that have none.
     """
 
     cdef uint64_t k0, k1
@@ -102,23 +108,24 @@ cdef class ItemHasher:
         self.k1 = _ckpt_le64(k + 8)
         self.hash_other = hash_other
 
-    cdef inline uint64_t _int_hash(self, object x, bint* ok):
+    cdef inline uint64_t _hash(self, object item) except? 0:
+        # The rule above; 0 (no error set) for an item that has no hash.
         cdef int overflow = 0
-        cdef long long v = PyLong_AsLongLongAndOverflow(x, &overflow)
-        if overflow:
-            ok[0] = False
-            return 0
-        ok[0] = True
-        return _ckpt_siphash24_word(self.k0, self.k1, <uint64_t> v) | 1
-
-    def __call__(self, item):
-        cdef bint ok = False
+        cdef long long v
         cdef uint64_t h
         if PyLong_CheckExact(item):
-            h = self._int_hash(item, &ok)
-            if ok:
-                return h
-        return self.hash_other(item)
+            v = PyLong_AsLongLongAndOverflow(item, &overflow)
+            if not overflow:
+                return _ckpt_siphash24_word(self.k0, self.k1, <uint64_t> v) | 1
+        other = self.hash_other(item)
+        if other is None:
+            return 0
+        h = (<uint64_t> other) & ~(<uint64_t> 1)
+        return h if h != 0 else 2
+
+    def __call__(self, item):
+        cdef uint64_t h = self._hash(item)
+        return h if h != 0 else None
 
     def pack(self, items):
         # A snapshot: hash_other runs Python code (an item's __reduce__) that could resize a
@@ -127,22 +134,13 @@ cdef class ItemHasher:
         cdef Py_ssize_t n = len(snapshot)
         cdef Py_ssize_t k, missing = 0
         cdef int b
-        cdef bint ok
         cdef uint64_t h
         blob = PyBytes_FromStringAndSize(NULL, n * 8)
         cdef unsigned char* out = <unsigned char*> PyBytes_AS_STRING(blob)
         for k in range(n):
-            x = snapshot[k]
-            ok = False
-            h = 0
-            if PyLong_CheckExact(x):
-                h = self._int_hash(x, &ok)
-            if not ok:
-                other = self.hash_other(x)
-                if other is None:
-                    missing += 1
-                else:
-                    h = other
+            h = self._hash(snapshot[k])
+            if h == 0:
+                missing += 1
             # Explicit little-endian bytes: the file format is the same on every machine.
             for b in range(8):
                 out[k * 8 + b] = <unsigned char> (h >> (8 * b))
