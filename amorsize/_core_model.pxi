@@ -1,8 +1,9 @@
 # Optimizer cost model: predicted wall time of serial / processes(n, c) / threads(n, c)
 # runs, and the search over worker counts and chunk sizes.
 #
-# Plain numbers in and out: the optimizer fills two structs (Python dicts convert to them)
-# from the sampled profile and the machine facts; nothing here validates or does I/O.
+# Plain numbers in and out: the optimizer fills two structs from the sampled profile and the
+# machine facts (Python dicts convert to them; their keys are the TypedDicts of the same
+# names in amorsize/_model_types.py); nothing here validates or does I/O.
 #
 # Timeline of a process run, as modelled (one parent, n workers, K = ceil(N / c) chunks):
 #

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amorsize._core import model_max_workers_for_memory, model_search
+from amorsize._model_types import Machine, Workload
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.sampling import Profile, RemoteRunner, Sample, sample
 from amorsize.system import SystemInfo, get_system_info
@@ -546,7 +547,7 @@ def _decide(
     )
     procs_ok = bool(proc_ns)
 
-    w = {
+    w: Workload = {
         "n_items": remaining,
         "t_mean": t_par,
         "t_std": profile.std_seconds * (t_par / t if t > 0 else 1.0),
@@ -561,7 +562,7 @@ def _decide(
         "mem_per_item": profile.mem_per_item,
         "func_bytes": float(profile.func_bytes),
     }
-    m = {
+    m: Machine = {
         "cores": cores,
         "proc_startup_s": system.process_startup_s,
         "proc_startup_per_worker_s": system.process_startup_per_worker_s,
