@@ -810,9 +810,8 @@ cdef int _retry_coro_step(RetryCoroutine self, object value, tuple throw_args,
     The same contract as ``am_send`` (PYGEN_NEXT / PYGEN_RETURN / PYGEN_ERROR).
     """
     cdef _RetryPolicyCore p = self.p
-    cdef PyObject* r
+    cdef PyObject* r = NULL
     cdef int st = -1
-    cdef double delay
     out[0] = NULL
     if self.attempt == 0:
         if self.done:
@@ -826,33 +825,12 @@ cdef int _retry_coro_step(RetryCoroutine self, object value, tuple throw_args,
         if self.inner is None:
             if self.done:
                 raise RuntimeError("cannot reuse already awaited coroutine")
-            r = PyObject_Call(<PyObject*>self.func, <PyObject*>self.args,
-                              NULL if self.kwargs is None else <PyObject*>self.kwargs)
-            if r == NULL:
-                exc = _fetch_exception()
-            else:
-                aw = _steal(r)
-                if PyCoro_CheckExact(aw):
-                    self.inner = aw
-                else:
-                    try:
-                        self.inner = aw.__await__()
-                    except BaseException as e:
-                        exc = e
-            value = None
+            exc = _retry_coro_start_attempt(self)
         if exc is None:
-            r = NULL
-            if throw_args is not None:
-                ta = throw_args
-                throw_args = None
-                try:
-                    st = _retry_coro_throw_in(self.inner, ta, &r)
-                except BaseException as e:
-                    exc = e
-            else:
-                st = PyIter_Send(self.inner, value, &r)
-                if st == -1:
-                    exc = _fetch_exception()
+            exc = _retry_coro_resume(self, value, throw_args, &r, &st)
+            throw_args = None
+        value = None
+        result = None
         if exc is None:
             if st == 1:
                 out[0] = r
@@ -860,7 +838,6 @@ cdef int _retry_coro_step(RetryCoroutine self, object value, tuple throw_args,
             # The awaited thing returned.
             result = _steal(r)
             self.inner = None
-            value = None
             if self.sleeping:
                 self.sleeping = False
                 self.attempt += 1
@@ -873,23 +850,64 @@ cdef int _retry_coro_step(RetryCoroutine self, object value, tuple throw_args,
                 return 0
         else:
             self.inner = None
-            result = None
             if self.sleeping:
                 # Cancelled (or failed) while sleeping: that is not an attempt failing.
                 self.done = True
                 _reraise(exc)
-        delay = _retry_after_failure(p, self.func, exc, self.attempt, &self.previous,
-                                     self.start, self.stats)
-        if delay == _RETRY_PROPAGATE:
-            self.done = True
-            _reraise(exc)
-        if delay == _RETRY_EXHAUSTED:
-            self.done = True
-            if exc is not None and p.reraise:
-                _reraise(exc)
-            _retry_raise_exhausted(p, self.func, exc, self.attempt, result)
-        _retry_coro_begin_sleep(self, delay)
-        value = None
+        _retry_coro_give_up_or_sleep(self, exc, result)
+
+
+cdef inline object _retry_coro_start_attempt(RetryCoroutine self):
+    # Call func for a fresh attempt and keep what it returned to await; returns the
+    # exception if that failed, else None.
+    cdef PyObject* r = PyObject_Call(<PyObject*>self.func, <PyObject*>self.args,
+                                     NULL if self.kwargs is None else <PyObject*>self.kwargs)
+    if r == NULL:
+        return _fetch_exception()
+    aw = _steal(r)
+    if PyCoro_CheckExact(aw):
+        self.inner = aw
+        return None
+    try:
+        self.inner = aw.__await__()
+    except BaseException as e:
+        return e
+    return None
+
+
+cdef inline object _retry_coro_resume(RetryCoroutine self, object value, tuple throw_args,
+                                      PyObject** r, int* st):
+    # Send ``value`` (or throw ``throw_args``) into what is being awaited; ``*st`` and ``*r``
+    # as in _retry_coro_step. Returns the exception it raised, else None.
+    r[0] = NULL
+    if throw_args is not None:
+        try:
+            st[0] = _retry_coro_throw_in(self.inner, throw_args, r)
+        except BaseException as e:
+            return e
+        return None
+    st[0] = PyIter_Send(self.inner, value, r)
+    if st[0] == -1:
+        return _fetch_exception()
+    return None
+
+
+cdef int _retry_coro_give_up_or_sleep(RetryCoroutine self, object exc,
+                                      object result) except -1:
+    # After a failed attempt (``exc``; None when retry_on_result rejected ``result``): raise
+    # what the policy says, or start the sleep before the next attempt.
+    cdef _RetryPolicyCore p = self.p
+    cdef double delay = _retry_after_failure(p, self.func, exc, self.attempt, &self.previous,
+                                             self.start, self.stats)
+    if delay == _RETRY_PROPAGATE:
+        self.done = True
+        return _reraise(exc)
+    if delay == _RETRY_EXHAUSTED:
+        self.done = True
+        if exc is not None and p.reraise:
+            return _reraise(exc)
+        _retry_raise_exhausted(p, self.func, exc, self.attempt, result)
+    return _retry_coro_begin_sleep(self, delay)
 
 
 cdef inline int _retry_coro_begin_sleep(RetryCoroutine self, double delay) except -1:
