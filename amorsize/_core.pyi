@@ -16,12 +16,14 @@ from typing import final as _final
 from typing import overload as _overload
 
 from amorsize._model_types import Machine as _Machine
-from amorsize._model_types import SearchRow as _SearchRow
 from amorsize._model_types import Workload as _Workload
 
 _RP = _ParamSpec("_RP")
 _RR = _TypeVar("_RR")
 _RT = _TypeVar("_RT")
+# One row of model_search: (backend code 0 serial / 1 processes / 2 threads, workers,
+# chunk size, predicted seconds).
+_SearchRow = tuple[int, int, int, float]
 
 # --- retry (_core_retry.pxi) -----------------------------------------------------------------
 def backoff_delay(
