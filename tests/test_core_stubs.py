@@ -16,9 +16,9 @@ from amorsize._model_types import Machine, Workload
 
 _PXI_MODEL = Path(__file__).resolve().parents[1] / "amorsize" / "_core_model.pxi"
 
-# What stubtest reports that is not drift, each kind with why. Every rule must match at
-# least one line: that proves stubtest really compared the stub (it says nothing at all
-# when it cannot find the stub of a private module such as ``_core``).
+# What stubtest reports that is not drift, each kind with why. The Cython-generated names
+# are always reported: seeing them proves that stubtest really compared the stub (it says
+# nothing at all when it cannot find the stub of a private module such as ``_core``).
 _NOT_DRIFT = {
     # Cython writes pickling helpers and a doctest table into every module it builds.
     "cython-generated": re.compile(r"(__reduce_cython__|__setstate_cython__|\._core\.__test__) "),
@@ -53,8 +53,7 @@ def test_stub_matches_the_compiled_module(tmp_path: Path) -> None:
     lines = _stubtest(tmp_path)
     drift = [line for line in lines if not any(r.search(line) for r in _NOT_DRIFT.values())]
     assert drift == [], "\n".join(drift)
-    unused = [kind for kind, r in _NOT_DRIFT.items() if not any(r.search(x) for x in lines)]
-    assert unused == [], f"stubtest checked nothing, or these rules are stale: {unused}"
+    assert any(_NOT_DRIFT["cython-generated"].search(x) for x in lines), "stubtest checked nothing"
 
 
 def test_stubtest_sees_drift(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
