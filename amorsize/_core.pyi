@@ -1,17 +1,31 @@
-"""Type stubs for the compiled core ``amorsize._core``."""
+"""Type stubs for the compiled core ``amorsize._core``.
 
-# --- retry ---------------------------------------------------------------------------------
+Kept by hand, checked against the compiled module by ``tests/test_core_stubs.py``
+(``mypy.stubtest``: names, signatures, ``final`` classes). One section per include file.
+"""
+
+from collections.abc import Callable as _Callable
 from collections.abc import Generator as _Generator
+from collections.abc import Iterable as _Iterable
 from types import CodeType as _CodeType
+from typing import Any as _Any
 from typing import Generic as _Generic
 from typing import ParamSpec as _ParamSpec
 from typing import TypeVar as _TypeVar
+from typing import final as _final
 from typing import overload as _overload
+
+from amorsize._model_types import Machine as _Machine
+from amorsize._model_types import Workload as _Workload
 
 _RP = _ParamSpec("_RP")
 _RR = _TypeVar("_RR")
 _RT = _TypeVar("_RT")
+# One row of model_search: (backend code 0 serial / 1 processes / 2 threads, workers,
+# chunk size, predicted seconds).
+_SearchRow = tuple[int, int, int, float]
 
+# --- retry (_core_retry.pxi) -----------------------------------------------------------------
 def backoff_delay(
     initial_delay: float, exponential_base: float, max_delay: float, attempt: int
 ) -> float: ...
@@ -62,11 +76,14 @@ class _RetryingBase(_Generic[_RP, _RR]):
     __qualname__: str
     __module__: str
     def __init__(self, func: _Callable[_RP, _RR], policy: _RetryPolicyCore) -> None: ...
+    # Called through the vectorcall slot, which the core sets at import (see the test).
     def __call__(self, *args: _RP.args, **kwargs: _RP.kwargs) -> _RR: ...
     @_overload
-    def __get__(self, instance: None, owner: type | None) -> _RetryingBase[_RP, _RR]: ...
+    def __get__(
+        self, instance: None, owner: type | None = None, /
+    ) -> _RetryingBase[_RP, _RR]: ...
     @_overload
-    def __get__(self, instance: object, owner: type | None) -> _Callable[..., _RR]: ...
+    def __get__(self, instance: object, owner: type | None = None, /) -> _Callable[..., _RR]: ...
     @property
     def retry_policy(self) -> _Any: ...
     @property
@@ -78,38 +95,39 @@ class _RetryingBase(_Generic[_RP, _RR]):
     @property
     def __kwdefaults__(self) -> dict[str, _Any] | None: ...
 
+@_final
 class RetryingFunction(_RetryingBase[_RP, _RR]):
     def call_outcome(self, *args: _RP.args, **kwargs: _RP.kwargs) -> tuple[bool, _Any, int]: ...
 
+@_final
 class RetryingItemFunction(_RetryingBase[_RP, _RR]): ...
 
+@_final
 class AsyncRetryingFunction(_RetryingBase[_RP, _RR]): ...
 
+@_final
 class RetryCoroutine:
     def __await__(self) -> _Generator[_Any, None, _Any]: ...
     def __next__(self) -> _Any: ...
     def send(self, value: _Any) -> _Any: ...
     def throw(self, typ: _Any, val: _Any = None, tb: _Any = None) -> _Any: ...
     def close(self) -> None: ...
+    @property
+    def __name__(self) -> str: ...
+    @property
+    def __qualname__(self) -> str: ...
 
-# --- model ---------------------------------------------------------------------------------
-# Workload / Machine are the model's structs, typed in amorsize._model_types.
-from amorsize._model_types import Machine as _Machine  # noqa: E402
-from amorsize._model_types import Workload as _Workload  # noqa: E402
-
+# --- model (_core_model.pxi) -----------------------------------------------------------------
+# The dicts are converted to the C structs of the same names; a missing key is a ValueError.
 def model_serial_seconds(w: _Workload) -> float: ...
 def model_process_seconds(w: _Workload, m: _Machine, n: float, c: float) -> float: ...
 def model_thread_seconds(w: _Workload, m: _Machine, n: float, c: float) -> float: ...
 def model_max_workers_for_memory(w: _Workload, m: _Machine, chunksize: float) -> int: ...
 def model_search(
     w: _Workload, m: _Machine, process_ns: list[int], thread_ns: list[int]
-) -> list[tuple[int, int, int, float]]: ...
+) -> list[_SearchRow]: ...
 
-# --- circuit -------------------------------------------------------------------------------
-from collections.abc import Callable as _Callable  # noqa: E402
-from collections.abc import Iterable as _Iterable  # noqa: E402
-from typing import Any as _Any  # noqa: E402
-
+# --- circuit (_core_circuit.pxi) -------------------------------------------------------------
 CIRCUIT_CLOSED: int
 CIRCUIT_OPEN: int
 CIRCUIT_HALF_OPEN: int
@@ -126,9 +144,10 @@ class CircuitCore:
     window_failures: int
     total_successes: int
     total_failures: int
-    def __init__(
-        self, failure_threshold: int, failure_rate: float, window: int, minimum_calls: int
-    ) -> None: ...
+    # Built by __cinit__ (the ring buffer must exist before any method runs), hence __new__.
+    def __new__(
+        cls, failure_threshold: int, failure_rate: float, window: int, minimum_calls: int
+    ) -> CircuitCore: ...
     def record_success(self, generation: int) -> None: ...
     def record_failure(self, generation: int) -> bool: ...
     def transition(self, state: int) -> int: ...
@@ -137,10 +156,11 @@ class CircuitGuarded:
     func: _Callable[..., _Any]
     circuit_breaker: _Any
     def __init__(self, func: _Callable[..., _Any], core: CircuitCore, breaker: _Any) -> None: ...
+    # Called through the vectorcall slot, which the core sets at import (see the test).
     def __call__(self, *args: _Any, **kwargs: _Any) -> _Any: ...
-    def __get__(self, instance: object, owner: type | None = None) -> _Any: ...
+    def __get__(self, instance: object, owner: type | None = None, /) -> _Any: ...
 
-# --- checkpoint ----------------------------------------------------------------------------
+# --- checkpoint (_core_checkpoint.pxi) -------------------------------------------------------
 def siphash24_int64(key: bytes, value: int) -> int: ...
 
 class ItemHasher:

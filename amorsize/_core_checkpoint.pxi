@@ -13,46 +13,46 @@
 # file holds its own random 128-bit key; SipHash-2-4 (Aumasson & Bernstein, "SipHash: a fast
 # short-input PRF", 2012) is a PRF under that key, written here from the paper.
 #
-# The rule (``checkpoint.item_hash`` applies it through this class; tests check SipHash
-# against a reference written from the paper): an exact int in [-2**63, 2**63) hashes to
-# ``siphash24(key, its 8 little-endian two's-complement bytes) | 1`` (odd); anything else to
-# ``hash_other(item)``, which is even; 0 marks an item that has no hash (``hash_other``
-# returned None: it does not pickle).
+# The rule, stated and applied here only (``checkpoint.item_hash`` and the checkpoint's
+# observer call this class; tests check SipHash against a reference written from the paper):
+#
+# * an exact int in the int64 range hashes to ``siphash24(key, its 8 little-endian
+#   two's-complement bytes) | 1``: odd;
+# * anything else to the 64-bit ``hash_other(item)`` with its low bit cleared: even, and 2
+#   where that would be 0;
+# * 0 marks an item that has no hash (``hash_other`` returned None: it does not pickle).
+#
+# Odd and even keep the two families apart: no int can hash like a non-int item.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint64_t
 
 
-cdef extern from "Python.h":
-    bint PyLong_CheckExact(object o)
-    long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
-
-
-cdef inline uint64_t _rotl(uint64_t x, int b) noexcept nogil:
+cdef inline uint64_t _ckpt_rotl(uint64_t x, int b) noexcept nogil:
     return (x << b) | (x >> (64 - b))
 
 
-cdef inline void _sip_rounds(uint64_t* v, int n) noexcept nogil:
+cdef inline void _ckpt_sip_rounds(uint64_t* v, int n) noexcept nogil:
     """``n`` SipRounds on the state ``v[0..3]`` (inlined: the state stays in registers)."""
     cdef int r
     for r in range(n):
         v[0] += v[1]
-        v[1] = _rotl(v[1], 13)
+        v[1] = _ckpt_rotl(v[1], 13)
         v[1] ^= v[0]
-        v[0] = _rotl(v[0], 32)
+        v[0] = _ckpt_rotl(v[0], 32)
         v[2] += v[3]
-        v[3] = _rotl(v[3], 16)
+        v[3] = _ckpt_rotl(v[3], 16)
         v[3] ^= v[2]
         v[0] += v[3]
-        v[3] = _rotl(v[3], 21)
+        v[3] = _ckpt_rotl(v[3], 21)
         v[3] ^= v[0]
         v[2] += v[1]
-        v[1] = _rotl(v[1], 17)
+        v[1] = _ckpt_rotl(v[1], 17)
         v[1] ^= v[2]
-        v[2] = _rotl(v[2], 32)
+        v[2] = _ckpt_rotl(v[2], 32)
 
 
-cdef inline uint64_t _siphash24_word(uint64_t k0, uint64_t k1, uint64_t m) noexcept nogil:
+cdef inline uint64_t _ckpt_siphash24_word(uint64_t k0, uint64_t k1, uint64_t m) noexcept nogil:
     """SipHash-2-4 of one 8-byte message whose little-endian value is ``m``."""
     cdef uint64_t v[4]
     v[0] = k0 ^ 0x736F6D6570736575ULL
@@ -62,17 +62,17 @@ cdef inline uint64_t _siphash24_word(uint64_t k0, uint64_t k1, uint64_t m) noexc
     # The final block of an 8-byte message holds only its length, in the top byte.
     cdef uint64_t last = (<uint64_t> 8) << 56
     v[3] ^= m
-    _sip_rounds(v, 2)  # c = 2 compression rounds per block
+    _ckpt_sip_rounds(v, 2)  # c = 2 compression rounds per block
     v[0] ^= m
     v[3] ^= last
-    _sip_rounds(v, 2)
+    _ckpt_sip_rounds(v, 2)
     v[0] ^= last
     v[2] ^= 0xFF
-    _sip_rounds(v, 4)  # d = 4 finalization rounds
+    _ckpt_sip_rounds(v, 4)  # d = 4 finalization rounds
     return v[0] ^ v[1] ^ v[2] ^ v[3]
 
 
-cdef inline uint64_t _le64(const unsigned char* p) noexcept nogil:
+cdef inline uint64_t _ckpt_le64(const unsigned char* p) noexcept nogil:
     cdef uint64_t v = 0
     cdef int b
     for b in range(8):
@@ -85,15 +85,16 @@ def siphash24_int64(bytes key, long long value):
     if len(key) != 16:
         raise ValueError(f"a SipHash key has 16 bytes, got {len(key)}")
     cdef const unsigned char* k = <const unsigned char*> PyBytes_AS_STRING(key)
-    return _siphash24_word(_le64(k), _le64(k + 8), <uint64_t> value)
+    return _ckpt_siphash24_word(_ckpt_le64(k), _ckpt_le64(k + 8), <uint64_t> value)
 
 
 cdef class ItemHasher:
-    """The keyed hash of input items for one checkpoint file (see the comment above).
+    """The keyed hash of input items for one checkpoint file (the rule above).
 
-    ``hasher(item)`` is the item's hash (None when ``hash_other`` gives None);
-    ``hasher.pack(items)`` is ``(blob, missing)``: the items' hashes as little-endian uint64,
-    0 for the ``missing`` items that have none.
+    ``hash_other(item)`` is a keyed 64-bit hash of any item that is not an int64 (an int
+    in ``[0, 2**64)``), or None when the item has none. ``hasher(item)`` is the item's
+    hash (None when it has none); ``hasher.pack(items)`` is ``(blob, missing)``: the items'
+    hashes as little-endian uint64, 0 for the ``missing`` items that have none.
     """
 
     cdef uint64_t k0, k1
@@ -103,27 +104,28 @@ cdef class ItemHasher:
         if len(key) != 16:
             raise ValueError(f"an item-hash key has 16 bytes, got {len(key)}")
         cdef const unsigned char* k = <const unsigned char*> PyBytes_AS_STRING(key)
-        self.k0 = _le64(k)
-        self.k1 = _le64(k + 8)
+        self.k0 = _ckpt_le64(k)
+        self.k1 = _ckpt_le64(k + 8)
         self.hash_other = hash_other
 
-    cdef inline uint64_t _int_hash(self, object x, bint* ok):
+    cdef inline uint64_t _hash(self, object item) except? 0:
+        # The rule above; 0 (no error set) for an item that has no hash.
         cdef int overflow = 0
-        cdef long long v = PyLong_AsLongLongAndOverflow(x, &overflow)
-        if overflow:
-            ok[0] = False
-            return 0
-        ok[0] = True
-        return _siphash24_word(self.k0, self.k1, <uint64_t> v) | 1
-
-    def __call__(self, item):
-        cdef bint ok = False
+        cdef long long v
         cdef uint64_t h
         if PyLong_CheckExact(item):
-            h = self._int_hash(item, &ok)
-            if ok:
-                return h
-        return self.hash_other(item)
+            v = PyLong_AsLongLongAndOverflow(item, &overflow)
+            if not overflow:
+                return _ckpt_siphash24_word(self.k0, self.k1, <uint64_t> v) | 1
+        other = self.hash_other(item)
+        if other is None:
+            return 0
+        h = (<uint64_t> other) & ~(<uint64_t> 1)
+        return h if h != 0 else 2
+
+    def __call__(self, item):
+        cdef uint64_t h = self._hash(item)
+        return h if h != 0 else None
 
     def pack(self, items):
         # A snapshot: hash_other runs Python code (an item's __reduce__) that could resize a
@@ -132,22 +134,13 @@ cdef class ItemHasher:
         cdef Py_ssize_t n = len(snapshot)
         cdef Py_ssize_t k, missing = 0
         cdef int b
-        cdef bint ok
         cdef uint64_t h
         blob = PyBytes_FromStringAndSize(NULL, n * 8)
         cdef unsigned char* out = <unsigned char*> PyBytes_AS_STRING(blob)
         for k in range(n):
-            x = snapshot[k]
-            ok = False
-            h = 0
-            if PyLong_CheckExact(x):
-                h = self._int_hash(x, &ok)
-            if not ok:
-                other = self.hash_other(x)
-                if other is None:
-                    missing += 1
-                else:
-                    h = other
+            h = self._hash(snapshot[k])
+            if h == 0:
+                missing += 1
             # Explicit little-endian bytes: the file format is the same on every machine.
             for b in range(8):
                 out[k * 8 + b] = <unsigned char> (h >> (8 * b))

@@ -18,44 +18,19 @@
 # pack ``*args``/``**kwargs`` into a tuple and a dict on every call (about 60 ns here),
 # while vectorcall forwards the caller's argument array untouched.
 
-from cpython.exc cimport PyErr_Fetch, PyErr_NormalizeException, PyErr_Restore
-from cpython.object cimport PyObject
-from cpython.ref cimport Py_XDECREF
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
 
-ctypedef PyObject* (*_amz_vectorcallfunc)(
-    PyObject*, PyObject* const*, size_t, PyObject*) noexcept
-ctypedef PyObject* (*_amz_ternaryfunc)(PyObject*, PyObject*, PyObject*) noexcept
-
-
-cdef extern from "Python.h":
-    PyObject* PyObject_Vectorcall(
-        PyObject* callable, PyObject* const* args, size_t nargsf, PyObject* kwnames)
-    PyObject* PyVectorcall_Call(PyObject* callable, PyObject* tup, PyObject* kwargs)
-    int PyException_SetTraceback(PyObject* ex, PyObject* tb)
-    PyObject* PyLong_FromLongLong(long long v)
-    long long PyLong_AsLongLong(PyObject* v)
-    PyObject* PyErr_Occurred()
-    void PyErr_WriteUnraisable(PyObject* obj)
-    unsigned long Py_TPFLAGS_HAVE_VECTORCALL
-
-    ctypedef struct _amz_TypeObject "PyTypeObject":
-        unsigned long tp_flags
-        Py_ssize_t tp_vectorcall_offset
-        void* tp_call
-
-
 # State codes, shared with circuit.py (CircuitState values).
 cdef enum:
-    _CLOSED = 0
-    _OPEN = 1
-    _HALF_OPEN = 2
+    _CIRCUIT_CLOSED = 0
+    _CIRCUIT_OPEN = 1
+    _CIRCUIT_HALF_OPEN = 2
 
-CIRCUIT_CLOSED = _CLOSED
-CIRCUIT_OPEN = _OPEN
-CIRCUIT_HALF_OPEN = _HALF_OPEN
+CIRCUIT_CLOSED = _CIRCUIT_CLOSED
+CIRCUIT_OPEN = _CIRCUIT_OPEN
+CIRCUIT_HALF_OPEN = _CIRCUIT_HALF_OPEN
 
 
 cdef class CircuitCore:
@@ -111,7 +86,7 @@ cdef class CircuitCore:
     cpdef void record_success(self, long long generation) noexcept:
         """Count a success of a call admitted in ``generation`` (ignored if stale or not closed)."""
         self.total_successes += 1
-        if self.state != _CLOSED or generation != self.generation:
+        if self.state != _CIRCUIT_CLOSED or generation != self.generation:
             return
         self.consecutive_failures = 0
         if self.failure_rate >= 0.0:
@@ -120,7 +95,7 @@ cdef class CircuitCore:
     cpdef bint record_failure(self, long long generation) noexcept:
         """Count a failure; True when the closed breaker's trip rule is now met."""
         self.total_failures += 1
-        if self.state != _CLOSED or generation != self.generation:
+        if self.state != _CIRCUIT_CLOSED or generation != self.generation:
             return False
         self.consecutive_failures += 1
         if self.failure_rate < 0.0:
@@ -150,7 +125,7 @@ cdef class CircuitGuarded:
     ``breaker._settle(token, exc)`` records the outcome.
     """
 
-    cdef _amz_vectorcallfunc _vectorcall
+    cdef vectorcallfunc _vectorcall
     cdef readonly object func
     cdef CircuitCore core
     cdef readonly object circuit_breaker
@@ -165,7 +140,7 @@ cdef class CircuitGuarded:
         self.circuit_breaker = breaker
         self._admit = breaker._admit
         self._settle = breaker._settle
-        self._vectorcall = _guarded_vectorcall
+        self._vectorcall = _circuit_vectorcall
 
     def __get__(self, instance, owner):
         # Decorated methods bind like plain functions.
@@ -178,13 +153,9 @@ cdef class CircuitGuarded:
         # module-level function or method), like the function it replaced. Otherwise (a
         # lambda, a closure) by value: the function and the breaker, which arrives in the
         # other process as a fresh breaker with the same policy and name.
-        obj = _circuit_sys.modules.get(getattr(self, "__module__", ""))
         qualname = getattr(self, "__qualname__", "")
-        if obj is not None and qualname:
-            for part in qualname.split("."):
-                obj = getattr(obj, part, None)
-            if obj is self:
-                return qualname
+        if _importable_as(self, getattr(self, "__module__", ""), qualname):
+            return qualname
         return (type(self.circuit_breaker)._reguard, (self.circuit_breaker, self.func))
 
     def __repr__(self):
@@ -192,11 +163,7 @@ cdef class CircuitGuarded:
                 f" ({self.circuit_breaker!r})>")
 
 
-import sys as _circuit_sys
-from types import MethodType as _MethodType
-
-
-cdef inline void _settle(CircuitGuarded self, long long token, PyObject* exc) noexcept:
+cdef inline void _circuit_settle(CircuitGuarded self, long long token, PyObject* exc) noexcept:
     # Hand an outcome to ``breaker._settle(token, exc)``. It does not raise by design (it
     # logs callback errors); should it fail anyway, the error is reported as unraisable so
     # that the guarded call's own outcome is what the caller sees.
@@ -215,35 +182,31 @@ cdef inline void _settle(CircuitGuarded self, long long token, PyObject* exc) no
         Py_XDECREF(r)
 
 
-cdef PyObject* _call_and_settle(CircuitGuarded self, long long token, PyObject* const* args,
-                                size_t nargsf, PyObject* kwnames) noexcept:
+cdef PyObject* _circuit_call(CircuitGuarded self, long long token, PyObject* const* args,
+                             size_t nargsf, PyObject* kwnames) noexcept:
     # One guarded call: ``token`` is the admission (generation << 1 | is_probe).
     cdef PyObject* result = PyObject_Vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
-    cdef PyObject* etype = NULL
-    cdef PyObject* evalue = NULL
-    cdef PyObject* etb = NULL
+    cdef PyObject* exc
     if result != NULL:
         if token & 1 == 0:
             self.core.record_success(token >> 1)
         else:
-            _settle(self, token, NULL)
+            _circuit_settle(self, token, NULL)
         return result
-    PyErr_Fetch(&etype, &evalue, &etb)
-    PyErr_NormalizeException(&etype, &evalue, &etb)
-    if etb != NULL:
-        PyException_SetTraceback(evalue, etb)
-    _settle(self, token, evalue)
-    PyErr_Restore(etype, evalue, etb)
+    exc = amz_fetch_exception()
+    _circuit_settle(self, token, exc)
+    amz_reraise(exc)
+    Py_XDECREF(exc)
     return NULL
 
 
-cdef PyObject* _guarded_vectorcall(PyObject* callable, PyObject* const* args, size_t nargsf,
+cdef PyObject* _circuit_vectorcall(PyObject* callable, PyObject* const* args, size_t nargsf,
                                    PyObject* kwnames) noexcept:
     cdef CircuitGuarded self = <CircuitGuarded>callable
     cdef long long token
     cdef PyObject* r
-    if self.core.state == _CLOSED:
-        return _call_and_settle(self, self.core.generation << 1, args, nargsf, kwnames)
+    if self.core.state == _CIRCUIT_CLOSED:
+        return _circuit_call(self, self.core.generation << 1, args, nargsf, kwnames)
     # Open or half-open: the breaker decides under its lock (and may raise CircuitOpenError).
     r = PyObject_Vectorcall(<PyObject*>self._admit, NULL, 0, NULL)
     if r == NULL:
@@ -252,17 +215,14 @@ cdef PyObject* _guarded_vectorcall(PyObject* callable, PyObject* const* args, si
     Py_XDECREF(r)
     if token == -1 and PyErr_Occurred() != NULL:
         return NULL
-    return _call_and_settle(self, token, args, nargsf, kwnames)
+    return _circuit_call(self, token, args, nargsf, kwnames)
 
 
-cdef void _enable_vectorcall() noexcept:
-    # Static extension types are ready by now; give CircuitGuarded the vectorcall slot before
-    # any instance exists. The offset is measured on a throwaway instance.
+cdef _circuit_enable_vectorcall():
+    # Give CircuitGuarded the vectorcall slot before any instance exists; the offset of the
+    # entry point is measured on a throwaway instance.
     cdef CircuitGuarded probe = CircuitGuarded.__new__(CircuitGuarded)
-    cdef _amz_TypeObject* tp = <_amz_TypeObject*><PyObject*>CircuitGuarded
-    tp.tp_vectorcall_offset = <Py_ssize_t>(<char*>&probe._vectorcall - <char*><PyObject*>probe)
-    tp.tp_call = <void*>PyVectorcall_Call
-    tp.tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL
+    amz_enable_vectorcall(CircuitGuarded, <char*>&probe._vectorcall - <char*><void*>probe)
 
 
-_enable_vectorcall()
+_circuit_enable_vectorcall()

@@ -1,8 +1,9 @@
 # Optimizer cost model: predicted wall time of serial / processes(n, c) / threads(n, c)
 # runs, and the search over worker counts and chunk sizes.
 #
-# Plain numbers in and out: the optimizer fills two structs (Python dicts convert to them)
-# from the sampled profile and the machine facts; nothing here validates or does I/O.
+# Plain numbers in and out: the optimizer fills two structs from the sampled profile and the
+# machine facts (Python dicts convert to them; their keys are the TypedDicts of the same
+# names in amorsize/_model_types.py); nothing here validates or does I/O.
 #
 # Timeline of a process run, as modelled (one parent, n workers, K = ceil(N / c) chunks):
 #
@@ -45,19 +46,19 @@ cdef struct Machine:
 
 # Backend codes in the tuples returned by model_search.
 cdef enum:
-    _SERIAL = 0
-    _PROCESSES = 1
-    _THREADS = 2
+    _MODEL_SERIAL = 0
+    _MODEL_PROCESSES = 1
+    _MODEL_THREADS = 2
 
 # Fraction of available memory the workers may use together (the rest is the parent's
 # and the system's headroom).
-cdef double _MEMORY_SHARE = 0.8
+cdef double _MODEL_MEMORY_SHARE = 0.8
 # Pure-Python CPU work on several threads runs a little slower than on one (GIL hand-offs,
 # cache misses): about 10% on CPython 3.11 in benchmarks/bench_quality.py's 1 ms workload.
-cdef double _GIL_CONTENTION = 1.10
+cdef double _MODEL_GIL_CONTENTION = 1.10
 # Chunk-size grid step: fine enough that the best grid point is within ~12% of the optimum
 # of a smooth cost curve, coarse enough that the whole search costs microseconds.
-cdef double _GRID_STEP = 1.25
+cdef double _MODEL_GRID_STEP = 1.25
 
 
 cpdef double model_serial_seconds(Workload w) noexcept:
@@ -68,7 +69,7 @@ cpdef double model_serial_seconds(Workload w) noexcept:
     return w.n_items * w.t_mean
 
 
-cdef inline double _tail(double n_active, double chunk_s, double chunk_std) noexcept:
+cdef inline double _model_tail(double n_active, double chunk_s, double chunk_std) noexcept:
     """Expected extra time of the last, unevenly finishing chunks over a perfect split.
 
     With dynamic scheduling each worker idles on average about half a chunk at the end;
@@ -85,7 +86,7 @@ cpdef long long model_max_workers_for_memory(Workload w, Machine m, double chunk
         w.in_bytes + w.out_bytes)
     if m.available_memory <= 0.0 or footprint <= 0.0:
         return 1 << 30
-    return <long long>floor(_MEMORY_SHARE * m.available_memory / footprint)
+    return <long long>floor(_MODEL_MEMORY_SHARE * m.available_memory / footprint)
 
 
 cpdef double model_process_seconds(Workload w, Machine m, double n, double c) noexcept:
@@ -121,7 +122,7 @@ cpdef double model_process_seconds(Workload w, Machine m, double n, double c) no
     if stretch < 1.0:
         stretch = 1.0
     cdef double chunk_s = c * worker_item * stretch
-    cdef double tail = _tail(n_active, chunk_s, sqrt(c) * w.t_std * stretch)
+    cdef double tail = _model_tail(n_active, chunk_s, sqrt(c) * w.t_std * stretch)
     cdef double total = middle + tail
     # No run is shorter than its slowest chunk, nor than its slowest item.
     if chunk_s + w.t_max > total:
@@ -147,7 +148,7 @@ cpdef double model_thread_seconds(Workload w, Machine m, double n, double c) noe
     cdef double n_active = n if n < K else K
     cdef double startup = n * m.thread_startup_s
     cdef double gil_item = w.t_mean * w.cpu_fraction * (
-        _GIL_CONTENTION if n_active > 1.0 else 1.0)
+        _MODEL_GIL_CONTENTION if n_active > 1.0 else 1.0)
     cdef double item = w.t_mean
     if gil_item > item:
         item = gil_item
@@ -156,13 +157,14 @@ cpdef double model_thread_seconds(Workload w, Machine m, double n, double c) noe
     if gil_total > middle:
         middle = gil_total
     cdef double chunk_s = c * item
-    cdef double total = middle + _tail(n_active, chunk_s, sqrt(c) * w.t_std)
+    cdef double total = middle + _model_tail(n_active, chunk_s, sqrt(c) * w.t_std)
     if chunk_s + w.t_max > total:
         total = chunk_s + w.t_max
     return startup + total + m.thread_roundtrip_s
 
 
-cdef double _best_chunk(Workload w, Machine m, int backend, double n, double *best_c) noexcept:
+cdef double _model_best_chunk(Workload w, Machine m, int backend, double n,
+                              double *best_c) noexcept:
     """Search chunk sizes 1 .. ceil(N / n) on a geometric grid; return the best time."""
     cdef double N = w.n_items
     cdef double top = ceil(N / n)
@@ -174,7 +176,7 @@ cdef double _best_chunk(Workload w, Machine m, int backend, double n, double *be
     extra[2] = ceil(N / (4.0 * n))
     best_c[0] = 1.0
     while True:
-        if backend == _PROCESSES:
+        if backend == _MODEL_PROCESSES:
             if model_max_workers_for_memory(w, m, c) < n:
                 break
             t = model_process_seconds(w, m, n, c)
@@ -185,14 +187,14 @@ cdef double _best_chunk(Workload w, Machine m, int backend, double n, double *be
             best_c[0] = c
         if c >= top:
             break
-        c = floor(c * _GRID_STEP) if floor(c * _GRID_STEP) > c else c + 1.0
+        c = floor(c * _MODEL_GRID_STEP) if floor(c * _MODEL_GRID_STEP) > c else c + 1.0
         if c > top:
             c = top
     for i in range(3):
         c = extra[i]
         if c < 1.0:
             continue
-        if backend == _PROCESSES:
+        if backend == _MODEL_PROCESSES:
             if model_max_workers_for_memory(w, m, c) < n:
                 continue
             t = model_process_seconds(w, m, n, c)
@@ -210,7 +212,7 @@ cpdef list model_search(Workload w, Machine m, list process_ns, list thread_ns):
     ``backend`` is 0 serial, 1 processes, 2 threads; the list is sorted fastest first and
     always holds the serial candidate. Worker counts that do not fit in memory are skipped.
     """
-    cdef list out = [(_SERIAL, 1, 1, model_serial_seconds(w))]
+    cdef list out = [(_MODEL_SERIAL, 1, 1, model_serial_seconds(w))]
     cdef double best_c = 1.0, t
     cdef long long n
     if w.n_items <= 0.0:
@@ -218,18 +220,18 @@ cpdef list model_search(Workload w, Machine m, list process_ns, list thread_ns):
     for n in process_ns:
         if n < 1:
             continue
-        t = _best_chunk(w, m, _PROCESSES, <double>n, &best_c)
+        t = _model_best_chunk(w, m, _MODEL_PROCESSES, <double>n, &best_c)
         if t < 1e300:
-            out.append((_PROCESSES, n, <long long>best_c, t))
+            out.append((_MODEL_PROCESSES, n, <long long>best_c, t))
     for n in thread_ns:
         if n < 1:
             continue
-        t = _best_chunk(w, m, _THREADS, <double>n, &best_c)
+        t = _model_best_chunk(w, m, _MODEL_THREADS, <double>n, &best_c)
         if t < 1e300:
-            out.append((_THREADS, n, <long long>best_c, t))
-    out.sort(key=_seconds_key)
+            out.append((_MODEL_THREADS, n, <long long>best_c, t))
+    out.sort(key=_model_seconds_key)
     return out
 
 
-def _seconds_key(tuple cand):
+def _model_seconds_key(tuple cand):
     return cand[3]

@@ -21,82 +21,61 @@
 # Decorrelated-jitter state is a local of ``_retry_run``: per call, never shared.
 
 cimport cython
-from cpython.object cimport PyObject
 from libc.math cimport isfinite, pow
 from libc.stdint cimport uint64_t
 
 import collections.abc as _collections_abc
 import logging as _logging
 import os as _os
-import sys as _sys
 import time as _time
-from types import MethodType as _MethodType
-
-cdef extern from "Python.h":
-    # Aliased C names: other include files declare some of these with other signatures.
-    ctypedef PyObject* (*_rt_vectorcallfunc "vectorcallfunc")(
-        PyObject*, PyObject* const*, size_t, PyObject*)
-    int _rt_long_check "PyLong_Check"(object o)
-    Py_ssize_t _rt_nargs "PyVectorcall_NARGS"(size_t nargsf)
-    long long _rt_as_ll "PyLong_AsLongLongAndOverflow"(object o, int* overflow) except? -1
-    bint _rt_coro_check "PyCoro_CheckExact"(object o)
-    int _rt_iter_send "PyIter_Send"(object iter, object arg, PyObject** presult) noexcept
-    tuple _rt_tuple_new "PyTuple_New"(Py_ssize_t n)
-    void _rt_tuple_set "PyTuple_SET_ITEM"(tuple t, Py_ssize_t i, object o)
-    void Py_INCREF(object o)
-    void Py_DECREF(object o)
-    PyObject* _rt_raw_call "PyObject_Call"(PyObject* callable, PyObject* args,
-                                           PyObject* kwargs) noexcept
-    PyObject* _rt_raw_vectorcall "PyObject_Vectorcall"(
-        PyObject* callable, PyObject* const* args, size_t nargsf, PyObject* kwnames) noexcept
 
 cdef extern from *:
     """
     #include <stdint.h>
     #if defined(_MSC_VER)
-    #  define AMS_TLS __declspec(thread)
+    #  define AMZ_TLS __declspec(thread)
     #else
-    #  define AMS_TLS __thread
+    #  define AMZ_TLS __thread
     #endif
     /* xoshiro256** (Blackman & Vigna), one state per thread, seeded by splitmix64.
        A thread (re)seeds itself lazily when its generation differs from the global one:
-       on first use, after ams_rng_reseed() (seed_jitter, and in every child after fork). */
-    typedef struct { uint64_t s[4]; uint64_t gen; } ams_rng_t;
-    static AMS_TLS ams_rng_t ams_rng_tls;             /* gen 0: never seeded */
-    static uint64_t ams_rng_seed_base = 0x9E3779B97F4A7C15ULL;
-    static uint64_t ams_rng_generation = 1;
-    static uint64_t ams_rng_threads = 0;
+       on first use, after amz_rng_reseed() (seed_jitter, and in every child after fork). */
+    typedef struct { uint64_t s[4]; uint64_t gen; } amz_rng_t;
+    static AMZ_TLS amz_rng_t amz_rng_tls;             /* gen 0: never seeded */
+    static uint64_t amz_rng_seed_base = 0x9E3779B97F4A7C15ULL;
+    static uint64_t amz_rng_generation = 1;
+    static uint64_t amz_rng_threads = 0;
 
-    static inline uint64_t ams_splitmix64(uint64_t *x) {
+    static inline uint64_t amz_splitmix64(uint64_t *x) {
         uint64_t z = (*x += 0x9E3779B97F4A7C15ULL);
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
         return z ^ (z >> 31);
     }
-    static inline uint64_t ams_rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+    static inline uint64_t amz_rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
-    static void ams_rng_seed_state(ams_rng_t *r, uint64_t seed) {
+    static void amz_rng_seed_state(amz_rng_t *r, uint64_t seed) {
         uint64_t x = seed;
-        for (int i = 0; i < 4; i++) r->s[i] = ams_splitmix64(&x);
-        r->gen = ams_rng_generation;
+        for (int i = 0; i < 4; i++) r->s[i] = amz_splitmix64(&x);
+        r->gen = amz_rng_generation;
     }
     /* Uniform double in [0, 1) with 53 random bits. */
-    static inline double ams_rng_uniform(void) {
-        ams_rng_t *r = &ams_rng_tls;
-        if (r->gen != ams_rng_generation) {
-            uint64_t k = ams_rng_threads++;
-            ams_rng_seed_state(r, ams_rng_seed_base ^ (k * 0xD1B54A32D192ED03ULL));
+    static inline double amz_rng_uniform(void) {
+        amz_rng_t *r = &amz_rng_tls;
+        if (r->gen != amz_rng_generation) {
+            uint64_t k = amz_rng_threads++;
+            amz_rng_seed_state(r, amz_rng_seed_base ^ (k * 0xD1B54A32D192ED03ULL));
         }
         uint64_t *s = r->s;
-        uint64_t result = ams_rotl(s[1] * 5, 7) * 9;
+        uint64_t result = amz_rotl(s[1] * 5, 7) * 9;
         uint64_t t = s[1] << 17;
         s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
-        s[2] ^= t; s[3] = ams_rotl(s[3], 45);
+        s[2] ^= t; s[3] = amz_rotl(s[3], 45);
         return (double)(result >> 11) * (1.0 / 9007199254740992.0);
     }
     /* Give a type with __await__ the am_send slot (3.10+), so that `await` and PyIter_Send
        drive it without a StopIteration per call. */
-    static int ams_set_am_send(PyObject *type, void *fn) {
+    static int amz_set_am_send(PyObject *type, void *fn) {
         PyTypeObject *tp = (PyTypeObject *)type;
         if (tp->tp_as_async == NULL) {
             PyErr_SetString(PyExc_SystemError, "type has no async slots");
@@ -109,69 +88,24 @@ cdef extern from *:
         PyType_Modified(tp);
         return 0;
     }
-    /* The exception being raised, taken out of the thread state (new reference, with its
-       traceback attached). Cheaper than a Cython `except` clause, which records a frame. */
-    static PyObject *ams_fetch_exception(void) {
-    #if PY_VERSION_HEX >= 0x030C0000
-        return PyErr_GetRaisedException();
-    #else
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-        if (t == NULL) return NULL;
-        PyErr_NormalizeException(&t, &v, &tb);
-        if (tb != NULL) {
-            PyException_SetTraceback(v, tb);
-            Py_DECREF(tb);
-        }
-        Py_DECREF(t);
-        return v;
-    #endif
-    }
-    /* Raise `exc` again, unchanged (its own traceback continues); always returns -1. */
-    static int ams_reraise(PyObject *exc) {
-    #if PY_VERSION_HEX >= 0x030C0000
-        Py_INCREF(exc);
-        PyErr_SetRaisedException(exc);
-    #else
-        PyObject *tb = PyException_GetTraceback(exc);
-        Py_INCREF(Py_TYPE(exc));
-        Py_INCREF(exc);
-        PyErr_Restore((PyObject *)Py_TYPE(exc), exc, tb);
-    #endif
-        return -1;
-    }
-    static void ams_rng_reseed(uint64_t seed) {
-        ams_rng_seed_base = seed;
-        ams_rng_threads = 0;
-        ams_rng_generation++;
-    }
-
-    /* Cython has no syntax for vectorcall on a cdef class, so the slot is set by hand
-       once at import: the instance stores its entry point at `offset`. */
-    static int ams_enable_vectorcall(PyObject *type, Py_ssize_t offset) {
-        PyTypeObject *tp = (PyTypeObject *)type;
-        tp->tp_vectorcall_offset = offset;
-        tp->tp_call = PyVectorcall_Call;
-        tp->tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL;
-        PyType_Modified(tp);
-        return 0;
+    static void amz_rng_reseed(uint64_t seed) {
+        amz_rng_seed_base = seed;
+        amz_rng_threads = 0;
+        amz_rng_generation++;
     }
     """
-    double ams_rng_uniform() nogil
-    void ams_rng_reseed(uint64_t seed) nogil
-    int ams_enable_vectorcall(object tp, Py_ssize_t offset) except -1
-    object _rt_fetch_exception "ams_fetch_exception"()
-    int _rt_reraise "ams_reraise"(object exc) except -1
-    int ams_set_am_send(object tp, void* fn) except -1
+    double amz_rng_uniform() nogil
+    void amz_rng_reseed(uint64_t seed) nogil
+    int amz_set_am_send(object tp, void* fn) except -1
 
 
 # Jitter strategies, as lowered by amorsize.retry (RetryPolicy.jitter).
 cdef enum:
-    JITTER_NONE = 0
-    JITTER_PROPORTIONAL = 1   # the seed's +-25 %
-    JITTER_FULL = 2           # AWS "full": U(0, d)
-    JITTER_EQUAL = 3          # AWS "equal": d/2 + U(0, d/2)
-    JITTER_DECORRELATED = 4   # AWS "decorrelated": min(cap, U(initial, 3 * previous sleep))
+    _RETRY_JITTER_NONE = 0
+    _RETRY_JITTER_PROPORTIONAL = 1  # the seed's +-25 %
+    _RETRY_JITTER_FULL = 2          # AWS "full": U(0, d)
+    _RETRY_JITTER_EQUAL = 3         # AWS "equal": d/2 + U(0, d/2)
+    _RETRY_JITTER_DECORRELATED = 4  # AWS "decorrelated": min(cap, U(initial, 3 * previous))
 
 # What _retry_after_failure tells the loop (any value >= 0 is the delay before a retry).
 cdef double _RETRY_PROPAGATE = -1.0   # not retryable: re-raise unchanged
@@ -203,22 +137,22 @@ def seed_jitter(uint64_t seed):
     >>> seed_jitter(42); a = jitter_uniform(); seed_jitter(42); a == jitter_uniform()
     True
     """
-    ams_rng_reseed(seed)
+    amz_rng_reseed(seed)
 
 
 def jitter_uniform():
     """One draw in ``[0, 1)`` from the jitter generator (for tests and diagnostics)."""
-    return ams_rng_uniform()
+    return amz_rng_uniform()
 
 
-def _reseed_after_fork():
+def _retry_reseed_after_fork():
     # Fresh entropy per child, so that forked workers do not sleep in lockstep.
-    ams_rng_reseed(int.from_bytes(_os.urandom(8), "little") ^ <uint64_t>_os.getpid())
+    amz_rng_reseed(int.from_bytes(_os.urandom(8), "little") ^ <uint64_t>_os.getpid())
 
 
-_reseed_after_fork()
+_retry_reseed_after_fork()
 if hasattr(_os, "register_at_fork"):
-    _os.register_at_fork(after_in_child=_reseed_after_fork)
+    _os.register_at_fork(after_in_child=_retry_reseed_after_fork)
 
 
 def _set_testing_state(bint enabled, long long max_retries):
@@ -261,20 +195,20 @@ cpdef double backoff_delay(double initial_delay, double exponential_base,
 cdef inline double _retry_jittered(_RetryPolicyCore p, long long attempt,
                                    double previous) noexcept:
     cdef double d, u, lo, hi
-    if p.jitter_mode == JITTER_DECORRELATED:
+    if p.jitter_mode == _RETRY_JITTER_DECORRELATED:
         lo = p.initial_delay
         hi = 3.0 * previous
         if hi < lo:
             hi = lo
-        d = lo + ams_rng_uniform() * (hi - lo)
+        d = lo + amz_rng_uniform() * (hi - lo)
     else:
         d = backoff_delay(p.initial_delay, p.exponential_base, p.max_delay, attempt)
-        if p.jitter_mode == JITTER_PROPORTIONAL:
-            d = d * (0.75 + 0.5 * ams_rng_uniform())
-        elif p.jitter_mode == JITTER_FULL:
-            d = d * ams_rng_uniform()
-        elif p.jitter_mode == JITTER_EQUAL:
-            d = 0.5 * d + 0.5 * d * ams_rng_uniform()
+        if p.jitter_mode == _RETRY_JITTER_PROPORTIONAL:
+            d = d * (0.75 + 0.5 * amz_rng_uniform())
+        elif p.jitter_mode == _RETRY_JITTER_FULL:
+            d = d * amz_rng_uniform()
+        elif p.jitter_mode == _RETRY_JITTER_EQUAL:
+            d = 0.5 * d + 0.5 * d * amz_rng_uniform()
     # Keep every strategy inside [0, max_delay] (proportional jitter can overshoot the cap).
     if not d <= p.max_delay:
         d = p.max_delay
@@ -287,8 +221,8 @@ cdef inline long long _retry_attempt_from(object attempt) except? -2:
     # Python ints of any size: huge attempts saturate instead of raising OverflowError.
     cdef int overflow = 0
     cdef long long a
-    if _rt_long_check(attempt) and not isinstance(attempt, bool):
-        a = _rt_as_ll(attempt, &overflow)
+    if PyLong_Check(attempt) and not isinstance(attempt, bool):
+        a = PyLong_AsLongLongAndOverflow(attempt, &overflow)
         if overflow > 0:
             return 0x7FFFFFFFFFFFFFFF
         if overflow == 0 and a >= 1:
@@ -475,13 +409,6 @@ cdef inline _retry_sleep(double delay):
         _time.sleep(delay)
 
 
-cdef inline object _rt_steal(PyObject* r):
-    # Turn a new reference returned by the C API into an object without another INCREF.
-    result = <object>r
-    Py_DECREF(result)
-    return result
-
-
 cdef object _retry_run(object func, _RetryPolicyCore p, RetryStats stats,
                        PyObject* const* vargs, size_t nargsf, PyObject* kwnames,
                        tuple targs, dict tkwargs, long long* attempts_out, object exc):
@@ -504,21 +431,21 @@ cdef object _retry_run(object func, _RetryPolicyCore p, RetryStats stats,
         attempts_out[0] = attempt
         if exc is None:
             if targs is None:
-                r = _rt_raw_vectorcall(<PyObject*>func, vargs, nargsf, kwnames)
+                r = PyObject_Vectorcall(<PyObject*>func, vargs, nargsf, kwnames)
             else:
-                r = _rt_raw_call(<PyObject*>func, <PyObject*>targs, kw)
+                r = PyObject_Call(<PyObject*>func, <PyObject*>targs, kw)
             if r == NULL:
-                exc = _rt_fetch_exception()
+                exc = _fetch_exception()
             else:
-                result = _rt_steal(r)
+                result = _steal(r)
                 if p.result_pred is None or not p.result_pred(result):
                     return result
         delay = _retry_after_failure(p, func, exc, attempt, &previous, start, stats)
         if delay == _RETRY_PROPAGATE:
-            _rt_reraise(exc)
+            _reraise(exc)
         if delay == _RETRY_EXHAUSTED:
             if exc is not None and p.reraise:
-                _rt_reraise(exc)
+                _reraise(exc)
             _retry_raise_exhausted(p, func, exc, attempt, result if exc is None else None)
         _retry_sleep(delay)
         attempt += 1
@@ -560,7 +487,7 @@ cdef class RetryStats:
 cdef class _RetryingBase:
     """What ``with_retry`` returns: looks like the wrapped function, retries on failure."""
 
-    cdef _rt_vectorcallfunc vectorcall
+    cdef vectorcallfunc vectorcall
     cdef object func
     cdef _RetryPolicyCore policy
     cdef RetryStats stats
@@ -624,14 +551,8 @@ cdef class _RetryingBase:
         # By reference when importable as module.qualname (workers import it themselves);
         # otherwise by value, so that cloudpickle can still ship a local function.
         attrs = vars(self)
-        qualname = attrs.get("__qualname__")
-        module = _sys.modules.get(attrs.get("__module__"))
-        if qualname is not None and module is not None:
-            obj = module
-            for part in qualname.split("."):
-                obj = getattr(obj, part, None)
-            if obj is self:
-                return qualname
+        if _importable_as(self, attrs.get("__module__"), attrs.get("__qualname__")):
+            return attrs["__qualname__"]
         return (_rebuild_retrying, (type(self), self.func, self.policy))
 
     def __repr__(self):
@@ -648,7 +569,7 @@ cdef class RetryingFunction(_RetryingBase):
     """A synchronous function decorated by ``with_retry``."""
 
     def __cinit__(self):
-        self.vectorcall = <_rt_vectorcallfunc><void*>_retry_vectorcall
+        self.vectorcall = <vectorcallfunc><void*>_retry_vectorcall
 
     def call_outcome(self, *args, **kwargs):
         """Run with retries and report instead of raising: ``(ok, value, attempts)``.
@@ -678,7 +599,7 @@ cdef PyObject* _retry_vectorcall(RetryingFunction self, PyObject* const* args,
     cdef PyObject* r
     self.stats.calls += 1
     if self.policy.simple:
-        r = _rt_raw_vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
+        r = PyObject_Vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
         if r != NULL:
             return r
         return _retry_slow_ptr(self, args, nargsf, kwnames, True)
@@ -688,16 +609,16 @@ cdef PyObject* _retry_vectorcall(RetryingFunction self, PyObject* const* args,
 cdef object _retry_slow(RetryingFunction self, PyObject* const* args, size_t nargsf,
                         PyObject* kwnames, bint failed):
     cdef long long attempts
-    exc = _rt_fetch_exception() if failed else None
+    exc = _fetch_exception() if failed else None
     return _retry_run(self.func, self.policy, self.stats, args, nargsf, kwnames, None, None,
                       &attempts, exc)
 
 
 # _retry_slow returns NULL with an exception set on failure, exactly what a vectorcall entry
 # must return; this pointer lets the noexcept entry hand that NULL on unchanged.
-ctypedef PyObject* (*_rt_slow_t)(RetryingFunction, PyObject* const*, size_t, PyObject*,
-                                 bint) noexcept
-cdef _rt_slow_t _retry_slow_ptr = <_rt_slow_t><void*>_retry_slow
+ctypedef PyObject* (*_retry_slow_t)(RetryingFunction, PyObject* const*, size_t, PyObject*,
+                                    bint) noexcept
+cdef _retry_slow_t _retry_slow_ptr = <_retry_slow_t><void*>_retry_slow
 
 
 @cython.final
@@ -711,7 +632,7 @@ cdef class RetryingItemFunction(_RetryingBase):
     """
 
     def __cinit__(self):
-        self.vectorcall = <_rt_vectorcallfunc><void*>_retry_item_vectorcall
+        self.vectorcall = <vectorcallfunc><void*>_retry_item_vectorcall
 
 
 cdef PyObject* _retry_item_vectorcall(RetryingItemFunction self, PyObject* const* args,
@@ -720,7 +641,7 @@ cdef PyObject* _retry_item_vectorcall(RetryingItemFunction self, PyObject* const
     cdef PyObject* r
     self.stats.calls += 1
     if self.policy.simple:
-        r = _rt_raw_vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
+        r = PyObject_Vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
         if r != NULL:
             return r
         return _retry_item_slow_ptr(self, args, nargsf, kwnames, True)
@@ -730,7 +651,7 @@ cdef PyObject* _retry_item_vectorcall(RetryingItemFunction self, PyObject* const
 cdef object _retry_item_slow(RetryingItemFunction self, PyObject* const* args, size_t nargsf,
                              PyObject* kwnames, bint failed):
     cdef long long attempts = 1
-    exc = _rt_fetch_exception() if failed else None
+    exc = _fetch_exception() if failed else None
     try:
         return _retry_run(self.func, self.policy, self.stats, args, nargsf, kwnames, None,
                           None, &attempts, exc)
@@ -743,9 +664,9 @@ cdef object _retry_item_slow(RetryingItemFunction self, PyObject* const* args, s
         raise
 
 
-ctypedef PyObject* (*_rt_item_slow_t)(RetryingItemFunction, PyObject* const*, size_t,
-                                      PyObject*, bint) noexcept
-cdef _rt_item_slow_t _retry_item_slow_ptr = <_rt_item_slow_t><void*>_retry_item_slow
+ctypedef PyObject* (*_retry_item_slow_t)(RetryingItemFunction, PyObject* const*, size_t,
+                                         PyObject*, bint) noexcept
+cdef _retry_item_slow_t _retry_item_slow_ptr = <_retry_item_slow_t><void*>_retry_item_slow
 
 
 @cython.final
@@ -753,7 +674,7 @@ cdef class AsyncRetryingFunction(_RetryingBase):
     """An ``async def`` function decorated by ``with_retry``: calling it gives a coroutine."""
 
     def __cinit__(self):
-        self.vectorcall = <_rt_vectorcallfunc><void*>_retry_async_vectorcall
+        self.vectorcall = <vectorcallfunc><void*>_retry_async_vectorcall
 
     # asyncio.iscoroutinefunction() also accepts this marker (inspect reads __code__).
     @property
@@ -764,15 +685,15 @@ cdef class AsyncRetryingFunction(_RetryingBase):
 
 cdef object _retry_async_vectorcall(AsyncRetryingFunction self, PyObject* const* args,
                                     size_t nargsf, PyObject* kwnames):
-    cdef Py_ssize_t n = _rt_nargs(nargsf)
+    cdef Py_ssize_t n = PyVectorcall_NARGS(nargsf)
     cdef Py_ssize_t i, nk
     cdef RetryCoroutine c = RetryCoroutine.__new__(RetryCoroutine)
-    cdef tuple targs = _rt_tuple_new(n)
+    cdef tuple targs = PyTuple_New(n)
     cdef object o
     for i in range(n):
         o = <object>args[i]
         Py_INCREF(o)
-        _rt_tuple_set(targs, i, o)
+        PyTuple_SET_ITEM(targs, i, o)
     if kwnames is not NULL:
         names = <tuple><object>kwnames
         nk = len(names)
@@ -816,7 +737,7 @@ cdef class RetryCoroutine:
     def send(self, value):
         """Resume with ``value`` (the coroutine protocol)."""
         cdef PyObject* r = NULL
-        cdef int st = _rc_step(self, value, None, &r)
+        cdef int st = _retry_coro_step(self, value, None, &r)
         res = <object>r
         Py_DECREF(res)
         if st == 1:
@@ -833,7 +754,8 @@ cdef class RetryCoroutine:
             if val is None and tb is None:
                 raise typ
             raise typ(val).with_traceback(tb) if isinstance(typ, type) else typ
-        st = _rc_step(self, None, (typ,) if val is None and tb is None else (typ, val, tb), &r)
+        throw_args = (typ,) if val is None and tb is None else (typ, val, tb)
+        st = _retry_coro_step(self, None, throw_args, &r)
         res = <object>r
         Py_DECREF(res)
         if st == 1:
@@ -860,14 +782,14 @@ cdef class RetryCoroutine:
         return f"<retrying coroutine {self.__qualname__} attempt={self.attempt} at {id(self):#x}>"
 
 
-cdef inline object _rc_iter(object aw):
+cdef inline object _retry_coro_iter(object aw):
     # What PyIter_Send can drive: a native coroutine as is, any other awaitable's __await__().
-    if _rt_coro_check(aw):
+    if PyCoro_CheckExact(aw):
         return aw
     return aw.__await__()
 
 
-cdef int _rc_throw_in(object inner, tuple throw_args, PyObject** out) except -1:
+cdef int _retry_coro_throw_in(object inner, tuple throw_args, PyObject** out) except -1:
     # inner.throw(...): 1 with the yielded value, 0 with the return value, or raises.
     try:
         r = inner.throw(*throw_args)
@@ -881,16 +803,15 @@ cdef int _rc_throw_in(object inner, tuple throw_args, PyObject** out) except -1:
     return 1
 
 
-cdef int _rc_step(RetryCoroutine self, object value, tuple throw_args,
-                  PyObject** out) except -1:
+cdef int _retry_coro_step(RetryCoroutine self, object value, tuple throw_args,
+                          PyObject** out) except -1:
     """Advance the retry loop; 1: ``*out`` is yielded, 0: ``*out`` is the return value.
 
     The same contract as ``am_send`` (PYGEN_NEXT / PYGEN_RETURN / PYGEN_ERROR).
     """
     cdef _RetryPolicyCore p = self.p
-    cdef PyObject* r
+    cdef PyObject* r = NULL
     cdef int st = -1
-    cdef double delay
     out[0] = NULL
     if self.attempt == 0:
         if self.done:
@@ -904,41 +825,19 @@ cdef int _rc_step(RetryCoroutine self, object value, tuple throw_args,
         if self.inner is None:
             if self.done:
                 raise RuntimeError("cannot reuse already awaited coroutine")
-            r = _rt_raw_call(<PyObject*>self.func, <PyObject*>self.args,
-                             NULL if self.kwargs is None else <PyObject*>self.kwargs)
-            if r == NULL:
-                exc = _rt_fetch_exception()
-            else:
-                aw = _rt_steal(r)
-                if _rt_coro_check(aw):
-                    self.inner = aw
-                else:
-                    try:
-                        self.inner = aw.__await__()
-                    except BaseException as e:
-                        exc = e
-            value = None
+            exc = _retry_coro_start_attempt(self)
         if exc is None:
-            r = NULL
-            if throw_args is not None:
-                ta = throw_args
-                throw_args = None
-                try:
-                    st = _rc_throw_in(self.inner, ta, &r)
-                except BaseException as e:
-                    exc = e
-            else:
-                st = _rt_iter_send(self.inner, value, &r)
-                if st == -1:
-                    exc = _rt_fetch_exception()
+            exc = _retry_coro_resume(self, value, throw_args, &r, &st)
+            throw_args = None
+        value = None
+        result = None
         if exc is None:
             if st == 1:
                 out[0] = r
                 return 1
             # The awaited thing returned.
-            result = _rt_steal(r)
+            result = _steal(r)
             self.inner = None
-            value = None
             if self.sleeping:
                 self.sleeping = False
                 self.attempt += 1
@@ -951,38 +850,79 @@ cdef int _rc_step(RetryCoroutine self, object value, tuple throw_args,
                 return 0
         else:
             self.inner = None
-            result = None
             if self.sleeping:
                 # Cancelled (or failed) while sleeping: that is not an attempt failing.
                 self.done = True
-                _rt_reraise(exc)
-        delay = _retry_after_failure(p, self.func, exc, self.attempt, &self.previous,
-                                     self.start, self.stats)
-        if delay == _RETRY_PROPAGATE:
-            self.done = True
-            _rt_reraise(exc)
-        if delay == _RETRY_EXHAUSTED:
-            self.done = True
-            if exc is not None and p.reraise:
-                _rt_reraise(exc)
-            _retry_raise_exhausted(p, self.func, exc, self.attempt, result)
-        _rc_begin_sleep(self, delay)
-        value = None
+                _reraise(exc)
+        _retry_coro_give_up_or_sleep(self, exc, result)
 
 
-cdef inline int _rc_begin_sleep(RetryCoroutine self, double delay) except -1:
+cdef inline object _retry_coro_start_attempt(RetryCoroutine self):
+    # Call func for a fresh attempt and keep what it returned to await; returns the
+    # exception if that failed, else None.
+    cdef PyObject* r = PyObject_Call(<PyObject*>self.func, <PyObject*>self.args,
+                                     NULL if self.kwargs is None else <PyObject*>self.kwargs)
+    if r == NULL:
+        return _fetch_exception()
+    aw = _steal(r)
+    if PyCoro_CheckExact(aw):
+        self.inner = aw
+        return None
+    try:
+        self.inner = aw.__await__()
+    except BaseException as e:
+        return e
+    return None
+
+
+cdef inline object _retry_coro_resume(RetryCoroutine self, object value, tuple throw_args,
+                                      PyObject** r, int* st):
+    # Send ``value`` (or throw ``throw_args``) into what is being awaited; ``*st`` and ``*r``
+    # as in _retry_coro_step. Returns the exception it raised, else None.
+    r[0] = NULL
+    if throw_args is not None:
+        try:
+            st[0] = _retry_coro_throw_in(self.inner, throw_args, r)
+        except BaseException as e:
+            return e
+        return None
+    st[0] = PyIter_Send(self.inner, value, r)
+    if st[0] == -1:
+        return _fetch_exception()
+    return None
+
+
+cdef int _retry_coro_give_up_or_sleep(RetryCoroutine self, object exc,
+                                      object result) except -1:
+    # After a failed attempt (``exc``; None when retry_on_result rejected ``result``): raise
+    # what the policy says, or start the sleep before the next attempt.
+    cdef _RetryPolicyCore p = self.p
+    cdef double delay = _retry_after_failure(p, self.func, exc, self.attempt, &self.previous,
+                                             self.start, self.stats)
+    if delay == _RETRY_PROPAGATE:
+        self.done = True
+        return _reraise(exc)
+    if delay == _RETRY_EXHAUSTED:
+        self.done = True
+        if exc is not None and p.reraise:
+            return _reraise(exc)
+        _retry_raise_exhausted(p, self.func, exc, self.attempt, result)
+    return _retry_coro_begin_sleep(self, delay)
+
+
+cdef inline int _retry_coro_begin_sleep(RetryCoroutine self, double delay) except -1:
     if delay > 0.0 and not _retry_testing:
         import asyncio
         # asyncio.sleep is looked up now, so that users' tests can patch it.
-        self.inner = _rc_iter(asyncio.sleep(delay))
+        self.inner = _retry_coro_iter(asyncio.sleep(delay))
         self.sleeping = True
     else:
         self.attempt += 1
     return 0
 
 
-cdef int _rc_am_send(RetryCoroutine self, PyObject* arg, PyObject** out) except -1:
-    return _rc_step(self, <object>arg, None, out)
+cdef int _retry_coro_am_send(RetryCoroutine self, PyObject* arg, PyObject** out) except -1:
+    return _retry_coro_step(self, <object>arg, None, out)
 
 
 def retry_call_core(func, _RetryPolicyCore policy not None, tuple args, dict kwargs):
@@ -997,10 +937,10 @@ def retry_call_core(func, _RetryPolicyCore policy not None, tuple args, dict kwa
 cdef _retry_enable_vectorcall():
     cdef RetryingFunction probe = RetryingFunction.__new__(RetryingFunction)
     cdef Py_ssize_t offset = <char*>&probe.vectorcall - <char*><void*>probe
-    ams_enable_vectorcall(RetryingFunction, offset)
-    ams_enable_vectorcall(RetryingItemFunction, offset)
-    ams_enable_vectorcall(AsyncRetryingFunction, offset)
-    ams_set_am_send(RetryCoroutine, <void*>_rc_am_send)
+    amz_enable_vectorcall(RetryingFunction, offset)
+    amz_enable_vectorcall(RetryingItemFunction, offset)
+    amz_enable_vectorcall(AsyncRetryingFunction, offset)
+    amz_set_am_send(RetryCoroutine, <void*>_retry_coro_am_send)
     _collections_abc.Coroutine.register(RetryCoroutine)
 
 

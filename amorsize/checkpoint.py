@@ -148,7 +148,7 @@ class CheckpointWarning(UserWarning):
 
 # --- hashes ----------------------------------------------------------------------------------
 def _pickle_hasher(key: bytes) -> Callable[[Any], int | None]:
-    """The keyed hash of a non-int item: BLAKE2b-64 of its pickle, even (ints are odd)."""
+    """Keyed BLAKE2b-64 of an item's pickle (``ItemHasher``'s hash of a non-int item)."""
     blake2b = hashlib.blake2b
     dumps = pickle.dumps
 
@@ -157,9 +157,7 @@ def _pickle_hasher(key: bytes) -> Callable[[Any], int | None]:
             data = dumps(item, _PROTOCOL)
         except Exception:
             return None
-        h = int.from_bytes(blake2b(data, key=key, digest_size=8).digest(), "little")
-        # Never 0: packed hashes use 0 for "no hash".
-        return h & ~1 or 2
+        return int.from_bytes(blake2b(data, key=key, digest_size=8).digest(), "little")
 
     return hash_other
 
@@ -171,8 +169,8 @@ def _hasher(key: bytes) -> ItemHasher:
 def item_hash(item: Any, key: bytes) -> int | None:
     """The 64-bit hash of ``item`` under a file's 16-byte ``key``; None if unpicklable.
 
-    Exact ints in the int64 range: SipHash-2-4 of their 8 bytes, odd; anything else: keyed
-    BLAKE2b of its pickle, even. Stable across processes and runs for the same key.
+    The rule is ``amorsize._core.ItemHasher``'s (int64 items: SipHash-2-4, anything else:
+    keyed BLAKE2b of its pickle). Stable across processes and runs for the same key.
 
     >>> k = bytes(16)
     >>> item_hash(3, k) == item_hash(3, k), item_hash(3, k) == item_hash(4, k)

@@ -73,7 +73,7 @@ R = TypeVar("R")
 #: ``jitter`` values: ``True`` is the proportional +-25 % jitter, ``False`` none.
 JitterStrategy = bool | Literal["full", "equal", "decorrelated"]
 
-# Codes understood by the core (_core_retry.pxi, JITTER_*).
+# Codes understood by the core (_core_retry.pxi, _RETRY_JITTER_*).
 _JITTER_CODES: dict[object, int] = {True: 1, False: 0, "full": 2, "equal": 3, "decorrelated": 4}
 _JITTERS = tuple(_JITTER_CODES)
 _NO_LIMIT = -1.0  # max_elapsed in the core when there is no time budget

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amorsize import execute
+from amorsize._core import ItemHasher
 from amorsize.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -296,6 +297,15 @@ def test_packed_hashes_survive_an_item_that_resizes_the_list() -> None:
     items += [1, Grower(), 3]
     blob, missing = _hasher(KEY).pack(items)
     assert len(blob) == 3 * 8 and missing == 0
+
+
+@pytest.mark.parametrize(("digest", "expected"), [(0, 2), (1, 2), (6, 6), (7, 6), (2**64 - 1, 2**64 - 2)])
+def test_item_hasher_alone_makes_non_int_hashes_even_and_nonzero(digest: int, expected: int) -> None:
+    """The int-hash rule lives in ItemHasher: it tags any other hash even and never 0."""
+    hasher = ItemHasher(KEY, lambda item: digest)
+    assert hasher("x") == expected
+    assert hasher.pack(["x", 2**70]) == (expected.to_bytes(8, "little") * 2, 0)
+    assert hasher(5) % 2 == 1 and hasher(-(2**63)) % 2 == 1
 
 
 @given(st.lists(st.integers(min_value=-5, max_value=10**6), max_size=60))
