@@ -39,10 +39,12 @@ from amorsize._observers import DispatchStoppedError, RunObserver
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
 from amorsize.backends.base import (
+    PAUSE,
     Backend,
     NotRunError,
     OkValues,
     Outcome,
+    Pause,
     RemoteTraceback,
     StopOnFailure,
     Task,
@@ -703,7 +705,7 @@ class _Execution:
         segments: Iterator[tuple[int, list[Any]]] | None,
         first_index: int,
         window: int | None,
-    ) -> Iterator[Task | None]:
+    ) -> Iterator[Task | Pause]:
         """Chunks of consecutive items to run, gated by observers and the reorder window.
 
         ``segments`` (with observers that know results) gives runs of consecutive unknown
@@ -739,7 +741,7 @@ class _Execution:
                 while (
                     start + len(items) - self.emitted > window and self.dispatched > self.finished
                 ):
-                    yield None
+                    yield PAUSE
             self.dispatched += len(items)
             yield Task(start, items)
 
@@ -808,9 +810,7 @@ class _Execution:
                 window = (n_in_flight + _REORDER_TASKS * jobs) * plan.chunksize
             segments = None if stream is None else stream.segments()
             tasks = self._tasks(it, segments, n_sampled, window)
-            gen = be.run(
-                func, cast("Iterator[Task]", tasks), n_jobs=jobs, max_in_flight=n_in_flight
-            )
+            gen = be.run(func, tasks, n_jobs=jobs, max_in_flight=n_in_flight)
             yield from self._drain(ready, bar)
             for task, outcomes in gen:
                 if ready:

@@ -15,14 +15,16 @@ import pytest
 
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
 from amorsize.backends.base import (
+    PAUSE,
     Backend,
     OkValues,
     Outcome,
+    Pause,
     RemoteTraceback,
     Task,
     WorkerCrashedError,
     as_outcomes,
-    run_chunk,
+    run_chunk_fast,
 )
 from amorsize.backends.processes import ProcessesBackend
 from amorsize.backends.serial import SerialBackend
@@ -132,24 +134,24 @@ def test_remote_traceback_survives_pickling(processes: ProcessesBackend) -> None
 
 
 def test_pause_waits_for_a_completion(backend: Backend) -> None:
-    """A None from the task iterator pauses dispatch until something completes."""
+    """A PAUSE from the task iterator holds dispatch until something completes."""
     assert backend.supports_pause
     if backend.name == "serial":
         pytest.skip("serial has nothing in flight when it asks for a task: it never pauses")
 
-    def tasks() -> Iterator[Task | None]:
+    def tasks() -> Iterator[Task | Pause]:
         yield Task(0, [1])
-        yield None
+        yield PAUSE
         yield Task(1, [2])
 
-    got = list(backend.run(square, tasks(), n_jobs=2, max_in_flight=4))  # type: ignore[arg-type]
+    got = list(backend.run(square, tasks(), n_jobs=2, max_in_flight=4))
     assert sorted((t.start, list(o)) for t, o in got) == [(0, [1]), (1, [4])]
 
 
 def test_pause_with_nothing_in_flight_is_an_error(backend: Backend) -> None:
     """A pause that could never end raises instead of hanging."""
     with pytest.raises(RuntimeError, match="paused"):
-        list(backend.run(square, iter([None]), n_jobs=2, max_in_flight=4))  # type: ignore[list-item]
+        list(backend.run(square, iter([PAUSE]), n_jobs=2, max_in_flight=4))
 
 
 def test_closing_the_run_stops_pulling_tasks(backend: Backend) -> None:
@@ -381,10 +383,11 @@ def test_registry_shares_instances() -> None:
     assert warm_workers("serial") == 0
 
 
-def test_run_chunk_and_fast_path_agree() -> None:
+def test_ok_values_and_per_item_outcomes_agree() -> None:
     """OkValues and per-item outcomes describe the same results."""
-    fast = as_outcomes(OkValues([1, 2]))
-    assert fast == run_chunk(lambda x: x, [1, 2])
+    fast = run_chunk_fast(lambda x: x, [1, 2])
+    assert type(fast) is OkValues
+    assert as_outcomes(fast) == [Outcome(True, 1), Outcome(True, 2)]
 
 
 _UNGUARDED_SCRIPT = """
