@@ -14,6 +14,7 @@ import cloudpickle
 import pytest
 
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
+from amorsize.backends._wire import TaskFeed
 from amorsize.backends.base import (
     PAUSE,
     Backend,
@@ -272,6 +273,34 @@ def test_unpicklable_item_and_result_fail_alone(processes: ProcessesBackend) -> 
     out = collect(processes, lambda x: (lambda: x) if x == 1 else x, [Task(0, [0, 1, 2])])
     assert out[0].ok and not out[1].ok and out[2].ok
     assert "cannot be pickled" in str(out[1].value)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_items_that_do_not_pickle_fail_alone_and_the_run_goes_on(
+    processes: ProcessesBackend, n_jobs: int
+) -> None:
+    """Single-item tasks that do not pickle fail alone, even with nothing in flight."""
+    lock = __import__("threading").Lock()
+    tasks = [Task(0, [lock]), Task(1, [lock]), Task(2, [2]), Task(3, [lock]), Task(4, [3])]
+    out = collect(processes, square, tasks, n_jobs=n_jobs)
+    assert sorted(out) == list(range(5))
+    for i in (0, 1, 3):
+        assert isinstance(out[i].value, pickle.PicklingError) and out[i].attempts == 0
+        assert str(out[i].value).startswith(f"item {i} cannot be pickled to send it")
+    assert (out[2].value, out[4].value) == (4, 9)
+
+
+def test_task_feed_reads_tasks_pauses_and_the_end() -> None:
+    """TaskFeed gives tasks, None for a pause or the end; finish() raises only when paused."""
+    feed = TaskFeed(iter([Task(0, [1]), PAUSE, Task(1, [2])]))
+    assert feed.pull() == Task(0, [1])
+    assert feed.pull() is None and not feed.exhausted
+    with pytest.raises(RuntimeError, match=r"paused \(yielded PAUSE\) with no task in flight"):
+        feed.finish()
+    assert feed.pull() == Task(1, [2])
+    assert feed.pull() is None and feed.exhausted
+    assert feed.pull() is None
+    feed.finish()
 
 
 class TwoArgError(Exception):

@@ -19,7 +19,8 @@ loky's ``process_executor``::
 
     ┌▶ _grow      start missing workers, watch their pipe and sentinel
     │  _dispatch  idle workers first, then one prefetch each: _next_message (the front
-    │             first, then TaskFeed.pull) and _send; a worker dead on send ─▶ _collect
+    │             first, then TaskFeed.pull) and _send; a worker dead on send ─▶ _collect;
+    │             an item that does not pickle ─▶ its failure (not_sent), reported first
     │  _wait      epoll until a worker sends or dies
     └─ _collect   a message ─▶ _receive (READY, or load_results of its oldest task)
                   a death   ─▶ _drain its pipe, then _bury its tasks (_crashed)
@@ -58,7 +59,7 @@ import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar, cast
@@ -478,6 +479,7 @@ class _Run:
         self.front: deque[_Unsent] = deque()
         self.crashes: dict[int, int] = {}
         self.startup_deaths = 0  # workers dead before READY, in a row
+        self.not_sent: _Report | None = None  # the failure of an item that does not pickle
         self.active: list[_Worker] = []
         # A persistent epoll/poll set: connection.wait() would build a new selector on every
         # call, a cost paid per chunk.
@@ -488,8 +490,12 @@ class _Run:
         """The loop: grow the pool, dispatch, then settle what comes back, until done."""
         while True:
             self._grow()
-            broken = yield from self._dispatch()
-            if broken is not None:
+            broken = self._dispatch()
+            if self.not_sent is not None:
+                # It never ran: its failure goes back before anything waits.
+                report, self.not_sent = self.not_sent, None
+                yield report
+            elif broken is not None:
                 # Settle the dead worker's other tasks now, then dispatch afresh.
                 yield from self._collect(broken, dead=True)
             elif self.in_flight:
@@ -503,6 +509,8 @@ class _Run:
 
     def _grow(self) -> None:
         """Start the workers missing (first run, or after deaths); watch the active ones."""
+        if len(self.watched) == self.n_jobs:
+            return  # the usual case: the active workers are all watched, none died
         pool = self.pool
         if len(pool._workers) < self.n_jobs:
             pool._start_workers(self.n_jobs - len(pool._workers), self.threads)
@@ -513,11 +521,11 @@ class _Run:
                 self.sel.register(w.process.sentinel, selectors.EVENT_READ, (w, True))
                 self.watched.add(w)
 
-    def _dispatch(self) -> Generator[_Report, None, _Worker | None]:
+    def _dispatch(self) -> _Worker | None:
         """Give every idle worker a task first, then each one a prefetched task.
 
-        Yields the failures of items that do not pickle. Returns a worker found dead when
-        sending to it (the task is back at the front: it never ran), else ``None``.
+        Returns a worker found dead when sending to it (the task is back at the front: it
+        never ran), else ``None``.
         """
         for level in range(self.depth):
             for w in self.active:
@@ -525,9 +533,9 @@ class _Run:
                     continue
                 if self.in_flight >= self.max_in_flight:
                     return None
-                nxt = yield from self._next_message()
+                nxt = self._next_message()
                 if nxt is None:
-                    return None  # paused, or nothing left to send
+                    return None  # paused, nothing left to send, or an item not sent
                 if level > 0 and len(nxt[1]) > _PREFETCH_MAX_BYTES:
                     self.front.appendleft(nxt)  # sent when a worker is idle instead
                     return None
@@ -535,11 +543,11 @@ class _Run:
                     return w
         return None
 
-    def _next_message(self) -> Generator[_Report, None, tuple[Task, bytes] | None]:
+    def _next_message(self) -> tuple[Task, bytes] | None:
         """The next task to send, with its message: the front first, then the executor's.
 
         A chunk that does not pickle goes back to the front one item per task; a single
-        item that does not pickle is yielded as its failure (it never runs).
+        item that does not pickle becomes ``not_sent``, its failure, and ends the round.
         """
         while True:
             task: Task | None
@@ -557,7 +565,8 @@ class _Run:
                 if len(task.items) > 1:
                     self.front.extendleft(reversed([(t, None) for t in singles(task)]))
                 else:
-                    yield task, not_sent(task, exc, "a worker process")
+                    self.not_sent = task, not_sent(task, exc, "a worker process")
+                    return None
 
     def _send(self, w: _Worker, task: Task, msg: bytes) -> bool:
         """Send ``task`` to ``w``, after the run's function if ``w`` lacks it; ``False`` if
@@ -597,7 +606,9 @@ class _Run:
                 except (EOFError, OSError):
                     pass  # its pipe closed: it is dying
                 else:
-                    yield from self._receive(w, data)
+                    report = self._receive(w, data)
+                    if report is not None:
+                        yield report
                     return
             elif w.process.is_alive():
                 return
@@ -605,25 +616,24 @@ class _Run:
         yield from self._drain(w)
         yield from self._bury(w)
 
-    def _receive(self, w: _Worker, data: bytes) -> Iterator[_Report]:
+    def _receive(self, w: _Worker, data: bytes) -> _Report | None:
         """A message from ``w``: the first says it is up (READY), each later one answers its
-        oldest task in flight."""
+        oldest task in flight (``None``: nothing to report for it)."""
         if not w.ready:
             w.ready = True
             self.startup_deaths = 0
-            return
+            return None
         rid, task, _ = w.inflight.popleft()
         if rid != self.run_id:
-            return  # a cancelled run's task: its result is not wanted
+            return None  # a cancelled run's task: its result is not wanted
         self.in_flight -= 1
         got = load_results(data, task, _WHERE)
         if not isinstance(got, Refused):
-            yield task, got
-        elif got.kind == NOLOAD:
-            yield from self._not_loaded(task, got.error)
-        else:
-            self._drop(w, kill=True)
-            raise self._function_not_loaded(got.error)
+            return task, got
+        if got.kind == NOLOAD:
+            return self._not_loaded(task, got.error)
+        self._drop(w, kill=True)
+        raise self._function_not_loaded(got.error)
 
     def _drain(self, w: _Worker) -> Iterator[_Report]:
         """The messages a dead worker sent before it died: still in its pipe."""
@@ -634,7 +644,9 @@ class _Run:
                 data = w.conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            yield from self._receive(w, data)
+            report = self._receive(w, data)
+            if report is not None:
+                yield report
 
     def _bury(self, w: _Worker) -> Iterator[_Report]:
         """A dead worker's tasks: those that never started re-run as they are; the items of
@@ -683,18 +695,18 @@ class _Run:
             )
             raise RuntimeError(msg)
 
-    def _not_loaded(self, task: Task, error: ErrorText) -> Iterator[_Report]:
+    def _not_loaded(self, task: Task, error: ErrorText) -> _Report | None:
         """A task whose items the worker could not unpickle (none ran): re-sent one item per
         task, at the front and in order, to find the culprit, which then fails alone."""
         if len(task.items) > 1:
             self.front.extendleft(reversed([(t, None) for t in singles(task)]))
-            return
+            return None
         fix = (
             f"its class must load there (importable under start method "
             f"{self.pool.start_method!r}, or defined where cloudpickle sends it by value), "
             "or use backend='threads'"
         )
-        yield task, not_loaded(task, error, "in the worker process", fix)
+        return task, not_loaded(task, error, "in the worker process", fix)
 
     def _function_not_loaded(self, error: ErrorText) -> RuntimeError:
         name, text, tb = error
