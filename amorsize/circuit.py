@@ -498,8 +498,6 @@ class CircuitBreaker:
             self._enter(CIRCUIT_CLOSED)
         self._fire(self._policy.on_close, CIRCUIT_CLOSED)
 
-    reset = close
-
     def allows_calls(self) -> bool:
         """True if a call made now would be let through (moves open to half-open when due)."""
         state = self.state
