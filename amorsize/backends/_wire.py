@@ -53,9 +53,6 @@ OK, MIXED, NOLOAD, FATAL = 0, 1, 2, 3
 #: An exception as text that always pickles: (type name, message, formatted traceback).
 ErrorText = tuple[str, str, str]
 
-_END: Any = object()
-
-
 # --------------------------------------------------------------------------- the task feed
 
 
@@ -77,13 +74,13 @@ class TaskFeed:
         """The next task; ``None`` if the iterator paused or is exhausted."""
         if self.exhausted:
             return None
-        task = next(self._tasks, _END)
-        if task is _END:
+        task = next(self._tasks, None)  # never a task or PAUSE: the end
+        if task is None:
             self.exhausted = True
             return None
         if task is PAUSE:
             return None
-        return cast(Task, task)
+        return task
 
     def finish(self) -> None:
         """End of the run (nothing in flight): fine when exhausted, an error when paused."""

@@ -536,10 +536,11 @@ class _Run:
                 nxt = self._next_message()
                 if nxt is None:
                     return None  # paused, nothing left to send, or an item not sent
-                if level > 0 and len(nxt[1]) > _PREFETCH_MAX_BYTES:
+                task, msg = nxt
+                if level > 0 and len(msg) > _PREFETCH_MAX_BYTES:
                     self.front.appendleft(nxt)  # sent when a worker is idle instead
                     return None
-                if not self._send(w, *nxt):
+                if not self._send(w, task, msg):
                     return w
         return None
 
