@@ -374,7 +374,7 @@ class _DaskRun:
 
         ┌▶ _submit_ready  while fewer than max_in_flight are pending: _next_part (the
         │                 front first, a suspect alone, then TaskFeed.pull) and _submit
-        └─ _settle        the next finished future: load_results, or _failed (the task
+        └─ _receive       the next finished future: load_results, or _failed (the task
                           failed on the cluster: KilledWorker ─▶ pieces to the front)
         ... until nothing is pending or queued: TaskFeed.finish; then _finish (cancel,
         release the function, complete the report)
@@ -410,7 +410,7 @@ class _DaskRun:
         self.suspects = 0
 
     def results(self) -> Iterator[_Report]:
-        """The loop: submit while there is room, then settle the next finished task."""
+        """The loop: submit while there is room, then receive the next finished task."""
         try:
             while True:
                 yield from self._submit_ready()
@@ -419,9 +419,9 @@ class _DaskRun:
                         continue
                     self.feed.finish()
                     return
-                settled = self._settle(*next(self.done))
-                if settled is not None:
-                    yield settled
+                answered = self._receive(*next(self.done))
+                if answered is not None:
+                    yield answered
         finally:
             self._finish()
 
@@ -480,7 +480,7 @@ class _DaskRun:
         self.suspects += part.suspect
         return None
 
-    def _settle(self, fut: distributed.Future[bytes], result: Any) -> _Report | None:
+    def _receive(self, fut: distributed.Future[bytes], result: Any) -> _Report | None:
         """A finished future: its task's outcomes, or what its failure on the cluster means
         (``None``: its items were queued again)."""
         part = self.inflight.pop(fut)
