@@ -42,10 +42,12 @@ from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.backends import BACKEND_NAMES, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
+    PAUSE,
     Backend,
     NotRunError,
     OkValues,
     Outcome,
+    Pause,
     RemoteTraceback,
     StopOnFailure,
     Task,
@@ -882,9 +884,7 @@ class _Execution:
         else:
             chunks = self._segment_chunks(self.stream.segments())
         tasks = self._tasks(chunks, window)
-        return be.run(
-            func, cast("Iterator[Task]", tasks), n_jobs=jobs, max_in_flight=n_in_flight
-        )
+        return be.run(func, tasks, n_jobs=jobs, max_in_flight=n_in_flight)
 
     def _workers(self, planned: int, n_sampled: int) -> int:
         """Never more workers than chunks left to run (no idle process to start)."""
@@ -917,9 +917,9 @@ class _Execution:
 
     def _tasks(
         self, chunks: Iterator[tuple[int, list[Any]]], window: int | None
-    ) -> Iterator[Task | None]:
-        """The chunks as tasks, gated by observers and the reorder window (``None``: pause
-        until the next completion)."""
+    ) -> Iterator[Task | Pause]:
+        """The chunks as tasks, gated by observers and the reorder window (``PAUSE``: nothing
+        to dispatch until the next completion)."""
         self.pending_chunks = chunks
         gates = self.gates
         for start, items in chunks:
@@ -932,7 +932,7 @@ class _Execution:
                 while (
                     start + len(items) - self.emitted > window and self.dispatched > self.finished
                 ):
-                    yield None
+                    yield PAUSE
             self.dispatched += len(items)
             yield Task(start, items)
 

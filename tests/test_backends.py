@@ -14,15 +14,18 @@ import cloudpickle
 import pytest
 
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
+from amorsize.backends._wire import TaskFeed
 from amorsize.backends.base import (
+    PAUSE,
     Backend,
     OkValues,
     Outcome,
+    Pause,
     RemoteTraceback,
     Task,
     WorkerCrashedError,
     as_outcomes,
-    run_chunk,
+    run_chunk_fast,
 )
 from amorsize.backends.processes import ProcessesBackend
 from amorsize.backends.serial import SerialBackend
@@ -132,24 +135,24 @@ def test_remote_traceback_survives_pickling(processes: ProcessesBackend) -> None
 
 
 def test_pause_waits_for_a_completion(backend: Backend) -> None:
-    """A None from the task iterator pauses dispatch until something completes."""
+    """A PAUSE from the task iterator holds dispatch until something completes."""
     assert backend.supports_pause
     if backend.name == "serial":
         pytest.skip("serial has nothing in flight when it asks for a task: it never pauses")
 
-    def tasks() -> Iterator[Task | None]:
+    def tasks() -> Iterator[Task | Pause]:
         yield Task(0, [1])
-        yield None
+        yield PAUSE
         yield Task(1, [2])
 
-    got = list(backend.run(square, tasks(), n_jobs=2, max_in_flight=4))  # type: ignore[arg-type]
+    got = list(backend.run(square, tasks(), n_jobs=2, max_in_flight=4))
     assert sorted((t.start, list(o)) for t, o in got) == [(0, [1]), (1, [4])]
 
 
 def test_pause_with_nothing_in_flight_is_an_error(backend: Backend) -> None:
     """A pause that could never end raises instead of hanging."""
     with pytest.raises(RuntimeError, match="paused"):
-        list(backend.run(square, iter([None]), n_jobs=2, max_in_flight=4))  # type: ignore[list-item]
+        list(backend.run(square, iter([PAUSE]), n_jobs=2, max_in_flight=4))
 
 
 def test_closing_the_run_stops_pulling_tasks(backend: Backend) -> None:
@@ -272,6 +275,34 @@ def test_unpicklable_item_and_result_fail_alone(processes: ProcessesBackend) -> 
     assert "cannot be pickled" in str(out[1].value)
 
 
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_items_that_do_not_pickle_fail_alone_and_the_run_goes_on(
+    processes: ProcessesBackend, n_jobs: int
+) -> None:
+    """Single-item tasks that do not pickle fail alone, even with nothing in flight."""
+    lock = __import__("threading").Lock()
+    tasks = [Task(0, [lock]), Task(1, [lock]), Task(2, [2]), Task(3, [lock]), Task(4, [3])]
+    out = collect(processes, square, tasks, n_jobs=n_jobs)
+    assert sorted(out) == list(range(5))
+    for i in (0, 1, 3):
+        assert isinstance(out[i].value, pickle.PicklingError) and out[i].attempts == 0
+        assert str(out[i].value).startswith(f"item {i} cannot be pickled to send it")
+    assert (out[2].value, out[4].value) == (4, 9)
+
+
+def test_task_feed_reads_tasks_pauses_and_the_end() -> None:
+    """TaskFeed gives tasks, None for a pause or the end; finish() raises only when paused."""
+    feed = TaskFeed(iter([Task(0, [1]), PAUSE, Task(1, [2])]))
+    assert feed.pull() == Task(0, [1])
+    assert feed.pull() is None and not feed.exhausted
+    with pytest.raises(RuntimeError, match=r"paused \(yielded PAUSE\) with no task in flight"):
+        feed.finish()
+    assert feed.pull() == Task(1, [2])
+    assert feed.pull() is None and feed.exhausted
+    assert feed.pull() is None
+    feed.finish()
+
+
 class TwoArgError(Exception):
     """Pickles, but does not load: its ``__init__`` takes other arguments than ``.args``."""
 
@@ -381,10 +412,11 @@ def test_registry_shares_instances() -> None:
     assert warm_workers("serial") == 0
 
 
-def test_run_chunk_and_fast_path_agree() -> None:
+def test_ok_values_and_per_item_outcomes_agree() -> None:
     """OkValues and per-item outcomes describe the same results."""
-    fast = as_outcomes(OkValues([1, 2]))
-    assert fast == run_chunk(lambda x: x, [1, 2])
+    fast = run_chunk_fast(lambda x: x, [1, 2])
+    assert type(fast) is OkValues
+    assert as_outcomes(fast) == [Outcome(True, 1), Outcome(True, 2)]
 
 
 _UNGUARDED_SCRIPT = """

@@ -24,8 +24,10 @@ import dask  # noqa: E402
 
 from amorsize import ItemFailure, execute  # noqa: E402
 from amorsize.backends.base import (  # noqa: E402
+    PAUSE,
     OkValues,
     Outcome,
+    Pause,
     RemoteTraceback,
     Task,
     WorkerCrashedError,
@@ -154,7 +156,7 @@ def _chunks(n: int, size: int) -> Iterator[Task]:
 
 
 def _collect(
-    backend: DaskBackend, func: Callable[[Any], Any], tasks: Iterator[Task], **kw: int
+    backend: DaskBackend, func: Callable[[Any], Any], tasks: Iterator[Task | Pause], **kw: int
 ) -> dict[int, Outcome]:
     """Run and index every outcome by input position; fail on any duplicate."""
     got: dict[int, Outcome] = {}
@@ -225,14 +227,14 @@ def test_infinite_tasks_bounded_and_cancelled_on_close(backend: DaskBackend, cli
 
 
 def test_pause_with_nothing_in_flight_is_an_error(backend: DaskBackend) -> None:
-    """A task iterator that pauses (None) with nothing running would wait forever."""
+    """A task iterator that pauses (PAUSE) with nothing running would wait forever."""
     with pytest.raises(RuntimeError, match="paused"):
-        list(backend.run(square, iter([None]), n_jobs=1, max_in_flight=2))
+        list(backend.run(square, iter([PAUSE]), n_jobs=1, max_in_flight=2))
 
 
 def test_pause_resumes_after_completion(backend: DaskBackend) -> None:
-    """None from the task iterator holds dispatch until a task completes."""
-    tasks = iter([Task(0, [1]), None, Task(1, [2]), None, Task(2, [3])])
+    """PAUSE from the task iterator holds dispatch until a task completes."""
+    tasks = iter([Task(0, [1]), PAUSE, Task(1, [2]), PAUSE, Task(2, [3])])
     got = _collect(backend, square, tasks)
     assert [got[i].value for i in range(3)] == [1, 4, 9]
 

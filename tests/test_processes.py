@@ -409,7 +409,8 @@ def test_a_reload_failure_keeps_no_other_result_alive() -> None:
     import gc
     import weakref
 
-    from amorsize.backends.base import Outcome, reload_outcomes
+    from amorsize.backends._wire import reload_outcomes
+    from amorsize.backends.base import Outcome
 
     blob = pickle.dumps((0, [Payload(), HalfReduced(1, 2), Payload()]), protocol=5)
     with pytest.raises(TypeError) as info:

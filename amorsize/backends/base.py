@@ -5,9 +5,9 @@ a backend only moves chunks to workers and outcomes back)::
 
     executor                       backend                       worker
     --------                       -------                       ------
-    iter(data) -> Task(start, items) ──submit──▶ (pickle once) ──▶ run_chunk(func, items)
+    Task(start, items) | PAUSE ──▶ (pickle once) ──────────────▶ run_chunk_fast(func, items)
                                                                        │ per item: ok / failure
-    ordered / unordered results ◀── (Task, [Outcome]) ◀──────────────┘
+    ordered / unordered results ◀── (Task, OkValues | [Outcome]) ◀───┘
 
 * Tasks are pulled lazily from an iterator, so a backend never holds more than
   ``max_in_flight`` tasks: memory stays bounded on infinite generators, and the executor
@@ -20,23 +20,23 @@ a backend only moves chunks to workers and outcomes back)::
 * Fast path: a backend may yield ``OkValues`` (a list of plain results) instead of a list of
   ``Outcome`` when every item of the task succeeded on its first attempt; the executor
   accepts both, and ``as_outcomes`` turns either into outcomes.
-* Pausing: when ``Backend.supports_pause`` is true, the task iterator may yield ``None``
-  meaning "nothing to dispatch now, ask again after the next completion" (the executor uses
-  it to bound its reorder buffer). Backends without it never see ``None``.
+* Pausing: the task iterator may yield ``PAUSE`` instead of a task, meaning "nothing to
+  dispatch now, ask again after the next completion" (the executor uses it to bound its
+  reorder buffer), but only to a backend whose ``supports_pause`` is true.
+
+How a chunk crosses a process boundary (pickling the function, packing results, items that
+do not travel) and the loop that reads the task iterator live in ``amorsize.backends._wire``.
 """
 
 from __future__ import annotations
 
 import abc
-import io
-import pickle
+import enum
 import signal
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-from amorsize._format import safe_repr
+from typing import Any, ClassVar, Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,17 @@ class Task:
 
     start: int
     items: list[Any]
+
+
+class Pause(enum.Enum):
+    """The type of ``PAUSE``: what a task iterator yields when it has nothing to dispatch yet."""
+
+    PAUSE = "pause"
+
+
+#: Yielded by the task iterator instead of a ``Task``: dispatch nothing more until the next
+#: task completes. Only a backend with ``supports_pause`` is ever given one.
+PAUSE: Final = Pause.PAUSE
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,261 +153,6 @@ def failure_outcome(exc: BaseException, attempts: int = 1) -> Outcome:
     return Outcome(False, exc, getattr(exc, "attempts", attempts))
 
 
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return f"{type(exc).__name__}: {exc}"
-    except Exception:
-        return type(exc).__name__
-
-
-def error_payload(exc: BaseException) -> tuple[str, str, str]:
-    """``(type name, message, formatted traceback)`` of ``exc``: text that always pickles."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        text = str(exc)
-    except Exception:
-        text = "<str() failed>"
-    return type(exc).__name__, text, tb
-
-
-def portable_outcomes(
-    outcomes: list[Outcome], dumps: Callable[[Any], bytes], where: str, start: int
-) -> list[Outcome]:
-    """``outcomes`` made safe to send to the parent: each one that would not pickle fails alone.
-
-    A result or exception that cannot be pickled (unpicklable, too deeply nested) would
-    otherwise break the whole chunk's message. It becomes a ``PicklingError`` failure of its
-    own item, naming its index (``start`` is the first item's) and ``where`` it could not
-    leave. Runs in the worker, only for chunks that hold a failure or whose results did not
-    pickle at once. Its counterpart in the parent, for what pickles but does not load, is
-    ``reload_outcomes``.
-    """
-    checked: list[Outcome] = []
-    for i, out in enumerate(outcomes):
-        try:
-            dumps(out.value)
-            checked.append(out)
-        except Exception as exc:
-            what = "result" if out.ok else "exception"
-            msg = (
-                f"item {start + i}: its {what} cannot be pickled back from {where} "
-                f"({_safe_str(exc)}); the {what} was {safe_repr(out.value)}"
-            )
-            checked.append(failure_outcome(pickle.PicklingError(msg), out.attempts))
-    return checked
-
-
-class _Unloadable:
-    """Stands in for an object that failed to load during ``reload_outcomes``.
-
-    It absorbs the opcodes that would have filled the object (state, items), so the rest of
-    the message still loads.
-    """
-
-    def __init__(self, what: str, error: BaseException) -> None:
-        self.what = what
-        # Without its traceback: the failure it becomes must not keep the loader's frames,
-        # and with them every object of the chunk, alive.
-        self.error = error.with_traceback(None)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Unloadable:
-        return self  # a class or function that could not be found, called by REDUCE
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def append(self, item: Any) -> None:
-        pass
-
-    def extend(self, items: Any) -> None:
-        pass
-
-    def add(self, item: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-
-def _describe(func: Any, args: Any) -> str:
-    name = func.what if isinstance(func, _Unloadable) else getattr(func, "__qualname__", None)
-    shown = ", ".join(safe_repr(a) for a in args) if isinstance(args, tuple) else safe_repr(args)
-    return f"{name or safe_repr(func)}({shown})"[:300]
-
-
-class _TolerantUnpickler(pickle._Unpickler):
-    """Loads what it can: an object whose class is missing or whose reconstruction raises
-    becomes an ``_Unloadable``, and every object built from one is marked (``taint``), so
-    that each top-level entry of the message can be told good or broken.
-
-    The pure-Python unpickler, because its opcodes can be replaced; it only ever runs after
-    the C unpickler failed on the same bytes.
-    """
-
-    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
-    stack: list[Any]  # the unpickler's own, set by load()
-    _op = 0  # the opcode being run (NEWOBJ and NEWOBJ_EX share a handler)
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(io.BytesIO(data))
-        # id -> (object kept alive so that its id is never reused, the stand-in behind it)
-        self.taint: dict[int, tuple[Any, _Unloadable]] = {}
-
-    def broken(self, obj: Any) -> _Unloadable | None:
-        """The stand-in that ``obj`` holds (itself, or somewhere inside), if any."""
-        hit = self.taint.get(id(obj))
-        return hit[1] if hit is not None else None
-
-    def _fail(self, what: str, error: Exception) -> _Unloadable:
-        stand_in = _Unloadable(what, error)
-        self.taint[id(stand_in)] = (stand_in, stand_in)
-        return stand_in
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except Exception as exc:
-            return self._fail(f"{module}.{name}", exc)
-
-    def _reduce(self) -> None:
-        stack = self.stack
-        args = stack.pop()
-        func = stack[-1]
-        try:
-            stack[-1] = func(*args)
-        except Exception as exc:
-            stack[-1] = self._fail(_describe(func, args), exc)
-
-    def _newobj(self) -> None:
-        stack = self.stack
-        kwargs = stack.pop() if self._op == pickle.NEWOBJ_EX[0] else {}
-        args = stack.pop()
-        cls = stack.pop()
-        try:
-            stack.append(cls.__new__(cls, *args, **kwargs))
-        except Exception as exc:
-            stack.append(self._fail(_describe(cls, args), exc))
-
-    def _build(self) -> None:
-        inst = self.stack[-2]
-        try:
-            pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
-        except Exception as exc:
-            # The state was popped; the half-built object stays, marked broken.
-            what = f"a {type(inst).__qualname__} object whose state did not load"
-            self.taint[id(inst)] = (inst, _Unloadable(what, exc))
-
-
-def _tainting(op: Callable[[Any], None], arity: int, code: int) -> Callable[[Any], None]:
-    """``op`` (an opcode that builds or fills an object from the top of the stack), marking
-    its result broken when anything it consumed was. ``arity`` 0: it consumes up to the mark."""
-
-    def run(self: _TolerantUnpickler) -> None:
-        consumed = self.stack[-arity:] if arity else list(self.stack)
-        self._op = code
-        op(self)
-        if self.taint:
-            for obj in consumed:
-                hit = self.taint.get(id(obj))
-                if hit is not None:
-                    result = self.stack[-1]
-                    self.taint.setdefault(id(result), (result, hit[1]))
-                    break
-
-    return run
-
-
-_OPS = _TolerantUnpickler.dispatch
-for _code, _op, _arity in (
-    (pickle.REDUCE, _TolerantUnpickler._reduce, 2),
-    (pickle.NEWOBJ, _TolerantUnpickler._newobj, 2),
-    (pickle.NEWOBJ_EX, _TolerantUnpickler._newobj, 3),
-    (pickle.BUILD, _TolerantUnpickler._build, 2),
-    (pickle.TUPLE1, _OPS[pickle.TUPLE1[0]], 1),
-    (pickle.TUPLE2, _OPS[pickle.TUPLE2[0]], 2),
-    (pickle.TUPLE3, _OPS[pickle.TUPLE3[0]], 3),
-    (pickle.APPEND, _OPS[pickle.APPEND[0]], 2),
-    (pickle.SETITEM, _OPS[pickle.SETITEM[0]], 3),
-    (pickle.TUPLE, _OPS[pickle.TUPLE[0]], 0),
-    (pickle.LIST, _OPS[pickle.LIST[0]], 0),
-    (pickle.DICT, _OPS[pickle.DICT[0]], 0),
-    (pickle.FROZENSET, _OPS[pickle.FROZENSET[0]], 0),
-    (pickle.APPENDS, _OPS[pickle.APPENDS[0]], 0),
-    (pickle.SETITEMS, _OPS[pickle.SETITEMS[0]], 0),
-    (pickle.ADDITEMS, _OPS[pickle.ADDITEMS[0]], 0),
-):
-    _OPS[_code[0]] = _tainting(_op, _arity, _code[0])
-
-
-def reload_outcomes(
-    blob: bytes,
-    task: Task,
-    error: Exception,
-    where: str,
-    entries: Callable[[Any], list[tuple[Any, Outcome]]],
-) -> list[Outcome]:
-    """The outcomes of a chunk whose message pickled in ``where`` but did not load here.
-
-    Each item whose result or exception cannot be unpickled (a class whose ``__init__`` takes
-    other arguments than it pickles, a ``__reduce__`` that fails on load, a class missing
-    here) fails alone with an ``UnpicklingError`` naming its index; the others keep their
-    values. Called only after ``pickle.loads(blob)`` raised ``error``, so a chunk that loads
-    pays nothing. ``entries`` splits the loaded message into one ``(entry, outcome)`` pair
-    per item; the entry is the object checked for a part that did not load.
-    """
-    loader = _TolerantUnpickler(blob)
-    try:
-        pairs = entries(loader.load())
-    except Exception:
-        pairs = []
-    if len(pairs) != len(task.items):
-        # Not even a tolerant load got through: no item's value can be trusted.
-        whole = _Unloadable("part of this chunk's message", error)
-        return [_unloadable(task.start + i, True, whole, where, 1) for i in range(len(task.items))]
-    out: list[Outcome] = []
-    for i, (entry, outcome) in enumerate(pairs):
-        stand_in = loader.broken(entry)
-        if stand_in is None:
-            out.append(outcome)
-        else:
-            out.append(_unloadable(task.start + i, outcome.ok, stand_in, where, outcome.attempts))
-            if not outcome.ok and isinstance(outcome.value, _Unloadable):
-                # The worker's traceback of the original exception rode on the stand-in.
-                cause = getattr(outcome.value, "__cause__", None)
-                if isinstance(cause, RemoteTraceback):
-                    out[-1].value.__cause__ = cause
-    return out
-
-
-def _unloadable(index: int, ok: bool, stand_in: _Unloadable, where: str, attempts: int) -> Outcome:
-    what = "result" if ok else "exception"
-    msg = (
-        f"item {index}: its {what} was pickled in {where} but cannot be unpickled in the "
-        f"calling process ({_safe_str(stand_in.error)}); it was {stand_in.what}. Return "
-        f"objects that load from what they pickle (an exception class whose __init__ takes "
-        f"other arguments than its .args needs a __reduce__), or plain data"
-    )
-    err = pickle.UnpicklingError(msg)
-    err.__cause__ = stand_in.error
-    return Outcome(False, err, attempts)
-
-
-def run_chunk(func: Callable[[Any], Any], items: list[Any]) -> list[Outcome]:
-    """Apply ``func`` to each item, catching each item's ``Exception`` separately.
-
-    Runs inside the worker. ``KeyboardInterrupt`` and ``SystemExit`` propagate: they mean
-    the worker itself must stop, not that one item failed.
-    """
-    out: list[Outcome] = []
-    append = out.append
-    for item in items:
-        try:
-            append(Outcome(True, func(item)))
-        except Exception as exc:
-            append(failure_outcome(exc))
-    return out
-
-
 class NotRunError(RuntimeError):
     """An item not run because an earlier one failed in a run that stops at its first failure.
 
@@ -448,7 +204,11 @@ _NOT_RUN = Outcome(
 def run_chunk_fast(
     func: Callable[[Any], Any], items: list[Any], *, remote: bool = True
 ) -> list[Outcome] | OkValues:
-    """``run_chunk`` with the fast path: ``OkValues`` when every item succeeds.
+    """Apply ``func`` to each item in the worker: ``OkValues`` when every item succeeds, else
+    one ``Outcome`` per item, each item's ``Exception`` caught separately.
+
+    ``KeyboardInterrupt`` and ``SystemExit`` propagate: they mean the worker itself must
+    stop, not that one item failed.
 
     ``remote=False`` (serial and thread backends) leaves each exception untouched, with its
     own traceback and ``__cause__``, instead of attaching the formatted traceback.
@@ -498,20 +258,22 @@ class Backend(abc.ABC):
     """
 
     name: ClassVar[str]
-    #: True when ``run`` accepts ``None`` from the task iterator as "pause dispatch".
+    #: True when ``run`` accepts ``PAUSE`` from the task iterator.
     supports_pause: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(
         self,
         func: Callable[[Any], Any],
-        tasks: Iterator[Task],
+        tasks: Iterator[Task | Pause],
         *,
         n_jobs: int,
         max_in_flight: int,
-    ) -> Iterator[tuple[Task, list[Outcome]]]:
-        """Yield each task with one outcome per item, in completion order.
+    ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
+        """Yield each task with its outcomes (``OkValues`` or one ``Outcome`` per item), in
+        completion order.
 
+        ``tasks`` yields ``PAUSE`` only if ``supports_pause``; ``_wire.TaskFeed`` reads it.
         Closing the returned generator cancels tasks not yet started and returns promptly.
         """
 

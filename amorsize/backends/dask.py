@@ -51,18 +51,29 @@ import distributed
 
 from amorsize import _dask_plan
 from amorsize._dask_plan import ClusterCosts, DaskPlan, measure_costs
+from amorsize.backends._wire import (
+    NOLOAD,
+    ErrorText,
+    Refused,
+    TaskFeed,
+    dump_func,
+    load_results,
+    not_loaded,
+    not_sent,
+    pack_error,
+    pack_results,
+    run_and_pack,
+    singles,
+)
 from amorsize.backends.base import (
     Backend,
     OkValues,
     Outcome,
+    Pause,
     RemoteTraceback,
     Task,
     WorkerCrashedError,
-    error_payload,
     failure_outcome,
-    portable_outcomes,
-    reload_outcomes,
-    run_chunk_fast,
 )
 
 __all__ = [
@@ -176,7 +187,6 @@ _FUNCS: OrderedDict[str, Callable[[Any], Any]] = OrderedDict()
 _FUNCS_LOCK = threading.Lock()
 _FUNCS_KEPT = 8
 
-_OK, _MIXED, _NOLOAD = 0, 1, 2
 _WHERE = "the dask worker"
 
 
@@ -203,30 +213,13 @@ def _load_func(token: str, blob: bytes) -> Callable[[Any], Any]:
     return func
 
 
-def _pack(outcome: Outcome) -> tuple[bool, Any, int, str | None]:
-    cause = outcome.value.__cause__ if not outcome.ok else None
-    tb = cause.tb if isinstance(cause, RemoteTraceback) else None
-    return outcome.ok, outcome.value, outcome.attempts, tb
-
-
-def _result_bytes(result: list[Outcome] | OkValues, start: int) -> bytes:
-    """Pickle a chunk's results in the worker: an unpicklable result fails only its item."""
-    if type(result) is OkValues:
-        try:
-            return _dumps((_OK, list(result)))
-        except Exception:
-            result = [Outcome(True, v) for v in result]
-    outcomes = portable_outcomes(cast("list[Outcome]", result), _dumps, _WHERE, start)
-    return _dumps((_MIXED, [_pack(o) for o in outcomes]))
-
-
 def _run_remote(token: str, func_blob: bytes, items_blob: bytes, start: int) -> bytes:
     """The dask task: load the run's function (once per worker), run the chunk, pickle it."""
     try:
         items = cast("list[Any]", pickle.loads(items_blob))
     except Exception as exc:
         # None of the items ran: the client re-sends them one per task to find the culprit.
-        return _dumps((_NOLOAD, error_payload(exc)))
+        return pack_error(NOLOAD, exc, _dumps)
     try:
         func = _load_func(token, func_blob)
     except Exception as exc:
@@ -237,40 +230,8 @@ def _run_remote(token: str, func_blob: bytes, items_blob: bytes, start: int) -> 
         )
         err = RuntimeError(msg)
         err.__cause__ = exc
-        return _result_bytes([failure_outcome(err)] * len(items), start)
-    return _result_bytes(run_chunk_fast(func, items, remote=True), start)
-
-
-def _outcomes_from(blob: bytes, task: Task) -> list[Outcome] | OkValues | tuple[str, str, str]:
-    """A chunk's outcomes, or ``(type, message, traceback)`` if its items did not load."""
-    try:
-        kind, payload = pickle.loads(blob)
-    except Exception as exc:
-        # A result or exception that pickled on the worker but does not load here fails alone.
-        return reload_outcomes(blob, task, exc, _WHERE, _entries)
-    if kind == _OK:
-        return OkValues(payload)
-    if kind == _NOLOAD:
-        return cast("tuple[str, str, str]", payload)
-    return [_unpack(entry) for entry in payload]
-
-
-def _unpack(entry: tuple[bool, Any, int, str | None]) -> Outcome:
-    ok, value, attempts, tb = entry
-    if not ok and tb is not None:
-        # Plain pickling drops __cause__: put the worker's traceback back.
-        value.__cause__ = RemoteTraceback(tb)
-    return Outcome(ok, value, attempts)
-
-
-def _entries(message: Any) -> list[tuple[Any, Outcome]]:
-    """A reloaded message's items for ``reload_outcomes``: (what to check, its outcome)."""
-    kind, payload = message
-    if kind == _OK:
-        return [(v, Outcome(True, v)) for v in payload]
-    if kind == _MIXED:
-        return [(entry, _unpack(entry)) for entry in payload]
-    return []
+        return pack_results([failure_outcome(err)] * len(items), start, _WHERE, _dumps)
+    return run_and_pack(func, start, items, _WHERE, _dumps)
 
 
 def _noop(x: Any) -> Any:
@@ -382,128 +343,165 @@ class DaskBackend(Backend):
     def run(
         self,
         func: Callable[[Any], Any],
-        tasks: Iterator[Task],
+        tasks: Iterator[Task | Pause],
         *,
         n_jobs: int,
         max_in_flight: int,
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
         """Yield each task (or, after ``KilledWorker``, its pieces) with its outcomes, in
         completion order. Closing the generator cancels the pending tasks."""
-        client = self.client
         report = self.last_run = DaskRunReport()
-        started = time.perf_counter()
-        workers_before = set(client.scheduler_info()["workers"])
-        token = f"{_func_name(func)}-{uuid.uuid4().hex}"
-        seq = itertools.count()
-        func_blob = _dump_func(func)
-        func_future = _place_func(client, token, func_blob)
-        limit = max(1, max_in_flight)
-        inflight: dict[distributed.Future[bytes], _Part] = {}
-        front: list[_Part] = []  # resubmissions go before new tasks
-        done = distributed.as_completed(loop=client.loop, with_results=True, raise_errors=False)
-        exhausted = False
-        suspects = 0  # suspects in flight: 0 or 1 (see ``_Part``)
+        yield from _DaskRun(self, report, func, tasks, max_in_flight).results()
 
-        def submit(part: _Part) -> tuple[Task, list[Outcome]] | None:
-            task = part.task
-            try:
-                blob = _dumps(task.items)
-            except Exception as exc:
-                return self._unpicklable(task, exc, front)
-            nonlocal func_future
-            if func_future.status in _GONE:  # its data was lost with a worker: place it again
-                func_future = _place_func(client, token, func_blob)
-            payload: Any = blob
-            if len(blob) >= SCATTER_BYTES:
-                payload = client.scatter(blob, hash=False)
-                part.scattered = True
-                report.scattered_chunks += 1
-            fut = client.submit(
-                _run_remote,
-                token,
-                func_future,
-                payload,
-                task.start,
-                key=f"amorsize-{token}-{next(seq)}",
-                pure=False,
-            )
-            inflight[fut] = part
-            done.add(fut)
-            report.chunks += 1
-            return None
 
+_Report = tuple[Task, list[Outcome] | OkValues]
+
+
+class _DaskRun:
+    """One ``DaskBackend.run``: its state, and the named steps of its loop (``results``)::
+
+        ┌▶ _submit_ready  while fewer than max_in_flight are pending: _next_part (the
+        │                 front first, a suspect alone, then TaskFeed.pull) and _submit
+        └─ _receive       the next finished future: load_results, or _failed (the task
+                          failed on the cluster: KilledWorker ─▶ pieces to the front)
+        ... until nothing is pending or queued: TaskFeed.finish; then _finish (cancel,
+        release the function, complete the report)
+
+    ``inflight`` maps each pending future to its part; ``front`` holds the parts to submit
+    before new tasks (popped from its end); ``suspects`` counts suspects pending (0 or 1).
+    """
+
+    def __init__(
+        self,
+        backend: DaskBackend,
+        report: DaskRunReport,
+        func: Callable[[Any], Any],
+        tasks: Iterator[Task | Pause],
+        max_in_flight: int,
+    ) -> None:
+        self.crash_retries = backend.crash_retries
+        self.report = report
+        self.started = time.perf_counter()
+        self.client = client = backend.client
+        self.workers_before = set(client.scheduler_info()["workers"])
+        self.token = f"{_func_name(func)}-{uuid.uuid4().hex}"
+        self.seq = itertools.count()
+        self.func_blob = dump_func(func, "dask workers")
+        self.func_future = _place_func(client, self.token, self.func_blob)
+        self.limit = max(1, max_in_flight)
+        self.inflight: dict[distributed.Future[bytes], _Part] = {}
+        self.front: list[_Part] = []
+        self.done = distributed.as_completed(
+            loop=client.loop, with_results=True, raise_errors=False
+        )
+        self.feed = TaskFeed(tasks)
+        self.suspects = 0
+
+    def results(self) -> Iterator[_Report]:
+        """The loop: submit while there is room, then receive the next finished task."""
         try:
             while True:
-                while len(inflight) < limit:
-                    if front:
-                        # Isolation: a suspect runs alone, so an item that kills its worker
-                        # takes no innocent task down with it.
-                        if inflight and (front[-1].suspect or suspects):
-                            break
-                        part = front.pop()
-                    elif suspects or exhausted:
-                        break
-                    else:
-                        nxt = cast("Task | None", next(tasks, _END))
-                        if nxt is _END:
-                            exhausted = True
-                            break
-                        if nxt is None:
-                            break  # paused until something completes
-                        report.items += len(nxt.items)
-                        if not nxt.items:
-                            yield nxt, OkValues()
-                            continue
-                        part = _Part(nxt)
-                    bad = submit(part)
-                    if bad is not None:
-                        yield bad
-                    elif part.suspect:
-                        suspects += 1
-                if not inflight:
-                    if exhausted and not front:
-                        return
-                    if front:
+                yield from self._submit_ready()
+                if not self.inflight:
+                    if self.front:
                         continue
-                    msg = "the task iterator paused (yielded None) with no task in flight"
-                    raise RuntimeError(msg)
-                fut, result = next(done)
-                part = inflight.pop(fut)
-                suspects -= part.suspect
-                fut.release()  # drop the result on the cluster now (never recomputed)
-                # Judge by the result, not fut.status: the worker holding a result already
-                # fetched may die a moment later, turning the status to "lost".
-                if type(result) is bytes:
-                    outcomes = _outcomes_from(result, part.task)
-                    if isinstance(outcomes, tuple):
-                        bad = self._unloadable_items(part.task, outcomes, front)
-                        if bad is not None:
-                            yield bad
-                    else:
-                        yield part.task, outcomes
-                else:
-                    failed = self._failed(part, result, front, report)
-                    if failed is not None:
-                        yield failed
+                    self.feed.finish()
+                    return
+                answered = self._receive(*next(self.done))
+                if answered is not None:
+                    yield answered
         finally:
-            # Best effort: a client already closed (interpreter exit, Ctrl-C) must not hide
-            # the exception that stopped the run.
-            with contextlib.suppress(Exception):
-                if inflight:
-                    client.cancel(list(inflight))
-                    inflight.clear()
-                done.clear()
-                func_future.release()
-            report.seconds = time.perf_counter() - started
-            with contextlib.suppress(Exception):
-                now = set(client.scheduler_info()["workers"])
-                report.workers_lost = len(workers_before - now)
-            if report.workers_lost or report.killed_chunks:
-                log.warning("%s", report)
+            self._finish()
 
-    def _failed(
-        self, part: _Part, result: Any, front: list[_Part], report: DaskRunReport
-    ) -> tuple[Task, list[Outcome]] | None:
+    def _submit_ready(self) -> Iterator[_Report]:
+        """Submit parts while fewer than ``limit`` are pending; yields the tasks answered
+        without the cluster (an empty task, an item that does not pickle)."""
+        while len(self.inflight) < self.limit and (part := self._next_part()) is not None:
+            answered = self._submit(part)
+            if answered is not None:
+                yield answered
+
+    def _next_part(self) -> _Part | None:
+        """The part to submit next, or ``None`` to wait for a completion first."""
+        if self.front:
+            # Isolation: a suspect runs alone, so an item that kills its worker takes no
+            # innocent task down with it.
+            if self.inflight and (self.front[-1].suspect or self.suspects):
+                return None
+            return self.front.pop()
+        if self.suspects:
+            return None
+        task = self.feed.pull()
+        if task is None:
+            return None
+        self.report.items += len(task.items)
+        return _Part(task)
+
+    def _submit(self, part: _Part) -> _Report | None:
+        """Send ``part`` to the cluster; what answers it at once if it cannot go."""
+        task = part.task
+        if not task.items:
+            return task, OkValues()
+        try:
+            blob = _dumps(task.items)
+        except Exception as exc:
+            return self._not_sent(task, exc)
+        if self.func_future.status in _GONE:  # its data was lost with a worker: place it again
+            self.func_future = _place_func(self.client, self.token, self.func_blob)
+        payload: Any = blob
+        if len(blob) >= SCATTER_BYTES:
+            payload = self.client.scatter(blob, hash=False)
+            part.scattered = True
+            self.report.scattered_chunks += 1
+        fut = self.client.submit(
+            _run_remote,
+            self.token,
+            self.func_future,
+            payload,
+            task.start,
+            key=f"amorsize-{self.token}-{next(self.seq)}",
+            pure=False,
+        )
+        self.inflight[fut] = part
+        self.done.add(fut)
+        self.report.chunks += 1
+        self.suspects += part.suspect
+        return None
+
+    def _receive(self, fut: distributed.Future[bytes], result: Any) -> _Report | None:
+        """A finished future: its task's outcomes, or what its failure on the cluster means
+        (``None``: its items were queued again)."""
+        part = self.inflight.pop(fut)
+        self.suspects -= part.suspect
+        fut.release()  # drop the result on the cluster now (never recomputed)
+        # Judge by the result, not fut.status: the worker holding a result already fetched
+        # may die a moment later, turning the status to "lost".
+        if type(result) is not bytes:
+            return self._failed(part, result)
+        got = load_results(result, part.task, _WHERE)
+        if isinstance(got, Refused):
+            return self._not_loaded(part.task, got.error)
+        return part.task, got
+
+    def _finish(self) -> None:
+        """Cancel what is still pending, release the function, complete the report."""
+        # Best effort: a client already closed (interpreter exit, Ctrl-C) must not hide the
+        # exception that stopped the run.
+        with contextlib.suppress(Exception):
+            if self.inflight:
+                self.client.cancel(list(self.inflight))
+                self.inflight.clear()
+            self.done.clear()
+            self.func_future.release()
+        report = self.report
+        report.seconds = time.perf_counter() - self.started
+        with contextlib.suppress(Exception):
+            now = set(self.client.scheduler_info()["workers"])
+            report.workers_lost = len(self.workers_before - now)
+        if report.workers_lost or report.killed_chunks:
+            log.warning("%s", report)
+
+    def _failed(self, part: _Part, result: Any) -> _Report | None:
         """A task that dask reports as failed (not an item's exception: those are outcomes)."""
         task = part.task
         if isinstance(result, tuple) and len(result) == 3:
@@ -518,6 +516,7 @@ class DaskBackend(Backend):
         rerun = (
             killed or part.scattered or isinstance(exc, (CancelledError, asyncio.CancelledError))
         )
+        report, front = self.report, self.front
         if rerun:
             report.killed_chunks += killed
             if len(task.items) > 1:
@@ -547,39 +546,22 @@ class DaskBackend(Backend):
             exc.__cause__ = RemoteTraceback("".join(traceback.format_tb(tb)))
         return task, [Outcome(False, exc, 1) for _ in task.items]
 
-    def _unloadable_items(
-        self, task: Task, error: tuple[str, str, str], front: list[_Part]
-    ) -> tuple[Task, list[Outcome]] | None:
+    def _not_loaded(self, task: Task, error: ErrorText) -> _Report | None:
         """A chunk whose items the worker could not unpickle (none ran): re-sent one item per
         task to find the culprit, which then fails alone."""
         if len(task.items) > 1:
-            pieces = [_Part(Task(task.start + i, [x])) for i, x in enumerate(task.items)]
-            front.extend(reversed(pieces))
+            self.front.extend(reversed([_Part(t) for t in singles(task)]))
             return None
-        name, text, tb = error
-        msg = (
-            f"item {task.start} cannot be unpickled on the dask worker ({name}: {text}); the "
-            "modules that define its class must be installed on the workers"
-        )
-        err = pickle.UnpicklingError(msg)
-        err.__cause__ = RemoteTraceback(tb)
-        return task, [Outcome(False, err, 0)]
+        fix = "the modules that define its class must be installed on the workers"
+        return task, not_loaded(task, error, "on the dask worker", fix)
 
-    def _unpicklable(
-        self, task: Task, exc: Exception, front: list[_Part]
-    ) -> tuple[Task, list[Outcome]] | None:
-        """Split a chunk that cannot be pickled; a single bad item becomes its failure."""
+    def _not_sent(self, task: Task, exc: Exception) -> _Report | None:
+        """A chunk that cannot be pickled: re-sent one item per task; a single item that
+        cannot be pickled becomes its failure."""
         if len(task.items) > 1:
-            pieces = [_Part(Task(task.start + i, [x])) for i, x in enumerate(task.items)]
-            front.extend(reversed(pieces))
+            self.front.extend(reversed([_Part(t) for t in singles(task)]))
             return None
-        msg = (
-            f"this item cannot be pickled to send it to a dask worker "
-            f"({type(exc).__name__}: {exc}); use backend='threads' for unpicklable items"
-        )
-        err = pickle.PicklingError(msg)
-        err.__cause__ = exc
-        return task, [Outcome(False, err, 0)]
+        return task, not_sent(task, exc, "a dask worker")
 
 
 # --------------------------------------------------------------------------- planning
@@ -623,18 +605,3 @@ def _place_func(client: distributed.Client, token: str, blob: bytes) -> distribu
 def _func_name(func: Callable[..., Any]) -> str:
     name = getattr(func, "__name__", type(func).__name__)
     return "".join(c if c.isalnum() or c == "_" else "_" for c in name)[:40] or "func"
-
-
-def _dump_func(func: Callable[[Any], Any]) -> bytes:
-    try:
-        return cast(bytes, cloudpickle.dumps(func, protocol=_PROTOCOL))
-    except Exception as exc:
-        msg = (
-            f"func={func!r} cannot be sent to dask workers: pickling it failed "
-            f"({type(exc).__name__}: {exc}); make what it captures picklable, define it at "
-            "module level, or use backend='threads'"
-        )
-        raise TypeError(msg) from exc
-
-
-_END: Any = object()

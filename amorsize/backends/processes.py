@@ -14,6 +14,21 @@ Data flow (the parent always knows which task is running on which worker)::
             per task (crash count + 1); an item that crashed more than ``crash_retries``
             times becomes a ``WorkerCrashedError`` outcome; tasks queued behind it re-run as is
 
+One run is a ``_Run``; its loop (``_Run.results``) calls one named step at a time, after
+loky's ``process_executor``::
+
+    ┌▶ _grow      start missing workers, watch their pipe and sentinel
+    │  _dispatch  idle workers first, then one prefetch each: _next_message (the front
+    │             first, then TaskFeed.pull) and _send; a worker dead on send ─▶ _collect;
+    │             an item that does not pickle ─▶ its failure (not_sent), reported first
+    │  _wait      epoll until a worker sends or dies
+    └─ _collect   a message ─▶ _receive (READY, or load_results of its oldest task)
+                  a death   ─▶ _drain its pipe, then _bury its tasks (_crashed)
+    ... until nothing is in flight or queued: TaskFeed.finish (end, or a paused iterator)
+
+Pickling the function, packing and loading results, and items that do not travel are
+``amorsize.backends._wire``'s, shared with the dask backend.
+
 Parent death: every worker holds the read end of one lifeline pipe whose only write end the
 parent holds (a forked worker closes the parent's ends it inherited, see
 ``_after_fork_in_child``); a watchdog thread in the worker sees EOF the moment the parent is
@@ -42,28 +57,40 @@ import selectors
 import signal
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar, cast
 
+from amorsize.backends._wire import (
+    FATAL,
+    NOLOAD,
+    PROTOCOL,
+    ErrorText,
+    Refused,
+    TaskFeed,
+    dump_func,
+    load_results,
+    not_loaded,
+    not_sent,
+    pack_error,
+    run_and_pack,
+    singles,
+)
 from amorsize.backends.base import (
     Backend,
     OkValues,
     Outcome,
+    Pause,
     RemoteTraceback,
     Task,
     WorkerCrashedError,
-    error_payload,
-    failure_outcome,
-    portable_outcomes,
-    reload_outcomes,
-    run_chunk_fast,
 )
 
-# Message kinds, parent -> worker and worker -> parent.
+# Message kinds, parent -> worker (worker -> parent: ``_wire.OK``, ``MIXED``, ...).
 _FUNC, _TASK, _STOP = 0, 1, 2
-_OK, _MIXED, _FATAL, _NOLOAD = 0, 1, 2, 3
 # A worker's first message: it is up and serving. A worker that dies before sending it
 # never started anything (bootstrap failure), so its tasks are not suspects.
 _READY = b"ready"
@@ -104,7 +131,6 @@ class _ThreadLimiter:
     def __init__(self) -> None:
         self.threads = 0
         self.seen_modules = -1
-        self.handle: Any = None
 
     def apply(self, threads: int) -> None:
         if threads == self.threads and len(sys.modules) == self.seen_modules:
@@ -117,22 +143,11 @@ class _ThreadLimiter:
             from threadpoolctl import threadpool_limits
         except ImportError:  # optional dependency: the environment variables still apply
             return
-        self.handle = threadpool_limits(limits=threads)
+        # Applied for the rest of the worker's life: the returned handle is never restored.
+        threadpool_limits(limits=threads)
 
 
-def _safe_dumps(obj: Any) -> bytes:
-    return pickle.dumps(obj, protocol=5)
-
-
-def _result_message(func: Callable[[Any], Any], start: int, items: list[Any]) -> bytes:
-    result = run_chunk_fast(func, items)
-    if type(result) is OkValues:
-        try:
-            return _safe_dumps((_OK, list(result)))
-        except Exception:
-            result = [Outcome(True, v) for v in result]
-    outcomes = portable_outcomes(cast("list[Outcome]", result), _safe_dumps, _WHERE, start)
-    return _safe_dumps((_MIXED, outcomes))
+_dumps = partial(pickle.dumps, protocol=PROTOCOL)
 
 
 def _watch_parent(lifeline: Connection) -> None:
@@ -181,22 +196,14 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
         except Exception as exc:
             # Only a TASK can fail to load (FUNC carries bytes, loaded below): none of its
             # items ran; the parent re-sends them one per task to find the culprit.
-            send(_safe_dumps((_NOLOAD, error_payload(exc))))
+            send(pack_error(NOLOAD, exc, _dumps))
             continue
         if kind == _TASK:
             if fatal is not None or func is None:
-                send(fatal or _safe_dumps((_FATAL, ("RuntimeError", "no function loaded", ""))))
+                send(fatal or pack_error(FATAL, RuntimeError("no function loaded"), _dumps))
                 continue
             start, items = payload
-            try:
-                message = _result_message(func, start, items)
-            except Exception as exc:
-                # Belt and braces: whatever went wrong packing results fails the chunk's
-                # items, never the worker (a dead worker's items would run again).
-                msg = f"the results of items {start}.. could not be sent back: {exc!r:.300}"
-                failed = failure_outcome(RuntimeError(msg))
-                message = _safe_dumps((_MIXED, [failed] * len(items)))
-            send(message)
+            send(run_and_pack(func, start, items, _WHERE, _dumps))
         elif kind == _FUNC:
             try:
                 func = loads(payload[0])
@@ -204,7 +211,7 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
                 limiter.apply(payload[1])
             except BaseException as exc:
                 func = None
-                fatal = _safe_dumps((_FATAL, error_payload(exc)))
+                fatal = pack_error(FATAL, exc, _dumps)
         else:
             return
 
@@ -223,29 +230,6 @@ class _Worker:
         self.inflight: deque[tuple[int, Task, int]] = deque()
         self.run_id = 0  # the run whose function this worker holds
         self.ready = False  # READY received
-
-
-def _dump_func(func: Callable[[Any], Any]) -> bytes:
-    try:
-        import cloudpickle
-    except ImportError:
-        cloudpickle = None
-    try:
-        if cloudpickle is not None:
-            return cast(bytes, cloudpickle.dumps(func, protocol=5))
-        return pickle.dumps(func, protocol=5)
-    except Exception as exc:
-        hint = (
-            "define it at module level, or use backend='threads'"
-            if cloudpickle is not None
-            else "define it at module level, install cloudpickle (lambdas, closures and "
-            "__main__ functions then work), or use backend='threads'"
-        )
-        msg = (
-            f"func={func!r} cannot be sent to worker processes: pickling it failed "
-            f"({type(exc).__name__}: {exc}); {hint}"
-        )
-        raise TypeError(msg) from exc
 
 
 def _stop(worker: _Worker, *, terminate: bool, timeout: float) -> int | None:
@@ -303,9 +287,6 @@ class ProcessesBackend(Backend):
         self._lock = threading.Lock()
         self._runs = itertools.count(1)
         self._started = 0
-        self._startup_deaths = 0
-        # During a run: the selector watching the active workers, and which ones it watches.
-        self._watch: tuple[selectors.BaseSelector, set[_Worker]] | None = None
         _LIVE.add(self)
 
     # -- pool management -------------------------------------------------------------------
@@ -360,11 +341,6 @@ class ProcessesBackend(Backend):
         """Remove ``worker`` from the pool; return its exit code."""
         if worker in self._workers:
             self._workers.remove(worker)
-        if self._watch is not None and worker in self._watch[1]:
-            sel, watched = self._watch
-            watched.discard(worker)
-            sel.unregister(worker.conn)
-            sel.unregister(worker.process.sentinel)
         return _stop(worker, terminate=kill, timeout=2.0)
 
     def _reap_stale(self) -> None:
@@ -390,7 +366,7 @@ class ProcessesBackend(Backend):
     def close(self) -> None:
         """Stop every worker: idle ones are asked to exit, busy ones are terminated."""
         workers, self._workers = self._workers, []
-        stop = _safe_dumps((_STOP, None))
+        stop = _dumps((_STOP, None))
         for w in workers:
             if not w.inflight:
                 with contextlib.suppress(OSError):
@@ -413,7 +389,7 @@ class ProcessesBackend(Backend):
     def run(
         self,
         func: Callable[[Any], Any],
-        tasks: Iterator[Task],
+        tasks: Iterator[Task | Pause],
         *,
         n_jobs: int,
         max_in_flight: int,
@@ -440,303 +416,317 @@ class ProcessesBackend(Backend):
     def _run(
         self,
         func: Callable[[Any], Any],
-        tasks: Iterator[Task],
+        tasks: Iterator[Task | Pause],
         n_jobs: int,
         max_in_flight: int,
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
-        run_id = next(self._runs)
-        self._startup_deaths = 0
+        run = _Run(self, func, tasks, n_jobs, max_in_flight)
+        self._reap_stale()
+        try:
+            yield from run.results()
+        except BaseException as exc:
+            # After an error from the task iterator (an observer, the user's generator) or
+            # from a worker's setup, or a closed generator, tasks still running are left to
+            # finish and are drained (or stopped) by the next run: the pool stays warm.
+            if not isinstance(exc, (Exception, GeneratorExit)):
+                # KeyboardInterrupt (or a bug): stop every worker now, leave no orphan.
+                self.close()
+            raise
+        finally:
+            run.sel.close()
+
+
+# A task to send before pulling new ones (a crash re-run, a prefetch refusal, one item of a
+# chunk that did not travel), with its message once pickled.
+_Unsent = tuple[Task, bytes | None]
+_Report = tuple[Task, list[Outcome] | OkValues]
+
+
+class _Run:
+    """One ``ProcessesBackend.run``: its state, and the named steps of its loop (``results``).
+
+    ``in_flight`` counts this run's tasks sent and not yet settled; ``front`` holds the tasks
+    to send before pulling new ones; ``crashes`` counts, per input index, the worker deaths
+    it was running in.
+    """
+
+    def __init__(
+        self,
+        pool: ProcessesBackend,
+        func: Callable[[Any], Any],
+        tasks: Iterator[Task | Pause],
+        n_jobs: int,
+        max_in_flight: int,
+    ) -> None:
+        self.pool = pool
+        self.run_id = next(pool._runs)
+        self.n_jobs = n_jobs
         # Imported here: a spawned worker imports this module and needs no machine facts.
         from amorsize.system import available_cpus
 
-        threads = max(1, available_cpus() // n_jobs)
-        func_msg = _safe_dumps((_FUNC, (_dump_func(func), threads)))
-        self._reap_stale()
-        depth = 2 if max_in_flight >= 2 * n_jobs else 1
-        max_in_flight = max(1, max_in_flight)
-        # Tasks to send before pulling new ones: crash re-runs and prefetch refusals.
-        front: deque[tuple[Task, bytes | None]] = deque()
-        crashes: dict[int, int] = {}
-        exhausted = False
-        in_flight = 0
-        dumps = pickle.dumps
-        sel = selectors.DefaultSelector()
-        watched: set[_Worker] = set()
-        self._watch = (sel, watched)
-        try:
-            while True:
-                if len(self._workers) < n_jobs:
-                    self._start_workers(n_jobs - len(self._workers), threads)
-                active = self._workers[:n_jobs]
-                for w in active:
-                    if w not in watched:
-                        # A persistent epoll/poll set: connection.wait() would build a new
-                        # selector on every call, a cost paid per chunk.
-                        sel.register(w.conn, selectors.EVENT_READ, (w, False))
-                        sel.register(w.process.sentinel, selectors.EVENT_READ, (w, True))
-                        watched.add(w)
-                # ---- dispatch: fill every idle worker first, then one prefetch each
-                paused = False
-                broken: _Worker | None = None
-                for level in range(depth):
-                    if paused or broken is not None:
-                        break
-                    for w in active:
-                        if len(w.inflight) != level or in_flight >= max_in_flight:
-                            continue
-                        if front:
-                            task, msg = front.popleft()
-                        elif exhausted:
-                            paused = True
-                            break
-                        else:
-                            nxt = cast("Task | None", next(tasks, _END))
-                            if nxt is _END:
-                                exhausted = True
-                                paused = True
-                                break
-                            if nxt is None:
-                                paused = True
-                                break
-                            task, msg = nxt, None
-                        if msg is None:
-                            try:
-                                msg = dumps((_TASK, (task.start, task.items)), protocol=5)
-                            except Exception as exc:
-                                bad = self._unpicklable(task, exc, front)
-                                if bad is not None:
-                                    yield bad
-                                continue
-                        if level > 0 and len(msg) > _PREFETCH_MAX_BYTES:
-                            front.appendleft((task, msg))
-                            paused = True
-                            break
-                        try:
-                            if w.run_id != run_id:
-                                w.out.send_bytes(func_msg)
-                                w.run_id = run_id
-                            w.out.send_bytes(msg)
-                        except OSError:
-                            # Died before taking it: the task never ran, resend it as is.
-                            front.appendleft((task, msg))
-                            broken = w
-                            break
-                        w.inflight.append((run_id, task, len(msg)))
-                        in_flight += 1
-                if broken is not None:
-                    # Settle the dead worker's other tasks now, then dispatch afresh.
-                    for rid, pair in self._collect(broken, run_id, True, crashes, front):
-                        if rid is not None:
-                            in_flight -= 1
-                        if pair[1] is not _NOTHING:
-                            yield pair
-                    continue
-                if in_flight == 0:
-                    if exhausted and not front:
-                        return
-                    if not front:
-                        err = "the task iterator paused (yielded None) with no task in flight"
-                        raise RuntimeError(err)
-                    continue
-                # ---- wait for a result or a death
-                ready: dict[_Worker, bool] = {}
-                for key, _ in sel.select():
-                    w, is_sentinel = key.data
-                    ready[w] = ready.get(w, False) or is_sentinel
-                for w, dead in ready.items():
-                    if w not in watched:
-                        continue  # discarded while handling another worker's event
-                    for rid, pair in self._collect(w, run_id, dead, crashes, front):
-                        if rid is not None:
-                            in_flight -= 1
-                        if pair[1] is not _NOTHING:
-                            yield pair
-        except Exception:
-            # An error from the task iterator (an observer, the user's generator) or from a
-            # worker's setup: tasks still running are left to finish and are drained (or
-            # stopped) by the next run, so the pool stays warm.
-            raise
-        except GeneratorExit:
-            raise
-        except BaseException:
-            # KeyboardInterrupt (or a bug): stop every worker now, leave no orphan behind.
-            self._watch = None
-            self.close()
-            raise
-        finally:
-            self._watch = None
-            sel.close()
+        self.threads = max(1, available_cpus() // n_jobs)
+        self.func_msg = _dumps((_FUNC, (dump_func(func, "worker processes"), self.threads)))
+        self.feed = TaskFeed(tasks)
+        # A prefetched task per worker only when the executor allows two per worker.
+        self.depth = 2 if max_in_flight >= 2 * n_jobs else 1
+        self.max_in_flight = max(1, max_in_flight)
+        self.in_flight = 0
+        self.front: deque[_Unsent] = deque()
+        self.crashes: dict[int, int] = {}
+        self.startup_deaths = 0  # workers dead before READY, in a row
+        self.not_sent: _Report | None = None  # the failure of an item that does not pickle
+        self.active: list[_Worker] = []
+        # A persistent epoll/poll set: connection.wait() would build a new selector on every
+        # call, a cost paid per chunk.
+        self.sel = selectors.DefaultSelector()
+        self.watched: set[_Worker] = set()
 
-    def _collect(
-        self,
-        w: _Worker,
-        run_id: int,
-        dead: bool,
-        crashes: dict[int, int],
-        front: deque[tuple[Task, bytes | None]],
-    ) -> Iterator[tuple[int | None, tuple[Task, list[Outcome] | OkValues]]]:
-        """Results that ``w`` sent (all of them if it died), then its dead tasks' fate.
+    def results(self) -> Iterator[_Report]:
+        """The loop: grow the pool, dispatch, then settle what comes back, until done."""
+        while True:
+            self._grow()
+            broken = self._dispatch()
+            if self.not_sent is not None:
+                # It never ran: its failure goes back before anything waits.
+                report, self.not_sent = self.not_sent, None
+                yield report
+            elif broken is not None:
+                # Settle the dead worker's other tasks now, then dispatch afresh.
+                yield from self._collect(broken, dead=True)
+            elif self.in_flight:
+                for w, dead in self._wait().items():
+                    yield from self._collect(w, dead)
+            elif not self.front:
+                self.feed.finish()
+                return
 
-        Yields ``(run id or None, (task, outcomes))``; ``None`` marks crash reports that do
-        not correspond to a dispatched task.
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _grow(self) -> None:
+        """Start the workers missing (first run, or after deaths); watch the active ones."""
+        if len(self.watched) == self.n_jobs:
+            return  # the usual case: the active workers are all watched, none died
+        pool = self.pool
+        if len(pool._workers) < self.n_jobs:
+            pool._start_workers(self.n_jobs - len(pool._workers), self.threads)
+        self.active = pool._workers[: self.n_jobs]
+        for w in self.active:
+            if w not in self.watched:
+                self.sel.register(w.conn, selectors.EVENT_READ, (w, False))
+                self.sel.register(w.process.sentinel, selectors.EVENT_READ, (w, True))
+                self.watched.add(w)
+
+    def _dispatch(self) -> _Worker | None:
+        """Give every idle worker a task first, then each one a prefetched task.
+
+        Returns a worker found dead when sending to it (the task is back at the front: it
+        never ran), else ``None``.
         """
-        if not dead:
-            if not w.inflight and w.ready:
-                if w.process.is_alive():
-                    return
-                dead = True  # EOF on an idle worker's pipe: it is exiting
+        for level in range(self.depth):
+            for w in self.active:
+                if len(w.inflight) != level:
+                    continue
+                if self.in_flight >= self.max_in_flight:
+                    return None
+                nxt = self._next_message()
+                if nxt is None:
+                    return None  # paused, nothing left to send, or an item not sent
+                task, msg = nxt
+                if level > 0 and len(msg) > _PREFETCH_MAX_BYTES:
+                    self.front.appendleft(nxt)  # sent when a worker is idle instead
+                    return None
+                if not self._send(w, task, msg):
+                    return w
+        return None
+
+    def _next_message(self) -> tuple[Task, bytes] | None:
+        """The next task to send, with its message: the front first, then the executor's.
+
+        A chunk that does not pickle goes back to the front one item per task; a single
+        item that does not pickle becomes ``not_sent``, its failure, and ends the round.
+        """
+        while True:
+            task: Task | None
+            if self.front:
+                task, msg = self.front.popleft()
+                if msg is not None:
+                    return task, msg
             else:
-                # The selector said readable: exactly one message is read per event (a level-
-                # triggered selector reports the next one); Connection.poll() would build a
-                # new selector per call.
+                task = self.feed.pull()
+                if task is None:
+                    return None
+            try:
+                return task, _dumps((_TASK, (task.start, task.items)))
+            except Exception as exc:
+                if len(task.items) > 1:
+                    self.front.extendleft(reversed([(t, None) for t in singles(task)]))
+                else:
+                    self.not_sent = task, not_sent(task, exc, "a worker process")
+                    return None
+
+    def _send(self, w: _Worker, task: Task, msg: bytes) -> bool:
+        """Send ``task`` to ``w``, after the run's function if ``w`` lacks it; ``False`` if
+        ``w`` died before taking it (the task goes back to the front)."""
+        try:
+            if w.run_id != self.run_id:
+                w.out.send_bytes(self.func_msg)
+                w.run_id = self.run_id
+            w.out.send_bytes(msg)
+        except OSError:
+            self.front.appendleft((task, msg))
+            return False
+        w.inflight.append((self.run_id, task, len(msg)))
+        self.in_flight += 1
+        return True
+
+    # -- results and deaths ----------------------------------------------------------------
+
+    def _wait(self) -> dict[_Worker, bool]:
+        """Block until workers send or die: each such worker, ``True`` if it died."""
+        ready: dict[_Worker, bool] = {}
+        for key, _ in self.sel.select():
+            w, is_sentinel = key.data
+            ready[w] = ready.get(w, False) or is_sentinel
+        return ready
+
+    def _collect(self, w: _Worker, dead: bool) -> Iterator[_Report]:
+        """What ``w`` sent (all of it if it died), then, if it died, its tasks' fate."""
+        if w not in self.watched:
+            return  # discarded while handling another worker's event
+        if not dead:
+            if w.inflight or not w.ready:
+                # Readable: exactly one message per event (a level-triggered selector reports
+                # the next one); Connection.poll() would build a new selector per call.
                 try:
                     data = w.conn.recv_bytes()
                 except (EOFError, OSError):
-                    dead = True
+                    pass  # its pipe closed: it is dying
                 else:
-                    if not w.ready:
-                        w.ready = True
-                        self._startup_deaths = 0
-                    else:
-                        yield from self._result(w, run_id, data, front)
+                    report = self._receive(w, data)
+                    if report is not None:
+                        yield report
                     return
-        # Dead: whatever it sent before dying is still in the pipe.
+            elif w.process.is_alive():
+                return
+            # else EOF on an idle worker's pipe: it is exiting
+        yield from self._drain(w)
+        yield from self._bury(w)
+
+    def _receive(self, w: _Worker, data: bytes) -> _Report | None:
+        """A message from ``w``: the first says it is up (READY), each later one answers its
+        oldest task in flight (``None``: nothing to report for it)."""
+        if not w.ready:
+            w.ready = True
+            self.startup_deaths = 0
+            return None
+        rid, task, _ = w.inflight.popleft()
+        if rid != self.run_id:
+            return None  # a cancelled run's task: its result is not wanted
+        self.in_flight -= 1
+        got = load_results(data, task, _WHERE)
+        if not isinstance(got, Refused):
+            return task, got
+        if got.kind == NOLOAD:
+            return self._not_loaded(task, got.error)
+        self._drop(w, kill=True)
+        raise self._function_not_loaded(got.error)
+
+    def _drain(self, w: _Worker) -> Iterator[_Report]:
+        """The messages a dead worker sent before it died: still in its pipe."""
         while w.inflight:
             try:
                 if not w.conn.poll():
-                    break
+                    return
                 data = w.conn.recv_bytes()
             except (EOFError, OSError):
-                break
-            if not w.ready:
-                w.ready = True
-                self._startup_deaths = 0
-                continue
-            yield from self._result(w, run_id, data, front)
-        if not dead:
-            return
+                return
+            report = self._receive(w, data)
+            if report is not None:
+                yield report
+
+    def _bury(self, w: _Worker) -> Iterator[_Report]:
+        """A dead worker's tasks: those that never started re-run as they are; the items of
+        the one it was running re-run one per task, or fail once they crashed too often."""
         lost = list(w.inflight)
         w.inflight.clear()
         # Not kill=True: a worker whose pipe just hit EOF may need a moment to finish exiting,
         # and terminating it would replace its real exit code with SIGTERM's.
-        exitcode = self._discard(w, kill=False)
+        exitcode = self._drop(w, kill=False)
         if not w.ready:
-            self._startup_deaths += 1
-            if self._startup_deaths >= _MAX_STARTUP_DEATHS:
-                msg = (
-                    f"worker processes die while starting (start method {self.start_method!r},"
-                    f" exit code {exitcode}), {self._startup_deaths} in a row: see their "
-                    "stderr above. Under spawn and forkserver, the main module is imported in "
-                    "each worker: guard the code that starts work with "
-                    "`if __name__ == '__main__':`"
-                )
-                raise RuntimeError(msg)
+            self._count_startup_death(exitcode)
         for k, (rid, task, _) in enumerate(lost):
-            if rid != run_id:
+            if rid != self.run_id:
                 continue
+            self.in_flight -= 1
             if k > 0 or not w.ready:
                 # Queued behind the running task, or the worker never got up: the task never
                 # started, so its items are not suspects.
-                front.append((task, None))
-                yield run_id, (task, _NOTHING)
-                continue
-            for i, item in enumerate(task.items):
-                index = task.start + i
-                count = crashes.get(index, 0) + 1
-                crashes[index] = count
-                if count > self.crash_retries:
-                    err = WorkerCrashedError(exitcode, count)
-                    yield None, (Task(index, [item]), [Outcome(False, err, count)])
-                else:
-                    front.append((Task(index, [item]), None))
-            yield run_id, (task, _NOTHING)
+                self.front.append((task, None))
+            else:
+                yield from self._crashed(task, exitcode)
 
-    def _result(
-        self, w: _Worker, run_id: int, data: bytes, front: deque[tuple[Task, bytes | None]]
-    ) -> Iterator[tuple[int | None, tuple[Task, list[Outcome] | OkValues]]]:
-        """Decode one message from ``w``: the outcome of its oldest task in flight."""
-        rid, task, _ = w.inflight.popleft()
-        if rid != run_id:
-            return  # a cancelled run's task: its result is not wanted
-        try:
-            kind, payload = pickle.loads(data)
-        except Exception as exc:
-            # A result or exception that pickled in the worker but does not load here: it
-            # fails alone. Only this path pays for finding it.
-            outcomes = reload_outcomes(data, task, exc, _WHERE, _entries)
-            yield run_id, (task, outcomes)
-            return
-        if kind == _OK:
-            yield run_id, (task, OkValues(payload))
-        elif kind == _MIXED:
-            yield run_id, (task, payload)
-        elif kind == _NOLOAD:
-            yield run_id, self._unloadable_items(task, payload, front)
-        else:
-            self._discard(w, kill=True)
-            name, text, tb = payload
+    def _crashed(self, task: Task, exitcode: int | None) -> Iterator[_Report]:
+        """The items of the task a worker died running: each re-runs alone on a fresh worker,
+        or, past ``crash_retries``, is reported as a ``WorkerCrashedError``."""
+        for i, item in enumerate(task.items):
+            index = task.start + i
+            count = self.crashes.get(index, 0) + 1
+            self.crashes[index] = count
+            if count > self.pool.crash_retries:
+                err = WorkerCrashedError(exitcode, count)
+                yield Task(index, [item]), [Outcome(False, err, count)]
+            else:
+                self.front.append((Task(index, [item]), None))
+
+    def _count_startup_death(self, exitcode: int | None) -> None:
+        """Workers that keep dying before READY cannot start at all: raise, never loop."""
+        self.startup_deaths += 1
+        if self.startup_deaths >= _MAX_STARTUP_DEATHS:
             msg = (
-                f"the function could not be loaded in a worker process (start method "
-                f"{self.start_method!r}): {name}: {text}. Under spawn and forkserver the "
-                f"function's module must be importable by the workers; cloudpickle sends "
-                f"lambdas, closures and __main__ functions by value"
+                f"worker processes die while starting (start method {self.pool.start_method!r},"
+                f" exit code {exitcode}), {self.startup_deaths} in a row: see their "
+                "stderr above. Under spawn and forkserver, the main module is imported in "
+                "each worker: guard the code that starts work with "
+                "`if __name__ == '__main__':`"
             )
-            raise RuntimeError(msg) from RemoteTraceback(tb)
+            raise RuntimeError(msg)
 
-    def _unloadable_items(
-        self, task: Task, error: tuple[str, str, str], front: deque[tuple[Task, bytes | None]]
-    ) -> tuple[Task, list[Outcome] | OkValues]:
-        """A task whose items the worker could not unpickle: none of them ran. Re-sent one
-        item per task (at the front, in order) to find the culprit, which then fails alone."""
+    def _not_loaded(self, task: Task, error: ErrorText) -> _Report | None:
+        """A task whose items the worker could not unpickle (none ran): re-sent one item per
+        task, at the front and in order, to find the culprit, which then fails alone."""
         if len(task.items) > 1:
-            for i in reversed(range(len(task.items))):
-                front.appendleft((Task(task.start + i, [task.items[i]]), None))
-            return task, _NOTHING
+            self.front.extendleft(reversed([(t, None) for t in singles(task)]))
+            return None
+        fix = (
+            f"its class must load there (importable under start method "
+            f"{self.pool.start_method!r}, or defined where cloudpickle sends it by value), "
+            "or use backend='threads'"
+        )
+        return task, not_loaded(task, error, "in the worker process", fix)
+
+    def _function_not_loaded(self, error: ErrorText) -> RuntimeError:
         name, text, tb = error
         msg = (
-            f"item {task.start} cannot be unpickled in the worker process ({name}: {text}); "
-            f"its class must load there (importable under start method "
-            f"{self.start_method!r}, or defined where cloudpickle sends it by value), or use "
-            f"backend='threads'"
+            f"the function could not be loaded in a worker process (start method "
+            f"{self.pool.start_method!r}): {name}: {text}. Under spawn and forkserver the "
+            f"function's module must be importable by the workers; cloudpickle sends "
+            f"lambdas, closures and __main__ functions by value"
         )
-        err = pickle.UnpicklingError(msg)
+        err = RuntimeError(msg)
         err.__cause__ = RemoteTraceback(tb)
-        return task, [Outcome(False, err, 0)]
+        return err
 
-    def _unpicklable(
-        self, task: Task, exc: Exception, front: deque[tuple[Task, bytes | None]]
-    ) -> tuple[Task, list[Outcome]] | None:
-        """Split a chunk that cannot be pickled; a single bad item becomes its failure."""
-        if len(task.items) > 1:
-            for i in reversed(range(len(task.items))):
-                front.appendleft((Task(task.start + i, [task.items[i]]), None))
-            return None
-        msg = (
-            f"this item cannot be pickled to send it to a worker process "
-            f"({type(exc).__name__}: {exc}); use backend='threads' for unpicklable items"
-        )
-        err = pickle.PicklingError(msg)
-        err.__cause__ = exc
-        return task, [Outcome(False, err, 0)]
+    def _drop(self, w: _Worker, *, kill: bool) -> int | None:
+        """Stop watching ``w`` and remove it from the pool; its exit code."""
+        if w in self.watched:
+            self.watched.discard(w)
+            self.sel.unregister(w.conn)
+            self.sel.unregister(w.process.sentinel)
+        return self.pool._discard(w, kill=kill)
 
 
-def _entries(message: Any) -> list[tuple[Any, Outcome]]:
-    """A reloaded message's items for ``reload_outcomes``: (what to check, its outcome)."""
-    kind, payload = message
-    if kind == _OK:
-        return [(v, Outcome(True, v)) for v in payload]
-    if kind == _MIXED:
-        return [(o, o) for o in payload]
-    return []
-
-
-# A dead worker's task that is not reported itself (its items are re-queued or failed):
-# ``_run`` only counts it out of flight and skips yielding it. A bare marker, never a value
-# a task could have (an empty ``OkValues`` would be a valid outcome of an empty task).
-_NOTHING: Any = object()
-_END: Any = object()
 _ENV_LOCK = threading.Lock()
-_LIVE: Any = __import__("weakref").WeakSet()
+_LIVE: weakref.WeakSet[ProcessesBackend] = weakref.WeakSet()
 
 
 def _preload(ctx: Any) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
-from amorsize.backends.base import Backend, OkValues, Outcome, Task, run_chunk_fast
+from amorsize.backends._wire import TaskFeed
+from amorsize.backends.base import Backend, OkValues, Outcome, Pause, Task, run_chunk_fast
 
 
 class SerialBackend(Backend):
@@ -25,16 +26,14 @@ class SerialBackend(Backend):
     def run(
         self,
         func: Callable[[Any], Any],
-        tasks: Iterator[Task],
+        tasks: Iterator[Task | Pause],
         *,
         n_jobs: int,
         max_in_flight: int,
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
         """Yield each task with its outcomes as soon as it has run."""
-        for task in cast("Iterator[Task | None]", tasks):
-            if task is None:
-                # A pause with nothing in flight would wait forever: the executor only
-                # pauses while a task is outstanding, which never happens here.
-                msg = "the task iterator paused (yielded None) with no task in flight"
-                raise RuntimeError(msg)
+        # Nothing is ever in flight when the next task is pulled, so a pause is an error.
+        feed = TaskFeed(tasks)
+        while (task := feed.pull()) is not None:
             yield task, run_chunk_fast(func, task.items, remote=False)
+        feed.finish()

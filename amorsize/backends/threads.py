@@ -10,9 +10,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
-from amorsize.backends.base import Backend, OkValues, Outcome, Task, run_chunk_fast
+from amorsize.backends._wire import TaskFeed
+from amorsize.backends.base import Backend, OkValues, Outcome, Pause, Task, run_chunk_fast
 
 # Pools of different sizes kept warm at once; the least recently used beyond this is shut.
 _MAX_WARM_POOLS = 4
@@ -90,7 +91,7 @@ class ThreadsBackend(Backend):
     def run(
         self,
         func: Callable[[Any], Any],
-        tasks: Iterator[Task],
+        tasks: Iterator[Task | Pause],
         *,
         n_jobs: int,
         max_in_flight: int,
@@ -99,22 +100,14 @@ class ThreadsBackend(Backend):
         pool = self._acquire(n_jobs)
         limit = max(1, min(max_in_flight, 2 * n_jobs))
         pending: dict[Future[list[Outcome] | OkValues], Task] = {}
-        exhausted = False
+        feed = TaskFeed(tasks)
         try:
             while True:
-                while not exhausted and len(pending) < limit:
-                    task = cast("Task | None", next(tasks, _END))
-                    if task is _END:
-                        exhausted = True
-                    elif task is None:
-                        break  # paused until something completes
-                    else:
-                        pending[pool.submit(_run_local, func, task.items)] = task
+                while len(pending) < limit and (task := feed.pull()) is not None:
+                    pending[pool.submit(_run_local, func, task.items)] = task
                 if not pending:
-                    if exhausted:
-                        return
-                    msg = "the task iterator paused (yielded None) with no task in flight"
-                    raise RuntimeError(msg)
+                    feed.finish()
+                    return
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     yield pending.pop(fut), fut.result()
@@ -150,5 +143,3 @@ def _new_pool(n_jobs: int) -> ThreadPoolExecutor:
         n_jobs, thread_name_prefix=f"amorsize-{n_jobs}", initializer=_mark_pool_thread
     )
 
-
-_END: Any = object()
