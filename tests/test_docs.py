@@ -1,0 +1,39 @@
+"""The docs: every public name has an API reference entry; README links point at pages."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import amorsize
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def _docs_or_skip() -> Path:
+    if not (DOCS / "api").is_dir():
+        pytest.skip("no docs/ beside the tests (an sdist ships none)")
+    return DOCS
+
+
+def test_every_public_name_has_an_api_entry() -> None:
+    """Each name in `amorsize.__all__` has a `::: amorsize.NAME` entry on an API page."""
+    pages = sorted(_docs_or_skip().glob("api/*.md"))
+    text = "\n".join(p.read_text(encoding="utf-8") for p in pages)
+    documented = set(re.findall(r"^::: amorsize\.(\w+)\s*$", text, flags=re.MULTILINE))
+    missing = sorted(set(amorsize.__all__) - documented - {"__version__"})
+    assert not missing, f"add `::: amorsize.NAME` to a page of docs/api/ for: {missing}"
+
+
+def test_readme_links_point_at_existing_pages() -> None:
+    """Every relative link in README.md names a file that exists."""
+    _docs_or_skip()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    relative = [t for t in targets if "://" not in t]
+    assert relative, "README.md links to no page"
+    missing = [t for t in relative if not (ROOT / t).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
