@@ -20,11 +20,19 @@ def _docs_or_skip() -> Path:
 
 
 def test_every_public_name_has_an_api_entry() -> None:
-    """Each name in `amorsize.__all__` has a `::: amorsize.NAME` entry on an API page."""
+    """Each name in `amorsize.__all__` has a `::: amorsize.NAME` entry on an API page.
+
+    An alias (another public name for a documented object) is covered by that entry.
+    """
     pages = sorted(_docs_or_skip().glob("api/*.md"))
     text = "\n".join(p.read_text(encoding="utf-8") for p in pages)
     documented = set(re.findall(r"^::: amorsize\.(\w+)\s*$", text, flags=re.MULTILINE))
-    missing = sorted(set(amorsize.__all__) - documented - {"__version__"})
+    objects = [getattr(amorsize, name) for name in documented if name in amorsize.__all__]
+    missing = sorted(
+        name
+        for name in set(amorsize.__all__) - documented - {"__version__"}
+        if not any(getattr(amorsize, name) is obj for obj in objects)
+    )
     assert not missing, f"add `::: amorsize.NAME` to a page of docs/api/ for: {missing}"
 
 
