@@ -1170,8 +1170,54 @@ def main(argv: list[str] | None = None) -> int:
     0
     """
     parser = _build_parser()
-    with _one_line_diagnostics():
+    with _one_line_diagnostics(), _interrupts_survive_finalizers():
         return _main(parser, argv)
+
+
+# How long after a Ctrl-C was lost in a finalizer it is delivered again: far longer than a
+# finalizer runs, far shorter than anyone waits before pressing Ctrl-C again.
+_REINTERRUPT_DELAY_S = 0.02
+
+
+@contextlib.contextmanager
+def _interrupts_survive_finalizers() -> Iterator[None]:
+    """Ctrl-C that lands inside a finalizer (``__del__``) is delivered again, not lost.
+
+    Python runs the SIGINT handler wherever the main thread is, a garbage-collected pipe's
+    ``__del__`` included; there the ``KeyboardInterrupt`` is printed as "Exception ignored"
+    and dropped, and the run goes on. This hook swallows that report and has a helper thread
+    signal the main thread again, once it is out of the finalizer (a signal, not a flag: the
+    main thread may be blocked waiting for workers), where ``_main`` exits with code 130.
+    """
+    import _thread
+    import signal
+    import threading
+    import time
+
+    previous = sys.unraisablehook
+    main_ident = threading.main_thread().ident
+
+    def interrupt_again() -> None:
+        # Give the main thread time to leave the finalizer and this hook: a signal that
+        # lands in either is lost again.
+        time.sleep(_REINTERRUPT_DELAY_S)
+        if hasattr(signal, "pthread_kill") and main_ident is not None:
+            signal.pthread_kill(main_ident, signal.SIGINT)
+        else:
+            _thread.interrupt_main()
+
+    def hook(unraisable: Any) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            # Not threading.Thread: its start() waits for the thread, in this hook.
+            _thread.start_new_thread(interrupt_again, ())
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -925,3 +926,21 @@ def test_bench_table() -> None:
     assert "ns/call" in text
     for row in rows:
         assert row["contender"] in text
+
+
+class _InterruptedFinalizer:
+    """Its finalizer is where Ctrl-C happened to land."""
+
+    def __del__(self) -> None:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_inside_a_finalizer_is_not_lost(capsys: pytest.CaptureFixture[str]) -> None:
+    """A KeyboardInterrupt raised in a __del__ is raised again in the main flow, unprinted."""
+    from amorsize.cli import _interrupts_survive_finalizers
+
+    woken = threading.Event()
+    with pytest.raises(KeyboardInterrupt), _interrupts_survive_finalizers():
+        _InterruptedFinalizer()  # finalized at once: the interrupt is "ignored" there
+        woken.wait(10)  # blocked, as the run waits for its workers, until signalled again
+    assert "Exception ignored" not in capsys.readouterr().err
