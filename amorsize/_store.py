@@ -419,21 +419,41 @@ class Seal:
 
     def check_signer(self) -> None:
         """Refuse a file signed by another key, or unsigned, unless it is trusted."""
-        if self.trust or self.signer == self.key.key_id:
-            return
+        if not (self.trust or self.signer == self.key.key_id):
+            raise self.foreign(self.signer)
+
+    def foreign(self, signer: str, block: str = "") -> StoreError:
+        """The error for data (the file, or its ``block``) not signed by this user's key."""
         who = (
-            f"was signed by another key (id {self.signer}; yours is {self.key.key_id}): it was"
+            f"was signed by another key (id {signer:.32}; yours is {self.key.key_id}): it was"
             " written by another user or on another machine, or your key was replaced"
-            if self.signer
+            if signer
             else "carries no signature: it was not written by this version of amorsize"
         )
+        what = f"{self.what} {self.where!r}" + (f", {block}," if block else "")
         msg = (
-            f"{self.what} {self.where!r} {who}. It holds pickles, and loading a pickle can run"
-            " arbitrary code, so amorsize loads only files signed with your key"
-            f" ({_signing.key_path()}). If you trust whoever wrote it, {self.trust_hint};"
-            " otherwise delete it or move it aside. It was left unchanged."
+            f"{what} {who}. It holds pickles, and loading a pickle can run arbitrary code, so"
+            f" amorsize loads only what is signed with your key ({_signing.key_path()}). If"
+            f" you trust whoever wrote it, {self.trust_hint}; otherwise delete it or move it"
+            " aside. It was left unchanged."
         )
-        raise self.error(msg)
+        return self.error(msg)
+
+    def sign_row(self, *parts: bytes) -> bytes:
+        """This user's HMAC of a row signed on its own (a dead-letter entry's ``parts``)."""
+        return self.key.sign(self.file_id, *parts)
+
+    def check_row(self, block: str, signer: Any, mac: Any, *parts: bytes) -> None:
+        """Raise unless the row ``block`` is signed by this user's key (or trusted): another
+        signer or none is a foreign row, a wrong MAC a damaged one."""
+        if self.trust:
+            return
+        if not isinstance(mac, bytes) or not isinstance(signer, str):
+            raise self.foreign("", block)
+        if signer != self.key.key_id:
+            raise self.foreign(signer, block)
+        if not self.key.verify(mac, self.file_id, *parts):
+            raise self.damaged(block, "does not match its signature")
 
     def check(
         self, block: str, digest: Any, mac: Any, *parts: bytes, digest_only: bool = False

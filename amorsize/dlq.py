@@ -53,9 +53,8 @@ from typing import IO, Any
 
 from amorsize._format import safe_repr
 from amorsize._observers import ItemFailure, RunObserver
-from amorsize._signing import user_key
+from amorsize._store import Seal, StoreError, open_database
 from amorsize._validate import fail
-from amorsize.checkpoint import StoreError, open_database
 
 __all__ = [
     "DeadLetter",
@@ -271,8 +270,8 @@ class DeadLetterQueue:
         mac: bytes | None = None
         key_id: str | None = None
         if blob is not None:
-            key = user_key()
-            mac, key_id = key.sign(*_signed_parts(name, int(index), blob)), key.key_id
+            seal = self._seal(trust=False)
+            mac, key_id = seal.sign_row(*_signed_parts(name, int(index), blob)), seal.key.key_id
         exc_type, message, tb = _exception_text(exc)
         row = (
             name, int(index), item_key, blob, mac, key_id, _exact_json(item), item_repr,
@@ -388,31 +387,26 @@ class DeadLetterQueue:
 
     def _verify(self, row: tuple[Any, ...], trust: bool) -> None:
         id_, func, idx, blob, mac, key_id, pickled = row
-        where = f"dead-letter file {os.fspath(self.path)!r}, entry #{id_}"
+        block = f"entry #{id_}"
         if not pickled or not isinstance(blob, bytes):
-            msg = f"{where}: the item was stored as its repr only (it could not be pickled)"
+            msg = (
+                f"dead-letter file {os.fspath(self.path)!r}, {block}: the item was stored as"
+                " its repr only (it could not be pickled)"
+            )
             raise DeadLetterError(msg)
         if trust:
             return
-        key = user_key()
-        signed = isinstance(mac, bytes) and isinstance(func, str) and isinstance(idx, int)
-        if signed and key.verify(mac, *_signed_parts(func, idx, blob)):
-            return
-        if not isinstance(mac, bytes) or not key_id:
-            why = "is not signed"
-        elif key_id != key.key_id:
-            why = (
-                f"was signed by another key ({key_id!s:.16}; yours is {key.key_id}): another"
-                " user or machine wrote it"
-            )
-        else:
-            why = "does not match its signature: the file was damaged or edited since"
-        msg = (
-            f"{where}: the stored item {why}. Unpickling can run code, so it was not loaded."
-            " If you trust whoever wrote this file like code, pass trust=True (CLI: --trust);"
-            " otherwise delete the file."
-        )
-        raise DeadLetterError(msg)
+        seal = self._seal(trust=False)
+        if not (isinstance(func, str) and type(idx) is int):
+            raise seal.damaged(block, "has a function name or index of the wrong type")
+        seal.check_row(block, key_id, mac, *_signed_parts(func, idx, blob))
+
+    def _seal(self, *, trust: bool) -> Seal:
+        """Signs and checks entries with this user's key (rows are signed one by one)."""
+        return Seal(
+            os.fspath(self.path), "dead-letter file", b"", "", trust=trust,
+            trust_hint="pass trust=True (CLI: --trust)", error=DeadLetterError,
+        )  # fmt: skip
 
     def _unpickle(self, id_: int, blob: bytes) -> Any:
         try:

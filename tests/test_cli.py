@@ -606,7 +606,7 @@ def test_crafted_dead_letter_file_runs_code_only_with_trust(workdir: Path) -> No
     assert "item 0 (0): ValueError: bad item 0" in run(workdir, "dead-letter", "failed.db").stdout
     assert not marker.exists()
     refused = run(workdir, "dead-letter", "failed.db", "--replay", "jobs:echo")
-    assert_usage_error(refused, "entry #1", "is not signed", "--trust")
+    assert_usage_error(refused, "entry #1", "carries no signature", "--trust")
     assert not marker.exists()
     assert_usage_error(run(workdir, "dead-letter", "failed.db", "--trust"), "--trust")
     trusted = run(workdir, "dead-letter", "failed.db", "--replay", "jobs:echo", "--trust")

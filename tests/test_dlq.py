@@ -321,7 +321,9 @@ def _forge(path: Path, entry_id: int, blob: bytes, *, keep_mac: bool) -> None:
     conn.close()
 
 
-@pytest.mark.parametrize(("keep_mac", "why"), [(False, "is not signed"), (True, "damaged or edited")])
+@pytest.mark.parametrize(
+    ("keep_mac", "why"), [(False, "carries no signature.*trust=True"), (True, "is damaged")]
+)
 def test_crafted_item_runs_only_with_trust(
     tmp_path: Path, keep_mac: bool, why: str
 ) -> None:
@@ -340,7 +342,7 @@ def test_crafted_item_runs_only_with_trust(
         lambda: dlq.replay(abs, execute=execute, backend="serial"),
         lambda: dlq.load_item(entry),
     ):
-        with pytest.raises(DeadLetterError, match=f"{why}.*trust=True"):
+        with pytest.raises(DeadLetterError, match=why):
             load()
         assert not marker.exists()
     assert len(dlq) == 1
