@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,20 +24,30 @@ def _run_outside_the_source_tree(tmp_path_factory: pytest.TempPathFactory) -> It
     os.chdir(here)
 
 
+@contextlib.contextmanager
+def _private_dir(variable: str, where: Path, forget: Callable[[], None]) -> Iterator[Path]:
+    """Point ``variable`` at ``where`` for the session; ``forget`` drops what was read."""
+    old = os.environ.get(variable)
+    os.environ[variable] = str(where)
+    forget()
+    try:
+        yield where
+    finally:
+        if old is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = old
+        forget()
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _machine_facts_cache(tmp_path_factory: pytest.TempPathFactory) -> object:
+def _machine_facts_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Keep amorsize's machine-facts cache in a session temp dir, not the user's home."""
     import amorsize.system
 
-    old = os.environ.get("AMORSIZE_CACHE_DIR")
-    os.environ["AMORSIZE_CACHE_DIR"] = str(tmp_path_factory.mktemp("amorsize-cache"))
-    amorsize.system._reset_memo()
-    yield None
-    if old is None:
-        os.environ.pop("AMORSIZE_CACHE_DIR", None)
-    else:
-        os.environ["AMORSIZE_CACHE_DIR"] = old
-    amorsize.system._reset_memo()
+    where = tmp_path_factory.mktemp("amorsize-cache")
+    with _private_dir("AMORSIZE_CACHE_DIR", where, amorsize.system._reset_memo) as path:
+        yield path
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -44,13 +55,6 @@ def _signing_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     """Keep amorsize's signing key in a session temp dir, not the user's config directory."""
     import amorsize._signing
 
-    old = os.environ.get("AMORSIZE_CONFIG_DIR")
     where = tmp_path_factory.mktemp("amorsize-config")
-    os.environ["AMORSIZE_CONFIG_DIR"] = str(where)
-    amorsize._signing._reset()
-    yield where
-    if old is None:
-        os.environ.pop("AMORSIZE_CONFIG_DIR", None)
-    else:
-        os.environ["AMORSIZE_CONFIG_DIR"] = old
-    amorsize._signing._reset()
+    with _private_dir("AMORSIZE_CONFIG_DIR", where, amorsize._signing._reset) as path:
+        yield path
