@@ -70,6 +70,7 @@ if TYPE_CHECKING:
         RunObserver,
         RunReport,
         execute,
+        execute_async,
         execute_iter,
     )
     from amorsize.optimizer import (
@@ -110,6 +111,7 @@ _SOURCES: dict[str, str] = {
     "RunObserver": "amorsize.executor",
     "RunReport": "amorsize.executor",
     "execute": "amorsize.executor",
+    "execute_async": "amorsize.executor",
     "execute_iter": "amorsize.executor",
     "OptimizationResult": "amorsize.optimizer",
     "optimize": "amorsize.optimizer",
@@ -151,6 +153,7 @@ __all__ = [
     "__version__",
     "create_batch_retry_wrapper",
     "execute",
+    "execute_async",
     "execute_iter",
     "get_system_info",
     "optimize",

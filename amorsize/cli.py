@@ -41,7 +41,7 @@ from typing import IO, Any, NoReturn, TypeAlias
 from amorsize._format import describe_error, format_bytes, format_seconds, safe_repr
 from amorsize._validate import MAX_SECONDS, MAX_WORKERS, check_int, check_number, fail
 from amorsize._version import read_version
-from amorsize.backends import BACKEND_NAMES, DEFAULT_BACKENDS
+from amorsize.backends import BACKEND_NAMES, DEFAULT_BACKENDS, REGISTRY
 
 __all__ = [
     "EXIT_FAILED",
@@ -232,7 +232,9 @@ def _add_optimize(commands: _Commands) -> None:
     p.add_argument(
         "--backends", default=",".join(DEFAULT_BACKENDS), metavar="LIST",
         help="comma-separated backends to choose from (default: %(default)s; also: "
-        + ", ".join(b for b in BACKEND_NAMES if b not in DEFAULT_BACKENDS) + ")",
+        + ", ".join(
+            b for b in BACKEND_NAMES if b not in DEFAULT_BACKENDS and not REGISTRY[b].coroutines
+        ) + ")",
     )
     p.add_argument(
         "--scheduler", metavar="ADDRESS",

@@ -25,11 +25,14 @@ moves chunks to workers and outcomes back (see ``amorsize.backends.base``).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
 import math
 import multiprocessing
 import operator
 import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -63,6 +66,7 @@ __all__ = [
     "RunObserver",
     "RunReport",
     "execute",
+    "execute_async",
     "execute_iter",
 ]
 
@@ -198,6 +202,32 @@ def _check_backend(value: Any) -> str | Backend:
     raise ValueError(msg)
 
 
+def _is_async(func: Any) -> bool:
+    """Whether calling ``func`` gives a coroutine: ``async def``, also through
+    ``functools.partial``, a bound method, ``with_retry`` or an ``async def __call__``."""
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(func, "__call__", None)  # noqa: B004 - the method itself is inspected
+    return not inspect.isroutine(func) and inspect.iscoroutinefunction(call)
+
+
+def _check_async(func: Any, backend: str | Backend, is_async: bool) -> None:
+    """``async def`` functions run on the async backend, and only they do."""
+    name = backend.name if isinstance(backend, Backend) else backend
+    if is_async and name not in ("auto", "async"):
+        msg = (
+            f"func {func!r} is an async def function (calling it gives a coroutine), which "
+            f"backend={name!r} would not await: use backend='async' or 'auto'"
+        )
+        raise ValueError(msg)
+    if not is_async and name == "async":
+        msg = (
+            f"backend='async' awaits coroutines, but func {func!r} is not an async def "
+            f"function; define it with async def, or use backend='auto' for a plain function"
+        )
+        raise TypeError(msg)
+
+
 def _retry_policy(retry: Any) -> Any:
     if retry is None or retry is False:
         return None
@@ -211,15 +241,20 @@ def _retry_policy(retry: Any) -> Any:
     raise TypeError(msg)
 
 
-def _retrying(func: Callable[[Any], Any], policy: Any) -> Callable[[Any], Any]:
+def _retrying(
+    func: Callable[[Any], Any], policy: Any, is_async: bool = False
+) -> Callable[[Any], Any]:
     """``func`` retried per item under ``policy``, compiled; picklable when both are.
 
     A final failure names ``func`` itself and carries ``attempts`` (the calls made), which
-    the worker reports with it.
+    the worker reports with it. An ``async def`` function is retried by ``with_retry``'s
+    coroutine, which awaits ``asyncio.sleep`` between attempts.
     """
-    from amorsize._core import RetryingItemFunction  # policy is a RetryPolicy: retry.py is loaded
+    # policy is a RetryPolicy: retry.py, and so the core, is loaded already.
+    from amorsize._core import AsyncRetryingFunction, RetryingItemFunction
 
-    return cast("Callable[[Any], Any]", RetryingItemFunction(func, policy))
+    cls = AsyncRetryingFunction if is_async else RetryingItemFunction
+    return cast("Callable[[Any], Any]", cls(func, policy))
 
 
 def _build_observers(
@@ -276,6 +311,7 @@ class _RunOptions:
     observers: tuple[RunObserver, ...]
     absorbs_failures: bool
     ordered_window: bool = False
+    is_async: bool = False  # func is an async def function: the async backend runs it
 
     @property
     def keep_going(self) -> bool:
@@ -318,6 +354,8 @@ class _RunOptions:
         if client is not None and be not in ("auto", "dask") and not isinstance(be, Backend):
             msg = f"client= only applies to backend='dask' or 'auto'; got backend={backend!r}"
             raise ValueError(msg)
+        is_async = _is_async(func)
+        _check_async(func, be, is_async)
         policy = _retry_policy(retry)
         obs = _build_observers(func, data, checkpoint, dead_letter, circuit_breaker, observers)
         absorbs = dead_letter is not None or any(
@@ -327,6 +365,7 @@ class _RunOptions:
             n_jobs=jobs, chunksize=chunk, backend=be, retry=policy,
             collect=on_error == "collect", progress=progress, verbose=verbose, client=client,
             observers=obs, absorbs_failures=absorbs, ordered_window=ordered_window,
+            is_async=is_async,
         )  # fmt: skip
 
 
@@ -452,6 +491,8 @@ def _make_plan(
 ) -> _Plan:
     """The run's plan: what the caller fixed, the optimizer's choice for the rest."""
     backend, client = opts.backend, opts.client
+    if opts.is_async:
+        return _async_plan(func, data, opts, rules)
     if backend != "auto" and opts.n_jobs is not None and opts.chunksize is not None:
         # Everything is decided already: no sampling.
         be = backend if isinstance(backend, Backend) else _get(backend, client)
@@ -474,6 +515,42 @@ def _make_plan(
     else:
         sizes = _sizes_on(be, opt, opts)
     return _with_overrides(be, sizes, opt, opts)
+
+
+def _async_plan(
+    func: Callable[[Any], Any], data: Iterable[Any], opts: _RunOptions, rules: _SampleRules
+) -> _Plan:
+    """An ``async def`` function's plan: the first items awaited together, timed, and
+    reused; coroutines in flight from their wait (``backends.aio.concurrency``)."""
+    from amorsize.backends import aio
+
+    backend = opts.backend
+    be = backend if isinstance(backend, aio.AsyncBackend) else get_backend("async")
+    assert isinstance(be, aio.AsyncBackend)  # the registry's "async"
+    if opts.n_jobs is not None and opts.chunksize is not None:
+        return _Plan(be, opts.n_jobs, opts.chunksize, "given by the caller", data, (), None, None)
+    n_items = operator.length_hint(data, -1) if rules.index_of is not None else _length(data)
+    it = iter(data)
+    items = list(islice(it, aio.SAMPLE_ITEMS))
+    sampled = be.sample(func, items)
+    results: list[Any] = []
+    stopped: SampledFailure | None = None
+    for ok, value, _ in sampled.runs:
+        if ok:
+            results.append(value)
+            continue
+        failure = SampledFailure(value, getattr(value, "attempts", 1))
+        if not opts.keep_going:
+            stopped = failure  # the run raises it; the items after it are not delivered
+            break
+        results.append(failure)
+    left = None if n_items is None or n_items < 0 else max(0, n_items - len(items))
+    sizes = aio.plan(sampled, left, opts.n_jobs, opts.chunksize)
+    # With a stream (checkpoint), the stream recorded what it handed out; else the sampled
+    # items go back in front of the rest.
+    rest = data if rules.index_of is not None else itertools.chain(items, it)
+    return _Plan(be, sizes.n_jobs, sizes.chunksize, sizes.reason, rest, results, None, None,
+                 stopped)
 
 
 def _auto_candidates(client: Any) -> tuple[str, ...]:
@@ -813,7 +890,7 @@ class _Execution:
     def _item_func(self) -> Callable[[Any], Any]:
         """What runs on each item: ``func``, wrapped by the retry policy if there is one."""
         policy = self.opts.retry
-        return self.func if policy is None else _retrying(self.func, policy)
+        return self.func if policy is None else _retrying(self.func, policy, self.opts.is_async)
 
     def _progress_bar(self) -> Any:
         if not self.opts.progress:
@@ -1228,6 +1305,63 @@ def execute_iter(
         observers=observers, ordered_window=ordered,
     )  # fmt: skip
     return _iterate(_Execution(func, data, opts), ordered)
+
+
+async def execute_async(func: Callable[[Any], Any], data: Iterable[Any], **options: Any) -> Any:
+    """``execute`` for a caller inside an event loop: ``await execute_async(func, data)``.
+
+    Options and result are ``execute``'s. The run's bookkeeping (sampling, observers,
+    checkpoint writes) happens in a helper thread, so the loop stays responsive, and an
+    ``async def`` function's coroutines run on this very loop (they may use its sessions,
+    locks and queues). Cancelling the awaiting task cancels the coroutines in flight and
+    ends the run; a plain function's run finishes in its thread.
+
+    >>> import asyncio
+    >>> async def double(x):
+    ...     return 2 * x
+    >>> asyncio.run(execute_async(double, [1, 2, 3]))
+    [2, 4, 6]
+    """
+    import asyncio
+
+    from amorsize.backends.aio import AsyncBackend
+
+    loop = asyncio.get_running_loop()
+    own: AsyncBackend | None = None
+    if options.get("backend", "auto") in ("auto", "async") and _is_async(func):
+        own = options["backend"] = AsyncBackend(loop=loop)
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def work() -> None:
+        try:
+            result = execute(func, data, **options)
+        except BaseException as exc:  # delivered to the awaiting task, whatever it is
+            _deliver(loop, done, None, exc)
+        else:
+            _deliver(loop, done, result, None)
+
+    threading.Thread(target=work, name="amorsize-execute-async", daemon=True).start()
+    try:
+        return await done
+    except asyncio.CancelledError:
+        if own is not None:
+            own.cancel()
+        raise
+
+
+def _deliver(loop: Any, done: Any, result: Any, exc: BaseException | None) -> None:
+    """Hand ``execute_async``'s outcome to its loop (unless the awaiting task is gone)."""
+
+    def resolve() -> None:
+        if done.cancelled():
+            return
+        if exc is None:
+            done.set_result(result)
+        else:
+            done.set_exception(exc)
+
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+        loop.call_soon_threadsafe(resolve)
 
 
 def _iterate(run: _Execution, ordered: bool) -> Iterator[Any]:

@@ -213,6 +213,12 @@ def _validate(
                 f"{b!r} in {backends!r}. Remove it or fix its spelling."
             )
             raise ValueError(msg)
+        if REGISTRY[b].coroutines:
+            msg = (
+                f"optimize(): backend {b!r} runs async def functions and execute() plans it "
+                f"itself (execute(async_func, data)); remove {b!r} from backends={backends!r}"
+            )
+            raise ValueError(msg)
         if b not in out:
             out.append(b)
     return tuple(out)

@@ -664,7 +664,7 @@ def test_registry_is_the_one_list_of_backends() -> None:
 
     from amorsize import cli
 
-    assert BACKEND_NAMES == tuple(REGISTRY) == ("serial", "processes", "threads", "dask")
+    assert BACKEND_NAMES == tuple(REGISTRY) == ("serial", "processes", "threads", "dask", "async")
     assert all(spec.name == name for name, spec in REGISTRY.items())
     assert DEFAULT_BACKENDS == ("serial", "processes", "threads")
     assert inspect.signature(optimize).parameters["backends"].default == DEFAULT_BACKENDS

@@ -1,4 +1,4 @@
-"""Execution backends: serial, threads, processes (and dask, where installed).
+"""Execution backends: serial, threads, processes, async (and dask, where installed).
 
 ``REGISTRY`` is the one list of backends: the optimizer, ``execute`` and the command line
 read their names, defaults and planning hooks from it. Each ``BackendSpec`` names its class
@@ -71,7 +71,8 @@ class BackendSpec:
     children; ``out_of_process``: runs ``func`` outside the calling process (so function and
     items must pickle, and a crash there does not end the program); ``cluster``:
     ``backend="auto"`` plans it when a cluster client is at hand.
-    ``extra`` is the pip extra that installs what it needs.
+    ``extra`` is the pip extra that installs what it needs. ``coroutines``: runs ``async def``
+    functions, and only those; ``execute`` plans it for them (``optimize`` does not).
 
     >>> REGISTRY["processes"].default, REGISTRY["dask"].plan
     (True, 'amorsize.backends.dask:plan')
@@ -85,6 +86,7 @@ class BackendSpec:
     out_of_process: bool = False
     cluster: bool = False
     extra: str | None = None
+    coroutines: bool = False
 
 
 #: Every backend, by name, in the order messages and the command line list them.
@@ -108,6 +110,7 @@ REGISTRY: dict[str, BackendSpec] = {
             cluster=True,
             extra="dask",
         ),
+        BackendSpec("async", "amorsize.backends.aio:AsyncBackend", coroutines=True),
     )
 }
 
