@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from amorsize._format import format_seconds
 from amorsize.backends._wire import TaskFeed
@@ -197,9 +197,13 @@ class _ThreadLoop:
         for fut in pending:
             fut.cancel()  # cancels the coroutine's task on its loop too
         if self.thread is None:
-            if pending and not self.loop.is_closed():
-                done = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop)
-                concurrent.futures.wait([done], timeout=_SETTLE_SECONDS)
+            if pending:
+                # The caller's loop runs the cancellations in order: once this callback ran,
+                # they have been delivered. (A loop that closed meanwhile has none to run.)
+                delivered = threading.Event()
+                with contextlib.suppress(RuntimeError):
+                    self.loop.call_soon_threadsafe(delivered.set)
+                    delivered.wait(_SETTLE_SECONDS)
             return
         settle = asyncio.run_coroutine_threadsafe(_settle(), self.loop)
         concurrent.futures.wait([settle], timeout=_SETTLE_SECONDS)
@@ -314,8 +318,6 @@ class AsyncBackend(Backend):
         """Await ``items`` concurrently, each timed: what ``plan`` sizes the run with."""
         handles: list[_Handle] = []
         with self._runner() as runner:
-            # Timed from here: starting a loop is not the items' CPU.
-            cpu0 = time.process_time()
             t0 = time.perf_counter()
             try:
                 self._check_cancelled()
@@ -326,22 +328,36 @@ class AsyncBackend(Backend):
             finally:
                 runner.close([h for h in handles if not _done(h)])
         wall = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-        return Sampled([h.result() for h in handles], wall, cpu)
+        runs = [h.result() for h in handles]
+        # Every item ran on the loop's thread, so its thread CPU clock spans them all (the
+        # process clock would also count other threads, e.g. a pool still winding down).
+        cpu = max((r.cpu_end for r in runs), default=0.0) - min(
+            (r.cpu_start for r in runs), default=0.0
+        )
+        return Sampled([(r.ok, r.value, r.wall) for r in runs], wall, cpu)
 
 
 def _done(handle: _Handle) -> bool:
     return bool(getattr(handle, "done", lambda: True)())
 
 
-async def _timed(func: Callable[[Any], Any], item: Any) -> tuple[bool, Any, float]:
-    """``(ok, value or exception, wall seconds)`` of one awaited item."""
+class _Timed(NamedTuple):
+    ok: bool
+    value: Any  # the result, or the exception
+    wall: float
+    cpu_start: float  # the loop thread's CPU clock when the item started and ended
+    cpu_end: float
+
+
+async def _timed(func: Callable[[Any], Any], item: Any) -> _Timed:
+    """One awaited item, timed."""
+    c0 = time.thread_time()
     t0 = time.perf_counter()
     try:
         value = await func(item)
     except Exception as exc:
-        return False, exc, time.perf_counter() - t0
-    return True, value, time.perf_counter() - t0
+        return _Timed(False, exc, time.perf_counter() - t0, c0, time.thread_time())
+    return _Timed(True, value, time.perf_counter() - t0, c0, time.thread_time())
 
 
 # --------------------------------------------------------------------------- planning
