@@ -1227,6 +1227,9 @@ def execute(
     and lists them in ``report.failures``. ``return_plan=True`` returns
     ``(results, RunReport)``. ``checkpoint=``, ``dead_letter=`` and ``circuit_breaker=``
     plug in the reliability layer; ``observers=`` takes extra ``RunObserver`` hooks.
+    An ``async def`` function runs on the ``"async"`` backend: its coroutines are awaited on
+    one event loop, as many in flight as the sampled wait calls for (``execute_async``
+    from inside a coroutine).
 
     Sampling (when the optimizer sizes the run) calls ``func`` with its retry policy, and no
     sampled item runs twice. Where sampled items run: with ``backend="processes"`` every

@@ -345,6 +345,31 @@ def test_backend_close_cancels_and_closes_the_loop() -> None:
     assert first[1] == [first[0].start]
 
 
+async def interrupt_at_30(x: int) -> int:
+    await asyncio.sleep(0)
+    if x == 30:
+        raise KeyboardInterrupt
+    return x
+
+
+@pytest.mark.parametrize("in_loop", [False, True], ids=["own-loop", "helper-thread-loop"])
+def test_keyboard_interrupt_in_a_coroutine_propagates(in_loop: bool) -> None:
+    """KeyboardInterrupt raised by a coroutine reaches the caller; no loop is left hanging."""
+
+    def run() -> None:
+        with pytest.raises(KeyboardInterrupt):
+            execute(interrupt_at_30, range(100), backend="async", n_jobs=8, chunksize=1)
+
+    async def main() -> None:
+        run()
+
+    if in_loop:
+        asyncio.run(main())
+    else:
+        run()
+    assert execute(double, range(3)) == [0, 2, 4]
+
+
 # --------------------------------------------------------------------------- inside a loop
 
 

@@ -65,9 +65,21 @@ _SETTLE_SECONDS = 5.0
 # --------------------------------------------------------------------------- one task
 
 
+@dataclass(frozen=True)
+class _Fatal:
+    """``KeyboardInterrupt`` or ``SystemExit`` raised by a coroutine: returned to the calling
+    thread, which raises it (raised on the loop, it would stop a loop thread and leave the
+    caller waiting for ever)."""
+
+    exc: BaseException
+
+    def reraise(self) -> None:
+        raise self.exc
+
+
 async def _run_task(
     func: Callable[[Any], Awaitable[Any]], items: list[Any], stop: StopOnFailure | None
-) -> list[Outcome] | OkValues:
+) -> list[Outcome] | OkValues | _Fatal:
     """The items of one task awaited in order: ``OkValues``, or one ``Outcome`` per item.
 
     Each item's ``Exception`` is caught (``CancelledError`` is not one: cancellation ends
@@ -80,6 +92,8 @@ async def _run_task(
     for i, item in enumerate(items):
         try:
             value = await func(item)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            return _Fatal(exc)
         except Exception as exc:
             if out is None:
                 out = [Outcome(True, v) for v in values]
@@ -292,12 +306,12 @@ class AsyncBackend(Backend):
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
         """Yield each task with its outcomes in completion order.
 
-        ``n_jobs`` tasks are in flight at once (``max_in_flight`` counts what the executor
-        allows per worker; a coroutine costs no thread, so ``n_jobs`` is the bound).
+        At most ``min(n_jobs, max_in_flight)`` tasks are in flight: a coroutine costs no
+        thread, so there is no queue of tasks behind the running ones.
         """
         stop = func if type(func) is StopOnFailure else None
         call = stop.func if stop is not None else func
-        limit = max(1, n_jobs)
+        limit = max(1, min(n_jobs, max_in_flight))
         feed = TaskFeed(tasks)
         pending: dict[_Handle, Task] = {}
         with self._runner() as runner:
@@ -310,7 +324,10 @@ class AsyncBackend(Backend):
                         feed.finish()
                         return
                     for handle in runner.wait():
-                        yield pending.pop(handle), handle.result()
+                        outcomes = handle.result()
+                        if type(outcomes) is _Fatal:
+                            outcomes.reraise()
+                        yield pending.pop(handle), outcomes
             finally:
                 runner.close(list(pending))
 
@@ -329,6 +346,9 @@ class AsyncBackend(Backend):
                 runner.close([h for h in handles if not _done(h)])
         wall = time.perf_counter() - t0
         runs = [h.result() for h in handles]
+        for run in runs:
+            if type(run) is _Fatal:
+                run.reraise()
         # Every item ran on the loop's thread, so its thread CPU clock spans them all (the
         # process clock would also count other threads, e.g. a pool still winding down).
         cpu = max((r.cpu_end for r in runs), default=0.0) - min(
@@ -349,12 +369,14 @@ class _Timed(NamedTuple):
     cpu_end: float
 
 
-async def _timed(func: Callable[[Any], Any], item: Any) -> _Timed:
+async def _timed(func: Callable[[Any], Any], item: Any) -> _Timed | _Fatal:
     """One awaited item, timed."""
     c0 = time.thread_time()
     t0 = time.perf_counter()
     try:
         value = await func(item)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        return _Fatal(exc)
     except Exception as exc:
         return _Timed(False, exc, time.perf_counter() - t0, c0, time.thread_time())
     return _Timed(True, value, time.perf_counter() - t0, c0, time.thread_time())
