@@ -26,6 +26,7 @@ moves chunks to workers and outcomes back (see ``amorsize.backends.base``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import math
@@ -207,6 +208,12 @@ def _is_async(func: Any) -> bool:
     ``functools.partial``, a bound method, ``with_retry`` or an ``async def __call__``."""
     if inspect.iscoroutinefunction(func):
         return True
+    core = sys.modules.get("amorsize._core")  # not loaded: func cannot be with_retry's
+    inner = func
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    if core is not None and isinstance(inner, core.AsyncRetryingFunction):
+        return True  # whatever this Python's inspect makes of it
     call = getattr(func, "__call__", None)  # noqa: B004 - the method itself is inspected
     return not inspect.isroutine(func) and inspect.iscoroutinefunction(call)
 
