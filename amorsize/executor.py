@@ -516,6 +516,7 @@ def _make_plan(
         # of its best plan on the requested backend.
         names = (be.name, "serial")
     opt = _ask_optimizer(func, data, opts, names, rules)
+    _refuse_coroutines(func, opt.sample_results)
     if backend == "auto":
         be = _get(opt.backend, client)
         sizes = _Sizes(int(opt.n_jobs), int(opt.chunksize), _predicted(opt), str(opt.reason))
@@ -558,6 +559,22 @@ def _async_plan(
     rest = data if rules.index_of is not None else itertools.chain(items, it)
     return _Plan(be, sizes.n_jobs, sizes.chunksize, sizes.reason, rest, results, None, None,
                  stopped)
+
+
+def _refuse_coroutines(func: Callable[[Any], Any], sampled: Sequence[Any] | None) -> None:
+    """A plain function that returns coroutines (``lambda x: fetch(x)``) would give a list
+    of un-awaited coroutines: say how to have them awaited instead."""
+    if not sampled or not inspect.iscoroutine(sampled[0]):
+        return
+    for value in sampled:
+        if inspect.iscoroutine(value):
+            value.close()  # never awaited, on purpose: no warning
+    msg = (
+        f"func {func!r} returned a coroutine, but it is not an async def function, so "
+        f"execute would not await it; make it one (async def, or functools.partial of one) "
+        f"and execute awaits each item on an event loop"
+    )
+    raise TypeError(msg)
 
 
 def _auto_candidates(client: Any) -> tuple[str, ...]:

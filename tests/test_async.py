@@ -108,6 +108,12 @@ def test_async_function_on_other_backend_is_refused(backend: str) -> None:
         execute(double, [1], backend=backend)
 
 
+def test_plain_function_returning_coroutines_names_the_fix() -> None:
+    """A plain function that returns coroutines is caught by the sample, not returned."""
+    with pytest.raises(TypeError, match=r"returned a coroutine.*async def"):
+        execute(lambda x: double(x), range(10))
+
+
 def test_optimize_refuses_the_async_backend() -> None:
     """optimize() plans the other backends; execute plans async itself."""
     with pytest.raises(ValueError, match=r"'async' runs async def functions.*execute"):
