@@ -1,0 +1,181 @@
+"""The serial fast path (amorsize.executor): the same results, failures and guarantees as the
+per-chunk path, without its bookkeeping."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pytest
+
+from amorsize import ItemFailure, RunObserver, execute, execute_iter
+from amorsize.backends.serial import SerialBackend
+from amorsize.retry import RetryPolicy
+
+NO_WAIT = RetryPolicy(max_retries=2, initial_delay=0.0, max_delay=0.0, jitter=False)
+N = 3000  # more than a sample of tiny items (2000): some items run after sampling
+
+
+class Counted:
+    """``x * x``, recording every call; raises on the items in ``bad``."""
+
+    def __init__(self, bad: Iterable[int] = ()) -> None:
+        self.bad = set(bad)
+        self.calls: list[int] = []
+
+    def __call__(self, x: int) -> int:
+        self.calls.append(x)
+        if x in self.bad:
+            raise ValueError(f"bad {x}")
+        return x * x
+
+
+def _inputs(kind: str, n: int = N) -> Iterable[int]:
+    if kind == "list":
+        return list(range(n))
+    if kind == "tuple":
+        return tuple(range(n))
+    if kind == "range":
+        return range(n)
+    return (x for x in range(n))
+
+
+KINDS = ["list", "tuple", "range", "generator"]
+
+
+def _collect(api: str, func: Callable[[int], Any], data: Iterable[int], **kw: Any) -> list[Any]:
+    if api == "execute":
+        return execute(func, data, on_error="collect", **kw)
+    return list(execute_iter(func, data, on_error="collect", **kw))
+
+
+@pytest.fixture
+def backend_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts calls of SerialBackend.run: the per-chunk path; the fast path never calls it."""
+    calls: list[int] = []
+    original = SerialBackend.run
+
+    def run(self: SerialBackend, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SerialBackend, "run", run)
+    return calls
+
+
+@pytest.mark.parametrize("api", ["execute", "execute_iter"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["auto", "serial"])
+def test_fast_path_results_equal_a_list_comprehension(
+    api: str, kind: str, backend: str, backend_runs: list[int]
+) -> None:
+    """Every item runs once, results in input order, and the per-chunk path is not used."""
+    func = Counted()
+    if api == "execute":
+        got = execute(func, _inputs(kind), backend=backend)
+    else:
+        got = list(execute_iter(func, _inputs(kind), backend=backend))
+    assert got == [x * x for x in range(N)]
+    assert sorted(func.calls) == list(range(N))  # sampled items are reused, not rerun
+    assert backend_runs == []
+
+
+def test_execute_returns_a_plain_list() -> None:
+    """The one-block result is handed over as the caller's list, not a backend's type."""
+    got = execute(abs, range(-5, 5), backend="serial")
+    assert type(got) is list and got == [abs(x) for x in range(-5, 5)]
+
+
+@pytest.mark.parametrize("api", ["execute", "execute_iter"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", [[0], [2500], [2999], [2100, 2101, 2900]])
+def test_collect_mode_puts_failures_in_their_slots_and_runs_each_item_once(
+    api: str, kind: str, bad: list[int]
+) -> None:
+    """Failures at index k: an ItemFailure there, the map goes on after it, no item rerun."""
+    func = Counted(bad)
+    got = _collect(api, func, _inputs(kind))
+    assert sorted(func.calls) == list(range(N))
+    for i, value in enumerate(got):
+        if i in bad:
+            assert isinstance(value, ItemFailure)
+            assert (value.index, value.item, value.attempts) == (i, i, 1)
+            assert str(value.exception) == f"bad {i}"
+        else:
+            assert value == i * i
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_collect_mode_report_counts_on_the_fast_path(kind: str) -> None:
+    """The report counts completed, failed and reused items as the per-chunk path does."""
+    func = Counted([2500, 2700])
+    got, report = execute(func, _inputs(kind), on_error="collect", return_plan=True)
+    assert report.backend == "serial"
+    assert (report.items, report.completed, report.failed) == (N, N - 2, 2)
+    assert [f.index for f in report.failures] == [2500, 2700]
+    assert report.reused > 0
+    assert got[2500] is report.failures[0]
+
+
+@pytest.mark.parametrize("api", ["execute", "execute_iter"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_raise_mode_stops_at_the_first_failure(api: str, kind: str) -> None:
+    """The first failure is raised as itself, and nothing after it runs."""
+    func = Counted([2500, 2600])
+    with pytest.raises(ValueError, match="bad 2500"):
+        if api == "execute":
+            execute(func, _inputs(kind))
+        else:
+            list(execute_iter(func, _inputs(kind)))
+    assert sorted(func.calls) == list(range(2501))
+
+
+def test_execute_iter_streams_an_infinite_generator_on_the_fast_path() -> None:
+    """Results come out before the input ends, reading ahead only a chunk."""
+    source = itertools.count()
+    got = list(itertools.islice(execute_iter(abs, source, backend="serial"), 10))
+    assert got == list(range(10))
+    assert next(source) < 10_000  # the sample and a chunk at most were read
+
+
+def test_retry_policy_applies_on_the_fast_path() -> None:
+    """A transient failure is retried per item; exhausted retries report their attempts."""
+    seen: set[int] = set()
+
+    def flaky(x: int) -> int:
+        if x % 1000 == 7 and x not in seen:
+            seen.add(x)
+            raise OSError("transient")
+        if x == 2999:
+            raise ValueError("always")
+        return x
+
+    got = execute(flaky, range(N), retry=NO_WAIT, on_error="collect", backend="serial")
+    assert got[:2999] == list(range(2999))
+    failure = got[2999]
+    assert isinstance(failure, ItemFailure) and failure.attempts == 3
+
+
+class _Watcher(RunObserver):
+    def __init__(self) -> None:
+        self.ok = 0
+
+    def on_success(self, index: int, item: Any, result: Any) -> None:
+        self.ok += 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"observers": [_Watcher()]}, {"progress": True}],
+    ids=["observer", "progress"],
+)
+def test_watched_runs_keep_the_per_chunk_path(
+    kwargs: dict[str, Any], backend_runs: list[int]
+) -> None:
+    """Observers or a progress bar need per-chunk bookkeeping: the serial backend runs it."""
+    assert execute(abs, range(-N, 0), backend="serial", **kwargs) == list(range(N, 0, -1))
+    assert backend_runs == [1]
+    watchers = kwargs.get("observers")
+    if watchers:
+        assert watchers[0].ok == N
