@@ -131,6 +131,18 @@ def test_raise_mode_stops_at_the_first_failure(api: str, kind: str) -> None:
     assert sorted(func.calls) == list(range(2501))
 
 
+@pytest.mark.parametrize("api", ["execute", "execute_iter"])
+def test_an_error_of_the_input_itself_propagates(api: str) -> None:
+    """A generator that raises is not an item failure, even in collect mode."""
+
+    def source() -> Iterator[int]:
+        yield from range(2500)
+        raise KeyError("input broke")
+
+    with pytest.raises(KeyError, match="input broke"):
+        _collect(api, Counted(), source())
+
+
 def test_execute_iter_streams_an_infinite_generator_on_the_fast_path() -> None:
     """Results come out before the input ends, reading ahead only a chunk."""
     source = itertools.count()
