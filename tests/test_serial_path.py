@@ -44,10 +44,21 @@ def _inputs(kind: str, n: int = N) -> Iterable[int]:
 KINDS = ["list", "tuple", "range", "generator"]
 
 
-def _collect(api: str, func: Callable[[int], Any], data: Iterable[int], **kw: Any) -> list[Any]:
+APIS = ["execute", "execute_iter", "execute_iter_unordered"]
+
+
+def _run(api: str, func: Callable[[int], Any], data: Iterable[int], **kw: Any) -> list[Any]:
     if api == "execute":
-        return execute(func, data, on_error="collect", **kw)
-    return list(execute_iter(func, data, on_error="collect", **kw))
+        return execute(func, data, **kw)
+    if api == "execute_iter":
+        return list(execute_iter(func, data, **kw))
+    pairs = list(execute_iter(func, data, ordered=False, **kw))
+    assert sorted(i for i, _ in pairs) == list(range(len(pairs)))
+    return [value for _, value in sorted(pairs, key=lambda p: p[0])]
+
+
+def _collect(api: str, func: Callable[[int], Any], data: Iterable[int], **kw: Any) -> list[Any]:
+    return _run(api, func, data, on_error="collect", **kw)
 
 
 @pytest.fixture
@@ -64,7 +75,7 @@ def backend_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("api", ["execute", "execute_iter"])
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", ["auto", "serial"])
 def test_fast_path_results_equal_a_list_comprehension(
@@ -72,10 +83,7 @@ def test_fast_path_results_equal_a_list_comprehension(
 ) -> None:
     """Every item runs once, results in input order, and the per-chunk path is not used."""
     func = Counted()
-    if api == "execute":
-        got = execute(func, _inputs(kind), backend=backend)
-    else:
-        got = list(execute_iter(func, _inputs(kind), backend=backend))
+    got = _run(api, func, _inputs(kind), backend=backend)
     assert got == [x * x for x in range(N)]
     assert sorted(func.calls) == list(range(N))  # sampled items are reused, not rerun
     assert backend_runs == []
@@ -87,7 +95,7 @@ def test_execute_returns_a_plain_list() -> None:
     assert type(got) is list and got == [abs(x) for x in range(-5, 5)]
 
 
-@pytest.mark.parametrize("api", ["execute", "execute_iter"])
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bad", [[0], [2500], [2999], [2100, 2101, 2900]])
 def test_collect_mode_puts_failures_in_their_slots_and_runs_each_item_once(
@@ -107,6 +115,17 @@ def test_collect_mode_puts_failures_in_their_slots_and_runs_each_item_once(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_execute_iter_verbose_report_counts_on_the_fast_path(
+    kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """execute_iter's closing report counts the items its own loop ran."""
+    got = list(execute_iter(Counted([2500]), _inputs(kind), on_error="collect", verbose=True))
+    assert len(got) == N
+    out = capsys.readouterr().out
+    assert f"items: {N} ({N - 1} ok, 1 failed, 0 not attempted;" in out
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_collect_mode_report_counts_on_the_fast_path(kind: str) -> None:
     """The report counts completed, failed and reused items as the per-chunk path does."""
     func = Counted([2500, 2700])
@@ -118,20 +137,17 @@ def test_collect_mode_report_counts_on_the_fast_path(kind: str) -> None:
     assert got[2500] is report.failures[0]
 
 
-@pytest.mark.parametrize("api", ["execute", "execute_iter"])
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_raise_mode_stops_at_the_first_failure(api: str, kind: str) -> None:
     """The first failure is raised as itself, and nothing after it runs."""
     func = Counted([2500, 2600])
     with pytest.raises(ValueError, match="bad 2500"):
-        if api == "execute":
-            execute(func, _inputs(kind))
-        else:
-            list(execute_iter(func, _inputs(kind)))
+        _run(api, func, _inputs(kind))
     assert sorted(func.calls) == list(range(2501))
 
 
-@pytest.mark.parametrize("api", ["execute", "execute_iter"])
+@pytest.mark.parametrize("api", APIS)
 def test_an_error_of_the_input_itself_propagates(api: str) -> None:
     """A generator that raises is not an item failure, even in collect mode."""
 
