@@ -649,7 +649,11 @@ def _run_here(
                 break
         pos += 1
         ran += 1
-        track_mem = _HAS_STATM and len(times) < _MEMORY_ITEMS
+        # An item that ran in under _BLOCK_ITEM_S cannot have touched much new memory:
+        # the next ones are not read for it (each read costs more than such an item).
+        track_mem = _HAS_STATM and len(times) < _MEMORY_ITEMS and not (
+            times and times[-1] < _BLOCK_ITEM_S
+        )
         rss0 = _rss() if track_mem else 0
         t0 = pc()
         try:

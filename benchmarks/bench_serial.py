@@ -9,6 +9,10 @@ Run (three times on a noisy machine), then print the ratios (min and median)::
 
     pytest benchmarks/bench_serial.py -m benchmark --benchmark-json=/tmp/serial1.json
     python benchmarks/bench_serial.py /tmp/serial1.json [/tmp/serial2.json ...]
+
+pytest-benchmark runs each contender's rounds back to back, so load that changes between
+contenders shows in the ratio; ``python benchmarks/bench_serial.py --interleaved [ROUNDS]``
+times the contenders in interleaved rounds instead (each round runs every contender once).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -74,7 +79,28 @@ def _ratios(paths: list[str]) -> list[str]:
     return lines
 
 
+def _interleaved(rounds: int) -> list[str]:
+    """The same ratios from interleaved rounds in this process (min and median)."""
+    times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    for fn in CONTENDERS.values():
+        fn()  # warm: machine facts read, functions pickled once
+    for _ in range(rounds):
+        for name, fn in CONTENDERS.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return [
+        f"{ours}/{ref}: min {min(times[ours]) / min(times[ref]):.3f}, median "
+        f"{statistics.median(times[ours]) / statistics.median(times[ref]):.3f}"
+        for ours, ref in PAIRS.items()
+    ]
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--interleaved"]:
+        for line in _interleaved(int(sys.argv[2]) if len(sys.argv) > 2 else 30):
+            print(line)
+        sys.exit(0)
     for line in _ratios(sys.argv[1:]):
         print(line)
     if len(sys.argv) > 2:
