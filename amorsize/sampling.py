@@ -80,6 +80,9 @@ _MEMORY_ITEMS = 4
 _BLOCK_ITEM_S = 2e-6
 _QUICK_RUN = 16
 _BLOCK_MAX = 256
+# A block whose wall time exceeds twice its CPU time by more than this, without a voluntary
+# switch, was preempted (a busy machine), not waiting: its CPU time is its own time.
+_PREEMPT_SLACK_S = 20e-6
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -699,7 +702,7 @@ def _run_blocks(
     """``_run_here`` for items found tiny: each block of items is timed as one ``map``, and
     each item counts the block's mean (the spread is then the blocks' spread). Same rules,
     same failures (the failed item, then the rest of its block, as in ``_run_here``)."""
-    pc = time.perf_counter
+    pc, ct = time.perf_counter, time.thread_time
     overhead = _timer_overhead()
     results, times = tally.results, tally.times
     timed = 0.0
@@ -707,6 +710,7 @@ def _run_blocks(
     verdict = ""
     size = _QUICK_RUN
     meter = _Meter(tally)
+    own = _OwnTime()
     while not verdict and src.pos < limit and not tally.stopped:
         first = src.pos
         items = src.take(min(size, limit - first))
@@ -714,16 +718,18 @@ def _run_blocks(
             break
         done = len(results)
         failure: Exception | None = None
+        c0 = ct()
         t0 = pc()
         try:
             results.extend(map(func, items))  # keeps the results before a failure
         except Exception as exc:
             failure = exc
         t1 = pc()
+        cpu = ct() - c0
         n_ok = len(results) - done
         n_run = n_ok + (failure is not None)
         ran += n_run
-        sec = max(t1 - t0 - overhead, 0.0) / n_run
+        sec = own.seconds(max(t1 - t0 - overhead, 0.0), cpu) / n_run
         times.extend([sec] * n_ok)
         timed += sec * n_ok
         if failure is not None:
@@ -734,6 +740,28 @@ def _run_blocks(
         size = min(2 * size, _BLOCK_MAX)
     meter.settle(tally, ran, timed)
     return verdict == "offload"
+
+
+class _OwnTime:
+    """A block's own time: its wall time, or its CPU time when it was preempted.
+
+    On a busy machine a block of tiny items can lose milliseconds to other processes, which
+    spread over its items would make 0.1 us work look like microseconds (and worth
+    processes). Waiting is the work's own time: it shows as a voluntary switch.
+    """
+
+    __slots__ = ("switches",)
+
+    def __init__(self) -> None:
+        self.switches = _voluntary_switches()
+
+    def seconds(self, wall: float, cpu: float) -> float:
+        if wall <= 2.0 * cpu + _PREEMPT_SLACK_S:
+            return wall
+        before, self.switches = self.switches, _voluntary_switches()
+        if before < 0 or self.switches > before:  # unknown, or it waited (I/O, sleep, lock)
+            return wall
+        return cpu
 
 
 def _run_remote(

@@ -207,3 +207,71 @@ def test_watched_runs_keep_the_per_chunk_path(
     watchers = kwargs.get("observers")
     if watchers:
         assert watchers[0].ok == N
+
+
+# --------------------------------------------------------------------------- sampling tiny items
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_tiny_items_are_timed_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once items prove tiny, far fewer clock reads than items; one time per item still."""
+    import time as time_module
+
+    from amorsize.sampling import sample
+
+    real = time_module.perf_counter
+    calls: list[int] = []
+
+    def counting() -> float:
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(time_module, "perf_counter", counting)
+    s = sample(_square, list(range(N)), sample_size=2000)
+    assert s.results == tuple(x * x for x in range(2000))
+    assert len(s.profile.item_seconds) == s.profile.n_sampled == 2000
+    assert len(calls) < 500
+
+
+def _jumping_clock(real: Callable[[], float], jump: float) -> Callable[[], float]:
+    """perf_counter that loses ``jump`` seconds on every 4th read inside a timed block,
+    as a process preempted by others would."""
+    state = {"reads": 0, "offset": 0.0}
+
+    def clock() -> float:
+        import sys
+
+        if sys._getframe(1).f_code.co_name == "_run_blocks":
+            state["reads"] += 1
+            if state["reads"] % 4 == 0:
+                state["offset"] += jump
+        return real() + state["offset"]
+
+    return clock
+
+
+def test_a_preempted_block_counts_its_cpu_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Milliseconds lost to other processes do not make 0.1 us items look like 10 us."""
+    import time as time_module
+
+    from amorsize.sampling import sample
+
+    monkeypatch.setattr(time_module, "perf_counter", _jumping_clock(time_module.perf_counter, 0.005))
+    s = sample(_square, list(range(N)), sample_size=2000)
+    assert s.profile.mean_seconds < 5e-6  # unprotected: > 10 us (5 ms every other block)
+
+
+def test_a_block_that_waits_keeps_its_wall_time() -> None:
+    """A wait inside a block (a voluntary switch) is the work's own time, not preemption."""
+    from amorsize.sampling import sample
+
+    def sometimes_waits(x: int) -> int:
+        if x == 1000:
+            import time
+
+            time.sleep(0.002)
+        return x
+
+    s = sample(sometimes_waits, list(range(N)), sample_size=2000)
+    assert s.profile.mean_seconds * s.profile.n_sampled >= 0.0019
