@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -275,3 +276,33 @@ def test_a_block_that_waits_keeps_its_wall_time() -> None:
 
     s = sample(sometimes_waits, list(range(N)), sample_size=2000)
     assert s.profile.mean_seconds * s.profile.n_sampled >= 0.0019
+
+
+@pytest.mark.parametrize("layout", [{}, {"cpu.max": "150000 100000\n"}], ids=["none", "v2"])
+def test_a_cgroup_quota_reading_stands_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: dict[str, str]
+) -> None:
+    """Within _LIVE_FACTS_S the quota is not read again; after it, it is."""
+    import builtins
+
+    from amorsize import system
+
+    for rel, text in layout.items():
+        (tmp_path / rel).write_text(text)
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(system, "_LIVE_FACTS_S", 3600.0)
+    first = system._cgroup_quota_cores(str(tmp_path))
+    assert opened
+    opened.clear()
+    assert system._cgroup_quota_cores(str(tmp_path)) == first
+    assert opened == []
+    monkeypatch.setattr(system, "_LIVE_FACTS_S", 0.0)
+    assert system._cgroup_quota_cores(str(tmp_path)) == first
+    assert opened
