@@ -2,14 +2,17 @@
 
 ``run_demo`` runs three contrasting workloads through ``execute`` (which asks ``optimize``
 first, then runs the plan) and prints, for each, the decision, the predicted time, the
-measured time and, for comparison, the measured time of a plain serial run:
+measured time and, for comparison, the measured time of a plain serial run. Both are timed
+in a few rounds, interleaved (alternating which goes first) so that both see the same
+background load, and their medians are compared; a serial plan runs the same loop as the
+baseline, so its row says it ties serial instead of printing a ratio of noise:
 
 * tiny items (``x * x``): no parallel plan can pay its overhead, serial wins;
 * CPU-bound pure-Python items of ~2 ms: processes run them on every usable core;
 * sleeping items (~10 ms of waiting, as I/O would): many threads overlap the waits.
 
 Its workload functions live at module level so that process workers import them by name.
-The whole demo takes a few seconds (about 6 s on a 2-core machine).
+The whole demo takes about 10 s on a 2-core machine (3 s with ``baseline=False``).
 
 ``run_bench`` times a retry-decorated function that succeeds, for amorsize and each
 installed peer (tenacity, backoff, stamina, opnieuw), side by side in one process.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 import sys
 import time
 import timeit
@@ -39,6 +43,9 @@ __all__ = ["DemoResult", "Workload", "cpu_item", "run_bench", "run_demo", "sleep
 _CPU_LOOPS = 30_000
 # Sleep per I/O-like item: long beside thread overheads (tens of microseconds).
 _SLEEP_S = 0.01
+# Rounds of (execute, serial loop) per workload when comparing: the median of three
+# interleaved runs is robust to one disturbed run on a busy machine.
+_ROUNDS = 3
 # One timed block in ``run_bench``: long beside the timer's resolution, short enough that
 # many blocks interleave within the time budget.
 _BLOCK_S = 0.02
@@ -120,6 +127,23 @@ class DemoResult:
     measured: float
     serial: float | None
     correct: bool
+    rounds: int = 1
+
+    @property
+    def versus_serial(self) -> str:
+        """How the run compares with the serial loop: ``"ties"`` for a serial plan (it runs
+        the same loop), else the speedup (median serial time / median measured time)."""
+        if self.plan == "serial":
+            return "ties"
+        if self.serial is None or self.measured <= 0:
+            return ""
+        return _ratio(self.serial / self.measured)
+
+
+_TIES = (
+    "ties serial (the plan is serial: execute runs the same loop as the baseline, plus "
+    "the sampling and the decision, whose sampled results are reused)"
+)
 
 
 def _ratio(x: float) -> str:
@@ -170,33 +194,57 @@ def _run_workload(
     number: int, w: Workload, baseline: bool, say: Callable[[str], None]
 ) -> DemoResult:
     """Execute one workload as planned, time a serial loop too, and say what happened."""
-    from amorsize.executor import execute
-
     say("")
     say(f"{number}. {w.name}: {len(w.data):,} items; expected: {w.expect}")
-    results, plan = execute(w.func, w.data, return_plan=True)
-    name = _plan_name(plan.backend, plan.n_jobs, plan.chunksize)
+    rounds = _ROUNDS if baseline else 1
+    runs, serial_times, expected = _timed_rounds(w, rounds, baseline)
+    plan = runs[0][1]
+    names = [_plan_name(p.backend, p.n_jobs, p.chunksize) for _, p, _ in runs]
+    name = names[0]
     say(f"   plan: {name}")
     say(f"   why: {plan.reason}")
-    serial_s: float | None = None
-    if baseline:
-        t0 = time.perf_counter()
-        expected = [w.func(x) for x in w.data]
-        serial_s = time.perf_counter() - t0
-    else:
+    if len(set(names)) > 1:
+        say(f"   (the plan changed with the machine's load between rounds: {', '.join(names)})")
+    if expected is None:
         expected = [w.func(x) for x in w.data[:10]]  # a spot check, ~0.1 s at most
-    correct = results[: len(expected)] == expected and len(results) == len(w.data)
-    line = (
-        f"   predicted {format_seconds(plan.predicted_seconds)},"
-        f" measured {format_seconds(plan.wall_seconds)}"
+    correct = all(r[: len(expected)] == expected and len(r) == len(w.data) for r, _, _ in runs)
+    measured = statistics.median(t for _, _, t in runs)
+    serial_s = statistics.median(serial_times) if serial_times else None
+    row = DemoResult(
+        w.name, name, plan.reason, plan.predicted_seconds, measured, serial_s, correct, rounds
     )
+    line = f"   predicted {format_seconds(plan.predicted_seconds)}, measured {format_seconds(measured)}"
     if serial_s is not None:
         line += f"; plain serial loop measured {format_seconds(serial_s)}"
-        line += f" (speedup {_ratio(serial_s / plan.wall_seconds)})"
+        line += f" (medians of {rounds} interleaved rounds): "
+        line += _TIES if row.versus_serial == "ties" else f"speedup {row.versus_serial}"
     say(line + ("" if correct else "  RESULTS DIFFER FROM SERIAL"))
-    return DemoResult(
-        w.name, name, plan.reason, plan.predicted_seconds, plan.wall_seconds, serial_s, correct
-    )
+    return row
+
+
+def _timed_rounds(
+    w: Workload, rounds: int, baseline: bool
+) -> tuple[list[tuple[list[Any], Any, float]], list[float], list[int] | None]:
+    """``rounds`` runs of ``execute`` (results, report, seconds) and, with ``baseline``, of
+    the serial loop, interleaved and alternating which goes first: both see the same load.
+
+    Every execute run counts its sampling and decision (timed around the whole call).
+    """
+    from amorsize.executor import execute
+
+    runs: list[tuple[list[Any], Any, float]] = []
+    serial_times: list[float] = []
+    expected: list[int] | None = None
+    for k in range(rounds):
+        for contender in ("execute", "serial") if k % 2 == 0 else ("serial", "execute"):
+            t0 = time.perf_counter()
+            if contender == "execute":
+                results, plan = execute(w.func, w.data, return_plan=True)
+                runs.append((results, plan, time.perf_counter() - t0))
+            elif baseline:
+                expected = [w.func(x) for x in w.data]
+                serial_times.append(time.perf_counter() - t0)
+    return runs, serial_times, expected
 
 
 def _table(rows: list[DemoResult], baseline: bool) -> list[str]:
@@ -211,8 +259,13 @@ def _table(rows: list[DemoResult], baseline: bool) -> list[str]:
             f" {format_seconds(r.measured):>10}"
         )
         if r.serial is not None:
-            line += f" {format_seconds(r.serial):>10} {_ratio(r.serial / r.measured):>8}"
+            line += f" {format_seconds(r.serial):>10} {r.versus_serial:>8}"
         lines.append(line)
+    if baseline:
+        lines.append(
+            f"(medians of {_ROUNDS} interleaved rounds; 'ties': the plan is serial, so execute"
+            " runs the same loop as the serial baseline)"
+        )
     return lines
 
 

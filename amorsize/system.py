@@ -322,8 +322,26 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+# How long a container's CPU quota, once read, stands for the live value: quotas change
+# rarely (an operator's `docker update`), while reading the cgroup files costs ~0.1 ms of
+# every decision, 1 % of a 10 ms serial run.
+_LIVE_FACTS_S = 1.0
+_quota_memo: dict[str, tuple[float, float | None]] = {}
+
+
 def _cgroup_quota_cores(root: str = "/sys/fs/cgroup") -> float | None:
-    """CPU quota of this container in cores (cgroup v2, then v1), or None when unlimited."""
+    """CPU quota of this container in cores (cgroup v2, then v1), or None when unlimited;
+    read again once the last reading is ``_LIVE_FACTS_S`` old."""
+    now = time.monotonic()
+    memo = _quota_memo.get(root)
+    if memo is not None and now - memo[0] < _LIVE_FACTS_S:
+        return memo[1]
+    quota = _read_cgroup_quota(root)
+    _quota_memo[root] = (now, quota)
+    return quota
+
+
+def _read_cgroup_quota(root: str) -> float | None:
     try:
         with open(f"{root}/cpu.max", encoding="ascii") as f:
             quota, period = f.read().split()[:2]

@@ -895,6 +895,53 @@ def test_demo_runs_three_workloads_and_agrees_with_serial(workdir: Path) -> None
     assert "RESULTS DIFFER" not in out
 
 
+def test_demo_compares_medians_of_interleaved_rounds_and_serial_rows_tie(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each row compares medians of interleaved rounds; a serial plan says it ties serial."""
+    import io
+
+    from amorsize import demo
+
+    small = [
+        demo.Workload("tiny items (x * x)", demo.tiny_item, range(3000), "serial"),
+        demo.Workload("I/O-bound (~10 ms waits)", abs, range(-40, 0), "anything"),
+    ]
+    monkeypatch.setattr(demo, "workloads", lambda: small)
+    buf = io.StringIO()
+    rows = demo.run_demo(out=buf)
+    text = buf.getvalue()
+    sections = text.split("\n\n")
+    assert [r.rounds for r in rows] == [demo._ROUNDS] * 2
+    for number, row in enumerate(rows, 1):
+        assert row.correct and row.serial is not None
+        section = next(s for s in sections if s.startswith(f"{number}. "))
+        assert f"medians of {demo._ROUNDS} interleaved rounds" in section
+        if row.plan == "serial":
+            assert row.versus_serial == "ties"
+            assert "ties serial (the plan is serial" in section and "speedup" not in section
+        else:
+            assert "speedup" in section
+    table = text[text.index("workload "):]
+    assert "'ties': the plan is serial" in table
+
+
+@pytest.mark.parametrize(
+    ("plan", "serial", "measured", "shown"),
+    [("serial", 1.0, 2.0, "ties"), ("serial", None, 2.0, "ties"),
+     ("processes x2, chunks of 4", 2.0, 1.0, "2.0x"),
+     ("threads x8, chunks of 1", 1.0, 2.0, "0.50x"), ("threads x8, chunks of 1", None, 1.0, "")],
+)  # fmt: skip
+def test_demo_row_versus_serial(
+    plan: str, serial: float | None, measured: float, shown: str
+) -> None:
+    """A serial plan ties serial whatever the timings; other plans show the speedup."""
+    from amorsize.demo import DemoResult
+
+    row = DemoResult("w", plan, "why", None, measured, serial, True, 3)
+    assert row.versus_serial == shown
+
+
 def test_bench_json_lists_installed_peers(workdir: Path) -> None:
     """bench times amorsize beside every installed peer, each row with ns/call."""
     p = run(workdir, "bench", "--seconds", "0.02", "--json")

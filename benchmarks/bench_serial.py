@@ -1,0 +1,111 @@
+"""A serial plan against the obvious alternative, measured in the same run.
+
+``execute(square, data)`` on 200,000 ints of ``x * x`` (~0.05-0.1 us each: serial is the
+plan) against ``[square(x) for x in data]``, and ``execute_iter`` against a generator
+expression, on a list and on a generator; sampling and the decision are included, as a
+user sees them. Generators are drained with ``deque(maxlen=0)`` on both sides.
+
+Run (three times on a noisy machine), then print the ratios (min and median)::
+
+    pytest benchmarks/bench_serial.py -m benchmark --benchmark-json=/tmp/serial1.json
+    python benchmarks/bench_serial.py /tmp/serial1.json [/tmp/serial2.json ...]
+
+pytest-benchmark runs each contender's rounds back to back, so load that changes between
+contenders shows in the ratio; ``python benchmarks/bench_serial.py --interleaved [ROUNDS]``
+times the contenders in interleaved rounds instead (each round runs every contender once).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from amorsize import execute, execute_iter
+
+N = 200_000
+DATA = list(range(N))
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+CONTENDERS: dict[str, Callable[[], Any]] = {
+    "listcomp": lambda: [square(x) for x in DATA],
+    "execute": lambda: execute(square, DATA),
+    "genexp": lambda: deque((square(x) for x in DATA), maxlen=0),
+    "execute_iter": lambda: deque(execute_iter(square, DATA), maxlen=0),
+    "genexp_generator": lambda: deque((square(x) for x in iter(DATA)), maxlen=0),
+    "execute_iter_generator": lambda: deque(execute_iter(square, iter(DATA)), maxlen=0),
+}
+# Each amorsize contender and the reference it must stay within 5 % of.
+PAIRS = {
+    "execute": "listcomp",
+    "execute_iter": "genexp",
+    "execute_iter_generator": "genexp_generator",
+}
+
+
+@pytest.mark.parametrize("name", list(CONTENDERS))
+def test_tiny_serial(benchmark: Any, name: str) -> None:
+    """One contender on the tiny workload (the plan is serial)."""
+    fn = CONTENDERS[name]
+    if name.startswith("execute"):
+        _, plan = execute(square, DATA, return_plan=True)
+        assert plan.backend == "serial", plan
+    benchmark.group = f"serial plan: x * x over {N:,} ints"
+    benchmark.pedantic(fn, rounds=30, iterations=1, warmup_rounds=2)
+
+
+def _ratios(paths: list[str]) -> list[str]:
+    """Per pair: min and median of amorsize's time over its reference's, per run."""
+    lines = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            stats = {
+                b["params"]["name"]: b["stats"] for b in json.load(f)["benchmarks"]
+            }
+        for ours, ref in PAIRS.items():
+            lo = stats[ours]["min"] / stats[ref]["min"]
+            mid = stats[ours]["median"] / stats[ref]["median"]
+            lines.append(f"{path}: {ours}/{ref}: min {lo:.3f}, median {mid:.3f}")
+    return lines
+
+
+def _interleaved(rounds: int) -> list[str]:
+    """The same ratios from interleaved rounds in this process (min and median)."""
+    times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    for fn in CONTENDERS.values():
+        fn()  # warm: machine facts read, functions pickled once
+    for _ in range(rounds):
+        for name, fn in CONTENDERS.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return [
+        f"{ours}/{ref}: min {min(times[ours]) / min(times[ref]):.3f}, median "
+        f"{statistics.median(times[ours]) / statistics.median(times[ref]):.3f}"
+        for ours, ref in PAIRS.items()
+    ]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--interleaved"]:
+        for line in _interleaved(int(sys.argv[2]) if len(sys.argv) > 2 else 30):
+            print(line)
+        sys.exit(0)
+    for line in _ratios(sys.argv[1:]):
+        print(line)
+    if len(sys.argv) > 2:
+        print("(runs:", len(sys.argv) - 1, "; median of the medians per pair below)")
+        for ours, ref in PAIRS.items():
+            meds = [float(x.split("median ")[1]) for x in _ratios(sys.argv[1:])
+                    if f"{ours}/{ref}:" in x]  # fmt: skip
+            print(f"{ours}/{ref}: {statistics.median(meds):.3f}")
