@@ -30,8 +30,7 @@ cdef struct Workload:
     double out_load_s       # parent: unpickle one output
     double mem_per_item     # bytes a worker holds per item in flight
     double func_bytes       # pickled function, sent once per worker
-    double thread_overlap   # share of the CPU part that ran in parallel on two threads
-                            # (measured GIL release: 0 = serialised, 1 = free; 0 unknown)
+    double thread_overlap   # CPU share that ran in parallel on two threads (0: unknown)
 
 cdef struct Machine:
     double cores                    # usable cores (affinity, quota)
