@@ -84,6 +84,9 @@ _PROBE_START_TIMEOUT_S = 1.0
 # Items after one at least this slow get their CPU time read around the call alone (two
 # clock reads, ~1 us: noise on faster items, which the loop's clocks measure well enough).
 _TIGHT_CPU_MIN_S = 20e-6
+# CPU seconds per wall second of the whole process above which func is taken to run its
+# own threads (the optimizer's MULTITHREADED_CPU_RATIO).
+_OWN_THREADS_RATIO = 1.3
 # Items whose resident-memory growth is read (each read is a small file read, ~5 us).
 _MEMORY_ITEMS = 4
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -495,8 +498,9 @@ class _Tally:
         self.cpu = 0.0
         self.wall = 0.0  # the timed part: item times, or the caller's loop
         self.timed = 0.0  # the items' own times
-        # CPU and wall seconds of the items whose CPU time was read around the call alone
-        # (the loop's own work, a few microseconds, would hide a 0.2% CPU share).
+        # CPU and wall seconds of the items whose CPU time was read around the call alone,
+        # in the thread that ran it (the loop's own work, a few microseconds, would hide a
+        # 0.2% CPU share).
         self.item_cpu = 0.0
         self.item_wall = 0.0
         self.switches = 0  # -1: unknown
@@ -647,7 +651,9 @@ def _run_here(
     ``offload(mean seconds, items so far)`` is asked after each item. The success path stays
     inline: on microsecond items this loop is the sample's cost.
     """
-    pc, cpu_clock = time.perf_counter, time.process_time
+    # This thread's CPU only: other threads of the program (a pool shutting down, a
+    # server) must not make a waiting item look busy.
+    pc, cpu_clock = time.perf_counter, time.thread_time
     overhead = _timer_overhead()
     times = tally.times
     keep, put = tally.results.append, times.append
@@ -1000,10 +1006,14 @@ def _timing(tally: _Tally) -> _Timing:
     # The loop's own work (pickling is outside it) is tiny beside the items themselves,
     # so CPU over the timed wall is the items' CPU share.
     cpu_ratio = tally.cpu / tally.wall if tally.wall > 0 and math.fsum(times) > 0 else 1.0
-    if tally.item_wall > 0.5 * tally.timed > 0:
-        # Most of the sampled time was read around the calls alone: the items' own share.
-        cpu_ratio = tally.item_cpu / tally.item_wall
+    busy = cpu_ratio
+    if tally.item_wall > 0.5 * tally.timed > 0 and cpu_ratio <= _OWN_THREADS_RATIO:
+        # Most of the sampled time was read around the calls alone: the items' own share
+        # (the loop's clocks add the loop's work and every other thread's). Not when the
+        # process kept more than a core busy: then func runs threads of its own (BLAS),
+        # and its thread waiting for them is not waiting work.
+        busy = tally.item_cpu / tally.item_wall
     # Blocking shows as voluntary switches (at least one per waiting call); without them a
     # low ratio means the machine was busy, and the work itself is CPU-bound.
     blocked = tally.switches < 0 or tally.switches >= 0.5 * max(n, 1)
-    return _Timing(mean, std, cpu_ratio, max(0.0, 1.0 - cpu_ratio) if blocked else 0.0)
+    return _Timing(mean, std, cpu_ratio, max(0.0, 1.0 - busy) if blocked else 0.0)

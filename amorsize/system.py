@@ -559,9 +559,9 @@ def _measure_processes() -> dict[str, float]:
 
 
 def _pool_start_s(n: int) -> float:
-    """Seconds per thread to start a fresh pool of ``n`` threads, as the threads backend
-    does: each task submitted while no thread is idle starts one (``Thread.start()``
-    returns once the new thread runs)."""
+    """Seconds per thread to start a fresh pool of ``n``, as the threads backend does:
+    each task submitted while no thread is idle starts one (``Thread.start()`` returns
+    once the new thread runs), and the new thread then takes the GIL to reach its task."""
     gate = threading.Event()
     pool = ThreadPoolExecutor(n)
     try:
@@ -594,9 +594,13 @@ def _pool_task_s(pool: ThreadPoolExecutor, n_tasks: int, in_flight: int) -> floa
 
 
 def _measure_threads() -> dict[str, float]:
-    """Thread start-up and the per-task cost of a thread pool, the lowest of a few tries (a
-    busy machine only ever adds to them)."""
-    startup = min(_pool_start_s(_THREADS_STARTED) for _ in range(3))
+    """Thread start-up and the per-task cost of a thread pool.
+
+    A busy machine adds to them in bursts (one try in three took milliseconds per thread
+    beside other test runs): start-up is the median of five pools, the task cost the lower
+    of two runs.
+    """
+    startup = statistics.median(_pool_start_s(_THREADS_STARTED) for _ in range(5))
     with ThreadPoolExecutor(4) as pool:
         _pool_task_s(pool, 8, 8)  # start its threads
         task = min(_pool_task_s(pool, _THREAD_TASKS, 8) for _ in range(2))
