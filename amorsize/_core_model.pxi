@@ -30,6 +30,7 @@ cdef struct Workload:
     double out_load_s       # parent: unpickle one output
     double mem_per_item     # bytes a worker holds per item in flight
     double func_bytes       # pickled function, sent once per worker
+    double thread_overlap   # CPU share that ran in parallel on two threads (0: unknown)
 
 cdef struct Machine:
     double cores                    # usable cores (affinity, quota)
@@ -41,8 +42,9 @@ cdef struct Machine:
     double parent_item_s            # executor bookkeeping per item in the parent
     double worker_rss               # resident bytes of an idle worker
     double available_memory
-    double thread_startup_s
-    double thread_roundtrip_s
+    double thread_startup_s         # start one pool thread (in the parent, one at a time)
+    double thread_roundtrip_s       # parent time per task handed to a thread pool
+    double warm_threads             # size of the warm thread pool (its threads run already)
 
 # Backend codes in the tuples returned by model_search.
 cdef enum:
@@ -136,8 +138,12 @@ cpdef double model_process_seconds(Workload w, Machine m, double n, double c) no
 cpdef double model_thread_seconds(Workload w, Machine m, double n, double c) noexcept:
     """Predicted wall seconds for ``n`` threads taking chunks of ``c`` items.
 
-    The CPU part of each item holds the GIL, so it runs one thread at a time; only the
-    rest (sleeping, waiting on I/O) overlaps.
+    An item's wall time is waiting (it overlaps on any number of threads) plus CPU time.
+    Of the CPU time, the share ``thread_overlap`` (measured: two items on two threads)
+    runs in parallel on up to one core per thread and the rest holds the GIL, one thread
+    at a time, as the parent's start-ups and hand-outs do (Amdahl's law, with the
+    measured overlap as the parallel fraction). The parent starts the threads of a cold
+    pool and hands out tasks one by one, so the last thread of the first wave starts last.
     """
     cdef double N = w.n_items
     if N <= 0.0:
@@ -146,21 +152,51 @@ cpdef double model_thread_seconds(Workload w, Machine m, double n, double c) noe
         c = 1.0
     cdef double K = ceil(N / c)
     cdef double n_active = n if n < K else K
-    cdef double startup = n * m.thread_startup_s
-    cdef double gil_item = w.t_mean * w.cpu_fraction * (
+    cdef double overlap = w.thread_overlap
+    if overlap < 0.0:
+        overlap = 0.0
+    elif overlap > 1.0:
+        overlap = 1.0
+    cdef double lanes = n_active if n_active < m.cores else m.cores
+    if lanes < 1.0:
+        lanes = 1.0
+    cdef double cpu_item = w.t_mean * w.cpu_fraction
+    cdef double gil_item = cpu_item * (1.0 - overlap) * (
         _MODEL_GIL_CONTENTION if n_active > 1.0 else 1.0)
+    # One item's CPU time when n_active threads share the GIL and the cores.
+    cdef double cpu_share = gil_item + cpu_item * overlap / lanes
     cdef double item = w.t_mean
     if gil_item > item:
         item = gil_item
-    cdef double middle = (N * (item + m.parent_item_s) + K * m.thread_roundtrip_s) / n_active
-    cdef double gil_total = N * (gil_item + m.parent_item_s) + K * m.thread_roundtrip_s
-    if gil_total > middle:
-        middle = gil_total
+    cdef double task = m.thread_roundtrip_s
+    # The ramp: the parent starts the threads of a cold pool and hands each its first task,
+    # one by one; on average a thread starts half-way through it.
+    cdef double cold = 0.0 if n == m.warm_threads else n_active
+    cdef double ramp = cold * m.thread_startup_s + n_active * task
+    # Lower bounds of the parallel middle: the work spread over the threads; the CPU work
+    # under the GIL and on the cores, with the parent's (it holds the GIL too).
+    cdef double middle = N * item / n_active + 0.5 * ramp
+    cdef double cpu_total = (N * (cpu_share + m.parent_item_s) + K * task
+                             + cold * m.thread_startup_s)
+    if cpu_total > middle:
+        middle = cpu_total
+    # A chunk lasts longer while the threads compete for the GIL and the cores.
+    cdef double stretch = 1.0
+    if item > 0.0 and n_active * cpu_share > item:
+        stretch = n_active * cpu_share / item
     cdef double chunk_s = c * item
-    cdef double total = middle + _model_tail(n_active, chunk_s, sqrt(c) * w.t_std)
-    if chunk_s + w.t_max > total:
-        total = chunk_s + w.t_max
-    return startup + total + m.thread_roundtrip_s
+    # Equal chunks finish in waves: the last wave is partly idle (none when K / n_active
+    # is whole, up to a chunk otherwise); item-time spread adds the expected maximum.
+    cdef double tail = (ceil(K / n_active) - K / n_active) * chunk_s
+    if n_active > 1.0:
+        tail += sqrt(c) * w.t_std * stretch * sqrt(2.0 * log(n_active))
+    cdef double total = middle + tail
+    # No run ends before the last thread started gets through a chunk holding the slowest
+    # item.
+    cdef double last = ramp + ((c - 1.0) * item + w.t_max) * stretch
+    if last > total:
+        total = last
+    return total + task
 
 
 cdef double _model_best_chunk(Workload w, Machine m, int backend, double n,

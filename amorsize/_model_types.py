@@ -28,6 +28,7 @@ class Workload(TypedDict):
     out_load_s: float  # parent: unpickle one output
     mem_per_item: float  # bytes a worker holds per item in flight
     func_bytes: float  # pickled function, sent once per worker
+    thread_overlap: float  # share of the CPU part that overlapped on two threads (0: unknown)
 
 
 class Machine(TypedDict):
@@ -42,5 +43,6 @@ class Machine(TypedDict):
     parent_item_s: float  # executor bookkeeping per item in the parent
     worker_rss: float  # resident bytes of an idle worker
     available_memory: float
-    thread_startup_s: float
-    thread_roundtrip_s: float
+    thread_startup_s: float  # start one pool thread
+    thread_roundtrip_s: float  # parent time per task handed to a thread pool
+    warm_threads: float  # size of the warm thread pool (its threads run already)

@@ -20,17 +20,19 @@ Data flow::
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from amorsize._core import model_max_workers_for_memory, model_search
+from amorsize._core import model_max_workers_for_memory, model_search, model_thread_seconds
 from amorsize._format import format_bytes, format_seconds
 from amorsize._model_types import Machine, Workload
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.backends import BACKEND_NAMES, DEFAULT_BACKENDS, REGISTRY, plan_hook
+from amorsize.backends import warm_workers as backend_warm_workers
 from amorsize.sampling import ASSUMED_UNKNOWN_LENGTH, Profile, RemoteRunner, Sample, sample
 from amorsize.system import SystemInfo, get_system_info
 
@@ -43,9 +45,12 @@ MIN_SPEEDUP = 1.2
 #: Items whose CPU time is below this share of their wall time mostly wait (sleep, I/O):
 #: worker counts well above the core count pay off for them.
 IO_BOUND_CPU_RATIO = 0.5
-#: Thread counts tried: up to 64 for waiting work (benchmarks/bench_quality.py's
-#: sleep-bound workload is fastest at 32-64 threads).
+#: Thread counts tried for CPU work (threads help it only where it releases the GIL).
 THREAD_COUNTS = (2, 4, 8, 16, 32, 64)
+#: Most threads planned for waiting work: the model prices each thread's start-up and
+#: hand-out, so this only bounds the search (200 x 10 ms sleeps are fastest on ~200).
+#: Far more concurrent waits belong on an event loop (``async def``), not threads.
+MAX_WAITING_THREADS = 512
 #: The executor's own bookkeeping per item in the parent (ordering, result slots), beyond
 #: pickling: parent CPU time per item of ``execute(ident, range(400_000),
 #: backend="processes", chunksize=2000)`` is ~70 ns on the CI machine, ~30 ns of it pickling.
@@ -60,6 +65,9 @@ MULTITHREADED_CPU_RATIO = 1.3
 _OFFLOAD_MIN_ITEM_S = 1e-6
 # Above this pickled size per item, transfer is worth naming as the reason for serial.
 _BIG_ITEM_BYTES = 16 * 1024
+# Waiting items go one per task to threads unless bigger chunks are predicted this much
+# faster (the model's error is about +-15%: within it, the robust choice wins).
+_ONE_PER_TASK_SLACK = 1.15
 # The compiled model's backend codes (model_search's tuples; _core_model.pxi's enum).
 _CODE = {0: "serial", 1: "processes", 2: "threads"}
 
@@ -267,14 +275,14 @@ def _why_not_parallel(
     threads = [c for c in cands if c.backend == "threads"]
     gil = ""
     if threads and profile.wait_fraction <= 1.0 - IO_BOUND_CPU_RATIO:
-        gil = "; threads cannot overlap CPU-bound Python (the GIL)"
+        gil = "; " + _gil_words(profile)
     if not procs and "processes" in allowed and not profile.picklable:
         would = f" (they would be predicted {ghost:.2f}x faster)" if ghost > 1.0 else ""
         return f"processes are ruled out{would}: {profile.pickle_error}{gil}"
     if not procs and not threads:
         return "no parallel backend is allowed or available for this function and data"
     if not procs:
-        return "the work is CPU-bound Python, which threads cannot overlap (the GIL)"
+        return f"the work is CPU-bound: {_gil_words(profile)}"
     best = procs[0]
     per_byte = system.transfer_s_per_byte
     out_cost = profile.out_load_seconds + profile.out_bytes * per_byte
@@ -295,6 +303,14 @@ def _why_not_parallel(
         f"{_plan_name(best.backend, best.n_jobs, best.chunksize)}, is predicted "
         f"{best.speedup:.2f}x vs serial){gil}"
     )
+
+
+def _gil_words(profile: Profile) -> str:
+    """What the sample says about threads for CPU work (the GIL), in a few words."""
+    o = profile.thread_overlap
+    if math.isnan(o):
+        return "threads cannot overlap CPU-bound Python (the GIL)"
+    return f"two items on two threads overlapped {o:.0%} (the GIL serialises the rest)"
 
 
 def _worker_counts(
@@ -321,9 +337,19 @@ def _worker_counts(
     if "threads" in allowed:
         thread_ns = (
             [n_jobs] if n_jobs is not None
-            else sorted({n for n in (*THREAD_COUNTS, top) if 2 <= n <= limit})
+            else sorted({n for n in _thread_counts(top, limit, io_bound) if 2 <= n <= limit})
         )
     return proc_ns, thread_ns, ghost_ns
+
+
+def _thread_counts(top: int, limit: int, io_bound: bool) -> tuple[int, ...]:
+    """Thread counts to predict; for waiting work also counts that run the ``limit`` items
+    left in one, two or three whole waves (no thread idles in a last partial wave)."""
+    if not io_bound:
+        return (*THREAD_COUNTS, top)
+    grid = tuple(1 << k for k in range(1, MAX_WAITING_THREADS.bit_length()))
+    waves = tuple(-(-limit // k) for k in (1, 2, 3) if -(-limit // k) <= MAX_WAITING_THREADS)
+    return (*grid, top, *waves)
 
 
 def _optimize(
@@ -360,14 +386,15 @@ def _optimize(
     s = sample(
         func, data, sample_size=sample_size, cores=system.usable_cores,
         assumed_length=ASSUMED_UNKNOWN_LENGTH, keep_going=keep_going, remote=remote,
-        offload=rule, index_of=index_of,
+        offload=rule, index_of=index_of, probe_threads="threads" in allowed and n_jobs != 1,
     )
     # Decision time excludes sampling: machine facts before it, the model after it.
     t_decide = time.perf_counter() - (t_sample - t_start)
     warm = warm_workers() if callable(warm_workers) else warm_workers
+    threads = backend_warm_workers("threads") if "threads" in allowed else 0
     return _decide(
         s, system, allowed=allowed, n_jobs=n_jobs, warm_workers=warm, client=client,
-        min_speedup=min_speedup, verbose=verbose, t_decide=t_decide,
+        min_speedup=min_speedup, verbose=verbose, t_decide=t_decide, warm_threads=threads,
     )
 
 
@@ -498,8 +525,12 @@ def _decide(
     min_speedup: float = MIN_SPEEDUP,
     verbose: bool = False,
     t_decide: float | None = None,
+    warm_threads: int = 0,
 ) -> OptimizationResult:
     """The plan for an already measured sample on ``system`` (no sampling, no I/O).
+
+    ``warm_threads``: the size of the shared threads backend's warm pool (its threads cost
+    no start-up), as ``warm_workers`` counts running process workers.
 
     Steps: what the sample says (warnings, plans it rules out) -> the ranked candidates ->
     the choice -> its explanation.
@@ -519,7 +550,7 @@ def _decide(
     if early:
         choice = _Choice.serial(job.serial_rest, early)
         return _result(s, system, job, choice, warnings, (), verbose=verbose, t_decide=t_decide)
-    ranked = _rank(job, system, allowed, n_jobs, warm_workers, client)
+    ranked = _rank(job, system, allowed, n_jobs, warm_workers, client, warm_threads)
     warnings += ranked.warnings
     best = _choose(p, ranked.candidates, allowed, min_speedup)
     choice, note = _explain(job, best, ranked, system, allowed, forced, min_speedup)
@@ -608,9 +639,10 @@ def _early_serial_reason(profile: Profile, allowed: tuple[str, ...], n_jobs: int
 
 # --------------------------------------------------------------------------- candidates
 def _model_inputs(
-    job: _Job, system: SystemInfo, warm_workers: int, t_par: float
+    job: _Job, system: SystemInfo, warm_workers: int, t_par: float, warm_threads: int = 0
 ) -> tuple[Workload, Machine]:
-    """The compiled model's structs; ``t_par`` is the item's seconds as one thread's work."""
+    """The compiled model's structs; ``t_par`` is the item's seconds as one thread's work;
+    ``warm_threads`` the size of a warm thread pool (0: none)."""
     p = job.profile
     t = p.mean_seconds
     w: Workload = {
@@ -627,6 +659,7 @@ def _model_inputs(
         "out_load_s": p.out_load_seconds,
         "mem_per_item": p.mem_per_item,
         "func_bytes": float(p.func_bytes),
+        "thread_overlap": p.thread_overlap if p.thread_overlap > 0.0 else 0.0,
     }
     m: Machine = {
         "cores": system.usable_cores,
@@ -640,6 +673,7 @@ def _model_inputs(
         "available_memory": float(system.available_memory),
         "thread_startup_s": system.thread_startup_s,
         "thread_roundtrip_s": system.thread_roundtrip_s,
+        "warm_threads": float(max(warm_threads, 0)),
     }
     return w, m
 
@@ -651,6 +685,7 @@ def _rank(
     n_jobs: int | None,
     warm_workers: int,
     client: Any,
+    warm_threads: int = 0,
 ) -> _Ranked:
     """Every plan predicted, fastest first: the compiled model's, then the planning hooks'."""
     p = job.profile
@@ -666,10 +701,13 @@ def _rank(
         )
     top, limit = max(int(system.usable_cores), 1), max(int(job.remaining), 1)
     proc_ns, thread_ns, ghost_ns = _worker_counts(p, allowed, n_jobs, top, limit, job.io_bound)
-    w, m = _model_inputs(job, system, warm_workers, t_par)
+    w, m = _model_inputs(job, system, warm_workers, t_par, warm_threads)
+    rows = model_search(w, m, proc_ns, thread_ns)
+    if job.io_bound:
+        rows = _one_per_task(w, m, rows)
     cands = job.candidates(
         (_CODE[int(code)], int(n), int(c), job.serial_rest if code == 0 else secs, "")
-        for code, n, c, secs in model_search(w, m, proc_ns, thread_ns)
+        for code, n, c, secs in rows
     )
     ghost = 0.0
     if ghost_ns:
@@ -681,6 +719,27 @@ def _rank(
     cands.extend(job.candidates(_hook_plans(job.profile, allowed, client)))
     cands.sort(key=lambda cand: cand.seconds)
     return _Ranked(tuple(cands), ghost, tuple(warnings))
+
+
+def _one_per_task(
+    w: Workload, m: Machine, rows: list[tuple[int, int, int, float]]
+) -> list[tuple[int, int, int, float]]:
+    """``rows`` with every thread plan at chunks of one item, if the best of those is
+    predicted within ``_ONE_PER_TASK_SLACK`` of the best thread plan (else as they are).
+
+    For waiting items: one stalled item (a slow request) then never holds up the items
+    queued behind it in its chunk, which a sample of one or two items cannot price.
+    """
+    ones = [
+        (code, n, 1, secs if c == 1 else model_thread_seconds(w, m, float(n), 1.0))
+        for code, n, c, secs in rows if code == 2
+    ]
+    if not ones:
+        return rows
+    best = min(secs for code, _, _, secs in rows if code == 2)
+    if min(secs for *_, secs in ones) > best * _ONE_PER_TASK_SLACK:
+        return rows
+    return sorted([r for r in rows if r[0] != 2] + ones, key=operator.itemgetter(3))
 
 
 def _memory_warning(
@@ -788,7 +847,9 @@ def _why_parallel(job: _Job, c: Candidate) -> str:
     if c.backend == "threads" and job.io_bound:
         return "threads overlap the waiting with little overhead"
     if c.backend == "threads":
-        return "threads avoid pickling costs and the work releases the GIL"
+        o = job.profile.thread_overlap
+        probed = f": two items on two threads overlapped {o:.0%}" if not math.isnan(o) else ""
+        return f"threads avoid pickling costs and the work releases the GIL{probed}"
     if c.backend == "processes":
         return "processes run Python in parallel on the usable cores"
     return c.note or "the cluster has the most capacity"  # a planning hook's reason

@@ -31,6 +31,7 @@ import operator
 import os
 import pickle
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -71,6 +72,21 @@ _PICKLE_BYTES = 2 << 20
 #: Planning horizon for iterators of unknown length: long enough that start-up amortises,
 #: the common case for generators fed to a parallel map.
 ASSUMED_UNKNOWN_LENGTH = 10_000
+# The two-thread probe (does the work release the GIL?): each thread runs about this much
+# work, long enough that thread start-up and the GIL's 5 ms switch interval show as what
+# they are (two GIL-bound halves of 2 ms run one after the other).
+PROBE_SIDE_S = 2e-3
+# Only items at least this slow are probed: below it the executor's per-item bookkeeping
+# alone keeps a thread plan from paying off, and waking threads per item is noise.
+PROBE_MIN_ITEM_S = 50e-6
+# How long the two probe threads wait for each other to start before giving up.
+_PROBE_START_TIMEOUT_S = 1.0
+# Items after one at least this slow get their CPU time read around the call alone (two
+# clock reads, ~1 us: noise on faster items, which the loop's clocks measure well enough).
+_TIGHT_CPU_MIN_S = 20e-6
+# CPU seconds per wall second of the whole process above which func is taken to run its
+# own threads (the optimizer's MULTITHREADED_CPU_RATIO).
+_OWN_THREADS_RATIO = 1.3
 # Items whose resident-memory growth is read (each read is a small file read, ~5 us).
 _MEMORY_ITEMS = 4
 # Once this many items in a row took under _BLOCK_ITEM_S each, the caller times them in
@@ -97,7 +113,9 @@ class Profile:
     ``error_index`` / ``error`` name the first item that failed (by input index): sampling
     stopped there unless it kept going, and then ``n_failed`` of the ``n_sampled`` items
     failed (``n_crashed`` of them killed their worker process). ``in_caller`` items ran in
-    the calling process, the others in a worker process.
+    the calling process, the others in a worker process. ``thread_overlap`` is how far two
+    items overlapped on two threads (1: fully, the work releases the GIL; 0: not at all),
+    NaN when not probed (see ``sample``).
 
     >>> sample(len, ["ab", "c"]).profile.n_sampled
     2
@@ -130,6 +148,7 @@ class Profile:
     error_index: int | None
     error: BaseException | None = field(compare=False)
     sample_seconds: float
+    thread_overlap: float = math.nan
 
     @property
     def cv(self) -> float:
@@ -489,6 +508,11 @@ class _Tally:
         self.cpu = 0.0
         self.wall = 0.0  # the timed part: item times, or the caller's loop
         self.timed = 0.0  # the items' own times
+        # CPU and wall seconds of the items whose CPU time was read around the call alone,
+        # in the thread that ran it (the loop's own work, a few microseconds, would hide a
+        # 0.2% CPU share).
+        self.item_cpu = 0.0
+        self.item_wall = 0.0
         self.switches = 0  # -1: unknown
         self.n_failed = 0
         self.n_crashed = 0
@@ -499,6 +523,11 @@ class _Tally:
     @property
     def stopped(self) -> bool:
         return self.error is not None and not self.keep_going
+
+    def tight(self, cpu: float, wall: float) -> None:
+        """One item's CPU and wall seconds, read around the call alone."""
+        self.item_cpu += cpu
+        self.item_wall += wall
 
     def ok(self, value: Any, seconds: float) -> None:
         self.results.append(value)
@@ -522,6 +551,7 @@ class _Tally:
         if math.isfinite(run.seconds):
             self.cpu += run.cpu
             self.wall += run.seconds
+            self.tight(run.cpu, run.seconds)
             self.mem = max(self.mem, run.mem)
             if self.switches >= 0:
                 self.switches = self.switches + run.waits if run.waits >= 0 else -1
@@ -631,7 +661,9 @@ def _run_here(
     ``offload(mean seconds, items so far)`` is asked after each item. The success path stays
     inline: on microsecond items this loop is the sample's cost.
     """
-    pc = time.perf_counter
+    # This thread's CPU only: other threads of the program (a pool shutting down, a
+    # server) must not make a waiting item look busy.
+    pc, cpu_clock = time.perf_counter, time.thread_time
     overhead = _timer_overhead()
     times = tally.times
     keep, put = tally.results.append, times.append
@@ -658,6 +690,8 @@ def _run_here(
             times and times[-1] < _BLOCK_ITEM_S
         )
         rss0 = _rss() if track_mem else 0
+        tight = not times or times[-1] >= _TIGHT_CPU_MIN_S
+        c0 = cpu_clock() if tight else 0.0
         t0 = pc()
         try:
             out = func(item)
@@ -668,6 +702,8 @@ def _run_here(
                 break
         else:
             t1 = pc()
+            if tight:
+                tally.tight(cpu_clock() - c0, t1 - t0)
             if track_mem:
                 tally.mem = max(tally.mem, _rss() - rss0)
             sec = t1 - t0 - overhead
@@ -803,6 +839,7 @@ def sample(
     remote: RemoteRunner | None = None,
     offload: Callable[[float, int], bool] | None = None,
     index_of: Callable[[int], int] | None = None,
+    probe_threads: bool = False,
 ) -> Sample:
     """Run ``func`` on the first items of ``data`` and measure them.
 
@@ -822,6 +859,14 @@ def sample(
     add up to 1 ms and ``offload(mean seconds, items so far)`` says yes: then the rest of
     the sample runs remotely. ``index_of`` maps a position in
     ``data`` to the input index that messages name (a stream that skips items).
+
+    ``probe_threads``: when the sample adapts and shows CPU work (not waiting) of at least
+    ``PROBE_MIN_ITEM_S`` per item, with enough items left that the probe costs at most
+    ``SAMPLE_FRACTION`` of the best parallel run, the next items run in two batches of
+    about ``PROBE_SIDE_S`` on two threads at once (in the calling process): the wall time
+    of the pair against the sampled sequential time gives ``Profile.thread_overlap``. Their
+    results are kept like any sampled item (a failure stops the probe; items the other
+    thread ran past it are dropped, like a parallel run's, and stay in ``data``).
 
     >>> s = sample(str, iter(range(5)), sample_size=2)
     >>> s.results, list(s.data)
@@ -847,8 +892,106 @@ def sample(
             if not _run_remote(remote, src, tally, rules, limit, offload is not None):
                 break
             here, offload = True, None  # the caller runs the rest: it cannot travel
+    overlap = math.nan
+    if probe_threads and not rules.fixed and not tally.stopped and not src.ended:
+        overlap = _probe(func, src, tally, rules)
     wall = time.perf_counter() - start
-    return _finish(func, data, src, tally, wall, index_of or (lambda k: k))
+    return _finish(func, data, src, tally, wall, index_of or (lambda k: k), overlap)
+
+
+def _probe_size(tally: _Tally, rules: _Rules) -> int:
+    """Items per thread for the overlap probe, or 0 when the work must not be probed."""
+    n = len(tally.times)
+    if n == 0 or tally.n_failed or rules.cores < 1.5:
+        return 0
+    mean = tally.timed / n
+    if mean < PROBE_MIN_ITEM_S or _timing(tally).wait_fraction >= 0.5:
+        return 0  # too small to pay on threads, or known to wait (threads overlap it)
+    k = math.ceil(PROBE_SIDE_S / mean)
+    # Probed items are kept, so the probe loses at most one side's time against a
+    # perfect parallel run: keep that a small share of the best parallel run left.
+    rest = (rules.total - n) * mean / rules.cores
+    return k if k * mean <= SAMPLE_FRACTION * rest else 0
+
+
+def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rules) -> float:
+    """Run two batches of the next items on two threads at once; their overlap in [0, 1].
+
+    1 - both threads ran all the time (the GIL was released), 0 - one at a time: their
+    CPU seconds over the pair's wall seconds, minus one. NaN: not probed.
+    """
+    k = _probe_size(tally, rules)
+    if k == 0:
+        return math.nan
+    first = src.pos
+    items = src.take(2 * k)
+    if len(items) < 2 * k:
+        src.give_back(len(items))
+        return math.nan
+    # None: not run. The first half precedes the second: a failure in it (when failures
+    # stop the sample) stops the helper's half too; a failure in the helper's half stops
+    # only the helper, so that the results stay a prefix of the data.
+    out: list[tuple[bool, Any] | None] = [None] * len(items)
+    stop = threading.Event()
+    # Both halves start together; a helper that cannot start in time breaks the barrier,
+    # and nothing is probed (every item is given back).
+    gate = threading.Barrier(2, timeout=_PROBE_START_TIMEOUT_S)
+    start = [0.0]
+    cpu = [0.0, 0.0]
+
+    def side(lo: int) -> None:
+        try:
+            gate.wait()
+        except threading.BrokenBarrierError:
+            return
+        if not lo:
+            start[0] = time.perf_counter()
+        cpu0 = time.thread_time()
+        try:
+            _run_side(lo)
+        finally:
+            cpu[lo > 0] = time.thread_time() - cpu0
+
+    def _run_side(lo: int) -> None:
+        for j in range(lo, lo + k):
+            if lo and stop.is_set():
+                return
+            try:
+                out[j] = (True, func(items[j]))
+            except Exception as exc:
+                out[j] = (False, exc)
+                if not tally.keep_going:
+                    stop.set()
+                    return
+
+    helper = threading.Thread(target=side, args=(k,), name="amorsize-probe", daemon=True)
+    try:
+        helper.start()
+    except RuntimeError:  # no thread can be started here (a resource limit)
+        src.give_back(len(items))
+        return math.nan
+    side(0)
+    helper.join()
+    pair = time.perf_counter() - start[0]
+    for j, got in enumerate(out):
+        if got is None:  # after a failure that stopped the sample: never reached
+            src.give_back(len(items) - j)
+            return math.nan
+        tally.in_caller += 1
+        ok, value = got
+        if ok:
+            tally.results.append(value)
+            continue
+        tally.fail(first + j, value, math.nan, getattr(value, "attempts", 1))
+        if tally.stopped:
+            src.give_back(len(items) - j - 1)
+            return math.nan
+    # Both threads' CPU seconds over the pair's wall time: at most 1 while the GIL lets
+    # one run at a time, up to 2 when both ran at once. (Comparing wall times with the
+    # sequential items instead is at the mercy of a busy machine's load changing between
+    # the two: a pure-Python loop then seemed to overlap fully.) On a machine too busy
+    # to give the pair two cores this reads low: threads are then no faster anyway.
+    return min(max((cpu[0] + cpu[1]) / pair - 1.0, 0.0), 1.0) if pair > 0 else math.nan
 
 
 def _finish(
@@ -858,6 +1001,7 @@ def _finish(
     tally: _Tally,
     wall: float,
     index_of: Callable[[int], int],
+    overlap: float = math.nan,
 ) -> Sample:
     """The profile and the data to run on, once the items have run."""
     out_data, n_items = _data_to_run(data, src)
@@ -891,6 +1035,7 @@ def _finish(
         error_index=None if tally.error_pos is None else index_of(tally.error_pos),
         error=tally.error,
         sample_seconds=wall,
+        thread_overlap=overlap,
     )
     return Sample(profile=profile, results=tuple(tally.results), data=out_data)
 
@@ -961,7 +1106,14 @@ def _timing(tally: _Tally) -> _Timing:
     # The loop's own work (pickling is outside it) is tiny beside the items themselves,
     # so CPU over the timed wall is the items' CPU share.
     cpu_ratio = tally.cpu / tally.wall if tally.wall > 0 and total > 0 else 1.0
+    busy = cpu_ratio
+    if tally.item_wall > 0.5 * tally.timed > 0 and cpu_ratio <= _OWN_THREADS_RATIO:
+        # Most of the sampled time was read around the calls alone: the items' own share
+        # (the loop's clocks add the loop's work and every other thread's). Not when the
+        # process kept more than a core busy: then func runs threads of its own (BLAS),
+        # and its thread waiting for them is not waiting work.
+        busy = tally.item_cpu / tally.item_wall
     # Blocking shows as voluntary switches (at least one per waiting call); without them a
     # low ratio means the machine was busy, and the work itself is CPU-bound.
     blocked = tally.switches < 0 or tally.switches >= 0.5 * max(n, 1)
-    return _Timing(mean, std, cpu_ratio, max(0.0, 1.0 - cpu_ratio) if blocked else 0.0)
+    return _Timing(mean, std, cpu_ratio, max(0.0, 1.0 - busy) if blocked else 0.0)

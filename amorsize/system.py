@@ -34,13 +34,13 @@ import json
 import multiprocessing
 import os
 import platform
-import queue
 import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -55,13 +55,16 @@ __all__ = [
 ]
 
 # Bump when the measured fields or their meaning change: older files are then re-measured.
-_SCHEMA = 4
+_SCHEMA = 5
 # Re-measure after this long even if nothing else changed (kernels and load change).
 _MAX_AGE_S = 30 * 24 * 3600.0
 # Transfer sizes for the per-byte cost: large enough that the fixed round trip is small
 # beside them, small enough that the whole measurement stays well under a second.
 _TRANSFER_SIZES = (256 * 1024, 2 * 1024 * 1024)
 _ROUND_TRIPS = 25
+# Threads started, and tasks handed out, to measure a thread pool's costs (~5 ms in all).
+_THREADS_STARTED = 8
+_THREAD_TASKS = 200
 # Fallbacks when a measurement fails (e.g. no working multiprocessing on this platform).
 # Typical Linux/fork values, measured on the 2-core CI machine by this module itself.
 _FALLBACK_STARTUP_S = 0.02
@@ -103,6 +106,8 @@ class SystemInfo:
     transfer_s_per_byte: float
     # Resident memory of an idle worker process (0 when unknown).
     worker_rss_bytes: int
+    # Start one thread of a thread pool; the parent's time per task handed to a pool and
+    # collected (the threads backend's per-task cost), with several tasks in flight.
     thread_startup_s: float
     thread_roundtrip_s: float
     blas_threads: int
@@ -571,39 +576,53 @@ def _measure_processes() -> dict[str, float]:
     }
 
 
-def _thread_echo(inq: queue.SimpleQueue[Any], outq: queue.SimpleQueue[Any]) -> None:
-    while True:
-        m = inq.get()
-        if m is None:
-            return
-        outq.put(m)
+def _pool_start_s(n: int) -> float:
+    """Seconds per thread to start a fresh pool of ``n``, as the threads backend does:
+    each task submitted while no thread is idle starts one (``Thread.start()`` returns
+    once the new thread runs), and the new thread then takes the GIL to reach its task."""
+    gate = threading.Event()
+    pool = ThreadPoolExecutor(n)
+    try:
+        t = time.perf_counter()
+        futures = [pool.submit(gate.wait) for _ in range(n)]
+        spent = time.perf_counter() - t
+        gate.set()
+        wait(futures)
+    finally:
+        gate.set()
+        pool.shutdown(wait=True)
+    return spent / n
+
+
+def _pool_task_s(pool: ThreadPoolExecutor, n_tasks: int, in_flight: int) -> float:
+    """Parent seconds per task handed to ``pool`` and collected, several in flight, in
+    the threads backend's loop (``submit``, ``wait(FIRST_COMPLETED)``, ``result``)."""
+    pending: set[Future[Any]] = set()
+    sent = done = 0
+    t = time.perf_counter()
+    while done < n_tasks:
+        while len(pending) < in_flight and sent < n_tasks:
+            pending.add(pool.submit(int, sent))
+            sent += 1
+        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            fut.result()
+        done += len(finished)
+    return (time.perf_counter() - t) / n_tasks
 
 
 def _measure_threads() -> dict[str, float]:
-    inq: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    outq: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    # Thread.start() returns once the thread runs: that is the start-up cost per thread.
-    starts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        idle = threading.Thread(target=int, daemon=True)
-        idle.start()
-        starts.append(time.perf_counter() - t)
-        idle.join()
-    startup = min(starts)
-    th = threading.Thread(target=_thread_echo, args=(inq, outq), daemon=True)
-    th.start()
-    inq.put(0)
-    outq.get()
-    rts = []
-    for _ in range(_ROUND_TRIPS):
-        t = time.perf_counter()
-        inq.put(0)
-        outq.get()
-        rts.append(time.perf_counter() - t)
-    inq.put(None)
-    th.join()
-    return {"thread_startup_s": startup, "thread_roundtrip_s": statistics.median(rts)}
+    """Thread start-up and the per-task cost of a thread pool.
+
+    A busy machine adds to them in bursts (one try in three took milliseconds per thread
+    beside other test runs): start-up is the median of five pools, the task cost the lower
+    of two runs.
+    """
+    startup = statistics.median(_pool_start_s(_THREADS_STARTED) for _ in range(5))
+    with ThreadPoolExecutor(4) as pool:
+        _pool_task_s(pool, 8, 8)  # start its threads
+        task = min(_pool_task_s(pool, _THREAD_TASKS, 8) for _ in range(2))
+    return {"thread_startup_s": startup, "thread_roundtrip_s": task}
 
 
 def _measure() -> dict[str, Any]:

@@ -324,6 +324,106 @@ def test_sleep_bound_work_goes_to_many_threads() -> None:
     assert r.n_jobs >= 4 * 2
 
 
+def _waiting(n_items: int = 200, mean: float = 10e-3, wait: float = 0.99, **kw: Any) -> Profile:
+    """A sampled waiting job: one item of ``mean`` seconds, ``wait`` of it blocked."""
+    return _profile(mean, n_items, n_sampled=1, cpu_ratio=1.0 - wait, wait_fraction=wait, **kw)
+
+
+def test_waiting_work_gets_many_threads_and_chunks_of_one() -> None:
+    """200 x 10 ms at 99% wait: threads, at least 32 of them, one item per task."""
+    r = _plan(_waiting())
+    assert (r.backend, r.chunksize) == ("threads", 1)
+    assert r.n_jobs >= 32
+
+
+def test_waiting_work_can_get_more_threads_than_64() -> None:
+    """With cheap threads, the items left run in one wave: far more threads than 64."""
+    cheap = _facts(thread_startup_s=1e-5, thread_roundtrip_s=2e-6)
+    r = _plan(_waiting(wait=0.997), system=cheap)
+    assert (r.backend, r.n_jobs, r.chunksize) == ("threads", 199, 1)
+
+
+def test_cold_thread_start_up_is_priced() -> None:
+    """Expensive thread start-up (a cold pool) buys fewer threads; a warm pool is free."""
+    cheap = _plan(_waiting(), system=_facts(thread_startup_s=1e-5))
+    dear = _plan(_waiting(), system=_facts(thread_startup_s=1e-3))
+    assert dear.backend == "threads" and dear.n_jobs < cheap.n_jobs
+    warm = _plan(_waiting(), system=_facts(thread_startup_s=1e-3), warm_threads=dear.n_jobs)
+    assert warm.estimated_seconds.chosen < dear.estimated_seconds.chosen
+
+
+def test_measured_task_cost_sets_the_chunk_size() -> None:
+    """Chunks of one while a task costs little beside an item; bigger when it does not."""
+    job = _waiting(n_items=2000, mean=1e-3, wait=0.999)
+    assert _plan(job, system=_facts(thread_roundtrip_s=2e-6)).chunksize == 1
+    slow = _plan(job, system=_facts(thread_roundtrip_s=2e-4))
+    assert slow.backend == "threads" and slow.chunksize > 1
+
+
+def test_the_gil_share_of_waiting_work_limits_threads() -> None:
+    """Waiting work that holds the GIL 20% of the time gains at most ~5x from threads."""
+    r = _plan(_waiting(wait=0.8), allowed=("serial", "threads"))
+    assert r.backend == "threads" and r.estimated_speedup < 1.0 / 0.2
+
+
+def _gil_free(overlap: float, **kw: Any) -> Profile:
+    """2,000 CPU-bound items of 300 us with 16 KB inputs (zlib-like), ``overlap`` measured."""
+    kb16 = 16.0 * 1024
+    kw = {"in_bytes": kb16, "in_dump_seconds": 4e-6, "in_load_seconds": 4e-6,
+          "mem_per_item": kb16, **kw}
+    return _profile(3e-4, 2000, n_sampled=40, thread_overlap=overlap, **kw)
+
+
+@pytest.mark.parametrize("overlap", [0.0, math.nan])
+def test_work_holding_the_gil_never_goes_to_threads(overlap: float) -> None:
+    """Overlap 0 (or unprobed): processes or serial, never threads."""
+    r = _plan(_gil_free(overlap))
+    assert r.backend == "processes"
+    assert _plan(_gil_free(overlap), allowed=("serial", "threads")).backend == "serial"
+
+
+def test_gil_releasing_work_goes_to_threads() -> None:
+    """Overlap 1: threads beat processes (no pickling, no start-up), on the usable cores."""
+    r = _plan(_gil_free(1.0))
+    assert (r.backend, r.n_jobs) == ("threads", 2)
+    assert "overlapped 100%" in r.reason
+    procs = [c for c in r.alternatives if c.backend == "processes"]
+    assert procs and procs[0].seconds > r.estimated_seconds.chosen
+
+
+def test_partly_gil_releasing_work_goes_to_the_faster_backend() -> None:
+    """Overlap 0.3: threads would gain 1.2x at best, processes ~2x: processes."""
+    r = _plan(_gil_free(0.3))
+    assert r.backend == "processes"
+    threads = [c for c in r.alternatives if c.backend == "threads"]
+    assert threads and threads[0].speedup < r.estimated_speedup
+
+
+def test_unpicklable_gil_releasing_work_goes_to_threads() -> None:
+    """A function that cannot travel still runs in parallel when it releases the GIL."""
+    err = "the function cannot be pickled"
+    r = _plan(_gil_free(0.9, func_picklable=False, pickle_error=err))
+    assert r.backend == "threads"
+    serial = _plan(_gil_free(0.0, func_picklable=False, pickle_error=err))
+    assert serial.backend == "serial" and "overlapped 0%" in serial.reason
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 1.0])
+def test_thread_model_reproduces_the_probe(overlap: float) -> None:
+    """Two CPU-bound items on two threads take (2 - overlap) item times, as probed."""
+    w = _workload(n_items=2.0, t_mean=1e-2, t_max=1e-2, thread_overlap=overlap)
+    m = _machine(thread_startup_s=0.0, thread_roundtrip_s=0.0, parent_item_s=0.0)
+    expected = (2.0 - overlap) * 1e-2
+    contention = 2 * (1.0 - overlap) * 1e-2 * 0.10  # the GIL's hand-offs, per item
+    assert model_thread_seconds(w, m, 2, 1) == pytest.approx(expected + contention)
+
+
+def test_gil_free_threads_are_bound_by_the_cores() -> None:
+    """Fully GIL-free CPU work gains no more than the usable cores from more threads."""
+    w = _workload(thread_overlap=1.0)
+    assert model_thread_seconds(w, _machine(), 64, 16) >= model_serial_seconds(w) / 2
+
+
 def test_sampling_tells_sleeping_from_working() -> None:
     """The real sample of a sleeping function measures it as waiting (CPU time, not speed)."""
     assert optimize(nap, range(1000), sample_size=3).profile.wait_fraction > 0.5
@@ -406,6 +506,7 @@ def _workload(**kw: float) -> dict[str, float]:
         "n_items": 1000.0, "t_mean": 1e-3, "t_std": 0.0, "t_max": 1e-3, "cpu_fraction": 1.0,
         "in_bytes": 30.0, "out_bytes": 30.0, "in_dump_s": 1e-7, "in_load_s": 1e-7,
         "out_dump_s": 1e-7, "out_load_s": 1e-7, "mem_per_item": 100.0, "func_bytes": 50.0,
+        "thread_overlap": 0.0,
     }
     w.update(kw)
     return w
@@ -416,7 +517,7 @@ def _machine(**kw: float) -> dict[str, float]:
         "cores": 2.0, "proc_startup_s": 5e-3, "proc_startup_per_worker_s": 2e-3,
         "warm_workers": 0.0, "proc_roundtrip_s": 5e-5, "per_byte_s": 2e-9,
         "parent_item_s": 2e-7, "worker_rss": 2e7, "available_memory": 8e9,
-        "thread_startup_s": 1e-4, "thread_roundtrip_s": 5e-5,
+        "thread_startup_s": 1e-4, "thread_roundtrip_s": 5e-5, "warm_threads": 0.0,
     }
     m.update(kw)
     return m

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import pickle
 import subprocess
 import sys
@@ -406,3 +407,87 @@ def test_main_function_that_cannot_travel_is_sampled_and_run_here(tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-2000:]
     picklable, correct, backend = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not picklable and correct and backend != "processes"
+
+
+# --------------------------------------------------------------------------- the two-thread probe
+def python_loop(x: int) -> int:
+    """Pure-Python CPU work (holds the GIL), a few hundred microseconds."""
+    s = 0
+    for i in range(10_000):
+        s += i
+    return s + x
+
+
+class Recorder:
+    """``python_loop`` that records which thread ran which item."""
+
+    def __init__(self, fail_off_main: bool = False) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.fail_off_main = fail_off_main
+
+    def __call__(self, x: int) -> int:
+        self.calls.append((x, threading.get_ident()))
+        if self.fail_off_main and threading.current_thread() is not threading.main_thread():
+            msg = f"item {x} off the main thread"
+            raise RuntimeError(msg)
+        return python_loop(x)
+
+
+def test_probe_runs_two_threads_and_keeps_every_result() -> None:
+    """Probed items ran once each, on two threads; results stay a prefix, data intact."""
+    rec = Recorder()
+    s = sample(rec, range(5000), cores=2, probe_threads=True)
+    p = s.profile
+    assert 0.0 <= p.thread_overlap <= 1.0
+    assert len({ident for _, ident in rec.calls}) == 2
+    assert sorted(x for x, _ in rec.calls) == list(range(p.n_sampled))
+    assert s.results == tuple(python_loop(x) for x in range(p.n_sampled))
+    assert p.n_sampled > len(p.item_seconds) and p.in_caller == p.n_sampled
+    assert list(s.data) == list(range(5000))
+
+
+def test_probe_sees_that_python_holds_the_gil() -> None:
+    """A pure-Python loop never looks GIL-free (a busy machine only lowers the reading)."""
+    assert sample(python_loop, range(5000), cores=2, probe_threads=True).profile.thread_overlap < 0.5
+
+
+@pytest.mark.parametrize(
+    ("func", "kw"),
+    [
+        (python_loop, {"probe_threads": False}),
+        (python_loop, {"sample_size": 20}),
+        (python_loop, {"cores": 1.0}),
+        (short_sleep, {}),  # known to wait: threads overlap it anyway
+        (double, {}),  # too small for threads to pay
+    ],
+)
+def test_probe_only_where_it_can_tell_something(func: Any, kw: dict[str, Any]) -> None:
+    """No probe unless asked, for a fixed sample, on one core, for waiting or tiny items."""
+    kw = {"cores": 2.0, "probe_threads": True, **kw}
+    assert math.isnan(sample(func, range(5000), **kw).profile.thread_overlap)
+
+
+def test_probe_is_skipped_when_few_items_are_left() -> None:
+    """A probe must cost little beside the run: not on a short job."""
+    p = sample(python_loop, range(12), cores=2, probe_threads=True).profile
+    assert math.isnan(p.thread_overlap) and p.n_sampled == len(p.item_seconds)
+
+
+def test_probe_failure_stops_the_sample_there() -> None:
+    """A failure on the probe's second thread ends the sample at that item, as in a run."""
+    rec = Recorder(fail_off_main=True)
+    s = sample(rec, range(5000), cores=2, probe_threads=True)
+    p = s.profile
+    assert p.stopped_on_error and p.error_index == p.n_sampled
+    assert isinstance(p.error, RuntimeError) and math.isnan(p.thread_overlap)
+    assert s.results == tuple(python_loop(x) for x in range(p.n_sampled))
+    assert list(s.data) == list(range(5000))
+
+
+def test_probe_failures_are_data_points_when_keeping_going() -> None:
+    """With keep_going every probed item keeps its slot: the failures as SampledFailure."""
+    rec = Recorder(fail_off_main=True)
+    s = sample(rec, range(5000), cores=2, probe_threads=True, keep_going=True)
+    failed = [k for k, r in enumerate(s.results) if type(r) is SampledFailure]
+    assert failed and s.profile.n_failed == len(failed)
+    assert sorted(x for x, _ in rec.calls) == list(range(s.profile.n_sampled))

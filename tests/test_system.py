@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,3 +323,11 @@ def test_available_cpus_is_the_affinity_mask() -> None:
         pytest.skip("no CPU affinity on this platform")
     assert system.available_cpus() == len(os.sched_getaffinity(0))
     assert 1.0 <= system._usable_cores() <= system.available_cpus()
+
+
+def test_thread_pool_costs_are_measured_as_the_backend_pays_them() -> None:
+    """Thread start-up and per-task cost come from a real pool, and leave no thread."""
+    before = threading.active_count()
+    facts = system._measure_threads()
+    assert 0 < facts["thread_startup_s"] < 1.0 and 0 < facts["thread_roundtrip_s"] < 1.0
+    assert threading.active_count() == before

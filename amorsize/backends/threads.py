@@ -6,10 +6,11 @@ the GIL means this helps only when ``func`` waits (I/O, sleeps) or releases the 
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from amorsize.backends._wire import TaskFeed
@@ -100,17 +101,22 @@ class ThreadsBackend(Backend):
         pool = self._acquire(n_jobs)
         limit = max(1, min(max_in_flight, 2 * n_jobs))
         pending: dict[Future[list[Outcome] | OkValues], Task] = {}
+        # Finished futures arrive here from their threads: waiting on one queue costs the
+        # same with 2 or 200 tasks in flight (``concurrent.futures.wait`` hooks a waiter
+        # onto every pending future on every call: ~50 us a task with 200 in flight).
+        finished: queue.SimpleQueue[Future[list[Outcome] | OkValues]] = queue.SimpleQueue()
         feed = TaskFeed(tasks)
         try:
             while True:
                 while len(pending) < limit and (task := feed.pull()) is not None:
-                    pending[pool.submit(_run_local, func, task.items)] = task
+                    fut = pool.submit(_run_local, func, task.items)
+                    pending[fut] = task
+                    fut.add_done_callback(finished.put)
                 if not pending:
                     feed.finish()
                     return
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield pending.pop(fut), fut.result()
+                fut = finished.get()
+                yield pending.pop(fut), fut.result()
         finally:
             for fut in pending:
                 fut.cancel()
