@@ -1,0 +1,133 @@
+"""Chunk sizes during a parallel run: the sampled model, corrected as chunks complete.
+
+The optimizer picks a chunk size from a few sampled items. Two things it cannot know then:
+
+* **the end of the run.** Equal chunks leave workers idle while the last ones finish; so,
+  factoring-style (guided self-scheduling), no chunk holds more than
+  ``remaining / (TAIL_FACTOR * n_jobs)`` items, and the last chunks finish together;
+* **the real item time.** Items that turn out far slower or faster than sampled (a skewed
+  input, a warm cache, a slow phase) would keep a chunk size planned for other work; so
+  the measured per-item time (an exponentially weighted mean over completed chunks, per-task
+  overhead taken off) rescales the chunk size once it is off by more than ``REPLAN_RATIO``,
+  keeping a chunk's planned duration.
+
+Chunks never shrink below the size that keeps per-task overhead under ``MAX_OVERHEAD`` of
+the work (or the planned size, if that is smaller: the plan knew better), nor grow beyond
+``GROWTH`` times the planned size (memory in flight stays bounded). Pure arithmetic: no
+clock, no I/O; the executor passes measured seconds in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["ChunkSizer", "Replan"]
+
+# Chunks of the tail hold at most remaining / (TAIL_FACTOR * n_jobs) items: with two
+# rounds per worker of what is left, the last chunks are small enough to finish together.
+TAIL_FACTOR = 2
+# Per-task overhead may cost at most this share of a chunk's work.
+MAX_OVERHEAD = 0.03
+# Weight kept by the previous per-item estimate at each completed chunk (~5 chunks' memory).
+DECAY = 0.8
+# Re-plan only when the measured per-item time is off by more than this factor: closer than
+# that, the planned size is near its optimum and measurement noise would only churn it.
+REPLAN_RATIO = 2.0
+# Chunks grow at most this many times the planned size when items turn out faster.
+GROWTH = 4
+
+
+@dataclass(frozen=True)
+class Replan:
+    """One change of chunk size during a run, and why."""
+
+    after_items: int
+    expected_seconds: float
+    measured_seconds: float
+    old_size: int
+    new_size: int
+
+    def __str__(self) -> str:
+        return (
+            f"after {self.after_items} items: {self.measured_seconds * 1e3:.3g} ms per item, "
+            f"not {self.expected_seconds * 1e3:.3g} ms: chunksize {self.old_size} -> "
+            f"{self.new_size}"
+        )
+
+
+class ChunkSizer:
+    """The size of the next chunk of a parallel run (see the module docstring).
+
+    ``chunksize`` and ``n_jobs`` are the plan's, ``item_seconds`` the sampled time per item
+    (0 if unknown), ``task_seconds`` the backend's cost per task (a round trip).
+
+    >>> s = ChunkSizer(100, 2, item_seconds=1e-3, task_seconds=1e-4)
+    >>> s.next_size(None), s.next_size(1000), s.next_size(40)
+    (100, 100, 10)
+    """
+
+    __slots__ = (
+        "_items", "_seconds", "basis", "chunks", "floor_items", "largest", "limit", "n_jobs",
+        "observations", "observed_items", "planned", "replans", "size", "smallest",
+        "task_seconds",
+    )  # fmt: skip
+
+    def __init__(
+        self, chunksize: int, n_jobs: int, *, item_seconds: float, task_seconds: float
+    ) -> None:
+        self.planned = self.size = max(1, chunksize)
+        self.n_jobs = max(1, n_jobs)
+        self.limit = GROWTH * self.planned
+        # The per-item time the current size is based on (0: unknown, adopt the first measure).
+        self.basis = max(0.0, item_seconds)
+        self.task_seconds = max(0.0, task_seconds)
+        self.floor_items = self._floor(self.basis)
+        self.replans: list[Replan] = []
+        self.chunks = self.observations = self.observed_items = 0
+        self.smallest = self.largest = 0
+        self._items = self._seconds = 0.0
+
+    def _floor(self, item_seconds: float) -> int:
+        """The smallest chunk whose per-task overhead stays under ``MAX_OVERHEAD``."""
+        if item_seconds <= 0.0:
+            return self.planned
+        need = math.ceil(self.task_seconds / (MAX_OVERHEAD * item_seconds))
+        return max(1, min(self.planned, need))
+
+    def next_size(self, remaining: int | None) -> int:
+        """Items in the next chunk; ``remaining`` is what is left to cut (None: unknown)."""
+        size = self.size
+        if remaining is not None:
+            tail = math.ceil(remaining / (TAIL_FACTOR * self.n_jobs))
+            size = max(1, min(size, max(self.floor_items, tail), remaining))
+        self.chunks += 1
+        self.smallest = size if self.chunks == 1 else min(self.smallest, size)
+        self.largest = max(self.largest, size)
+        return size
+
+    def observe(self, items: int, seconds: float) -> None:
+        """A chunk of ``items`` took ``seconds`` of a worker's time (overhead included)."""
+        if items <= 0:
+            return
+        self.observations += 1
+        self.observed_items += items
+        self._items = DECAY * self._items + items
+        self._seconds = DECAY * self._seconds + max(0.0, seconds - self.task_seconds)
+        measured = self._seconds / self._items
+        if self.basis <= 0.0:
+            self.basis = measured
+            self.floor_items = self._floor(measured)
+            return
+        # Wait for a couple of chunks per worker: the first completions carry start-up noise.
+        if self.observations < 2 * self.n_jobs or measured <= 0.0:
+            return
+        ratio = measured / self.basis
+        if 1.0 / REPLAN_RATIO <= ratio <= REPLAN_RATIO:
+            return
+        new = max(1, min(self.limit, round(self.size / ratio)))
+        self.floor_items = self._floor(measured)
+        if new != self.size:
+            self.replans.append(Replan(self.observed_items, self.basis, measured, self.size, new))
+            self.size = new
+        self.basis = measured
