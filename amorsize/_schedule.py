@@ -29,7 +29,9 @@ __all__ = ["ChunkSizer", "Replan"]
 TAIL_FACTOR = 2
 # Per-task overhead may cost at most this share of a chunk's work.
 MAX_OVERHEAD = 0.03
-# Weight kept by the previous per-item estimate at each completed chunk (~5 chunks' memory).
+# Weight kept by the previous per-item estimate at each completed chunk, for 2 workers (~5
+# chunks' memory); more workers remember more chunks (2 per worker), since their completions
+# arrive in bursts that a short memory would read as items far faster or slower than they are.
 DECAY = 0.8
 # Re-plan only when the measured per-item time is off by more than this factor: closer than
 # that, the planned size is near its optimum and measurement noise would only churn it.
@@ -61,6 +63,8 @@ class ChunkSizer:
 
     ``chunksize`` and ``n_jobs`` are the plan's, ``item_seconds`` the sampled time per item
     (0 if unknown), ``task_seconds`` the backend's cost per task (a round trip).
+    ``grow=False`` keeps every chunk at most the planned size (a bound that depends on it,
+    such as an ordered reorder window, stays true).
 
     >>> s = ChunkSizer(100, 2, item_seconds=1e-3, task_seconds=1e-4)
     >>> s.next_size(None), s.next_size(1000), s.next_size(40)
@@ -68,17 +72,24 @@ class ChunkSizer:
     """
 
     __slots__ = (
-        "_items", "_seconds", "basis", "chunks", "floor_items", "largest", "limit", "n_jobs",
-        "observations", "observed_items", "planned", "replans", "size", "smallest",
+        "_items", "_seconds", "basis", "chunks", "decay", "floor_items", "largest", "limit",
+        "n_jobs", "observations", "observed_items", "planned", "replans", "size", "smallest",
         "task_seconds",
     )  # fmt: skip
 
     def __init__(
-        self, chunksize: int, n_jobs: int, *, item_seconds: float, task_seconds: float
+        self,
+        chunksize: int,
+        n_jobs: int,
+        *,
+        item_seconds: float,
+        task_seconds: float,
+        grow: bool = True,
     ) -> None:
         self.planned = self.size = max(1, chunksize)
         self.n_jobs = max(1, n_jobs)
-        self.limit = GROWTH * self.planned
+        self.limit = GROWTH * self.planned if grow else self.planned
+        self.decay = max(DECAY, 1.0 - 1.0 / (1 + 2 * self.n_jobs))
         # The per-item time the current size is based on (0: unknown, adopt the first measure).
         self.basis = max(0.0, item_seconds)
         self.task_seconds = max(0.0, task_seconds)
@@ -112,8 +123,8 @@ class ChunkSizer:
             return
         self.observations += 1
         self.observed_items += items
-        self._items = DECAY * self._items + items
-        self._seconds = DECAY * self._seconds + max(0.0, seconds - self.task_seconds)
+        self._items = self.decay * self._items + items
+        self._seconds = self.decay * self._seconds + max(0.0, seconds - self.task_seconds)
         measured = self._seconds / self._items
         if self.basis <= 0.0:
             self.basis = measured

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import sys
+import time
 
+import cloudpickle
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from amorsize import RunReport, execute, execute_iter
+from amorsize import executor as executor_module
 from amorsize._schedule import GROWTH, ChunkSizer
+from amorsize.sampling import MAX_SAMPLE_ITEMS
+from amorsize.system import get_system_info
+
+# Spawned and forkserver workers cannot import this file (importlib mode): ship by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 _PLANS = st.tuples(
     st.integers(min_value=1, max_value=500),  # planned chunk size
@@ -89,6 +101,14 @@ def test_faster_items_grow_chunks_within_bounds():
     assert sizer.next_size(None) == GROWTH * 10
 
 
+def test_no_growth_when_asked():
+    """grow=False: faster items never make chunks bigger than planned."""
+    sizer = ChunkSizer(10, 2, item_seconds=1e-2, task_seconds=0.0, grow=False)
+    for _ in range(8):
+        sizer.observe(10, 10 * 1e-4)
+    assert sizer.next_size(None) == 10
+
+
 def test_noise_within_the_ratio_keeps_the_plan():
     """Measured times within 2x of the sample do not re-plan."""
     sizer = ChunkSizer(50, 2, item_seconds=1e-3, task_seconds=0.0)
@@ -121,3 +141,81 @@ def test_empty_observation_is_ignored():
     sizer = ChunkSizer(5, 1, item_seconds=1e-3, task_seconds=0.0)
     sizer.observe(0, 1.0)
     assert sizer.observations == 0
+
+
+# --------------------------------------------------------------------------- in execute
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def slow_after_sample(x: int) -> int:
+    """Instant for every item sampling can see, then 1 ms: far slower than sampled."""
+    if x >= MAX_SAMPLE_ITEMS + 100:
+        time.sleep(0.001)
+    return x
+
+
+@pytest.fixture
+def free_tasks(monkeypatch):
+    """Machine facts with tasks that cost nothing: the tail's chunks may shrink to 1 item."""
+    facts = dataclasses.replace(get_system_info(), thread_roundtrip_s=0.0, process_roundtrip_s=0.0)
+    monkeypatch.setattr(executor_module, "get_system_info", lambda: facts)
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+@pytest.mark.parametrize("kind", ["list", "generator", "checkpoint"])
+def test_adaptive_chunks_run_every_item_once_in_order(backend, kind, tmp_path, free_tasks):
+    """Chunks cut by the sizer cover every item once: lists, generators, checkpoint segments."""
+    data = list(range(3_000))
+    feed = (x for x in data) if kind == "generator" else data
+    extra = {"checkpoint": tmp_path / "c.db"} if kind == "checkpoint" else {}
+    results, report = execute(square, feed, backend=backend, n_jobs=2, return_plan=True, **extra)
+    assert results == [x * x for x in data]
+    assert report.chunk_sizes is not None
+    lo, hi = report.chunk_sizes
+    assert 1 <= lo <= hi <= GROWTH * report.chunksize
+
+
+def test_tail_chunks_shrink_in_a_run(free_tasks):
+    """A run of known length ends with one-item chunks when tasks cost nothing."""
+    _, report = execute(square, range(5_000), backend="threads", n_jobs=2, return_plan=True)
+    assert report.chunk_sizes is not None
+    assert report.chunk_sizes[0] == 1
+    assert "smaller toward the end" in str(report)
+
+
+def test_items_slower_than_sampled_replan(free_tasks):
+    """Items 1 ms where sampling saw instant ones: the report names the re-plan and why."""
+    data = range(MAX_SAMPLE_ITEMS + 300)
+    results, report = execute(
+        slow_after_sample, data, backend="threads", n_jobs=2, return_plan=True
+    )
+    assert results == list(data)
+    assert report.replans, str(report)
+    assert "per item, not" in report.replans[0]
+    assert "re-planned" in str(report)
+
+
+def test_ordered_iter_never_grows_chunks(free_tasks):
+    """execute_iter(ordered=True) with adaptive chunks (never above the plan's) keeps order."""
+    got = list(execute_iter(square, iter(range(3_000)), backend="threads", n_jobs=2))
+    assert got == [x * x for x in range(3_000)]
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"), [("serial", {}), ("threads", {"chunksize": 7, "n_jobs": 2})]
+)
+def test_fixed_chunks_stay_fixed(backend, options):
+    """Serial plans and a caller's chunk size keep the plan's chunks: no sizes to report."""
+    _, report = execute(square, range(500), backend=backend, return_plan=True, **options)
+    assert (report.chunk_sizes, report.replans) == (None, [])
+    assert "chunks:" not in str(report)
+
+
+def test_report_without_replans_says_so():
+    """The report's chunk line counts re-plans even when there were none."""
+    report = RunReport("threads", 2, 10, "why", chunk_sizes=(1, 10))
+    assert "chunks: 1-10 items" in str(report)
+    assert "re-planned 0 times)" in str(report)
