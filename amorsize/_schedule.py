@@ -8,8 +8,13 @@ The optimizer picks a chunk size from a few sampled items. Two things it cannot 
 * **the real item time.** Items that turn out far slower or faster than sampled (a skewed
   input, a warm cache, a slow phase) would keep a chunk size planned for other work; so
   the measured per-item time (an exponentially weighted mean over completed chunks, per-task
-  overhead taken off) rescales the chunk size once it is off by more than ``REPLAN_RATIO``,
-  keeping a chunk's planned duration.
+  overhead taken off) corrects the plan once it is off by more than ``REPLAN_RATIO``.
+  Slower items shrink chunks to the planned duration, but only when the run's length is
+  unknown: with a known length the tail already balances the end, and smaller chunks would
+  only add per-task overhead. Faster items grow chunks only as far as per-task overhead
+  needs (at most ``MAX_OVERHEAD`` of a chunk's work): bigger chunks would unbalance the end.
+  A new size is taken only when both the measure and the size moved by ``REPLAN_RATIO``
+  since the last change, so noise (a skewed input) does not churn it.
 
 Chunks never shrink below the size that keeps per-task overhead under ``MAX_OVERHEAD`` of
 the work (or the planned size, if that is smaller: the plan knew better), nor grow beyond
@@ -29,10 +34,10 @@ __all__ = ["ChunkSizer", "Replan"]
 TAIL_FACTOR = 2
 # Per-task overhead may cost at most this share of a chunk's work.
 MAX_OVERHEAD = 0.03
-# Weight kept by the previous per-item estimate at each completed chunk, for 2 workers (~5
-# chunks' memory); more workers remember more chunks (2 per worker), since their completions
+# Weight kept by the previous per-item estimate at each completed chunk, for 2 workers (~9
+# chunks' memory); more workers remember more chunks (4 per worker), since their completions
 # arrive in bursts that a short memory would read as items far faster or slower than they are.
-DECAY = 0.8
+DECAY = 8 / 9
 # Re-plan only when the measured per-item time is off by more than this factor: closer than
 # that, the planned size is near its optimum and measurement noise would only churn it.
 REPLAN_RATIO = 2.0
@@ -72,8 +77,8 @@ class ChunkSizer:
     """
 
     __slots__ = (
-        "_items", "_seconds", "basis", "chunks", "decay", "floor_items", "largest", "limit",
-        "n_jobs", "observations", "observed_items", "planned", "replans", "size", "smallest",
+        "_items", "_seconds", "basis", "chunks", "decay", "floor_items", "known_length", "largest", "limit",
+        "n_jobs", "observations", "observed_items", "planned", "replans", "sampled", "size", "smallest",
         "task_seconds",
     )  # fmt: skip
 
@@ -89,9 +94,10 @@ class ChunkSizer:
         self.planned = self.size = max(1, chunksize)
         self.n_jobs = max(1, n_jobs)
         self.limit = GROWTH * self.planned if grow else self.planned
-        self.decay = max(DECAY, 1.0 - 1.0 / (1 + 2 * self.n_jobs))
+        self.decay = max(DECAY, 1.0 - 1.0 / (1 + 4 * self.n_jobs))
         # The per-item time the current size is based on (0: unknown, adopt the first measure).
-        self.basis = max(0.0, item_seconds)
+        self.basis = self.sampled = max(0.0, item_seconds)
+        self.known_length: bool | None = None
         self.task_seconds = max(0.0, task_seconds)
         self.floor_items = self._floor(self.basis)
         self.replans: list[Replan] = []
@@ -99,16 +105,22 @@ class ChunkSizer:
         self.smallest = self.largest = 0
         self._items = self._seconds = 0.0
 
+    def _overhead_bound(self, item_seconds: float) -> int:
+        """Items a chunk needs for per-task overhead to stay under ``MAX_OVERHEAD``."""
+        if item_seconds <= 0.0:
+            return self.limit if self.task_seconds > 0.0 else 1
+        return max(1, math.ceil(self.task_seconds / (MAX_OVERHEAD * item_seconds)))
+
     def _floor(self, item_seconds: float) -> int:
-        """The smallest chunk whose per-task overhead stays under ``MAX_OVERHEAD``."""
+        """The smallest chunk the tail cuts: overhead-bound, never above the plan."""
         if item_seconds <= 0.0:
             return self.planned
-        need = math.ceil(self.task_seconds / (MAX_OVERHEAD * item_seconds))
-        return max(1, min(self.planned, need))
+        return min(self.planned, self._overhead_bound(item_seconds))
 
     def next_size(self, remaining: int | None) -> int:
         """Items in the next chunk; ``remaining`` is what is left to cut (None: unknown)."""
         size = self.size
+        self.known_length = remaining is not None
         if remaining is not None:
             tail = math.ceil(remaining / (TAIL_FACTOR * self.n_jobs))
             size = max(1, min(size, max(self.floor_items, tail), remaining))
@@ -126,19 +138,31 @@ class ChunkSizer:
         self._items = self.decay * self._items + items
         self._seconds = self.decay * self._seconds + max(0.0, seconds - self.task_seconds)
         measured = self._seconds / self._items
-        if self.basis <= 0.0:
-            self.basis = measured
+        if self.sampled <= 0.0:
+            self.sampled = self.basis = measured
             self.floor_items = self._floor(measured)
             return
         # Wait for a couple of chunks per worker: the first completions carry start-up noise.
-        if self.observations < 2 * self.n_jobs or measured <= 0.0:
+        if self.observations < 2 * self.n_jobs:
             return
-        ratio = measured / self.basis
-        if 1.0 / REPLAN_RATIO <= ratio <= REPLAN_RATIO:
-            return
-        new = max(1, min(self.limit, round(self.size / ratio)))
+        if self.basis > 0.0 and measured > 0.0:
+            moved = measured / self.basis
+            if 1.0 / REPLAN_RATIO <= moved <= REPLAN_RATIO:
+                return
+        self._replan(measured)
+
+    def _replan(self, measured: float) -> None:
+        """Rescale the planned size to ``measured`` seconds per item, if far enough off."""
+        ratio = measured / self.sampled
+        target = self.planned
+        if ratio > REPLAN_RATIO and self.known_length is False:
+            target = max(self._floor(measured), round(self.planned / ratio))
+        elif ratio < 1.0 / REPLAN_RATIO:
+            need = self._overhead_bound(measured)
+            target = max(self.planned, need)
+        target = max(1, min(self.limit, target))
+        if max(target, self.size) < REPLAN_RATIO * min(target, self.size):
+            return  # close to the current size: keep it (no churn on noise)
         self.floor_items = self._floor(measured)
-        if new != self.size:
-            self.replans.append(Replan(self.observed_items, self.basis, measured, self.size, new))
-            self.size = new
-        self.basis = measured
+        self.replans.append(Replan(self.observed_items, self.basis, measured, self.size, target))
+        self.size, self.basis = target, measured

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sys
+import threading
 import time
 
 import cloudpickle
@@ -12,10 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amorsize import RunReport, execute, execute_iter
+from amorsize import RunObserver, RunReport, execute, execute_iter
 from amorsize import executor as executor_module
 from amorsize._schedule import GROWTH, ChunkSizer
-from amorsize.sampling import MAX_SAMPLE_ITEMS
 from amorsize.system import get_system_info
 
 # Spawned and forkserver workers cannot import this file (importlib mode): ship by value.
@@ -80,32 +80,49 @@ def test_tail_stops_at_the_overhead_floor():
     assert min(sizes[:-1]) == 34
 
 
-@given(st.sampled_from([None, 10_000]))
-def test_slower_items_than_sampled_shrink_chunks(remaining):
-    """Items 10x slower than sampled: the chunk size drops ~10x, once, and says why."""
+def test_slower_items_than_sampled_shrink_chunks_of_unknown_length():
+    """Items 10x slower than sampled, length unknown: chunks drop ~10x, once, and say why."""
     sizer = ChunkSizer(100, 2, item_seconds=1e-4, task_seconds=0.0)
     for _ in range(6):
-        sizer.observe(sizer.next_size(remaining), 100 * 1e-3)
+        sizer.observe(sizer.next_size(None), 100 * 1e-3)
     assert sizer.size == 10
     [replan] = sizer.replans
     assert (replan.old_size, replan.new_size) == (100, 10)
     assert "1 ms per item, not 0.1 ms: chunksize 100 -> 10" in str(replan)
 
 
-def test_faster_items_grow_chunks_within_bounds():
-    """Items 100x faster than sampled: chunks grow, at most GROWTH times the plan."""
-    sizer = ChunkSizer(10, 2, item_seconds=1e-2, task_seconds=0.0)
+def test_slower_items_keep_the_plan_when_the_tail_balances():
+    """Known length: slower items keep the planned size (the tail shrinks chunks anyway)."""
+    sizer = ChunkSizer(100, 2, item_seconds=1e-4, task_seconds=0.0)
+    for _ in range(6):
+        sizer.observe(sizer.next_size(100_000), 100 * 1e-3)
+    assert (sizer.size, sizer.replans) == (100, [])
+
+
+def test_replans_do_not_churn_on_noise():
+    """A skewed run (one chunk in five 20x slower) settles on one size, not a flip-flop."""
+    sizer = ChunkSizer(50, 2, item_seconds=1e-4, task_seconds=0.0)
+    for k in range(200):
+        size = sizer.next_size(None)
+        sizer.observe(size, size * (2e-3 if k % 5 == 0 else 1e-4))
+    assert len(sizer.replans) <= 1
+
+
+@pytest.mark.parametrize(("task_s", "size"), [(0.0, 10), (1e-4, 34), (1e-3, GROWTH * 10)])
+def test_faster_items_grow_chunks_as_far_as_overhead_needs(task_s, size):
+    """Items 100x faster than sampled: chunks grow until per-task overhead is under 3 %
+    of the work, at most GROWTH times the plan (free tasks: no need to grow)."""
+    sizer = ChunkSizer(10, 2, item_seconds=1e-2, task_seconds=task_s)
     for _ in range(8):
-        sizer.observe(10, 10 * 1e-4)
-    assert sizer.size == GROWTH * 10
-    assert sizer.next_size(None) == GROWTH * 10
+        sizer.observe(10, 10 * 1e-4 + task_s)
+    assert sizer.next_size(None) == size
 
 
 def test_no_growth_when_asked():
     """grow=False: faster items never make chunks bigger than planned."""
-    sizer = ChunkSizer(10, 2, item_seconds=1e-2, task_seconds=0.0, grow=False)
+    sizer = ChunkSizer(10, 2, item_seconds=1e-2, task_seconds=1e-3, grow=False)
     for _ in range(8):
-        sizer.observe(10, 10 * 1e-4)
+        sizer.observe(10, 10 * 1e-4 + 1e-3)
     assert sizer.next_size(None) == 10
 
 
@@ -129,6 +146,7 @@ def test_unknown_item_time_adopts_the_first_measure():
 def test_first_completions_do_not_replan():
     """Fewer than two chunks per worker observed: start-up noise is not acted on."""
     sizer = ChunkSizer(100, 4, item_seconds=1e-4, task_seconds=0.0)
+    sizer.next_size(None)
     for _ in range(7):
         sizer.observe(100, 1.0)
     assert sizer.replans == []
@@ -150,17 +168,16 @@ def square(x: int) -> int:
     return x * x
 
 
-def slow_after_sample(x: int) -> int:
-    """Instant for every item sampling can see, then 1 ms: far slower than sampled."""
-    if x >= MAX_SAMPLE_ITEMS + 100:
-        time.sleep(0.001)
-    return x
-
-
 @pytest.fixture
 def free_tasks(monkeypatch):
     """Machine facts with tasks that cost nothing: the tail's chunks may shrink to 1 item."""
-    facts = dataclasses.replace(get_system_info(), thread_roundtrip_s=0.0, process_roundtrip_s=0.0)
+    _task_cost(monkeypatch, 0.0)
+
+
+def _task_cost(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    facts = dataclasses.replace(
+        get_system_info(), thread_roundtrip_s=seconds, process_roundtrip_s=seconds
+    )
     monkeypatch.setattr(executor_module, "get_system_info", lambda: facts)
 
 
@@ -186,13 +203,32 @@ def test_tail_chunks_shrink_in_a_run(free_tasks):
     assert "smaller toward the end" in str(report)
 
 
-def test_items_slower_than_sampled_replan(free_tasks):
-    """Items 1 ms where sampling saw instant ones: the report names the re-plan and why."""
-    data = range(MAX_SAMPLE_ITEMS + 300)
+class _AfterSampling(RunObserver):
+    """Sets ``event`` when execute hands out the sampled results (before any chunk runs)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def on_success(self, index, item, result):
+        self.event.set()
+
+
+def test_items_faster_than_sampled_replan(monkeypatch):
+    """Items that wait 2 ms while sampled and return at once afterwards, on tasks that cost
+    0.1 ms: chunks grow, and the report names the re-plan and why."""
+    _task_cost(monkeypatch, 1e-4)
+    ran = threading.Event()
+
+    def func(x):
+        if not ran.is_set():
+            time.sleep(0.002)
+        return x
+
     results, report = execute(
-        slow_after_sample, data, backend="threads", n_jobs=2, return_plan=True
-    )
-    assert results == list(data)
+        func, range(3_000), backend="threads", n_jobs=2, return_plan=True,
+        observers=[_AfterSampling(ran)],
+    )  # fmt: skip
+    assert results == list(range(3_000))
     assert report.replans, str(report)
     assert "per item, not" in report.replans[0]
     assert "re-planned" in str(report)
