@@ -13,8 +13,8 @@ The optimizer picks a chunk size from a few sampled items. Two things it cannot 
   unknown: with a known length the tail already balances the end, and smaller chunks would
   only add per-task overhead. Faster items grow chunks only as far as per-task overhead
   needs (at most ``MAX_OVERHEAD`` of a chunk's work): bigger chunks would unbalance the end.
-  A new size is taken only when both the measure and the size moved by ``REPLAN_RATIO``
-  since the last change, so noise (a skewed input) does not churn it.
+  A new size is taken only when the measure moved by more than ``REPLAN_RATIO`` since the
+  last change and the size would too, so noise (a skewed input) does not churn it.
 
 Chunks never shrink below the size that keeps per-task overhead under ``MAX_OVERHEAD`` of
 the work (or the planned size, if that is smaller: the plan knew better), nor grow beyond
@@ -161,8 +161,8 @@ class ChunkSizer:
             need = self._overhead_bound(measured)
             target = max(self.planned, need)
         target = max(1, min(self.limit, target))
-        if max(target, self.size) < REPLAN_RATIO * min(target, self.size):
-            return  # close to the current size: keep it (no churn on noise)
+        if max(target, self.size) <= REPLAN_RATIO * min(target, self.size):
+            return  # within REPLAN_RATIO of the current size: keep it (no churn on noise)
         self.floor_items = self._floor(measured)
         self.replans.append(Replan(self.observed_items, self.basis, measured, self.size, target))
         self.size, self.basis = target, measured

@@ -436,9 +436,8 @@ def _item_run(out: Outcome) -> ItemRun | None:
         # The worker died on it, or the item or its outcome could not cross the boundary.
         exc = out.value
         crashed = isinstance(exc, WorkerCrashedError)
-        return ItemRun(
-            False, exc, math.nan, attempts=out.attempts, crashed=crashed, travelled=crashed
-        )
+        return ItemRun(False, exc, math.nan, attempts=out.attempts, crashed=crashed,
+                       travelled=crashed)
     if out.value is None:
         return None  # not run: an earlier item of its batch failed
     ok, value, tb, seconds, cpu, waits, mem = out.value
@@ -446,9 +445,7 @@ def _item_run(out: Outcome) -> ItemRun | None:
     if not ok:
         value.__cause__ = RemoteTraceback(tb)
         attempts = getattr(value, "attempts", 1)
-    return ItemRun(
-        ok, value, seconds, cpu, waits, mem, attempts if isinstance(attempts, int) else 1
-    )
+    return ItemRun(ok, value, seconds, cpu, waits, mem, attempts if isinstance(attempts, int) else 1)
 
 
 def _sample_where(
@@ -517,7 +514,8 @@ def _ask_optimizer(
     # Warm workers cost no start-up, which can tip a small job towards processes (asked
     # after sampling, which may have started one).
     warm: Callable[[], int] = (
-        backend.warm_workers if isinstance(backend, Backend) else lambda: warm_workers("processes")
+        backend.warm_workers if isinstance(backend, Backend)
+        else lambda: warm_workers("processes")
     )
     return _optimize(
         func,

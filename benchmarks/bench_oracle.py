@@ -23,6 +23,9 @@ faster than ThreadPool(32).
 
 Run: ``python benchmarks/bench_oracle.py [--only a,b] [--repeats 3] [--json out.json]``
 (about three minutes on 2 cores) or ``pytest benchmarks/bench_oracle.py -m benchmark -s``.
+``--adaptive-ab N`` instead times execute with adaptive chunk sizes (issue 14, item 5)
+against the plan's fixed chunk size, interleaved N times in one process (medians): on a
+shared machine only interleaved runs compare two versions fairly.
 """
 
 from __future__ import annotations
@@ -265,6 +268,31 @@ def table(rows: list[dict[str, Any]], load: tuple[float, ...]) -> str:
     return "\n".join(lines)
 
 
+def adaptive_ab(names: list[str], repeats: int) -> None:
+    """Interleaved execute runs with and without adaptive chunk sizes; median ratio."""
+    from amorsize import executor
+
+    adaptive = dict(executor._ADAPTIVE)
+    print("| workload | fixed chunks | adaptive | adaptive / fixed | chunk sizes, re-plans |")
+    print("|---|---:|---:|---:|---|")
+    for name in names:
+        w = ISSUE14[name]
+        data = w.make_data()
+        times: dict[bool, list[float]] = {False: [], True: []}
+        sizes = ""
+        for _ in range(repeats):
+            for on in (False, True):
+                executor._ADAPTIVE = adaptive if on else {}
+                _close_warm_pools()
+                dt, (_, report) = _once(w, data, _execute, math.inf)
+                times[on].append(dt)
+                if on:
+                    sizes = f"{report.chunk_sizes}, {len(report.replans)}"
+        executor._ADAPTIVE = adaptive
+        fixed, ours = statistics.median(times[False]), statistics.median(times[True])
+        print(f"| {name} | {fixed:.3f} s | {ours:.3f} s | {ours / fixed:.2f} | {sizes} |")
+
+
 def run(names: list[str], scale: float = 1.0, repeats: int = _REPEATS) -> list[dict[str, Any]]:
     """Measure the named workloads (machine facts measured first, outside the timing)."""
     amorsize.get_system_info()
@@ -290,9 +318,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="item count multiplier")
     ap.add_argument("--repeats", type=int, default=_REPEATS)
     ap.add_argument("--json", default="", help="write the rows here")
+    ap.add_argument("--adaptive-ab", type=int, default=0, metavar="N")
     a = ap.parse_args(argv)
     names = [n for n in a.only.split(",") if n] or list(ISSUE14)
     load = os.getloadavg()
+    if a.adaptive_ab:
+        amorsize.get_system_info()
+        adaptive_ab(names, a.adaptive_ab)
+        print(f"\nLoad average at the start / end: {load} / {os.getloadavg()}")
+        return
     t = time.perf_counter()
     rows = run(names, a.scale, a.repeats)
     print(table(rows, load))
