@@ -9,8 +9,8 @@ The optimizer picks a chunk size from a few sampled items. Two things it cannot 
   input, a warm cache, a slow phase) would keep a chunk size planned for other work; so
   the measured per-item time (an exponentially weighted mean over completed chunks, per-task
   overhead taken off) corrects the plan once it is off by more than ``REPLAN_RATIO``.
-  Slower items shrink chunks to the planned duration, but only when the run's length is
-  unknown: with a known length the tail already balances the end, and smaller chunks would
+  Slower items (by more than ``SHRINK_RATIO``) shrink chunks to the planned duration, but
+  only when the run's length is unknown: with a known length the tail already balances the end, and smaller chunks would
   only add per-task overhead. Faster items grow chunks only as far as per-task overhead
   needs (at most ``MAX_OVERHEAD`` of a chunk's work): bigger chunks would unbalance the end.
   A new size is taken only when the measure moved by more than ``REPLAN_RATIO`` since the
@@ -41,6 +41,10 @@ DECAY = 8 / 9
 # Re-plan only when the measured per-item time is off by more than this factor: closer than
 # that, the planned size is near its optimum and measurement noise would only churn it.
 REPLAN_RATIO = 2.0
+# Slower items shrink chunks only when this far off: a smaller chunk costs per-task overhead
+# for sure and helps only the balance of a run of unknown length, and a loaded machine alone
+# makes items look 2-3x slower in a run than in the sample (measured on 2 cores, load 5).
+SHRINK_RATIO = 2 * REPLAN_RATIO
 # Chunks grow at most this many times the planned size when items turn out faster.
 GROWTH = 4
 
@@ -155,7 +159,7 @@ class ChunkSizer:
         """Rescale the planned size to ``measured`` seconds per item, if far enough off."""
         ratio = measured / self.sampled
         target = self.planned
-        if ratio > REPLAN_RATIO and self.known_length is False:
+        if ratio > SHRINK_RATIO and self.known_length is False:
             target = max(self._floor(measured), round(self.planned / ratio))
         elif ratio < 1.0 / REPLAN_RATIO:
             need = self._overhead_bound(measured)
