@@ -44,6 +44,7 @@ from operator import length_hint
 from typing import Any, Literal, cast, overload
 
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
+from amorsize._schedule import ChunkSizer
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.backends import BACKEND_NAMES, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
@@ -60,7 +61,7 @@ from amorsize.backends.base import (
 )
 from amorsize.backends.serial import SerialBackend
 from amorsize.sampling import ItemRun, SampledFailure, TimedCall
-from amorsize.system import available_cpus
+from amorsize.system import available_cpus, get_system_info
 
 __all__ = [
     "DispatchStoppedError",
@@ -95,6 +96,9 @@ _CHUNKS_PER_WORKER = 4
 _FALLBACK_CHUNK = 16
 
 _ON_ERROR = ("raise", "collect")
+# Backends whose chunk sizes adapt during a run (``_schedule``), with the machine fact that
+# prices one task on them. Others (dask batches its own tasks) keep the plan's size.
+_ADAPTIVE = {"threads": "thread_roundtrip_s", "processes": "process_roundtrip_s"}
 
 
 @dataclass
@@ -124,6 +128,10 @@ class RunReport:
     skipped: int = 0
     not_attempted: int = 0
     failures: list[ItemFailure] = field(default_factory=list)
+    # Smallest and largest chunk of a parallel run whose chunk sizes adapted as chunks
+    # completed (None: every chunk had the plan's size), and each change of size with why.
+    chunk_sizes: tuple[int, int] | None = None
+    replans: list[str] = field(default_factory=list)
 
     @property
     def items_per_second(self) -> float:
@@ -146,6 +154,13 @@ class RunReport:
             f"{self.skipped} from a checkpoint)",
             f"  measured: {self.wall_seconds:.4g} s, {self.items_per_second:,.0f} items/s",
         ]
+        if self.chunk_sizes is not None:
+            lo, hi = self.chunk_sizes
+            lines.append(
+                f"  chunks: {lo}-{hi} items (smaller toward the end, so the last finish "
+                f"together; re-planned {len(self.replans)} times"
+                + (f", last {self.replans[-1]})" if self.replans else ")")
+            )
         if self.predicted_seconds is not None:
             ratio = self.predicted_over_measured
             lines.append(
@@ -882,6 +897,10 @@ class _Execution:
         self.rest_func: Callable[[Any], Any] = func
         self.rest_failed = 0  # failures before the rest was handed out
         self.rest_count = 0  # items in the rest handed out so far
+        # Parallel runs: chunk sizes corrected by measured chunk times (None: fixed size).
+        self.sizer: ChunkSizer | None = None
+        self.jobs = 1  # workers the backend runs
+        self.tasks_out = 0  # tasks dispatched and not yet back
 
     def result_blocks(self) -> Iterator[tuple[int, list[Any]]]:
         """The run: ``(start, values)`` blocks of consecutive results, in completion order."""
@@ -1000,11 +1019,12 @@ class _Execution:
             # their chunks.
             func = StopOnFailure(func)
         be = self.backend = plan.backend
-        jobs = self._workers(plan.n_jobs, n_sampled)
+        jobs = self.jobs = self._workers(plan.n_jobs, n_sampled)
         n_in_flight = _IN_FLIGHT_PER_WORKER * jobs
         window = None
         if self.opts.ordered_window and be.supports_pause:
             window = (n_in_flight + _REORDER_TASKS * jobs) * plan.chunksize
+        self.sizer = self._sizer(plan, jobs, grow=window is None)
         if self.stream is None:
             chunks = self._input_chunks(it, n_sampled)
         else:
@@ -1021,25 +1041,42 @@ class _Execution:
             left = operator.length_hint(self.stream, left) + len(self.stream.handed)
         return max(1, min(planned, math.ceil(left / self.chunksize)))
 
+    def _sizer(self, plan: _Plan, jobs: int, *, grow: bool) -> ChunkSizer | None:
+        """Adaptive chunk sizes for a parallel plan whose chunk size the caller left open
+        (``grow=False``: never above the plan's, which bounds the reorder window)."""
+        fact = _ADAPTIVE.get(plan.backend.name)
+        if fact is None or self.opts.chunksize is not None:
+            return None
+        profile = getattr(plan.optimization, "profile", None)
+        item_s = float(getattr(profile, "mean_seconds", 0.0) or 0.0)
+        task_s = float(getattr(get_system_info(), fact))
+        return ChunkSizer(plan.chunksize, jobs, item_seconds=item_s, task_seconds=task_s, grow=grow)
+
     def _input_chunks(self, it: Iterator[Any], first: int) -> Iterator[tuple[int, list[Any]]]:
-        """``(start, items)`` chunks of the plan's size, read from ``it`` (index ``first`` on)."""
-        chunksize = self.chunksize
+        """``(start, items)`` chunks read from ``it`` (index ``first`` on): the plan's size,
+        or the sizer's (smaller toward the end of a known length, re-planned as they run)."""
+        sizer, total, chunksize = self.sizer, self.n_items, self.chunksize
         index = first
-        while items := list(islice(it, chunksize)):
+        while True:
+            if sizer is not None:
+                chunksize = sizer.next_size(None if total is None else total - index)
+            if not (items := list(islice(it, chunksize))):
+                return
             yield index, items
             index += len(items)
 
     def _segment_chunks(
         self, segments: Iterator[tuple[int, list[Any]]]
     ) -> Iterator[tuple[int, list[Any]]]:
-        """Runs of consecutive unknown items, cut into chunks of at most the plan's size."""
-        chunksize = self.chunksize
+        """Runs of consecutive unknown items, cut into chunks of at most the plan's size (or
+        the sizer's: the run's length is not known ahead here, so measured times only)."""
+        sizer, chunksize = self.sizer, self.chunksize
         for start, run in segments:
-            if len(run) <= chunksize:
-                yield start, run
-                continue
-            for off in range(0, len(run), chunksize):
-                yield start + off, run[off : off + chunksize]
+            off = 0
+            while off < len(run):
+                size = chunksize if sizer is None else sizer.next_size(None)
+                yield start + off, run[off : off + size]
+                off += size
 
     def _tasks(
         self, chunks: Iterator[tuple[int, list[Any]]], window: int | None
@@ -1060,6 +1097,7 @@ class _Execution:
                 ):
                     yield PAUSE
             self.dispatched += len(items)
+            self.tasks_out += 1
             yield Task(start, items)
 
     def _run_tasks(
@@ -1068,13 +1106,16 @@ class _Execution:
         """The dispatch loop: each finished task's values, and known results between them."""
         report = self.report
         assert report is not None
-        ready, bar, on_success = self.ready, self.bar, self.on_success
+        ready, bar, on_success, sizer = self.ready, self.bar, self.on_success, self.sizer
         yield from self._drain()
+        last = None  # the previous completion: the first one only starts the clock
         for task, outs in outcomes:
             if ready:
                 yield from self._drain()
             n = len(task.items)
             self.finished += n
+            if sizer is not None:
+                last = self._observe(sizer, n, last)
             if type(outs) is OkValues:
                 report.completed += n
                 for obs in on_success:
@@ -1088,6 +1129,16 @@ class _Execution:
                     bar.update(n)
                 if values:
                     yield task.start, values
+
+    def _observe(self, sizer: ChunkSizer, n: int, last: float | None) -> float:
+        """Tell the sizer what a completed chunk cost: the time since the previous completion
+        times the workers busy meanwhile is the worker time spent per completion."""
+        now = time.perf_counter()
+        busy = max(1, min(self.jobs, self.tasks_out))
+        self.tasks_out -= 1
+        if last is not None:
+            sizer.observe(n, (now - last) * busy)
+        return now
 
     def _after_tasks(self) -> Iterator[tuple[int, list[Any]]]:
         """What is left once the backend is done: known results, items never dispatched."""
@@ -1296,6 +1347,9 @@ class _Execution:
             report.skipped = self.skipped
             report.items = report.completed + report.failed + report.not_attempted
             report.wall_seconds = wall_seconds
+            if self.sizer is not None and self.sizer.chunks:
+                report.chunk_sizes = (self.sizer.smallest, self.sizer.largest)
+                report.replans = [str(r) for r in self.sizer.replans]
         if self.bar is not None:
             self.bar.close()
         try:

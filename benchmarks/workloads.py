@@ -13,13 +13,16 @@ True
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import random
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["WORKLOADS", "Workload"]
+__all__ = ["ISSUE14", "WORKLOADS", "Workload"]
 
 
 def spin(n: int) -> int:
@@ -73,6 +76,28 @@ def sleepy(x: int) -> int:
     return x
 
 
+def sleep10(x: int) -> int:
+    """10 ms waiting (an HTTP-like call), almost no CPU."""
+    time.sleep(0.01)
+    return x
+
+
+def square(x: int) -> int:
+    """~0.1 us: the smallest work a function can do."""
+    return x * x
+
+
+def pack(blob: bytes) -> tuple[int, bytes]:
+    """zlib + sha256 of a 16-200 KB blob: C code that releases the GIL."""
+    return len(zlib.compress(blob, 1)), hashlib.sha256(blob).digest()
+
+
+async def asleep20(x: int) -> int:
+    """``async def``: 20 ms awaiting (an async HTTP-like call)."""
+    await asyncio.sleep(0.02)
+    return x
+
+
 def _ints(n: int) -> list[int]:
     return list(range(n))
 
@@ -83,6 +108,20 @@ def _skewed_costs(n: int) -> list[int]:
     costs = [220_000 if rng.random() < 0.05 else 2_200 for _ in range(n)]
     rng.shuffle(costs)
     return costs
+
+
+def _bimodal_costs(n: int) -> list[int]:
+    # Two modes, shuffled with a fixed seed: 70% of items ~0.1 ms, 30% ~3 ms.
+    rng = random.Random(4321)
+    return [66_000 if rng.random() < 0.3 else 2_200 for _ in range(n)]
+
+
+def _gil_blobs(n: int) -> list[bytes]:
+    # 16-200 KB, half-compressible (random bytes repeated), fixed seed.
+    rng = random.Random(99)
+    sizes = [rng.randrange(16 << 10, 200 << 10) for _ in range(n)]
+    chunk = rng.randbytes(4096)
+    return [bytes([i % 256]) + (chunk * (s // 4096 + 1))[: s - 1] for i, s in enumerate(sizes)]
 
 
 def _blobs(n: int) -> list[bytes]:
@@ -116,5 +155,19 @@ WORKLOADS: dict[str, Workload] = {
         Workload("big_output_1mb", big_output, 400, _ints, "400 items of ~0.4 ms, 1 MB results"),
         Workload("big_input_200kb", big_input, 2_500, _blobs, "2500 items of ~0.15 ms, 200 KB inputs"),
         Workload("sleep_5ms", sleepy, 200, _ints, "200 items sleeping 5 ms"),
+    )
+}
+
+# Issue 14's suite (benchmarks/bench_oracle.py): the work people bring most often.
+ISSUE14: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("sleep_10ms", sleep10, 200, _ints, "200 items sleeping 10 ms"),
+        Workload("tiny_0.1us", square, 200_000, _ints, "200k items of x*x (~0.1 us)"),
+        Workload("gil_zlib", pack, 400, _gil_blobs, "400 zlib+sha256 of 16-200 KB (GIL released)"),
+        Workload("async_20ms", asleep20, 1_000, _ints, "1000 async def items awaiting 20 ms"),
+        Workload("generator_1ms", medium, 400, _ints, "400 items of ~1 ms from a generator"),
+        Workload("skewed", skewed, 1_000, _skewed_costs, "1000 items, 95% ~0.1 ms, 5% ~10 ms"),
+        Workload("bimodal", skewed, 400, _bimodal_costs, "400 items, 70% ~0.1 ms, 30% ~3 ms"),
     )
 }

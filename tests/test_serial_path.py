@@ -18,6 +18,23 @@ NO_WAIT = RetryPolicy(max_retries=2, initial_delay=0.0, max_delay=0.0, jitter=Fa
 N = 3000  # more than a sample of tiny items (2000): some items run after sampling
 
 
+@pytest.fixture(autouse=True)
+def _one_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-core machine: every plan is serial and every sampled item runs here, however
+    busy the real machine is (under load, tiny items can look worth a worker process)."""
+    import dataclasses
+
+    import amorsize.executor
+    import amorsize.optimizer
+    from amorsize.system import get_system_info
+
+    facts = dataclasses.replace(
+        get_system_info(), logical_cores=1, physical_cores=1, usable_cores=1.0
+    )
+    for module in (amorsize.optimizer, amorsize.executor):
+        monkeypatch.setattr(module, "get_system_info", lambda: facts)
+
+
 class Counted:
     """``x * x``, recording every call; raises on the items in ``bad``."""
 
