@@ -45,7 +45,7 @@ from typing import Any, Literal, cast, overload
 
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._schedule import ChunkSizer
-from amorsize._validate import MAX_WORKERS, check_int
+from amorsize._validate import MAX_WORKERS, check_bool, check_int
 from amorsize.backends import BACKEND_NAMES, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
     PAUSE,
@@ -176,13 +176,6 @@ not the plan): kept until 1.0, without a warning for now. New code uses ``RunRep
 
 
 # --------------------------------------------------------------------------- options
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        msg = f"{name} must be True or False; got {value!r}"
-        raise TypeError(msg)
-    return value
 
 
 def _check_call(func: Any, data: Any) -> None:
@@ -370,8 +363,8 @@ class _RunOptions:
         if on_error not in _ON_ERROR:
             msg = f"on_error must be 'raise' or 'collect'; got {on_error!r}"
             raise ValueError(msg)
-        _check_bool("progress", progress)
-        _check_bool("verbose", verbose)
+        check_bool(f"{api}(): ", "progress", progress)
+        check_bool(f"{api}(): ", "verbose", verbose)
         if be == "serial" and jobs not in (None, 1):
             msg = f"n_jobs must be 1 (or None) with backend='serial'; got {n_jobs!r}"
             raise ValueError(msg)
@@ -1456,7 +1449,7 @@ def execute(
     >>> execute(abs, [-1, -2, 3], backend="serial")
     [1, 2, 3]
     """
-    _check_bool("return_plan", return_plan)
+    check_bool("execute(): ", "return_plan", return_plan)
     opts = _RunOptions.build(
         "execute", func, data, n_jobs=n_jobs, chunksize=chunksize, backend=backend,
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
@@ -1514,7 +1507,7 @@ def execute_iter(
     >>> list(execute_iter(abs, iter([-1, -2]), backend="serial"))
     [1, 2]
     """
-    _check_bool("ordered", ordered)
+    check_bool("execute_iter(): ", "ordered", ordered)
     opts = _RunOptions.build(
         "execute_iter", func, data, n_jobs=n_jobs, chunksize=chunksize, backend=backend,
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,

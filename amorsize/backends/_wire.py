@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple, cast
 
-from amorsize._format import safe_repr
+from amorsize._format import describe_error, safe_repr
 from amorsize.backends.base import (
     PAUSE,
     OkValues,
@@ -120,19 +120,12 @@ def dump_func(func: Callable[[Any], Any], to: str) -> bytes:
         )
         msg = (
             f"func={safe_repr(func)} cannot be sent to {to}: pickling it failed "
-            f"({_safe_str(exc)}); {hint}"
+            f"({describe_error(exc)}); {hint}"
         )
         raise TypeError(msg) from exc
 
 
 # --------------------------------------------------------------------------- worker side
-
-
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return f"{type(exc).__name__}: {exc}"
-    except Exception:
-        return type(exc).__name__
 
 
 def error_payload(exc: BaseException) -> ErrorText:
@@ -201,7 +194,7 @@ def portable_outcomes(
             what = "result" if out.ok else "exception"
             msg = (
                 f"item {start + i}: its {what} cannot be pickled back from {where} "
-                f"({_safe_str(exc)}); the {what} was {safe_repr(out.value)}"
+                f"({describe_error(exc)}); the {what} was {safe_repr(out.value)}"
             )
             checked.append(failure_outcome(pickle.PicklingError(msg), out.attempts))
     return checked
@@ -252,7 +245,7 @@ def singles(task: Task) -> list[Task]:
 def not_sent(task: Task, exc: Exception, to: str) -> list[Outcome]:
     """The failure of a single-item ``task`` whose item does not pickle (it never ran)."""
     msg = (
-        f"item {task.start} cannot be pickled to send it to {to} ({_safe_str(exc)}); "
+        f"item {task.start} cannot be pickled to send it to {to} ({describe_error(exc)}); "
         "use backend='threads' for unpicklable items"
     )
     err = pickle.PicklingError(msg)
@@ -455,7 +448,7 @@ def _unloadable(index: int, ok: bool, stand_in: _Unloadable, where: str, attempt
     what = "result" if ok else "exception"
     msg = (
         f"item {index}: its {what} was pickled in {where} but cannot be unpickled in the "
-        f"calling process ({_safe_str(stand_in.error)}); it was {stand_in.what}. Return "
+        f"calling process ({describe_error(stand_in.error)}); it was {stand_in.what}. Return "
         f"objects that load from what they pickle (an exception class whose __init__ takes "
         f"other arguments than its .args needs a __reduce__), or plain data"
     )
