@@ -263,11 +263,13 @@ cdef class _RetryPolicyCore:
     cdef object on_retry_cb
     cdef object result_pred
     cdef object wait_from_cb   # exception -> seconds or None; consulted only after a failure
+    cdef object hedge_cb       # async only: awaited instead of func (amorsize._hedge.attempt)
+    cdef double hedge_after
 
     def _lower(self, long long max_retries, double initial_delay, double max_delay,
                double exponential_base, int jitter_mode, tuple exc_types, on_retry,
                double max_elapsed, retry_on_result, bint reraise, tuple exc_excluded=(),
-               wait_from=None):
+               wait_from=None, hedge=None, double hedge_after=0.0):
         if self._lowered:
             raise AttributeError("a RetryPolicy is immutable: build a new one instead")
         self.max_retries = max_retries
@@ -281,6 +283,8 @@ cdef class _RetryPolicyCore:
         self.max_elapsed = max_elapsed
         self.result_pred = retry_on_result
         self.wait_from_cb = wait_from
+        self.hedge_cb = hedge
+        self.hedge_after = hedge_after
         self.reraise = reraise
         self.simple = max_elapsed < 0.0 and retry_on_result is None
         self._lowered = True
@@ -559,6 +563,8 @@ cdef class _RetryingBase:
         if not policy._lowered:
             msg = "policy must be a RetryPolicy (built by amorsize.retry.RetryPolicy)"
             raise TypeError(msg)
+        if policy.hedge_cb is not None and type(self) is not AsyncRetryingFunction:
+            _retry_refuse_hedge(func)
         self.func = func
         self.policy = policy
         self.stats = RetryStats()
@@ -915,11 +921,25 @@ cdef int _retry_coro_step(RetryCoroutine self, object value, tuple throw_args,
         _retry_coro_give_up_or_sleep(self, exc, result)
 
 
+cdef _retry_refuse_hedge(object func):
+    msg = (f"RetryPolicy(hedge_after=...) hedges async def functions only (a second "
+           f"attempt must be cancellable), and {func!r} is not one: drop hedge_after, or "
+           f"make the function async def")
+    raise TypeError(msg)
+
+
 cdef inline object _retry_coro_start_attempt(RetryCoroutine self):
     # Call func for a fresh attempt and keep what it returned to await; returns the
     # exception if that failed, else None.
-    cdef PyObject* r = PyObject_Call(<PyObject*>self.func, <PyObject*>self.args,
-                                     NULL if self.kwargs is None else <PyObject*>self.kwargs)
+    cdef PyObject* r
+    if self.p.hedge_cb is not None:
+        try:
+            self.inner = self.p.hedge_cb(self.func, self.args, self.kwargs, self.p.hedge_after)
+        except BaseException as e:
+            return e
+        return None
+    r = PyObject_Call(<PyObject*>self.func, <PyObject*>self.args,
+                      NULL if self.kwargs is None else <PyObject*>self.kwargs)
     if r == NULL:
         return _fetch_exception()
     aw = _steal(r)
@@ -990,6 +1010,8 @@ def retry_call_core(func, _RetryPolicyCore policy not None, tuple args, dict kwa
     if not policy._lowered:
         msg = "policy must be a RetryPolicy (built by amorsize.retry.RetryPolicy)"
         raise TypeError(msg)
+    if policy.hedge_cb is not None:
+        _retry_refuse_hedge(func)
     return _retry_run(func, policy, None, NULL, 0, NULL, args, kwargs, &attempts, None)
 
 

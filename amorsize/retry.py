@@ -111,6 +111,8 @@ class _Lowered(NamedTuple):
     reraise: bool
     exc_excluded: tuple[type[BaseException], ...]
     wait_from: WaitFrom | None
+    hedge: Callable[..., object] | None
+    hedge_after: float
 
 
 # What the message adds for each reason ("attempts" is the plain "gave up after n attempts").
@@ -223,6 +225,10 @@ class RetryPolicy(_RetryPolicyCore):
       ``max_elapsed`` and is the ``delay`` given to ``on_retry``; a ``wait_from`` that
       raises or returns something else is logged and the backoff used. Not consulted
       for a result rejected by ``retry_on_result``.
+    * ``hedge_after``: for idempotent ``async def`` functions: an attempt still running
+      after this many seconds gets a second copy; the first to succeed wins, the other is
+      cancelled; both failing counts as one failed attempt. Refused for sync functions
+      (a thread cannot be cancelled).
     * ``retry_on_result``: a predicate; a result for which it is true is retried.
     * ``reraise``: on exhaustion raise the last exception itself instead of
       ``RetryExhaustedError``.
@@ -244,6 +250,7 @@ class RetryPolicy(_RetryPolicyCore):
     retry_on_result: Callable[[Any], object] | None = None
     reraise: bool = False
     wait_from: WaitFrom | None = None
+    hedge_after: float | None = None
 
     def __post_init__(self) -> None:
         """Validate every field, normalise, and lower the result into the C fields."""
@@ -290,7 +297,20 @@ class RetryPolicy(_RetryPolicyCore):
             reraise=check_bool(_WHERE, "reraise", self.reraise),
             exc_excluded=self._excluded_types(),
             wait_from=self.wait_from,
+            **self._hedge(),
         )
+
+    def _hedge(self) -> dict[str, Any]:
+        """``hedge`` and ``hedge_after`` as the core takes them (no hedge: ``None``, 0)."""
+        after = check_number(
+            _WHERE, "hedge_after", self.hedge_after, 0, MAX_SECONDS, low_open=True, none=True,
+            note=" (seconds an async attempt runs before a second one starts; None: never)",
+        )  # fmt: skip
+        if after is None:
+            return {"hedge": None, "hedge_after": 0.0}
+        from amorsize._hedge import attempt
+
+        return {"hedge": attempt, "hedge_after": after}
 
     def _delays(self) -> tuple[float, float]:
         """``(initial_delay, max_delay)``: each a number of seconds, the cap not below the first."""
@@ -338,6 +358,7 @@ class RetryPolicy(_RetryPolicyCore):
             "retry_on_result": self.retry_on_result,
             "reraise": self.reraise,
             "wait_from": self.wait_from,
+            "hedge_after": self.hedge_after,
         }
 
 
@@ -406,6 +427,7 @@ def with_retry(
     retry_on_result: Callable[[Any], object] | None = ...,
     reraise: bool = ...,
     wait_from: WaitFrom | None = ...,
+    hedge_after: float | None = ...,
 ) -> Callable[[Callable[P, R]], RetryingFunction[P, R]]: ...
 
 

@@ -385,3 +385,106 @@ def test_retry_after_as_wait_from_end_to_end(clock: Clock) -> None:
     f = FailThen(_HTTPError({"Retry-After": "4"}), ConnectionError())
     g = with_retry(f, initial_delay=1.0, jitter=False, wait_from=retry_after)
     assert g() == 2 and clock.slept == [4.0, 2.0]
+
+
+# ------------------------------------------------------------------ hedge_after (async)
+
+
+class Slow:
+    """The first `stuck` calls wait until cancelled; later calls return at once."""
+
+    def __init__(self, stuck: int = 1, fail: int = 0) -> None:
+        self.stuck, self.fail = stuck, fail
+        self.calls = 0
+        self.cancelled = 0
+
+    async def __call__(self, x: int) -> tuple[int, int]:
+        self.calls += 1
+        n = self.calls
+        if n <= self.stuck:
+            try:
+                await asyncio.Event().wait()  # never set: only cancellation ends it
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if n <= self.stuck + self.fail:
+            raise ConnectionError(f"call {n} failed")
+        return x, n
+
+
+def test_a_slow_attempt_is_hedged_and_the_loser_cancelled() -> None:
+    """The stuck first call gets a second one after hedge_after; its result wins."""
+    f = Slow(stuck=1)
+    g = with_retry(f, max_retries=0, hedge_after=0.002)
+
+    async def main() -> tuple[int, int]:
+        out = await g(7)
+        await asyncio.sleep(0)  # let the cancellation reach the loser
+        return out
+
+    assert asyncio.run(main()) == (7, 2)
+    assert (f.calls, f.cancelled) == (2, 1)
+
+
+def test_a_fast_attempt_is_not_hedged() -> None:
+    """An attempt done before hedge_after runs alone."""
+    f = Slow(stuck=0)
+    g = with_retry(f, hedge_after=60.0)
+    assert asyncio.run(g(3)) == (3, 1) and f.calls == 1
+
+
+def test_both_hedged_copies_failing_is_one_failed_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hedged pair that both fail is one failed attempt: one backoff sleep, then a retry."""
+    slept: list[float] = []
+
+    async def fake_sleep(d: float) -> None:
+        slept.append(d)
+
+    calls: list[int] = []
+    release = asyncio.Event()
+
+    async def pair(x: int) -> int:
+        calls.append(x)
+        if len(calls) == 1:  # slow, then fails once its hedge has failed
+            await release.wait()
+            raise ConnectionError("first copy")
+        if len(calls) == 2:
+            release.set()
+            raise ConnectionError("hedge copy")
+        return len(calls)
+
+    g = with_retry(pair, max_retries=1, initial_delay=0.5, jitter=False, hedge_after=0.002)
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    assert asyncio.run(g(1)) == 3 and slept == [0.5]
+
+
+def test_execute_async_backend_hedges_with_the_policy() -> None:
+    """execute(retry=RetryPolicy(hedge_after=...)) hedges each item on the async backend."""
+    f = Slow(stuck=1)
+
+    async def item(x: int) -> int:
+        return (await f(x))[0] * 10
+
+    out = execute(item, range(4), backend="async", retry=RetryPolicy(hedge_after=0.002))
+    assert out == [0, 10, 20, 30] and f.calls == 5 and f.cancelled == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "1", float("nan")])
+def test_hedge_after_is_validated(bad: Any) -> None:
+    """Seconds > 0, or None."""
+    with pytest.raises((TypeError, ValueError), match="hedge_after"):
+        RetryPolicy(hedge_after=bad)
+
+
+def test_hedge_after_is_refused_for_sync_functions() -> None:
+    """A thread cannot be cancelled: sync entry points refuse a hedging policy at once."""
+    policy = RetryPolicy(hedge_after=1.0)
+    with pytest.raises(TypeError, match=r"hedge_after.*async def"):
+        with_retry(lambda x: x, policy=policy)
+    with pytest.raises(TypeError, match="hedge_after"):
+        retry_call(int, args=("1",), policy=policy)
+    with pytest.raises(TypeError, match="hedge_after"):
+        execute(abs, range(3), backend="threads", retry=policy)
+    assert pickle.loads(pickle.dumps(policy)) == policy
