@@ -73,6 +73,7 @@ if TYPE_CHECKING:
         execute_async,
         execute_iter,
     )
+    from amorsize.hints import retry_after
     from amorsize.optimizer import (
         OptimizationResult,
         optimize,
@@ -121,6 +122,7 @@ _SOURCES: dict[str, str] = {
     "RetryStats": "amorsize.retry",
     "create_batch_retry_wrapper": "amorsize.retry",
     "retry_call": "amorsize.retry",
+    "retry_after": "amorsize.hints",
     "set_testing": "amorsize.retry",
     "with_retry": "amorsize.retry",
     "Profile": "amorsize.sampling",
@@ -157,6 +159,7 @@ __all__ = [
     "execute_iter",
     "get_system_info",
     "optimize",
+    "retry_after",
     "retry_call",
     "set_testing",
     "with_circuit_breaker",

@@ -56,6 +56,9 @@ class _RetryPolicyCore:
         retry_on_result: _Callable[[_Any], object] | None,
         reraise: bool,
         exc_excluded: tuple[type[BaseException], ...] = (),
+        wait_from: _Callable[[BaseException], object] | None = None,
+        hedge: _Callable[..., object] | None = None,
+        hedge_after: float = 0.0,
     ) -> None: ...
     def calculate_delay(self, attempt: int, previous_delay: float | None = None) -> float: ...
     def should_retry(self, exception: BaseException | None, attempt: int) -> bool: ...

@@ -109,7 +109,16 @@ cdef enum:
 
 # What _retry_after_failure tells the loop (any value >= 0 is the delay before a retry).
 cdef double _RETRY_PROPAGATE = -1.0   # not retryable: re-raise unchanged
-cdef double _RETRY_EXHAUSTED = -2.0   # retryable, but out of attempts or time
+cdef double _RETRY_EXHAUSTED = -2.0   # retryable, but out of attempts (reason "attempts")
+cdef double _RETRY_ELAPSED = -4.0     # retryable, but the sleep would pass max_elapsed
+# (-3.0 is _retry_after_failure's error value.)
+
+
+cdef inline str _retry_stop_reason(double code):
+    # RetryExhaustedError.reason for a stop code of _retry_after_failure.
+    if code == _RETRY_ELAPSED:
+        return "elapsed"
+    return "attempts"
 
 _retry_logger = _logging.getLogger("amorsize")
 # Argument checks of the diagnostic methods (calculate_delay, should_retry), never per call.
@@ -253,10 +262,14 @@ cdef class _RetryPolicyCore:
     cdef tuple exc_excluded   # subclasses of exc_types that are still not retried
     cdef object on_retry_cb
     cdef object result_pred
+    cdef object wait_from_cb   # exception -> seconds or None; consulted only after a failure
+    cdef object hedge_cb       # async only: awaited instead of func (amorsize._hedge.attempt)
+    cdef double hedge_after
 
     def _lower(self, long long max_retries, double initial_delay, double max_delay,
                double exponential_base, int jitter_mode, tuple exc_types, on_retry,
-               double max_elapsed, retry_on_result, bint reraise, tuple exc_excluded=()):
+               double max_elapsed, retry_on_result, bint reraise, tuple exc_excluded=(),
+               wait_from=None, hedge=None, double hedge_after=0.0):
         if self._lowered:
             raise AttributeError("a RetryPolicy is immutable: build a new one instead")
         self.max_retries = max_retries
@@ -269,6 +282,9 @@ cdef class _RetryPolicyCore:
         self.on_retry_cb = on_retry
         self.max_elapsed = max_elapsed
         self.result_pred = retry_on_result
+        self.wait_from_cb = wait_from
+        self.hedge_cb = hedge
+        self.hedge_after = hedge_after
         self.reraise = reraise
         self.simple = max_elapsed < 0.0 and retry_on_result is None
         self._lowered = True
@@ -327,22 +343,26 @@ cdef inline bint _retry_is_retryable(_RetryPolicyCore p, object exc) except -1:
 cdef double _retry_after_failure(_RetryPolicyCore p, object func, object exc,
                                  long long attempt, double* previous, double start,
                                  RetryStats stats) except? -3.0:
-    """Decide after a failed attempt: a delay >= 0 to retry, or _RETRY_PROPAGATE / _RETRY_EXHAUSTED.
+    """Decide after a failed attempt: a delay >= 0 to retry, or a stop code (_RETRY_*).
 
     Runs the retry's side effects (stats, DEBUG log, on_retry) before returning a delay.
     """
-    cdef double delay
+    cdef double delay = -1.0
     if not _retry_is_retryable(p, exc):
         return _RETRY_PROPAGATE
     if not _retry_may(p, attempt):
         if stats is not None:
             stats.exhausted += 1
         return _RETRY_EXHAUSTED
-    delay = _retry_jittered(p, attempt, previous[0])
+    if p.wait_from_cb is not None and exc is not None:
+        delay = _retry_hinted_delay(p, func, exc)
+    if delay < 0.0:
+        delay = _retry_jittered(p, attempt, previous[0])
+    # A hinted delay counts against the time budget like a computed one.
     if p.max_elapsed >= 0.0 and _time.monotonic() + delay - start > p.max_elapsed:
         if stats is not None:
             stats.exhausted += 1
-        return _RETRY_EXHAUSTED
+        return _RETRY_ELAPSED
     previous[0] = delay
     if stats is not None:
         stats.retries += 1
@@ -365,6 +385,47 @@ cdef double _retry_after_failure(_RetryPolicyCore p, object func, object exc,
                 "on_retry callback %r raised while retrying %s; retrying anyway",
                 p.on_retry_cb, getattr(func, "__qualname__", func), exc_info=True)
     return delay
+
+
+cdef double _retry_hinted_delay(_RetryPolicyCore p, object func, object exc) except? -3.0:
+    """The delay ``wait_from(exc)`` asks for, clamped to ``[0, max_delay]``; -1.0: backoff.
+
+    A ``wait_from`` that raises or answers something other than seconds is logged (it is a
+    hint reader: its failure must not end the retries) and the backoff delay is used.
+    """
+    cdef double s
+    try:
+        hint = p.wait_from_cb(exc)
+        if hint is None:
+            return -1.0
+        s = _retry_hint_seconds(hint, p.max_delay)
+    except Exception:
+        _retry_logger.warning(
+            "wait_from %r failed on %s while retrying %s; using the backoff delay",
+            p.wait_from_cb, type(exc).__name__, getattr(func, "__qualname__", func),
+            exc_info=True)
+        return -1.0
+    return s
+
+
+cdef double _retry_hint_seconds(object hint, double cap) except? -3.0:
+    # int, float or datetime.timedelta -> seconds within [0, cap]; anything else raises.
+    if isinstance(hint, bool) or not isinstance(hint, (int, float)):
+        # A timedelta exists only if datetime was imported: no import on this path.
+        dt = _sys.modules.get("datetime")
+        if dt is None or not isinstance(hint, dt.timedelta):
+            msg = (f"wait_from must return seconds (int, float or datetime.timedelta) or "
+                   f"None, got {hint!r} ({type(hint).__name__})")
+            raise TypeError(msg)
+        hint = hint.total_seconds()
+    if hint != hint:
+        raise ValueError("wait_from returned NaN; return None to use the backoff delay")
+    # Compared as Python numbers first: a huge int must saturate, not overflow a double.
+    if hint >= cap:
+        return cap
+    if hint <= 0:
+        return 0.0
+    return <double>hint
 
 
 def callable_name(func):
@@ -390,8 +451,8 @@ def callable_name(func):
 
 
 cdef inline _retry_raise_exhausted(_RetryPolicyCore p, object func, object exc,
-                                   long long attempt, object result):
-    err = _retry_exhausted_error(exc, attempt, result, callable_name(func))
+                                   long long attempt, object result, str reason):
+    err = _retry_exhausted_error(exc, attempt, result, callable_name(func), reason=reason)
     if exc is None:
         raise err
     raise err from exc
@@ -443,10 +504,11 @@ cdef object _retry_run(object func, _RetryPolicyCore p, RetryStats stats,
         delay = _retry_after_failure(p, func, exc, attempt, &previous, start, stats)
         if delay == _RETRY_PROPAGATE:
             _reraise(exc)
-        if delay == _RETRY_EXHAUSTED:
+        if delay < 0.0:   # a stop: out of attempts, or of time
             if exc is not None and p.reraise:
                 _reraise(exc)
-            _retry_raise_exhausted(p, func, exc, attempt, result if exc is None else None)
+            _retry_raise_exhausted(p, func, exc, attempt, result if exc is None else None,
+                                   _retry_stop_reason(delay))
         _retry_sleep(delay)
         attempt += 1
         exc = None
@@ -501,6 +563,8 @@ cdef class _RetryingBase:
         if not policy._lowered:
             msg = "policy must be a RetryPolicy (built by amorsize.retry.RetryPolicy)"
             raise TypeError(msg)
+        if policy.hedge_cb is not None and type(self) is not AsyncRetryingFunction:
+            _retry_refuse_hedge(func)
         self.func = func
         self.policy = policy
         self.stats = RetryStats()
@@ -857,11 +921,25 @@ cdef int _retry_coro_step(RetryCoroutine self, object value, tuple throw_args,
         _retry_coro_give_up_or_sleep(self, exc, result)
 
 
+cdef _retry_refuse_hedge(object func):
+    msg = (f"RetryPolicy(hedge_after=...) hedges async def functions only (a second "
+           f"attempt must be cancellable), and {func!r} is not one: drop hedge_after, or "
+           f"make the function async def")
+    raise TypeError(msg)
+
+
 cdef inline object _retry_coro_start_attempt(RetryCoroutine self):
     # Call func for a fresh attempt and keep what it returned to await; returns the
     # exception if that failed, else None.
-    cdef PyObject* r = PyObject_Call(<PyObject*>self.func, <PyObject*>self.args,
-                                     NULL if self.kwargs is None else <PyObject*>self.kwargs)
+    cdef PyObject* r
+    if self.p.hedge_cb is not None:
+        try:
+            self.inner = self.p.hedge_cb(self.func, self.args, self.kwargs, self.p.hedge_after)
+        except BaseException as e:
+            return e
+        return None
+    r = PyObject_Call(<PyObject*>self.func, <PyObject*>self.args,
+                      NULL if self.kwargs is None else <PyObject*>self.kwargs)
     if r == NULL:
         return _fetch_exception()
     aw = _steal(r)
@@ -902,11 +980,12 @@ cdef int _retry_coro_give_up_or_sleep(RetryCoroutine self, object exc,
     if delay == _RETRY_PROPAGATE:
         self.done = True
         return _reraise(exc)
-    if delay == _RETRY_EXHAUSTED:
+    if delay < 0.0:   # a stop: out of attempts, or of time
         self.done = True
         if exc is not None and p.reraise:
             return _reraise(exc)
-        _retry_raise_exhausted(p, self.func, exc, self.attempt, result)
+        _retry_raise_exhausted(p, self.func, exc, self.attempt, result,
+                               _retry_stop_reason(delay))
     return _retry_coro_begin_sleep(self, delay)
 
 
@@ -931,6 +1010,8 @@ def retry_call_core(func, _RetryPolicyCore policy not None, tuple args, dict kwa
     if not policy._lowered:
         msg = "policy must be a RetryPolicy (built by amorsize.retry.RetryPolicy)"
         raise TypeError(msg)
+    if policy.hedge_cb is not None:
+        _retry_refuse_hedge(func)
     return _retry_run(func, policy, None, NULL, 0, NULL, args, kwargs, &attempts, None)
 
 

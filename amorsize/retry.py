@@ -29,7 +29,17 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from types import TracebackType
-from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    NamedTuple,
+    ParamSpec,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from amorsize import _core
 from amorsize._core import (
@@ -50,6 +60,9 @@ from amorsize._validate import (
     check_number,
     fail,
 )
+
+if TYPE_CHECKING:
+    from datetime import timedelta  # only named in hints: importing it costs ~1.5 ms
 
 __all__ = [
     "AsyncRetryingFunction",
@@ -72,6 +85,10 @@ R = TypeVar("R")
 
 #: ``jitter`` values: ``True`` is the proportional +-25 % jitter, ``False`` none.
 JitterStrategy = bool | Literal["full", "equal", "decorrelated"]
+#: ``RetryPolicy.wait_from``: the failed attempt's exception -> seconds to wait, or None.
+WaitFrom = Callable[[BaseException], "float | timedelta | None"]
+#: ``RetryExhaustedError.reason``: why retrying stopped.
+StopReason = Literal["attempts", "elapsed", "budget"]
 
 # Codes understood by the core (_core_retry.pxi, _RETRY_JITTER_*).
 _JITTER_CODES: dict[object, int] = {True: 1, False: 0, "full": 2, "equal": 3, "decorrelated": 4}
@@ -93,19 +110,36 @@ class _Lowered(NamedTuple):
     retry_on_result: Callable[[Any], object] | None
     reraise: bool
     exc_excluded: tuple[type[BaseException], ...]
+    wait_from: WaitFrom | None
+    hedge: Callable[..., object] | None
+    hedge_after: float
+
+
+# What the message adds for each reason ("attempts" is the plain "gave up after n attempts").
+_REASON_NOTES: dict[str, str] = {
+    "attempts": "",
+    "elapsed": " (the next sleep would pass max_elapsed)",
+    "budget": " (the retry budget refused a retry)",
+}
 
 
 class RetryExhaustedError(Exception):
-    """Every allowed attempt failed.
+    """Retrying stopped before an attempt succeeded.
 
     ``original_exception`` is the last attempt's exception (``None`` when the last
     attempt's *result* was rejected by ``retry_on_result``; it is then ``last_result``),
-    ``attempts`` the number of attempts made. Raised ``from`` the last exception, and
-    picklable with its attributes and message, so it crosses process boundaries intact.
+    ``attempts`` the number of attempts made, and ``reason`` why retrying stopped:
+
+    * ``"attempts"``: ``max_retries`` retries were made (the default);
+    * ``"elapsed"``: the next sleep would have ended past ``max_elapsed``;
+    * ``"budget"``: the policy's retry budget refused the retry.
+
+    Raised ``from`` the last exception, and picklable with its attributes, message and
+    ``__cause__``, so it crosses process boundaries intact.
 
     >>> err = RetryExhaustedError(ConnectionError("refused"), 4)
-    >>> str(err)
-    'gave up after 4 attempts; last error: ConnectionError: refused'
+    >>> str(err), err.reason
+    ('gave up after 4 attempts; last error: ConnectionError: refused', 'attempts')
     """
 
     def __init__(
@@ -114,11 +148,17 @@ class RetryExhaustedError(Exception):
         attempts: int,
         last_result: Any = None,
         func_name: str | None = None,
+        *,
+        reason: StopReason = "attempts",
     ) -> None:
         self.original_exception = original_exception
         self.attempts = attempts
         self.last_result = last_result
         self.func_name = func_name
+        self.reason: StopReason = cast(
+            "StopReason",
+            check_choice("RetryExhaustedError: ", "reason", reason, tuple(_REASON_NOTES)),
+        )
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -129,11 +169,21 @@ class RetryExhaustedError(Exception):
             last = f"last result rejected by retry_on_result: {self.last_result!r}"
         else:
             last = f"last error: {describe_error(exc)}"
-        return f"{who}gave up after {self.attempts} {plural}; {last}"
+        note = _REASON_NOTES[self.reason]
+        return f"{who}gave up after {self.attempts} {plural}{note}; {last}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         args = (self.original_exception, self.attempts, self.last_result, self.func_name)
-        return (type(self), args, self.__dict__ or None)
+        # Exceptions pickle without __cause__ by default; it is the worker's traceback text.
+        state = {**self.__dict__, "__cause__": self.__cause__}
+        return (_exhausted_error, (type(self), args, self.reason), state)
+
+
+def _exhausted_error(
+    cls: type[RetryExhaustedError], args: tuple[Any, ...], reason: StopReason
+) -> RetryExhaustedError:
+    # Unpickling: reason is keyword-only, which a plain (cls, args) reduction cannot pass.
+    return cls(*args, reason=reason)
 
 
 _core._set_exhausted_error(RetryExhaustedError)
@@ -167,7 +217,18 @@ class RetryPolicy(_RetryPolicyCore):
       ``None`` when ``retry_on_result`` triggered the retry); if it raises, the error is
       logged on the ``amorsize`` logger and retrying goes on.
     * ``max_elapsed``: total budget in seconds (``time.monotonic``); no retry starts whose
-      sleep would end past it.
+      sleep would end past it (``RetryExhaustedError.reason == "elapsed"``).
+    * ``wait_from(exception)``: a server's hint, read after a failed attempt: seconds
+      (``int``, ``float`` or ``timedelta``) to wait before the next one, used instead of the
+      backoff and clamped to ``[0, max_delay]``, or ``None`` for the backoff.
+      ``amorsize.retry_after`` reads ``Retry-After``. The hinted sleep counts against
+      ``max_elapsed`` and is the ``delay`` given to ``on_retry``; a ``wait_from`` that
+      raises or returns something else is logged and the backoff used. Not consulted
+      for a result rejected by ``retry_on_result``.
+    * ``hedge_after``: for idempotent ``async def`` functions: an attempt still running
+      after this many seconds gets a second copy; the first to succeed wins, the other is
+      cancelled; both failing counts as one failed attempt. Refused for sync functions
+      (a thread cannot be cancelled).
     * ``retry_on_result``: a predicate; a result for which it is true is retried.
     * ``reraise``: on exhaustion raise the last exception itself instead of
       ``RetryExhaustedError``.
@@ -188,6 +249,8 @@ class RetryPolicy(_RetryPolicyCore):
     max_elapsed: float | None = None
     retry_on_result: Callable[[Any], object] | None = None
     reraise: bool = False
+    wait_from: WaitFrom | None = None
+    hedge_after: float | None = None
 
     def __post_init__(self) -> None:
         """Validate every field, normalise, and lower the result into the C fields."""
@@ -212,6 +275,11 @@ class RetryPolicy(_RetryPolicyCore):
             _WHERE, "retry_on_result", self.retry_on_result, "a predicate (result) -> bool",
             none=True,
         )
+        check_callable(
+            _WHERE, "wait_from", self.wait_from,
+            "a callable (exception) -> seconds or None, such as amorsize.retry_after",
+            none=True,
+        )  # fmt: skip
         return _Lowered(
             max_retries=check_int(
                 _WHERE, "max_retries", self.max_retries, -1, note=" (-1: no limit)"
@@ -228,7 +296,21 @@ class RetryPolicy(_RetryPolicyCore):
             retry_on_result=self.retry_on_result,
             reraise=check_bool(_WHERE, "reraise", self.reraise),
             exc_excluded=self._excluded_types(),
+            wait_from=self.wait_from,
+            **self._hedge(),
         )
+
+    def _hedge(self) -> dict[str, Any]:
+        """``hedge`` and ``hedge_after`` as the core takes them (no hedge: ``None``, 0)."""
+        after = check_number(
+            _WHERE, "hedge_after", self.hedge_after, 0, MAX_SECONDS, low_open=True, none=True,
+            note=" (seconds an async attempt runs before a second one starts; None: never)",
+        )  # fmt: skip
+        if after is None:
+            return {"hedge": None, "hedge_after": 0.0}
+        from amorsize._hedge import attempt
+
+        return {"hedge": attempt, "hedge_after": after}
 
     def _delays(self) -> tuple[float, float]:
         """``(initial_delay, max_delay)``: each a number of seconds, the cap not below the first."""
@@ -275,6 +357,8 @@ class RetryPolicy(_RetryPolicyCore):
             "max_elapsed": self.max_elapsed,
             "retry_on_result": self.retry_on_result,
             "reraise": self.reraise,
+            "wait_from": self.wait_from,
+            "hedge_after": self.hedge_after,
         }
 
 
@@ -342,6 +426,8 @@ def with_retry(
     max_elapsed: float | None = ...,
     retry_on_result: Callable[[Any], object] | None = ...,
     reraise: bool = ...,
+    wait_from: WaitFrom | None = ...,
+    hedge_after: float | None = ...,
 ) -> Callable[[Callable[P, R]], RetryingFunction[P, R]]: ...
 
 

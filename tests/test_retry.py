@@ -485,6 +485,7 @@ def test_exhaustion_raises_retry_exhausted_error_from_last_exception(sleeps: Sle
     msg = str(err)
     assert "3 attempts" in msg and "TimeoutError" in msg and "slow backend" in msg
     assert g.retry_stats.exhausted == 1 and g.retry_stats.retries == 2
+    assert err.reason == "attempts"
     assert sleeps.delays == []  # zero delay: no sleep call at all
 
 
@@ -677,6 +678,7 @@ def test_max_elapsed_stops_before_a_sleep_that_would_end_past_the_budget(
         g()
     assert sleeps == [1.0, 2.0, 4.0]
     assert f.calls == 4 and info.value.attempts == 4
+    assert info.value.reason == "elapsed" and "max_elapsed" in str(info.value)
     assert g.retry_stats.exhausted == 1
 
 
@@ -739,6 +741,33 @@ def test_retry_exhausted_error_pickles_with_attributes_and_message() -> None:
     assert back.extra == "kept"  # type: ignore[attr-defined]
     res = pickle.loads(pickle.dumps(RetryExhaustedError(None, 2, [1, 2])))
     assert res.last_result == [1, 2] and "rejected" in str(res)
+
+
+@pytest.mark.parametrize(
+    ("reason", "note"),
+    [("attempts", "gave up after 3 attempts; "), ("elapsed", "max_elapsed"),
+     ("budget", "retry budget")],
+)  # fmt: skip
+def test_retry_exhausted_error_reason_pickles_with_message_and_cause(
+    reason: Any, note: str
+) -> None:
+    """reason= (keyword) is kept, named in the message, and survives pickling with __cause__."""
+    cause = ConnectionError("refused")
+    try:
+        raise RetryExhaustedError(cause, 3, reason=reason) from cause
+    except RetryExhaustedError as caught:
+        err = caught
+    assert err.reason == reason and note in str(err)
+    back = pickle.loads(pickle.dumps(err))
+    assert back.reason == reason and str(back) == str(err)
+    assert isinstance(back.__cause__, ConnectionError) and back.__cause__ is back.original_exception
+
+
+def test_retry_exhausted_error_defaults_to_attempts_and_rejects_unknown_reasons() -> None:
+    """The default reason is "attempts"; anything else but the three values is refused."""
+    assert RetryExhaustedError(None, 1).reason == "attempts"
+    with pytest.raises(ValueError, match=r"reason must be 'attempts', 'elapsed' or 'budget'"):
+        RetryExhaustedError(None, 1, reason="timeout")  # type: ignore[arg-type]
 
 
 def _frames(tb: Any) -> list[str]:
@@ -1262,6 +1291,7 @@ def test_async_max_elapsed_uses_the_same_budget_rule(monkeypatch: pytest.MonkeyP
     with pytest.raises(RetryExhaustedError) as info:
         asyncio.run(g())
     assert slept == [1.0, 2.0] and info.value.attempts == 3 and f.calls == 3
+    assert info.value.reason == "elapsed"
 
 
 def test_async_retry_on_result_and_gather(async_sleeps: list[float]) -> None:
