@@ -31,7 +31,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Literal, NamedTuple, ParamSpec, TypeVar, cast, overload
 
-from amorsize import _core
+from amorsize import _core, _telemetry
 from amorsize._core import (
     AsyncRetryingFunction,
     RetryingFunction,
@@ -137,6 +137,10 @@ class RetryExhaustedError(Exception):
 
 
 _core._set_exhausted_error(RetryExhaustedError)
+# OpenTelemetry metrics of failed attempts, only if the API is installed: the compiled loop
+# reads the hook after a failed attempt, never on the success path.
+if _telemetry.api_installed():
+    _core._set_retry_event_hook(_telemetry.retry_event)
 
 
 _WHERE = "RetryPolicy: "
