@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from amorsize._core import callable_name
 from amorsize._log import RUN_ID
 from amorsize._observers import RunObserver
 
@@ -71,6 +72,13 @@ _tracer_override: Any = None
 _meter_override: Any = None
 # The instruments of the last meter provider used: (provider, _Meters).
 _cache: tuple[Any, _Meters] | None = None
+_tracer_cache: tuple[Any, Any] | None = None
+# A real global provider, once seen (the API lets an application set it only once), and,
+# while there is none, when to look again: the API's getter costs ~2 us (it reads
+# os.environ), too much to pay on every failed attempt.
+_found: dict[str, Any] = {}
+_next_look: dict[str, float] = {}
+_LOOK_EVERY_S = 1.0
 
 
 def api_installed() -> bool:
@@ -93,6 +101,7 @@ def set_providers(tracer_provider: Any = None, meter_provider: Any = None) -> tu
     global _tracer_override, _meter_override
     previous = (_tracer_override, _meter_override)
     _tracer_override, _meter_override = tracer_provider, meter_provider
+    _next_look.clear()  # and look at the global ones again at once
     return previous
 
 
@@ -102,22 +111,41 @@ def _placeholder(provider: Any) -> bool:
 
 
 def _provider(override: Any, module: str, getter: str) -> Any:
+    """The override, else the global provider once the application has set a real one
+    (looked for at most once a second until then)."""
     if override is not None:
         return override
+    found = _found.get(module)
+    if found is not None:
+        return found
+    now = time.monotonic()
+    if now < _next_look.get(module, 0.0):
+        return None
+    _next_look[module] = now + _LOOK_EVERY_S
     # Nobody set a provider without importing the module that sets it: a dict lookup.
     mod = sys.modules.get(module)
     if mod is None:
         return None
     provider = getattr(mod, getter)()
-    return None if _placeholder(provider) else provider
+    if _placeholder(provider):
+        return None
+    _found[module] = provider
+    return provider
 
 
 def _tracer() -> Any:
-    """The ``amorsize`` tracer of the configured tracer provider, or None."""
+    """The ``amorsize`` tracer of the configured tracer provider, or None (one per provider:
+    getting it costs more than the run's span)."""
+    global _tracer_cache
     provider = _provider(_tracer_override, "opentelemetry.trace", "get_tracer_provider")
     if provider is None:
         return None
-    return provider.get_tracer("amorsize", _version())
+    cache = _tracer_cache
+    if cache is not None and cache[0] is provider:
+        return cache[1]
+    tracer = provider.get_tracer("amorsize", _version())
+    _tracer_cache = (provider, tracer)
+    return tracer
 
 
 def _version() -> str:
@@ -131,16 +159,17 @@ class _Meters:
 
     def __init__(self, provider: Any) -> None:
         meter = provider.get_meter("amorsize", _version())
-        counter, histogram = meter.create_counter, meter.create_histogram
+        counter = meter.create_counter
         self.items_completed = counter(
             "amorsize.items.completed", "{item}", "Items of execute runs that gave a result"
         )
         self.items_failed = counter(
             "amorsize.items.failed", "{item}", "Items of execute runs that failed for good"
         )
-        self.run_duration = histogram(
-            "amorsize.run.duration", "s", "Wall time of execute runs, planning included"
-        )
+        self.run_duration = _histogram(
+            meter, "amorsize.run.duration", "Wall time of execute runs, planning included",
+            _RUN_BUCKETS,
+        )  # fmt: skip
         self.retry_attempts = counter(
             "amorsize.retry.attempts", "{retry}", "Retries made after a failed attempt"
         )
@@ -153,12 +182,30 @@ class _Meters:
         self.circuit_refusals = counter(
             "amorsize.circuit.refusals", "{call}", "Calls refused by an open circuit breaker"
         )
-        self.rate_limit_wait = histogram(
-            "amorsize.rate_limit.wait", "s", "Time calls waited for a rate limiter"
-        )
+        self.rate_limit_wait = _histogram(
+            meter, "amorsize.rate_limit.wait", "Time calls waited for a rate limiter",
+            _WAIT_BUCKETS,
+        )  # fmt: skip
         self.budget_refusals = counter(
             "amorsize.retry_budget.refusals", "{call}", "Retries refused by a retry budget"
         )
+
+
+# Bucket bounds in seconds (the SDK's default bounds suit milliseconds): runs last from
+# milliseconds to hours, rate-limit waits from a millisecond to a minute.
+_RUN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
+
+
+def _histogram(meter: Any, name: str, description: str, bounds: tuple[float, ...]) -> Any:
+    """A histogram in seconds, with bucket bounds that suit it where the API takes them
+    (``explicit_bucket_boundaries_advisory``, opentelemetry-api 1.23+)."""
+    try:
+        return meter.create_histogram(
+            name, "s", description, explicit_bucket_boundaries_advisory=list(bounds)
+        )
+    except TypeError:
+        return meter.create_histogram(name, "s", description)
 
 
 def _meters() -> _Meters | None:
@@ -176,8 +223,6 @@ def _meters() -> _Meters | None:
 
 
 def _name_of(func: Any) -> str:
-    from amorsize._core import callable_name
-
     return str(callable_name(func))
 
 

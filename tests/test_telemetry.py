@@ -245,6 +245,7 @@ def test_rate_limit_wait_and_budget_refusal_helpers(otel: Otel) -> None:
     assert (dict(point.attributes), point.count, point.sum) == (
         {"amorsize.rate_limit.name": "api"}, 2, 0.75,
     )  # fmt: skip
+    assert point.explicit_bounds[0] == 0.001  # seconds-scale buckets, not the SDK's ms ones
     assert otel.points("amorsize.retry_budget.refusals") == [({FUNCTION: "jobs.fetch"}, 1)]
 
 
