@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -79,6 +80,7 @@ _tracer_cache: tuple[Any, Any] | None = None
 _found: dict[str, Any] = {}
 _next_look: dict[str, float] = {}
 _LOOK_EVERY_S = 1.0
+_METRICS = "opentelemetry.metrics"
 
 
 def api_installed() -> bool:
@@ -86,9 +88,13 @@ def api_installed() -> bool:
     global _installed
     if _installed is None:
         try:
-            _installed = importlib.util.find_spec("opentelemetry.metrics") is not None
+            # The namespace package's folders, without importing it (a submodule lookup
+            # would): the API is the distribution that puts metrics/ and trace/ there.
+            spec = importlib.util.find_spec("opentelemetry")
         except (ImportError, ValueError):
-            _installed = False
+            spec = None
+        places = () if spec is None else spec.submodule_search_locations or ()
+        _installed = any(os.path.isdir(os.path.join(p, "metrics")) for p in places)
     return _installed
 
 
@@ -209,15 +215,31 @@ def _histogram(meter: Any, name: str, description: str, bounds: tuple[float, ...
 
 
 def _meters() -> _Meters | None:
-    """The instruments of the configured meter provider, or None (built once per provider)."""
+    """The instruments of the configured meter provider, or None. The hooks below call it
+    after failures, even on an open breaker's every refusal: without a provider it costs a
+    clock read."""
+    if _meter_override is None:
+        cache = _cache
+        if cache is not None and cache[0] is _found.get(_METRICS):
+            return cache[1]
+        if time.monotonic() < _next_look.get(_METRICS, 0.0):
+            return None
+    return _meters_of(_provider(_meter_override, _METRICS, "get_meter_provider"))
+
+
+def _meters_of(provider: Any) -> _Meters | None:
+    """The instruments of ``provider``, built once per provider."""
     global _cache
-    provider = _provider(_meter_override, "opentelemetry.metrics", "get_meter_provider")
     if provider is None:
         return None
     cache = _cache
     if cache is not None and cache[0] is provider:
         return cache[1]
-    meters = _Meters(provider)
+    try:
+        meters = _Meters(provider)
+    except Exception:  # telemetry never fails the call it watches
+        _log.debug("creating amorsize's instruments failed", exc_info=True)
+        return None
     _cache = (provider, meters)
     return meters
 
@@ -226,64 +248,55 @@ def _name_of(func: Any) -> str:
     return str(callable_name(func))
 
 
-def _guard(record: Callable[..., None]) -> Callable[..., None]:
-    """Telemetry must never fail the call it watches: log its own errors at DEBUG."""
-
-    def guarded(*args: Any) -> None:
-        try:
-            record(*args)
-        except Exception:
-            _log.debug("recording %s failed", record.__name__, exc_info=True)
-
-    guarded.__name__ = record.__name__
-    guarded.__doc__ = record.__doc__
-    return guarded
+def _add(instrument: Any, value: float, attrs: dict[str, str]) -> None:
+    """Count on ``instrument``; telemetry never fails the call it watches (errors: DEBUG)."""
+    try:
+        instrument.add(value, attrs)
+    except Exception:
+        _log.debug("recording on %r failed", instrument, exc_info=True)
 
 
-@_guard
 def retry_event(func: Any, exc: BaseException | None, attempt: int, delay: float) -> None:
     """The compiled retry loop's hook, after a failed attempt: a retry (``delay`` >= 0,
     seconds before the next attempt) or a call that gave up (``delay`` < 0)."""
     meters = _meters()
-    if meters is None:
-        return
-    error = "retry_on_result" if exc is None else type(exc).__qualname__
-    attrs = {FUNCTION: _name_of(func), ERROR_TYPE: error}
-    (meters.retry_attempts if delay >= 0 else meters.retry_exhausted).add(1, attrs)
+    if meters is not None:
+        error = "retry_on_result" if exc is None else type(exc).__qualname__
+        attrs = {FUNCTION: _name_of(func), ERROR_TYPE: error}
+        _add(meters.retry_attempts if delay >= 0 else meters.retry_exhausted, 1, attrs)
 
 
-@_guard
 def record_circuit_transition(name: str, state: str) -> None:
     """Circuit breaker ``name`` entered ``state`` (``"open"``, ``"half-open"``, ``"closed"``)."""
     meters = _meters()
     if meters is not None:
         attrs = {"amorsize.circuit.name": name, "amorsize.circuit.state": state}
-        meters.circuit_transitions.add(1, attrs)
+        _add(meters.circuit_transitions, 1, attrs)
 
 
-@_guard
 def record_circuit_refusal(name: str) -> None:
     """Circuit breaker ``name`` refused a call (open, or half-open with its probes busy)."""
     meters = _meters()
     if meters is not None:
-        meters.circuit_refusals.add(1, {"amorsize.circuit.name": name})
+        _add(meters.circuit_refusals, 1, {"amorsize.circuit.name": name})
 
 
-@_guard
 def record_rate_limit_wait(seconds: float, limiter: str | None = None) -> None:
     """A call waited ``seconds`` for rate limiter ``limiter`` (its name, if it has one)."""
     meters = _meters()
     if meters is not None:
         attrs = {} if limiter is None else {"amorsize.rate_limit.name": limiter}
-        meters.rate_limit_wait.record(max(0.0, float(seconds)), attrs)
+        try:
+            meters.rate_limit_wait.record(max(0.0, float(seconds)), attrs)
+        except Exception:
+            _log.debug("recording a rate-limit wait failed", exc_info=True)
 
 
-@_guard
 def record_budget_refusal(func_name: str) -> None:
     """A retry budget refused a retry of ``func_name`` (its qualified name)."""
     meters = _meters()
     if meters is not None:
-        meters.budget_refusals.add(1, {FUNCTION: func_name})
+        _add(meters.budget_refusals, 1, {FUNCTION: func_name})
 
 
 def run_observer(trace_chunks: bool = False) -> RunObserver | None:
@@ -348,9 +361,9 @@ class TelemetryObserver(RunObserver):
         if meters is None:
             return
         if completed > 0:
-            meters.items_completed.add(completed, self.attrs)
+            _add(meters.items_completed, completed, self.attrs)
         if failed > 0:
-            meters.items_failed.add(failed, self.attrs)
+            _add(meters.items_failed, failed, self.attrs)
         self.sent[0] += completed
         self.sent[1] += failed
 
@@ -367,7 +380,10 @@ class TelemetryObserver(RunObserver):
             attrs = dict(self.attrs)
             if error is not None:
                 attrs[ERROR_TYPE] = type(error).__qualname__
-            self.meters.run_duration.record(seconds, attrs)
+            try:
+                self.meters.run_duration.record(seconds, attrs)
+            except Exception:
+                _log.debug("recording the run's duration failed", exc_info=True)
         if self.span is not None:
             self._close_span(report, seconds, error)
 

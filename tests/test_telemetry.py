@@ -287,3 +287,22 @@ def test_trace_chunks_must_be_a_bool(bad: object) -> None:
     """trace_chunks is checked once, with a message naming it."""
     with pytest.raises(TypeError, match="trace_chunks"):
         execute(abs, [1], backend="serial", trace_chunks=bad)  # type: ignore[arg-type]
+
+
+def test_importing_amorsize_does_not_import_opentelemetry() -> None:
+    """With the API installed, retry and the executor load no opentelemetry module until a
+    provider exists (the lookup reads the namespace package's folders)."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import amorsize
+        from amorsize import _telemetry
+        assert amorsize.with_retry(abs)(-3) == 3
+        assert amorsize.execute(abs, [-1], backend="serial") == [1]
+        assert _telemetry.api_installed()
+        print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
