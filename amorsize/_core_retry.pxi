@@ -120,7 +120,11 @@ cdef inline str _retry_stop_reason(double code):
         return "elapsed"
     return "attempts"
 
-_retry_logger = _logging.getLogger("amorsize")
+_retry_logger = _logging.getLogger("amorsize.retry")
+# Set by amorsize.retry when opentelemetry is installed (amorsize._telemetry.retry_event):
+# called after a failed attempt with (func, exc, attempt, delay), delay -1.0 when the call
+# gave up. Never on the success path: only _retry_after_failure reads it.
+cdef object _retry_event_hook = None
 # Argument checks of the diagnostic methods (calculate_delay, should_retry), never per call.
 from amorsize._validate import MAX_SECONDS as _MAX_SECONDS
 from amorsize._validate import check_int as _check_int
@@ -176,6 +180,14 @@ def _set_testing_state(bint enabled, long long max_retries):
 def _set_exhausted_error(cls):
     global _retry_exhausted_error
     _retry_exhausted_error = cls
+
+
+def _set_retry_event_hook(hook):
+    """Install ``hook(func, exc, attempt, delay)`` (None: none); returns the previous one."""
+    global _retry_event_hook
+    previous = _retry_event_hook
+    _retry_event_hook = hook
+    return previous
 
 
 cpdef double backoff_delay(double initial_delay, double exponential_base,
@@ -353,6 +365,7 @@ cdef double _retry_after_failure(_RetryPolicyCore p, object func, object exc,
     if not _retry_may(p, attempt):
         if stats is not None:
             stats.exhausted += 1
+        _retry_gave_up(func, exc, attempt)
         return _RETRY_EXHAUSTED
     if p.wait_from_cb is not None and exc is not None:
         delay = _retry_hinted_delay(p, func, exc)
@@ -362,20 +375,15 @@ cdef double _retry_after_failure(_RetryPolicyCore p, object func, object exc,
     if p.max_elapsed >= 0.0 and _time.monotonic() + delay - start > p.max_elapsed:
         if stats is not None:
             stats.exhausted += 1
+        _retry_gave_up(func, exc, attempt)
         return _RETRY_ELAPSED
     previous[0] = delay
     if stats is not None:
         stats.retries += 1
+    if _retry_event_hook is not None:
+        _retry_event_hook(func, exc, attempt, delay)
     if _retry_logger.isEnabledFor(10):
-        # Lazy %-formatting: a failing __str__ is then the logging handler's problem.
-        if exc is None:
-            _retry_logger.debug(
-                "retrying %s: attempt %d failed (result rejected by retry_on_result); "
-                "next attempt in %.3f s", getattr(func, "__qualname__", func), attempt, delay)
-        else:
-            _retry_logger.debug(
-                "retrying %s: attempt %d failed (%s: %s); next attempt in %.3f s",
-                getattr(func, "__qualname__", func), attempt, type(exc).__name__, exc, delay)
+        _retry_log_retry(func, exc, attempt, delay)
     if p.on_retry_cb is not None:
         try:
             p.on_retry_cb(exc, attempt, delay)
@@ -426,6 +434,35 @@ cdef double _retry_hint_seconds(object hint, double cap) except? -3.0:
     if hint <= 0:
         return 0.0
     return <double>hint
+
+
+cdef _retry_log_retry(object func, object exc, long long attempt, double delay):
+    # Lazy %-formatting: a failing __str__ is then the logging handler's problem. The extra
+    # fields are amorsize._log's (function, attempt, delay, error_type).
+    name = callable_name(func)
+    extra = {"function": name, "attempt": attempt, "delay": delay,
+             "error_type": None if exc is None else type(exc).__qualname__}
+    if exc is None:
+        _retry_logger.debug(
+            "retrying %s: attempt %d failed (result rejected by retry_on_result); "
+            "next attempt in %.3f s", name, attempt, delay, extra=extra)
+    else:
+        _retry_logger.debug(
+            "retrying %s: attempt %d failed (%s: %s); next attempt in %.3f s",
+            name, attempt, type(exc).__name__, exc, delay, extra=extra)
+
+
+cdef _retry_gave_up(object func, object exc, long long attempt):
+    # A retryable call out of attempts or time: after its last failure, never on success.
+    if _retry_event_hook is not None:
+        _retry_event_hook(func, exc, attempt, -1.0)
+    if _retry_logger.isEnabledFor(20):
+        name = callable_name(func)
+        extra = {"function": name, "attempt": attempt, "delay": None,
+                 "error_type": None if exc is None else type(exc).__qualname__}
+        why = "its result rejected by retry_on_result" if exc is None else type(exc).__name__
+        _retry_logger.info("%s gave up after %d attempt(s); last: %s", name, attempt, why,
+                           extra=extra)
 
 
 def callable_name(func):

@@ -15,10 +15,15 @@ Call sequence for one ``execute`` run (every call happens in the thread that cal
                                                     per item: override either.
         known_ahead(start) -> int               how many items from index start on it
                                                 will answer (planning only; 0 by default)
+    planned(report)                             the plan is made: ``report`` is the run's
+                                                RunReport, filled in as the run goes (final
+                                                when ``end`` is called)
     before each chunk is dispatched:
         allow_dispatch() -> False               dispatch stops for good; chunks in flight
                                                 finish; then stop_error(counts) is asked for
                                                 the error naming why (see below)
+        chunk_started(start, size)              the chunk of items start .. start+size-1
+                                                leaves for the backend
     for each finished chunk, in completion order:
         on_success_block(start, items, values)  a chunk with no failure, one call; the
                                                 default calls on_success(index, item, result)
@@ -28,10 +33,18 @@ Call sequence for one ``execute`` run (every call happens in the thread that cal
         on_failure(index, item, exc, attempts) -> True when the failure was recorded
                                                 elsewhere (dead-letter queue): the run goes
                                                 on even with on_error="raise"
+        chunk_finished(start, size, failed)     after the calls above: the chunk is back,
+                                                ``failed`` of its items failed (not called
+                                                for a chunk whose failure ends the run)
     end(completed)                              always, in ``finally``; ``completed`` is True
                                                 only when the run ended normally with every
                                                 item run to a result or a failure (False after
                                                 an error, Ctrl-C, or a dispatch stop)
+
+An observer that overrides none of the item and dispatch hooks (``known``, ``known_block``,
+``allow_dispatch``, ``chunk_started``, ``on_success``, ``on_success_block``, ``on_failure``)
+watches the run only as a whole: a serial plan then runs in one loop, without chunks, so
+``chunk_finished`` is not called for it (the report has the counts).
 
 Items a ``known`` answered are neither passed to ``on_success`` again nor counted as run.
 Sampled items (run once by the optimizer) are reported through ``on_success`` like the rest.
@@ -112,6 +125,15 @@ class RunObserver:
 
         Only counts: the executor plans with the items that really remain to run."""
         return 0
+
+    def planned(self, report: Any) -> None:
+        """The plan is made; ``report`` (a ``RunReport``) is completed as the run goes."""
+
+    def chunk_started(self, start: int, size: int) -> None:
+        """The chunk of ``size`` items from index ``start`` is dispatched."""
+
+    def chunk_finished(self, start: int, size: int, failed: int) -> None:
+        """The chunk from index ``start`` came back; ``failed`` of its items failed."""
 
     def allow_dispatch(self) -> bool:
         """False stops dispatching new items for the rest of the run."""

@@ -51,7 +51,9 @@ from amorsize._core import (
     CircuitGuarded,
 )
 from amorsize._format import describe_error
+from amorsize._log import log_breaker_transition
 from amorsize._observers import RunObserver
+from amorsize._telemetry import record_circuit_refusal, record_circuit_transition
 from amorsize._validate import (
     MAX_SECONDS,
     check_callable,
@@ -70,7 +72,7 @@ __all__ = [
     "with_circuit_breaker",
 ]
 
-logger = logging.getLogger("amorsize")
+logger = logging.getLogger("amorsize.circuit")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -297,6 +299,7 @@ class CircuitBreaker:
         self._probes = 0
         self._probe_successes = 0
         self._reason = ""
+        self._previous = CircuitState.CLOSED  # the state before the last transition (logs)
         self._local = threading.local()
 
     # --- introspection --------------------------------------------------------------------
@@ -373,6 +376,7 @@ class CircuitBreaker:
             remaining = self._open_for()
             if remaining > 0:
                 remaining = min(remaining, self._policy.timeout)
+                record_circuit_refusal(self._name)
                 raise CircuitOpenError(self._name, remaining, reason=self._reason)
         with self._lock:
             if core.state == CIRCUIT_OPEN:
@@ -380,6 +384,7 @@ class CircuitBreaker:
                 if remaining > 0:
                     # min(): float rounding in opened_at + timeout - now can exceed timeout.
                     remaining = min(remaining, self._policy.timeout)
+                    record_circuit_refusal(self._name)
                     raise CircuitOpenError(self._name, remaining, reason=self._reason)
                 self._enter(CIRCUIT_HALF_OPEN)
                 fire = (self._policy.on_half_open, CIRCUIT_HALF_OPEN)
@@ -390,6 +395,7 @@ class CircuitBreaker:
                     f"half-open, its {self._policy.half_open_max_calls} probe call slot(s)"
                     " are busy"
                 )
+                record_circuit_refusal(self._name)
                 raise CircuitOpenError(self._name, 0.0, reason=msg_reason)
             else:
                 self._probes += 1
@@ -450,6 +456,7 @@ class CircuitBreaker:
 
     def _enter(self, state: int) -> None:
         # Called with the lock held. A new generation makes in-flight calls' outcomes stale.
+        self._previous = CircuitState(self._core.state)
         self._core.transition(state)
         self._probes = 0
         self._probe_successes = 0
@@ -468,12 +475,12 @@ class CircuitBreaker:
             self._fire(self._policy.on_half_open, CIRCUIT_HALF_OPEN)
 
     def _fire(self, callback: Callable[[CircuitBreaker], object] | None, state: int) -> None:
-        # After a transition, outside the lock: log it, then run the user's callback (a
-        # handler or callback may use the breaker without deadlocking).
-        if state == CIRCUIT_OPEN:
-            logger.warning("circuit breaker %r opened: %s", self._name, self._reason)
-        else:
-            logger.info("circuit breaker %r is now %s", self._name, CircuitState(state))
+        # After a transition, outside the lock: log it, count it, then run the user's
+        # callback (a handler or callback may use the breaker without deadlocking).
+        new = str(CircuitState(state))
+        reason = self._reason if state == CIRCUIT_OPEN else ""
+        log_breaker_transition(self._name, new, str(self._previous), reason)
+        record_circuit_transition(self._name, new)
         if callback is None:
             return
         try:

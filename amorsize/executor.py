@@ -43,6 +43,7 @@ from itertools import islice
 from operator import length_hint
 from typing import Any, Literal, cast, overload
 
+from amorsize._log import RUN_ID, log_item_failed, new_run_id
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._schedule import ChunkSizer
 from amorsize._validate import MAX_WORKERS, check_bool, check_int
@@ -355,6 +356,7 @@ class _RunOptions:
         circuit_breaker: Any,
         observers: Any,
         ordered_window: bool = False,
+        trace_chunks: Any = False,
     ) -> _RunOptions:
         """The options of ``api`` (``execute`` or ``execute_iter``), as the user gave them."""
         _check_call(func, data)
@@ -374,7 +376,9 @@ class _RunOptions:
         is_async = _is_async(func)
         _check_async(func, be, is_async)
         policy = _retry_policy(retry)
+        check_bool(f"{api}(): ", "trace_chunks", trace_chunks)
         obs = _build_observers(func, data, checkpoint, dead_letter, circuit_breaker, observers)
+        obs += _telemetry_observers(trace_chunks)
         absorbs = dead_letter is not None or any(
             _overrides(o, "on_failure") for o in observers or ()
         )
@@ -384,6 +388,22 @@ class _RunOptions:
             observers=obs, absorbs_failures=absorbs, ordered_window=ordered_window,
             is_async=is_async,
         )  # fmt: skip
+
+
+def _telemetry_observers(trace_chunks: bool) -> tuple[RunObserver, ...]:
+    """The OpenTelemetry observer when a provider is set (none without opentelemetry)."""
+    from amorsize._telemetry import run_observer
+
+    obs = run_observer(trace_chunks)
+    return () if obs is None else (obs,)
+
+
+# Hooks that see items or chunks: an observer overriding none of them watches the run only
+# as a whole (begin, planned, end), so a serial plan may still take the fast path.
+_ITEM_HOOKS = (
+    "known", "known_block", "allow_dispatch", "chunk_started", "on_success",
+    "on_success_block", "on_failure",
+)  # fmt: skip
 
 
 def _not_run_message(count: int) -> str:
@@ -866,6 +886,10 @@ class _Execution:
         self.on_success = [o for o in observers if _overrides(o, "on_success", "on_success_block")]
         self.knowers = [o for o in observers if _overrides(o, "known", "known_block")]
         self.gates = [o for o in observers if _overrides(o, "allow_dispatch")]
+        self.watchers = [o for o in observers if _overrides(o, *_ITEM_HOOKS)]
+        self.chunk_starts = [o for o in observers if _overrides(o, "chunk_started")]
+        self.chunk_ends = [o for o in observers if _overrides(o, "chunk_finished")]
+        self.run_id = new_run_id()  # names the run in logs and traces
         # Known results (sampled, checkpointed) waiting to be handed out, in blocks.
         self.ready: deque[tuple[int, list[Any]]] = deque()
         self.stream: _UnknownItems | None = None
@@ -898,6 +922,8 @@ class _Execution:
     def result_blocks(self) -> Iterator[tuple[int, list[Any]]]:
         """The run: ``(start, values)`` blocks of consecutive results, in completion order."""
         t0 = time.perf_counter()
+        outer_run = RUN_ID.get()
+        RUN_ID.set(self.run_id)
         try:
             plan = self._begin()
             if self._unwatched_serial(plan):
@@ -914,7 +940,10 @@ class _Execution:
             self._cancel(exc)
             raise
         finally:
-            self._finish(time.perf_counter() - t0)
+            try:
+                self._finish(time.perf_counter() - t0)
+            finally:
+                RUN_ID.set(outer_run)
 
     # -- begin -----------------------------------------------------------------------------
 
@@ -940,6 +969,8 @@ class _Execution:
             optimization=plan.optimization,
             predicted_seconds=plan.predicted,
         )
+        for obs in opts.observers:
+            obs.planned(self.report)
         if opts.verbose:
             print(plan.optimization if plan.optimization is not None else self.report, flush=True)
         self.chunksize = plan.chunksize
@@ -1091,6 +1122,8 @@ class _Execution:
                     yield PAUSE
             self.dispatched += len(items)
             self.tasks_out += 1
+            for obs in self.chunk_starts:
+                obs.chunk_started(start, len(items))
             yield Task(start, items)
 
     def _run_tasks(
@@ -1100,6 +1133,7 @@ class _Execution:
         report = self.report
         assert report is not None
         ready, bar, on_success, sizer = self.ready, self.bar, self.on_success, self.sizer
+        chunk_ends = self.chunk_ends
         yield from self._drain()
         last = None  # the previous completion: the first one only starts the clock
         for task, outs in outcomes:
@@ -1113,11 +1147,16 @@ class _Execution:
                 report.completed += n
                 for obs in on_success:
                     obs.on_success_block(task.start, task.items, outs)
+                for obs in chunk_ends:
+                    obs.chunk_finished(task.start, n, 0)
                 if bar is not None:
                     bar.update(n)
                 yield task.start, outs
             else:
+                failed = report.failed
                 values = self._apply_policy(task, outs)
+                for obs in chunk_ends:
+                    obs.chunk_finished(task.start, n, report.failed - failed)
                 if bar is not None:
                     bar.update(n)
                 if values:
@@ -1181,6 +1220,7 @@ class _Execution:
                 # a failure even when the dead-letter queue records it.
                 recorded = obs.on_failure(index, item, exc, out.attempts) or recorded
             failure = ItemFailure(index, item, exc, out.attempts)
+            log_item_failed(self.run_id, index, out.attempts, exc, self.func)
             report.failed += 1
             report.failures.append(failure)
             if not self.opts.collect and not recorded:
@@ -1219,11 +1259,12 @@ class _Execution:
 
     def _unwatched_serial(self, plan: _Plan) -> bool:
         """Whether the serial fast path may run the plan: the plain serial backend, and no
-        observer, progress bar or sampled failure needing the per-chunk bookkeeping."""
+        observer watching items, progress bar or sampled failure needing the per-chunk
+        bookkeeping."""
         profile = getattr(plan.optimization, "profile", None)
         return (
             type(plan.backend) is SerialBackend
-            and not self.opts.observers
+            and not self.watchers
             and self.bar is None
             and self.stream is None
             and plan.stopped is None
@@ -1315,6 +1356,7 @@ class _Execution:
         report = self.report
         assert report is not None
         failure = ItemFailure(index, item, exc, getattr(exc, "attempts", 1))
+        log_item_failed(self.run_id, index, failure.attempts, exc, self.func)
         report.failed += 1
         report.failures.append(failure)
         if not self.opts.collect:
@@ -1375,6 +1417,7 @@ def execute(
     dead_letter: Any = ...,
     circuit_breaker: Any = ...,
     observers: Sequence[RunObserver] | None = ...,
+    trace_chunks: bool = ...,
 ) -> list[Any]: ...
 
 
@@ -1396,6 +1439,7 @@ def execute(
     dead_letter: Any = ...,
     circuit_breaker: Any = ...,
     observers: Sequence[RunObserver] | None = ...,
+    trace_chunks: bool = ...,
 ) -> tuple[list[Any], RunReport]: ...
 
 
@@ -1416,6 +1460,7 @@ def execute(
     dead_letter: Any = None,
     circuit_breaker: Any = None,
     observers: Sequence[RunObserver] | None = None,
+    trace_chunks: bool = False,
 ) -> list[Any] | tuple[list[Any], RunReport]:
     """``[func(x) for x in data]``, run serially, on processes or on threads as planned.
 
@@ -1429,6 +1474,8 @@ def execute(
     and lists them in ``report.failures``. ``return_plan=True`` returns
     ``(results, RunReport)``. ``checkpoint=``, ``dead_letter=`` and ``circuit_breaker=``
     plug in the reliability layer; ``observers=`` takes extra ``RunObserver`` hooks.
+    With OpenTelemetry set up (a tracer or meter provider), each run is a span with
+    metrics; ``trace_chunks=True`` adds a child span per chunk (docs/observability.md).
     An ``async def`` function runs on the ``"async"`` backend: its coroutines are awaited on
     one event loop, as many in flight as the sampled wait calls for (``execute_async``
     from inside a coroutine).
@@ -1454,7 +1501,7 @@ def execute(
         "execute", func, data, n_jobs=n_jobs, chunksize=chunksize, backend=backend,
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
-        observers=observers,
+        observers=observers, trace_chunks=trace_chunks,
     )  # fmt: skip
     run = _Execution(func, data, opts, one_block=True)
     results: list[Any] = []
@@ -1495,6 +1542,7 @@ def execute_iter(
     dead_letter: Any = None,
     circuit_breaker: Any = None,
     observers: Sequence[RunObserver] | None = None,
+    trace_chunks: bool = False,
 ) -> Iterator[Any]:
     """Yield ``func(x)`` for each item as results complete, with bounded memory.
 
@@ -1512,7 +1560,7 @@ def execute_iter(
         "execute_iter", func, data, n_jobs=n_jobs, chunksize=chunksize, backend=backend,
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
-        observers=observers, ordered_window=ordered,
+        observers=observers, ordered_window=ordered, trace_chunks=trace_chunks,
     )  # fmt: skip
     return _iterate(_Execution(func, data, opts), ordered)
 

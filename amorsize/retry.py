@@ -41,7 +41,7 @@ from typing import (
     overload,
 )
 
-from amorsize import _core
+from amorsize import _core, _telemetry
 from amorsize._core import (
     AsyncRetryingFunction,
     RetryingFunction,
@@ -187,6 +187,10 @@ def _exhausted_error(
 
 
 _core._set_exhausted_error(RetryExhaustedError)
+# OpenTelemetry metrics of failed attempts, only if the API is installed: the compiled loop
+# reads the hook after a failed attempt, never on the success path.
+if _telemetry.api_installed():
+    _core._set_retry_event_hook(_telemetry.retry_event)
 
 
 _WHERE = "RetryPolicy: "

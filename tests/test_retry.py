@@ -557,7 +557,7 @@ def test_on_retry_exception_is_logged_and_retrying_goes_on(
 def test_every_retry_is_logged_at_debug(
     sleeps: SleepRecorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """One DEBUG record per retry on the `amorsize` logger, naming the attempt and error."""
+    """One DEBUG record per retry on the `amorsize.retry` logger, naming the attempt and error."""
 
     def fetch() -> int:
         return f()
@@ -566,7 +566,7 @@ def test_every_retry_is_logged_at_debug(
     g = with_retry(fetch, initial_delay=0.0)
     with caplog.at_level(logging.DEBUG, logger="amorsize"):
         assert g() == 2
-    msgs = [r.getMessage() for r in caplog.records if r.name == "amorsize"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "amorsize.retry"]
     assert len(msgs) == 2 and all(r.levelno == logging.DEBUG for r in caplog.records)
     assert "fetch" in msgs[0] and "attempt 1" in msgs[0] and "ConnectionError: refused" in msgs[0]
     assert "attempt 2" in msgs[1]

@@ -64,6 +64,7 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar, cast
 
+from amorsize._log import log_worker_crashed
 from amorsize.backends._wire import (
     FATAL,
     NOLOAD,
@@ -663,6 +664,7 @@ class _Run:
                 # started, so its items are not suspects.
                 self.front.append((task, None))
             else:
+                log_worker_crashed(w.process.pid, exitcode, task.start, len(task.items))
                 yield from self._crashed(task, exitcode)
 
     def _crashed(self, task: Task, exitcode: int | None) -> Iterator[_Report]:
