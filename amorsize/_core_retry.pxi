@@ -110,6 +110,7 @@ cdef enum:
 # What _retry_after_failure tells the loop (any value >= 0 is the delay before a retry).
 cdef double _RETRY_PROPAGATE = -1.0   # not retryable: re-raise unchanged
 cdef double _RETRY_EXHAUSTED = -2.0   # retryable, but out of attempts or time
+cdef double _RETRY_NO_BUDGET = -4.0   # retryable, but the policy's RetryBudget refused
 
 _retry_logger = _logging.getLogger("amorsize")
 # Argument checks of the diagnostic methods (calculate_delay, should_retry), never per call.
@@ -253,10 +254,12 @@ cdef class _RetryPolicyCore:
     cdef tuple exc_excluded   # subclasses of exc_types that are still not retried
     cdef object on_retry_cb
     cdef object result_pred
+    cdef _RetryBudgetCore budget   # None: no budget (calls deposit, retries withdraw)
 
     def _lower(self, long long max_retries, double initial_delay, double max_delay,
                double exponential_base, int jitter_mode, tuple exc_types, on_retry,
-               double max_elapsed, retry_on_result, bint reraise, tuple exc_excluded=()):
+               double max_elapsed, retry_on_result, bint reraise, tuple exc_excluded=(),
+               _RetryBudgetCore budget=None):
         if self._lowered:
             raise AttributeError("a RetryPolicy is immutable: build a new one instead")
         self.max_retries = max_retries
@@ -270,6 +273,7 @@ cdef class _RetryPolicyCore:
         self.max_elapsed = max_elapsed
         self.result_pred = retry_on_result
         self.reraise = reraise
+        self.budget = budget
         self.simple = max_elapsed < 0.0 and retry_on_result is None
         self._lowered = True
 
@@ -343,6 +347,10 @@ cdef double _retry_after_failure(_RetryPolicyCore p, object func, object exc,
         if stats is not None:
             stats.exhausted += 1
         return _RETRY_EXHAUSTED
+    if p.budget is not None and not _budget_withdraw(p.budget):
+        if stats is not None:
+            stats.exhausted += 1
+        return _RETRY_NO_BUDGET
     previous[0] = delay
     if stats is not None:
         stats.retries += 1
@@ -390,8 +398,11 @@ def callable_name(func):
 
 
 cdef inline _retry_raise_exhausted(_RetryPolicyCore p, object func, object exc,
-                                   long long attempt, object result):
-    err = _retry_exhausted_error(exc, attempt, result, callable_name(func))
+                                   long long attempt, object result, double why=_RETRY_EXHAUSTED):
+    if why == _RETRY_NO_BUDGET:
+        err = _retry_exhausted_error(exc, attempt, result, callable_name(func), reason="budget")
+    else:
+        err = _retry_exhausted_error(exc, attempt, result, callable_name(func))
     if exc is None:
         raise err
     raise err from exc
@@ -443,10 +454,11 @@ cdef object _retry_run(object func, _RetryPolicyCore p, RetryStats stats,
         delay = _retry_after_failure(p, func, exc, attempt, &previous, start, stats)
         if delay == _RETRY_PROPAGATE:
             _reraise(exc)
-        if delay == _RETRY_EXHAUSTED:
+        if delay == _RETRY_EXHAUSTED or delay == _RETRY_NO_BUDGET:
             if exc is not None and p.reraise:
                 _reraise(exc)
-            _retry_raise_exhausted(p, func, exc, attempt, result if exc is None else None)
+            _retry_raise_exhausted(p, func, exc, attempt, result if exc is None else None,
+                                   delay)
         _retry_sleep(delay)
         attempt += 1
         exc = None
@@ -580,6 +592,8 @@ cdef class RetryingFunction(_RetryingBase):
         """
         cdef long long attempts = 0
         self.stats.calls += 1
+        if self.policy.budget is not None:
+            _budget_deposit(self.policy.budget)
         try:
             result = _retry_run(self.func, self.policy, self.stats, NULL, 0, NULL,
                                 args, kwargs, &attempts, None)
@@ -598,12 +612,28 @@ cdef PyObject* _retry_vectorcall(RetryingFunction self, PyObject* const* args,
     # failure (or a policy needing a clock or a result check) goes on to the Cython loop.
     cdef PyObject* r
     self.stats.calls += 1
+    if self.policy.budget is not None and _retry_deposit_failed(self.policy.budget):
+        return NULL
     if self.policy.simple:
         r = PyObject_Vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
         if r != NULL:
             return r
         return _retry_slow_ptr(self, args, nargsf, kwnames, True)
     return _retry_slow_ptr(self, args, nargsf, kwnames, False)
+
+
+cdef inline bint _retry_deposit_failed(_RetryBudgetCore b) noexcept:
+    # The deposit from a noexcept vectorcall entry. Only an injected clock (tests) can
+    # raise: the call then fails with that exception set (the pointer below passes the -1
+    # and the exception through, as _retry_slow_ptr does).
+    if b.clock is None:
+        amz_budget_add(b.slots, amz_coarse_ns() >> b.shift, b.deposit)
+        return False
+    return _retry_deposit_clocked_ptr(b) != 0
+
+
+ctypedef int (*_retry_deposit_t)(_RetryBudgetCore) noexcept
+cdef _retry_deposit_t _retry_deposit_clocked_ptr = <_retry_deposit_t><void*>_budget_deposit
 
 
 cdef object _retry_slow(RetryingFunction self, PyObject* const* args, size_t nargsf,
@@ -640,6 +670,8 @@ cdef PyObject* _retry_item_vectorcall(RetryingItemFunction self, PyObject* const
     # As _retry_vectorcall; only the failure path differs (it records the attempts).
     cdef PyObject* r
     self.stats.calls += 1
+    if self.policy.budget is not None and _retry_deposit_failed(self.policy.budget):
+        return NULL
     if self.policy.simple:
         r = PyObject_Vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
         if r != NULL:
@@ -818,6 +850,8 @@ cdef int _retry_coro_step(RetryCoroutine self, object value, tuple throw_args,
             raise RuntimeError("cannot reuse already awaited coroutine")
         self.attempt = 1
         self.previous = p.initial_delay
+        if p.budget is not None:
+            _budget_deposit(p.budget)
         if p.max_elapsed >= 0.0:
             self.start = _time.monotonic()
     while True:
@@ -902,11 +936,11 @@ cdef int _retry_coro_give_up_or_sleep(RetryCoroutine self, object exc,
     if delay == _RETRY_PROPAGATE:
         self.done = True
         return _reraise(exc)
-    if delay == _RETRY_EXHAUSTED:
+    if delay == _RETRY_EXHAUSTED or delay == _RETRY_NO_BUDGET:
         self.done = True
         if exc is not None and p.reraise:
             return _reraise(exc)
-        _retry_raise_exhausted(p, self.func, exc, self.attempt, result)
+        _retry_raise_exhausted(p, self.func, exc, self.attempt, result, delay)
     return _retry_coro_begin_sleep(self, delay)
 
 
@@ -931,6 +965,8 @@ def retry_call_core(func, _RetryPolicyCore policy not None, tuple args, dict kwa
     if not policy._lowered:
         msg = "policy must be a RetryPolicy (built by amorsize.retry.RetryPolicy)"
         raise TypeError(msg)
+    if policy.budget is not None:
+        _budget_deposit(policy.budget)
     return _retry_run(func, policy, None, NULL, 0, NULL, args, kwargs, &attempts, None)
 
 

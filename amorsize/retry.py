@@ -40,6 +40,7 @@ from amorsize._core import (
     seed_jitter,
 )
 from amorsize._format import describe_error
+from amorsize.budget import RetryBudget
 from amorsize._validate import (
     MAX_SECONDS,
     check_bool,
@@ -93,6 +94,7 @@ class _Lowered(NamedTuple):
     retry_on_result: Callable[[Any], object] | None
     reraise: bool
     exc_excluded: tuple[type[BaseException], ...]
+    budget: RetryBudget | None
 
 
 class RetryExhaustedError(Exception):
@@ -100,7 +102,8 @@ class RetryExhaustedError(Exception):
 
     ``original_exception`` is the last attempt's exception (``None`` when the last
     attempt's *result* was rejected by ``retry_on_result``; it is then ``last_result``),
-    ``attempts`` the number of attempts made. Raised ``from`` the last exception, and
+    ``attempts`` the number of attempts made, ``reason`` what stopped the retries
+    (``"budget"``: the policy's ``RetryBudget`` refused the next one). Raised ``from`` the last exception, and
     picklable with its attributes and message, so it crosses process boundaries intact.
 
     >>> err = RetryExhaustedError(ConnectionError("refused"), 4)
@@ -114,16 +117,21 @@ class RetryExhaustedError(Exception):
         attempts: int,
         last_result: Any = None,
         func_name: str | None = None,
+        *,
+        reason: str = "attempts",
     ) -> None:
         self.original_exception = original_exception
         self.attempts = attempts
         self.last_result = last_result
         self.func_name = func_name
+        self.reason = reason
         super().__init__(self._message())
 
     def _message(self) -> str:
         who = f"{self.func_name}: " if self.func_name else ""
         plural = "attempt" if self.attempts == 1 else "attempts"
+        if self.reason == "budget":
+            plural += " (the retry budget refused another)"
         exc = self.original_exception
         if exc is None:
             last = f"last result rejected by retry_on_result: {self.last_result!r}"
@@ -171,6 +179,10 @@ class RetryPolicy(_RetryPolicyCore):
     * ``retry_on_result``: a predicate; a result for which it is true is retried.
     * ``reraise``: on exhaustion raise the last exception itself instead of
       ``RetryExhaustedError``.
+    * ``budget``: a ``RetryBudget`` consulted before each retry (every call deposits, every
+      retry withdraws); a refused retry ends the call with ``RetryExhaustedError`` whose
+      ``reason`` is ``"budget"`` (or the last exception, with ``reraise``). One budget may
+      serve many policies and functions, and ``execute`` shares it with every worker.
 
     >>> p = RetryPolicy(max_retries=5, initial_delay=0.5, jitter=False)
     >>> [p.calculate_delay(n) for n in (1, 2, 3)]
@@ -188,6 +200,7 @@ class RetryPolicy(_RetryPolicyCore):
     max_elapsed: float | None = None
     retry_on_result: Callable[[Any], object] | None = None
     reraise: bool = False
+    budget: RetryBudget | None = None
 
     def __post_init__(self) -> None:
         """Validate every field, normalise, and lower the result into the C fields."""
@@ -228,6 +241,7 @@ class RetryPolicy(_RetryPolicyCore):
             retry_on_result=self.retry_on_result,
             reraise=check_bool(_WHERE, "reraise", self.reraise),
             exc_excluded=self._excluded_types(),
+            budget=self._budget(),
         )
 
     def _delays(self) -> tuple[float, float]:
@@ -248,6 +262,12 @@ class RetryPolicy(_RetryPolicyCore):
         return check_exception_types(
             _WHERE, "retry_on_exceptions", self.retry_on_exceptions, " (None: Exception)"
         )
+
+    def _budget(self) -> RetryBudget | None:
+        given: object = self.budget
+        if given is not None and not isinstance(given, RetryBudget):
+            fail(TypeError, _WHERE, "budget", "an amorsize.RetryBudget or None", given)
+        return self.budget
 
     def _excluded_types(self) -> tuple[type[BaseException], ...]:
         """Classes never retried although ``Exception`` covers them: none once named."""
@@ -275,6 +295,7 @@ class RetryPolicy(_RetryPolicyCore):
             "max_elapsed": self.max_elapsed,
             "retry_on_result": self.retry_on_result,
             "reraise": self.reraise,
+            "budget": self.budget,
         }
 
 
@@ -342,6 +363,7 @@ def with_retry(
     max_elapsed: float | None = ...,
     retry_on_result: Callable[[Any], object] | None = ...,
     reraise: bool = ...,
+    budget: RetryBudget | None = ...,
 ) -> Callable[[Callable[P, R]], RetryingFunction[P, R]]: ...
 
 
