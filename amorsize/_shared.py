@@ -27,8 +27,11 @@ registering it with that tracker, so that a worker's exit never unlinks the pare
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import mmap
 import os
+import sys
 import threading
 import weakref
 from typing import Any
@@ -132,14 +135,10 @@ def _unlink(shm: Any, owner: int) -> None:
     # A forked child inherits this finalizer: only the creating process unlinks.
     if os.getpid() != owner:
         return
-    try:
+    with contextlib.suppress(BufferError):  # at exit it may still be mapped: the OS unmaps it
         shm.close()
-    except BufferError:  # at exit, the object still maps it: the OS unmaps it then
-        pass
-    try:
+    with contextlib.suppress(FileNotFoundError):
         shm.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def attach(cls: type[Shareable], name: str, params: dict[str, Any]) -> Shareable:
@@ -157,12 +156,12 @@ def attach(cls: type[Shareable], name: str, params: dict[str, Any]) -> Shareable
 
 def _map(name: str, n_bytes: int, what: str) -> mmap.mmap:
     """Map an existing segment without registering it with the resource tracker."""
-    if os.name == "nt":
+    if sys.platform == "win32":
         return mmap.mmap(-1, n_bytes, tagname=name)
-    import _posixshmem  # what multiprocessing.shared_memory uses underneath
-
+    # What multiprocessing.shared_memory uses underneath (a C module without type stubs).
+    posixshmem = importlib.import_module("_posixshmem")
     try:
-        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        fd = posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
     except FileNotFoundError:
         msg = (
             f"the shared state of a {what} (shared-memory segment {name!r}) is gone: the "

@@ -73,7 +73,7 @@ class RetryBudget(_RetryBudgetCore, Shareable):
         check_callable(_WHERE, "clock", clock, "a callable returning seconds", none=True)
         self.clock = clock
         # Slices of 2**shift ns: the largest power of two with at least _SLICES per ttl.
-        shift = int(math.floor(math.log2(self.ttl * 1e9 / _SLICES)))
+        shift = math.floor(math.log2(self.ttl * 1e9 / _SLICES))
         live = min(_SLOTS - 1, math.ceil(self.ttl * 1e9 / 2**shift))
         self._lower(
             round(self.ratio * _UNIT), round(self.min_per_second * self.ttl * _UNIT), shift, live

@@ -43,8 +43,8 @@ class RateLimiter(_RateLimiterCore, Shareable):
     every worker of the run, retries included. Thread-safe and process-safe without a lock.
 
     ``clock`` and ``sleep`` (tests): a callable giving seconds like ``time.monotonic``, and
-    one sleeping like ``time.sleep`` (the defaults are the system-wide monotonic clock and
-    ``time.sleep``).
+    one sleeping like ``time.sleep`` (the defaults are the system-wide monotonic clock,
+    ``time.sleep`` and, in ``acquire_async``, ``asyncio.sleep``).
 
     >>> now = [0.0]
     >>> lim = RateLimiter(2, per=1.0, burst=0, clock=lambda: now[0],
@@ -84,12 +84,18 @@ class RateLimiter(_RateLimiterCore, Shareable):
         return wait
 
     async def acquire_async(self) -> float:
-        """``acquire`` for coroutines: awaits ``asyncio.sleep`` for its turn."""
+        """``acquire`` for coroutines: awaits ``asyncio.sleep`` for its turn (or the injected
+        ``sleep``, awaited if it returns an awaitable)."""
         wait: float = self._reserve()
         if wait > 0.0:
-            import asyncio
+            if self.sleep is not None:
+                slept = self.sleep(wait)
+                if inspect.isawaitable(slept):
+                    await slept
+            else:
+                import asyncio
 
-            await asyncio.sleep(wait)
+                await asyncio.sleep(wait)
         return wait
 
     def __call__(self, func: F) -> F:
@@ -147,7 +153,7 @@ class Limited:
 class AsyncLimited(Limited):
     """``Limited`` for an ``async def`` function: awaits its turn, then the call."""
 
-    async def __call__(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         await self.limiter.acquire_async()
         return await self.func(*args, **kwargs)
 

@@ -40,7 +40,6 @@ from amorsize._core import (
     seed_jitter,
 )
 from amorsize._format import describe_error
-from amorsize.budget import RetryBudget
 from amorsize._validate import (
     MAX_SECONDS,
     check_bool,
@@ -51,6 +50,7 @@ from amorsize._validate import (
     check_number,
     fail,
 )
+from amorsize.budget import RetryBudget
 
 __all__ = [
     "AsyncRetryingFunction",
