@@ -27,6 +27,7 @@ registering it with that tracker, so that a worker's exit never unlinks the pare
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import mmap
@@ -40,6 +41,8 @@ __all__ = ["Shareable", "attach"]
 
 # Segment name -> the object of this process that maps it (an unpickled copy, or the owner).
 _ATTACHED: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+# Objects whose segment this process created: released at exit (see _release_all).
+_OWNED: weakref.WeakSet[Any] = weakref.WeakSet()
 _LOCK = threading.RLock()
 
 
@@ -89,7 +92,11 @@ class Shareable:
                 self._use_buffer(shm.buf, True)
                 self._segment, self._name = shm, shm.name
                 _ATTACHED[shm.name] = self
+                _OWNED.add(self)
+                # Collected while shared: unlink then. At exit _release_all does it instead,
+                # while the object still exists (its slots still map the segment then).
                 self._finalizer = weakref.finalize(self, _unlink, shm, os.getpid())
+                self._finalizer.atexit = False
             self._shares += 1
             return self._name
 
@@ -109,8 +116,11 @@ class Shareable:
         self._segment = self._name = self._finalizer = None
         if _ATTACHED.get(name) is self:
             del _ATTACHED[name]
-        if finalizer is not None:
-            finalizer()  # closes and unlinks the segment this process created
+        _OWNED.discard(self)
+        detached = None if finalizer is None else finalizer.detach()
+        if detached is not None:  # not finalizer(): at exit, finalize refuses to run it
+            _, func, args, _ = detached
+            func(*args)  # closes and unlinks the segment this process created
         elif isinstance(segment, mmap.mmap):
             segment.close()
 
@@ -131,12 +141,18 @@ class Shareable:
             return (attach, (type(self), self._name, self._params()))
 
 
+@atexit.register
+def _release_all() -> None:
+    """Unlink every segment this process created and still shares (not in forked children)."""
+    for obj in list(_OWNED):
+        obj.close()
+
+
 def _unlink(shm: Any, owner: int) -> None:
     # A forked child inherits this finalizer: only the creating process unlinks.
     if os.getpid() != owner:
         return
-    with contextlib.suppress(BufferError):  # at exit it may still be mapped: the OS unmaps it
-        shm.close()
+    shm.close()
     with contextlib.suppress(FileNotFoundError):
         shm.unlink()
 

@@ -301,8 +301,9 @@ def _shared_state(api: str, be: str | Backend, client: Any, objs: tuple[Any, ...
             f"with backend='processes' or 'threads', or limit the calls inside func instead"
         )
         raise ValueError(msg)
-    # In-process backends use the objects as they are; "auto" may offload to processes.
-    return spec is None or spec.out_of_process or name == "auto"
+    # Shared for every run, in-process ones too: sampling pickles func to size it, and a
+    # pickled limiter or budget would otherwise stay shared after the run.
+    return True
 
 
 def _build_observers(

@@ -18,7 +18,9 @@ from amorsize import (
     RetryBudget,
     RetryExhaustedError,
     RetryPolicy,
+    create_batch_retry_wrapper,
     execute,
+    retry_call,
     with_retry,
 )
 
@@ -116,13 +118,28 @@ def test_async_retries_draw_on_the_budget() -> None:
     assert (err.value.reason, err.value.attempts) == ("budget", 2)
 
 
-def test_successful_calls_deposit() -> None:
-    """Each call of a retrying function deposits, whether it succeeds or not."""
+def test_every_entry_point_deposits_per_call() -> None:
+    """with_retry, retry_call and the batch wrapper each deposit once per call."""
     b = RetryBudget(ratio=0.5, min_per_second=0.0, ttl=10.0, clock=Clock())
-    f = with_retry(abs, budget=b)
-    for i in range(10):
+    policy = RetryPolicy(budget=b)
+    f = with_retry(abs, policy=policy)
+    for i in range(6):
         f(-i)
+    retry_call(abs, args=(-1,), policy=policy)
+    wrapper = create_batch_retry_wrapper(abs, policy)
+    assert [wrapper(-1), wrapper(-2), wrapper(-3)] == [1, 2, 3]
     assert b.available == pytest.approx(5.0)
+
+
+def test_a_failing_injected_clock_fails_the_call() -> None:
+    """An injected clock that raises makes the call raise that error, not crash."""
+
+    def broken() -> float:
+        raise OSError("clock gone")
+
+    f = with_retry(abs, budget=RetryBudget(clock=broken))
+    with pytest.raises(OSError, match="clock gone"):
+        f(-1)
 
 
 def test_deposits_from_threads_are_never_lost() -> None:
@@ -198,16 +215,17 @@ def test_policy_with_a_budget_pickles_to_the_same_budget() -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /dev/shm")
-def test_a_sigkilled_owner_leaves_no_segment(tmp_path: Any) -> None:
-    """The resource tracker unlinks the segment of a parent killed with SIGKILL."""
+@pytest.mark.parametrize("end", ["sys.exit(0)", "os.kill(os.getpid(), signal.SIGKILL)"])
+def test_an_owner_that_exits_or_is_killed_leaves_no_segment(tmp_path: Any, end: str) -> None:
+    """At exit the owner unlinks its segment; after a SIGKILL the resource tracker does."""
     script = textwrap.dedent(
-        """
+        f"""
         import os, pickle, signal, sys
         from amorsize import RetryBudget
         b = RetryBudget()
         pickle.dumps(b)
         print(b.shared_name, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        {end}
         """
     )
     proc = subprocess.run(
@@ -215,6 +233,8 @@ def test_a_sigkilled_owner_leaves_no_segment(tmp_path: Any) -> None:
     )
     name = proc.stdout.strip()
     assert name.startswith("psm_")
+    if end.startswith("sys.exit"):
+        assert "leaked" not in proc.stderr
     deadline = time.monotonic() + 30
     while os.path.exists(f"/dev/shm/{name}") and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -8,11 +8,16 @@ import pickle
 import sys
 from typing import Any
 
+import cloudpickle
 import pytest
 
-from amorsize import ItemFailure, RateLimiter, RetryPolicy, execute, execute_iter
+from amorsize import ItemFailure, RateLimiter, RetryPolicy, execute, execute_async, execute_iter
 from amorsize._shared import Shareable
+from amorsize.backends import get_backend
 from amorsize.executor import RunObserver
+
+# Spawned workers cannot import this module (importlib mode): send its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class FakeTime:
@@ -107,18 +112,22 @@ def test_decorator_limits_sync_and_async_functions(monkeypatch: pytest.MonkeyPat
     assert f.__name__ == "f" and asyncio.iscoroutinefunction(g)
 
 
-@pytest.mark.parametrize("backend", ["threads", "processes"])
+@pytest.mark.parametrize("backend", ["threads", "processes", "processes-spawn"])
 def test_all_workers_of_a_run_draw_from_one_bucket(backend: str) -> None:
     """With the clock stopped, exactly burst + 1 calls start across every worker."""
     lim = RateLimiter(5, per=1.0, burst=3, clock=frozen_clock, sleep=refuse)
+    be: Any = backend
+    if backend == "processes-spawn":
+        be = get_backend("processes", start_method="spawn")
     out = execute(
-        square, range(24), backend=backend, n_jobs=2, chunksize=1, on_error="collect",
+        square, range(24), backend=be, n_jobs=2, chunksize=1, on_error="collect",
         rate_limit=lim,
     )  # fmt: skip
     done = [r for r in out if not isinstance(r, ItemFailure)]
     refused = [r for r in out if isinstance(r, ItemFailure)]
     assert len(done) == 4
-    assert all(isinstance(r.exception, NoTokenError) for r in refused)
+    # Sent by value to spawned workers, the class comes back as a copy: compare names.
+    assert {type(r.exception).__name__ for r in refused} == {"NoTokenError"}
     assert not lim.try_acquire()  # the run's starts stayed in the limiter
 
 
@@ -149,6 +158,10 @@ def test_async_function_runs_are_limited() -> None:
     assert execute(double, range(5), rate_limit=lim_ok) == [0, 2, 4, 6, 8]
     out = execute(double, range(5), rate_limit=lim, on_error="collect", backend="async")
     assert sum(not isinstance(r, ItemFailure) for r in out) == 3
+    assert not lim.try_acquire()
+    again = RateLimiter(1, per=1.0, burst=1, clock=frozen_clock, sleep=refuse)
+    out = asyncio.run(execute_async(double, range(4), rate_limit=again, on_error="collect"))
+    assert sum(not isinstance(r, ItemFailure) for r in out) == 2
 
 
 def _recording_shares(monkeypatch: pytest.MonkeyPatch) -> list[str]:
