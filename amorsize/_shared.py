@@ -15,8 +15,9 @@ counters with C atomics, and no message goes to the parent per call::
     end of run: obj._unshare() -> slots copied back, segment unlinked
 
 Why shared memory and not a broker in the parent: an acquire or deposit is one
-compare-and-swap (~20-60 ns) instead of a round trip to the parent (~20-50 µs, see
-``benchmarks/bench_budget.py``), and it keeps working while the parent is busy.
+compare-and-swap, ~80 ns per acquire with two processes acquiring at once, against ~20 µs
+for a round trip to a broker thread in the parent (``benchmarks/bench_budget.py``, 2 cores
+under load), and it keeps working while the parent is busy.
 
 Clean-up: a run unlinks the segment it shared when it ends, Ctrl-C included; a segment shared
 by pickling outside a run lives until ``close()``, the object's collection or the
