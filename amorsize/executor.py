@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from operator import length_hint
-from typing import Any, Literal, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._schedule import ChunkSizer
@@ -62,6 +62,9 @@ from amorsize.backends.base import (
 from amorsize.backends.serial import SerialBackend
 from amorsize.sampling import ItemRun, SampledFailure, TimedCall
 from amorsize.system import available_cpus, get_system_info
+
+if TYPE_CHECKING:
+    from amorsize.ratelimit import RateLimiter
 
 __all__ = [
     "DispatchStoppedError",
@@ -1425,7 +1428,7 @@ def execute(
     dead_letter: Any = ...,
     circuit_breaker: Any = ...,
     observers: Sequence[RunObserver] | None = ...,
-    rate_limit: Any = ...,
+    rate_limit: RateLimiter | None = ...,
 ) -> list[Any]: ...
 
 
@@ -1447,7 +1450,7 @@ def execute(
     dead_letter: Any = ...,
     circuit_breaker: Any = ...,
     observers: Sequence[RunObserver] | None = ...,
-    rate_limit: Any = ...,
+    rate_limit: RateLimiter | None = ...,
 ) -> tuple[list[Any], RunReport]: ...
 
 
@@ -1468,7 +1471,7 @@ def execute(
     dead_letter: Any = None,
     circuit_breaker: Any = None,
     observers: Sequence[RunObserver] | None = None,
-    rate_limit: Any = None,
+    rate_limit: RateLimiter | None = None,
 ) -> list[Any] | tuple[list[Any], RunReport]:
     """``[func(x) for x in data]``, run serially, on processes or on threads as planned.
 
@@ -1552,7 +1555,7 @@ def execute_iter(
     dead_letter: Any = None,
     circuit_breaker: Any = None,
     observers: Sequence[RunObserver] | None = None,
-    rate_limit: Any = None,
+    rate_limit: RateLimiter | None = None,
 ) -> Iterator[Any]:
     """Yield ``func(x)`` for each item as results complete, with bounded memory.
 
