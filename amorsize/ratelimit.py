@@ -24,12 +24,13 @@ from typing import Any, TypeVar, cast
 
 from amorsize._core import _RateLimiterCore
 from amorsize._shared import Shareable
-from amorsize._validate import check_callable, check_int, check_number
+from amorsize._validate import check_callable, check_int, check_number, fail
 
 __all__ = ["RateLimiter"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _WHERE = "RateLimiter: "
+_MAX_NS = 100 * 365 * 86400 * 10**9
 
 
 class RateLimiter(_RateLimiterCore, Shareable):
@@ -73,6 +74,11 @@ class RateLimiter(_RateLimiterCore, Shareable):
         self.clock = clock
         self.sleep = sleep
         interval = max(1, round(self.per / self.rate * 1e9))
+        if (self.burst + 1) * interval > _MAX_NS:  # the core's nanosecond slot would overflow
+            fail(
+                ValueError, _WHERE, "per / rate * (burst + 1)", "at most 100 years", per,
+                fix=f"raise rate or lower per or burst (rate={rate!r}, burst={burst!r})",
+            )  # fmt: skip
         self._lower(interval, self.burst * interval)
         self._local_slots(8)
 

@@ -216,6 +216,7 @@ def test_pickling_attaches_to_the_same_state_until_close() -> None:
         ({"rate": 1, "per": -1}, ValueError, "RateLimiter: per must be"),
         ({"rate": 1, "burst": 1.5}, TypeError, "RateLimiter: burst must be an int"),
         ({"rate": 1, "clock": 3}, TypeError, "RateLimiter: clock must be a callable"),
+        ({"rate": 1e-9, "per": 86400}, ValueError, r"per / rate \* \(burst \+ 1\) must be"),
     ],
 )
 def test_bad_parameters_are_named(kwargs: dict[str, Any], error: type, text: str) -> None:
