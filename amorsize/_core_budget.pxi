@@ -149,16 +149,18 @@ cdef class _SlotsCore:
         self.slots = new
         self.buf = view
 
-    def _drop_buffer(self):
-        """Forget the buffer (before its shared-memory segment is closed)."""
-        self.slots = NULL
-        self.buf = None
-
     def _slot(self, Py_ssize_t i):
         """The raw value of slot ``i`` (tests and diagnostics)."""
         if self.slots == NULL or not 0 <= i < self.n_slots:
             raise IndexError(i)
         return amz_load64(self.slots + i)
+
+
+cdef inline int _budget_check_slots(_SlotsCore c) except -1:
+    # Built through its Python class, an object always has slots; a bare core has none.
+    if c.slots == NULL:
+        raise RuntimeError(f"{type(c).__name__} has no slots: build it through its class")
+    return 0
 
 
 @cython.auto_pickle(False)
@@ -172,6 +174,8 @@ cdef class _RetryBudgetCore(_SlotsCore):
         self.n_slots = 32
 
     def _lower(self, int64_t deposit, int64_t reserve, int shift, int live):
+        if not 0 < shift < 63 or not 0 < live < 32:
+            raise ValueError(f"slice shift {shift} or live slices {live} out of range")
         self.deposit = deposit
         self.reserve = reserve
         self.shift = shift

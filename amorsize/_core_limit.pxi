@@ -51,6 +51,7 @@ cdef class _RateLimiterCore(_SlotsCore):
 
     def _reserve(self):
         """Reserve the next start; the seconds to wait until it (``0.0``: start now)."""
+        _budget_check_slots(self)
         cdef int64_t now = amz_now_ns() if self.clock is None else _budget_clock_ns(self.clock)
         return amz_gcra_reserve(self.slots, now, self.interval, self.tolerance) / 1e9
 
@@ -62,5 +63,6 @@ cdef class _RateLimiterCore(_SlotsCore):
         >>> lim.try_acquire(), lim.try_acquire()
         (True, False)
         """
+        _budget_check_slots(self)
         cdef int64_t now = amz_now_ns() if self.clock is None else _budget_clock_ns(self.clock)
         return amz_gcra_try(self.slots, now, self.interval, self.tolerance)

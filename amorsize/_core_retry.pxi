@@ -262,6 +262,8 @@ cdef class _RetryPolicyCore:
                _RetryBudgetCore budget=None):
         if self._lowered:
             raise AttributeError("a RetryPolicy is immutable: build a new one instead")
+        if budget is not None:
+            _budget_check_slots(budget)
         self.max_retries = max_retries
         self.initial_delay = initial_delay
         self.max_delay = max_delay

@@ -63,9 +63,6 @@ class Shareable:
     def _use_buffer(self, buf: Any, copy: bool) -> None:  # the compiled base class's
         raise NotImplementedError
 
-    def _drop_buffer(self) -> None:  # the compiled base class's
-        raise NotImplementedError
-
     def _params(self) -> dict[str, Any]:
         raise NotImplementedError
 
