@@ -48,6 +48,7 @@ _refuse_source_tree()
 
 if TYPE_CHECKING:
     from amorsize.backends.base import WorkerCrashedError
+    from amorsize.budget import RetryBudget
     from amorsize.checkpoint import (
         Checkpoint,
         CheckpointError,
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
         OptimizationResult,
         optimize,
     )
+    from amorsize.ratelimit import RateLimiter
     from amorsize.retry import (
         RetryExhaustedError,
         RetryFailure,
@@ -97,6 +99,7 @@ if TYPE_CHECKING:
 # public name -> the module that defines it
 _SOURCES: dict[str, str] = {
     "WorkerCrashedError": "amorsize.backends.base",
+    "RetryBudget": "amorsize.budget",
     "Checkpoint": "amorsize.checkpoint",
     "CheckpointError": "amorsize.checkpoint",
     "CheckpointMismatchError": "amorsize.checkpoint",
@@ -116,6 +119,7 @@ _SOURCES: dict[str, str] = {
     "execute_iter": "amorsize.executor",
     "OptimizationResult": "amorsize.optimizer",
     "optimize": "amorsize.optimizer",
+    "RateLimiter": "amorsize.ratelimit",
     "RetryExhaustedError": "amorsize.retry",
     "RetryFailure": "amorsize.retry",
     "RetryPolicy": "amorsize.retry",
@@ -144,6 +148,8 @@ __all__ = [
     "ItemFailure",
     "OptimizationResult",
     "Profile",
+    "RateLimiter",
+    "RetryBudget",
     "RetryExhaustedError",
     "RetryFailure",
     "RetryPolicy",

@@ -10,6 +10,8 @@ Each concept keeps its part in its own include file so that it can be read alone
 * ``_core_model.pxi``   the optimizer's cost model: chunk sizes and worker counts
 * ``_core_circuit.pxi`` the circuit breaker's state check on the call path
 * ``_core_checkpoint.pxi`` the item hashes a checkpointed run records
+* ``_core_budget.pxi``  C atomics and clocks on shared slots; the retry budget's counters
+* ``_core_limit.pxi``   the rate limiter's GCRA slot
 
 Names. The include files are one module: they share one C namespace and one module
 namespace, so a name says where it lives:
@@ -21,7 +23,8 @@ namespace, so a name says where it lives:
   (``_fetch_exception``, ``_reraise``, ``_steal``, ``_importable_as``) and live in
   ``_core_common.pxi``;
 * every other private name starts with its include file's concept: ``_retry_`` (the retry
-  coroutine's helpers ``_retry_coro_``), ``_model_``, ``_circuit_``, ``_ckpt_``; constants
+  coroutine's helpers ``_retry_coro_``), ``_model_``, ``_circuit_``, ``_ckpt_``,
+  ``_budget_``, ``_limit_``; constants
   likewise (``_RETRY_JITTER_FULL``, ``_MODEL_GRID_STEP``, ``_CIRCUIT_OPEN``);
 * public names (no underscore) and the private hooks the Python modules call
   (``_set_testing_state``, ``_RetryPolicyCore``) are listed in ``_core.pyi``, which
@@ -29,6 +32,8 @@ namespace, so a name says where it lives:
 """
 
 include "_core_common.pxi"
+include "_core_budget.pxi"   # before retry: policies hold a budget
+include "_core_limit.pxi"
 include "_core_retry.pxi"
 include "_core_model.pxi"
 include "_core_circuit.pxi"

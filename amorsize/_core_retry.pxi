@@ -111,6 +111,7 @@ cdef enum:
 cdef double _RETRY_PROPAGATE = -1.0   # not retryable: re-raise unchanged
 cdef double _RETRY_EXHAUSTED = -2.0   # retryable, but out of attempts (reason "attempts")
 cdef double _RETRY_ELAPSED = -4.0     # retryable, but the sleep would pass max_elapsed
+cdef double _RETRY_NO_BUDGET = -5.0   # retryable, but the policy's RetryBudget refused
 # (-3.0 is _retry_after_failure's error value.)
 
 
@@ -118,12 +119,14 @@ cdef inline str _retry_stop_reason(double code):
     # RetryExhaustedError.reason for a stop code of _retry_after_failure.
     if code == _RETRY_ELAPSED:
         return "elapsed"
+    if code == _RETRY_NO_BUDGET:
+        return "budget"
     return "attempts"
 
 _retry_logger = _logging.getLogger("amorsize.retry")
 # Set by amorsize.retry when opentelemetry is installed (amorsize._telemetry.retry_event):
-# called after a failed attempt with (func, exc, attempt, delay), delay -1.0 when the call
-# gave up. Never on the success path: only _retry_after_failure reads it.
+# called after a failed attempt with (func, exc, attempt, delay), delay < 0 when the call
+# gave up: then it is the stop code (_RETRY_EXHAUSTED, _RETRY_ELAPSED, _RETRY_NO_BUDGET). Never on the success path: only _retry_after_failure reads it.
 cdef object _retry_event_hook = None
 # Argument checks of the diagnostic methods (calculate_delay, should_retry), never per call.
 from amorsize._validate import MAX_SECONDS as _MAX_SECONDS
@@ -277,13 +280,17 @@ cdef class _RetryPolicyCore:
     cdef object wait_from_cb   # exception -> seconds or None; consulted only after a failure
     cdef object hedge_cb       # async only: awaited instead of func (amorsize._hedge.attempt)
     cdef double hedge_after
+    cdef _RetryBudgetCore budget   # None: no budget (calls deposit, retries withdraw)
 
     def _lower(self, long long max_retries, double initial_delay, double max_delay,
                double exponential_base, int jitter_mode, tuple exc_types, on_retry,
                double max_elapsed, retry_on_result, bint reraise, tuple exc_excluded=(),
-               wait_from=None, hedge=None, double hedge_after=0.0):
+               wait_from=None, hedge=None, double hedge_after=0.0,
+               _RetryBudgetCore budget=None):
         if self._lowered:
             raise AttributeError("a RetryPolicy is immutable: build a new one instead")
+        if budget is not None:
+            _budget_check_slots(budget)
         self.max_retries = max_retries
         self.initial_delay = initial_delay
         self.max_delay = max_delay
@@ -298,6 +305,7 @@ cdef class _RetryPolicyCore:
         self.hedge_cb = hedge
         self.hedge_after = hedge_after
         self.reraise = reraise
+        self.budget = budget
         self.simple = max_elapsed < 0.0 and retry_on_result is None
         self._lowered = True
 
@@ -365,7 +373,7 @@ cdef double _retry_after_failure(_RetryPolicyCore p, object func, object exc,
     if not _retry_may(p, attempt):
         if stats is not None:
             stats.exhausted += 1
-        _retry_gave_up(func, exc, attempt)
+        _retry_gave_up(func, exc, attempt, _RETRY_EXHAUSTED)
         return _RETRY_EXHAUSTED
     if p.wait_from_cb is not None and exc is not None:
         delay = _retry_hinted_delay(p, func, exc)
@@ -375,8 +383,13 @@ cdef double _retry_after_failure(_RetryPolicyCore p, object func, object exc,
     if p.max_elapsed >= 0.0 and _time.monotonic() + delay - start > p.max_elapsed:
         if stats is not None:
             stats.exhausted += 1
-        _retry_gave_up(func, exc, attempt)
+        _retry_gave_up(func, exc, attempt, _RETRY_ELAPSED)
         return _RETRY_ELAPSED
+    if p.budget is not None and not _budget_withdraw(p.budget):
+        if stats is not None:
+            stats.exhausted += 1
+        _retry_gave_up(func, exc, attempt, _RETRY_NO_BUDGET)
+        return _RETRY_NO_BUDGET
     previous[0] = delay
     if stats is not None:
         stats.retries += 1
@@ -452,17 +465,19 @@ cdef _retry_log_retry(object func, object exc, long long attempt, double delay):
             name, attempt, type(exc).__name__, exc, delay, extra=extra)
 
 
-cdef _retry_gave_up(object func, object exc, long long attempt):
-    # A retryable call out of attempts or time: after its last failure, never on success.
+cdef _retry_gave_up(object func, object exc, long long attempt, double code):
+    # A retryable call out of attempts, time or budget (``code``): after its last failure,
+    # never on success.
     if _retry_event_hook is not None:
-        _retry_event_hook(func, exc, attempt, -1.0)
+        _retry_event_hook(func, exc, attempt, code)
     if _retry_logger.isEnabledFor(20):
         name = callable_name(func)
-        extra = {"function": name, "attempt": attempt, "delay": None,
+        reason = _retry_stop_reason(code)
+        extra = {"function": name, "attempt": attempt, "delay": None, "reason": reason,
                  "error_type": None if exc is None else type(exc).__qualname__}
         why = "its result rejected by retry_on_result" if exc is None else type(exc).__name__
-        _retry_logger.info("%s gave up after %d attempt(s); last: %s", name, attempt, why,
-                           extra=extra)
+        _retry_logger.info("%s gave up after %d attempt(s) (%s); last: %s", name, attempt,
+                           reason, why, extra=extra)
 
 
 def callable_name(func):
@@ -681,6 +696,8 @@ cdef class RetryingFunction(_RetryingBase):
         """
         cdef long long attempts = 0
         self.stats.calls += 1
+        if self.policy.budget is not None:
+            _budget_deposit(self.policy.budget)
         try:
             result = _retry_run(self.func, self.policy, self.stats, NULL, 0, NULL,
                                 args, kwargs, &attempts, None)
@@ -699,12 +716,28 @@ cdef PyObject* _retry_vectorcall(RetryingFunction self, PyObject* const* args,
     # failure (or a policy needing a clock or a result check) goes on to the Cython loop.
     cdef PyObject* r
     self.stats.calls += 1
+    if self.policy.budget is not None and _retry_deposit_failed(self.policy.budget):
+        return NULL
     if self.policy.simple:
         r = PyObject_Vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
         if r != NULL:
             return r
         return _retry_slow_ptr(self, args, nargsf, kwnames, True)
     return _retry_slow_ptr(self, args, nargsf, kwnames, False)
+
+
+cdef inline bint _retry_deposit_failed(_RetryBudgetCore b) noexcept:
+    # The deposit from a noexcept vectorcall entry. Only an injected clock (tests) can
+    # raise: the call then fails with that exception set (the pointer below passes the -1
+    # and the exception through, as _retry_slow_ptr does).
+    if b.clock is None:
+        amz_budget_add(b.slots, amz_coarse_ns() >> b.shift, b.deposit)
+        return False
+    return _retry_deposit_clocked_ptr(b) != 0
+
+
+ctypedef int (*_retry_deposit_t)(_RetryBudgetCore) noexcept
+cdef _retry_deposit_t _retry_deposit_clocked_ptr = <_retry_deposit_t><void*>_budget_deposit
 
 
 cdef object _retry_slow(RetryingFunction self, PyObject* const* args, size_t nargsf,
@@ -741,6 +774,8 @@ cdef PyObject* _retry_item_vectorcall(RetryingItemFunction self, PyObject* const
     # As _retry_vectorcall; only the failure path differs (it records the attempts).
     cdef PyObject* r
     self.stats.calls += 1
+    if self.policy.budget is not None and _retry_deposit_failed(self.policy.budget):
+        return NULL
     if self.policy.simple:
         r = PyObject_Vectorcall(<PyObject*>self.func, args, nargsf, kwnames)
         if r != NULL:
@@ -919,6 +954,8 @@ cdef int _retry_coro_step(RetryCoroutine self, object value, tuple throw_args,
             raise RuntimeError("cannot reuse already awaited coroutine")
         self.attempt = 1
         self.previous = p.initial_delay
+        if p.budget is not None:
+            _budget_deposit(p.budget)
         if p.max_elapsed >= 0.0:
             self.start = _time.monotonic()
     while True:
@@ -1049,6 +1086,8 @@ def retry_call_core(func, _RetryPolicyCore policy not None, tuple args, dict kwa
         raise TypeError(msg)
     if policy.hedge_cb is not None:
         _retry_refuse_hedge(func)
+    if policy.budget is not None:
+        _budget_deposit(policy.budget)
     return _retry_run(func, policy, None, NULL, 0, NULL, args, kwargs, &attempts, None)
 
 

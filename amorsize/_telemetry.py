@@ -256,14 +256,22 @@ def _add(instrument: Any, value: float, attrs: dict[str, str]) -> None:
         _log.debug("recording on %r failed", instrument, exc_info=True)
 
 
+# The compiled retry loop's stop code when the policy's RetryBudget refused a retry
+# (_RETRY_NO_BUDGET in _core_retry.pxi).
+_BUDGET_REFUSED = -5.0
+
+
 def retry_event(func: Any, exc: BaseException | None, attempt: int, delay: float) -> None:
     """The compiled retry loop's hook, after a failed attempt: a retry (``delay`` >= 0,
-    seconds before the next attempt) or a call that gave up (``delay`` < 0)."""
+    seconds before the next attempt) or a call that gave up (``delay`` < 0, the stop code;
+    a budget refusal is also counted as one)."""
     meters = _meters()
     if meters is not None:
         error = "retry_on_result" if exc is None else type(exc).__qualname__
         attrs = {FUNCTION: _name_of(func), ERROR_TYPE: error}
         _add(meters.retry_attempts if delay >= 0 else meters.retry_exhausted, 1, attrs)
+        if delay == _BUDGET_REFUSED:
+            _add(meters.budget_refusals, 1, {FUNCTION: attrs[FUNCTION]})
 
 
 def record_circuit_transition(name: str, state: str) -> None:

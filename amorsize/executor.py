@@ -41,13 +41,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from operator import length_hint
-from typing import Any, Literal, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 from amorsize._log import RUN_ID, log_item_failed, new_run_id
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._schedule import ChunkSizer
-from amorsize._validate import MAX_WORKERS, check_bool, check_int
-from amorsize.backends import BACKEND_NAMES, auto_backends, get_backend, warm_workers
+from amorsize._validate import MAX_WORKERS, check_bool, check_int, fail
+from amorsize.backends import BACKEND_NAMES, REGISTRY, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
     PAUSE,
     Backend,
@@ -63,6 +63,9 @@ from amorsize.backends.base import (
 from amorsize.backends.serial import SerialBackend
 from amorsize.sampling import ItemRun, SampledFailure, TimedCall
 from amorsize.system import available_cpus, get_system_info
+
+if TYPE_CHECKING:
+    from amorsize.ratelimit import RateLimiter
 
 __all__ = [
     "DispatchStoppedError",
@@ -275,6 +278,38 @@ def _retrying(
     return cast("Callable[[Any], Any]", cls(func, policy))
 
 
+def _rate_limit(api: str, rate_limit: Any) -> Any:
+    if rate_limit is None:
+        return None
+    from amorsize.ratelimit import RateLimiter
+
+    if not isinstance(rate_limit, RateLimiter):
+        fail(TypeError, f"{api}(): ", "rate_limit", "an amorsize.RateLimiter or None", rate_limit)
+    return rate_limit
+
+
+def _shared_state(api: str, be: str | Backend, client: Any, objs: tuple[Any, ...]) -> bool:
+    """Whether the run must move ``objs`` (a limiter, a budget) into shared memory.
+
+    Raises, before anything runs, for a backend whose workers may be on other machines.
+    """
+    if not objs:
+        return False
+    name = be.name if isinstance(be, Backend) else be
+    spec = REGISTRY.get(name)
+    if (spec is not None and spec.cluster) or (name == "auto" and client is not None):
+        what = " and ".join(type(o).__name__ for o in objs)
+        msg = (
+            f"{api}(): the {what} cannot be shared with backend={name!r}: its workers may "
+            f"run on other machines, which the {what}'s shared memory does not reach; run "
+            f"with backend='processes' or 'threads', or limit the calls inside func instead"
+        )
+        raise ValueError(msg)
+    # Shared for every run, in-process ones too: sampling pickles func to size it, and a
+    # pickled limiter or budget would otherwise stay shared after the run.
+    return True
+
+
 def _build_observers(
     func: Callable[[Any], Any],
     data: Any,
@@ -330,6 +365,8 @@ class _RunOptions:
     absorbs_failures: bool
     ordered_window: bool = False
     is_async: bool = False  # func is an async def function: the async backend runs it
+    rate_limit: Any = None  # a RateLimiter, or None
+    shared: tuple[Any, ...] = ()  # limiter / budget moved to shared memory for the run
 
     @property
     def keep_going(self) -> bool:
@@ -357,6 +394,7 @@ class _RunOptions:
         observers: Any,
         ordered_window: bool = False,
         trace_chunks: Any = False,
+        rate_limit: Any = None,
     ) -> _RunOptions:
         """The options of ``api`` (``execute`` or ``execute_iter``), as the user gave them."""
         _check_call(func, data)
@@ -377,6 +415,9 @@ class _RunOptions:
         _check_async(func, be, is_async)
         policy = _retry_policy(retry)
         check_bool(f"{api}(): ", "trace_chunks", trace_chunks)
+        limiter = _rate_limit(api, rate_limit)
+        objs = tuple(o for o in (limiter, getattr(policy, "budget", None)) if o is not None)
+        shared = objs if _shared_state(api, be, client, objs) else ()
         obs = _build_observers(func, data, checkpoint, dead_letter, circuit_breaker, observers)
         obs += _telemetry_observers(trace_chunks)
         absorbs = dead_letter is not None or any(
@@ -386,7 +427,7 @@ class _RunOptions:
             n_jobs=jobs, chunksize=chunk, backend=be, retry=policy,
             collect=on_error == "collect", progress=progress, verbose=verbose, client=client,
             observers=obs, absorbs_failures=absorbs, ordered_window=ordered_window,
-            is_async=is_async,
+            is_async=is_async, rate_limit=limiter, shared=shared,
         )  # fmt: skip
 
 
@@ -918,6 +959,7 @@ class _Execution:
         self.sizer: ChunkSizer | None = None
         self.jobs = 1  # workers the backend runs
         self.tasks_out = 0  # tasks dispatched and not yet back
+        self.sharing: list[Any] = []  # limiter / budget in shared memory until _finish
 
     def result_blocks(self) -> Iterator[tuple[int, list[Any]]]:
         """The run: ``(start, values)`` blocks of consecutive results, in completion order."""
@@ -950,6 +992,9 @@ class _Execution:
     def _begin(self) -> _Plan:
         """Tell the observers, plan the run (sampling on the way), open the report."""
         opts = self.opts
+        for obj in opts.shared:
+            obj._share()  # every worker then maps the same state (amorsize/_shared.py)
+            self.sharing.append(obj)
         for obs in opts.observers:
             obs.begin(self.func)
         # With known results (a checkpoint), the optimizer and the backend only ever see
@@ -980,9 +1025,15 @@ class _Execution:
         return plan
 
     def _item_func(self) -> Callable[[Any], Any]:
-        """What runs on each item: ``func``, wrapped by the retry policy if there is one."""
-        policy = self.opts.retry
-        return self.func if policy is None else _retrying(self.func, policy, self.opts.is_async)
+        """What runs on each item: ``func``, rate-limited if asked, wrapped by the retry
+        policy if there is one (so that every attempt waits for the limiter)."""
+        opts = self.opts
+        func = self.func
+        if opts.rate_limit is not None:
+            from amorsize.ratelimit import limited
+
+            func = limited(func, opts.rate_limit, opts.is_async)
+        return func if opts.retry is None else _retrying(func, opts.retry, opts.is_async)
 
     def _progress_bar(self) -> Any:
         if not self.opts.progress:
@@ -1387,6 +1438,8 @@ class _Execution:
                 report.replans = [str(r) for r in self.sizer.replans]
         if self.bar is not None:
             self.bar.close()
+        while self.sharing:  # Ctrl-C and errors included: no segment outlives the run
+            self.sharing.pop()._unshare()
         try:
             for obs in self.opts.observers:
                 obs.end(self.completed)
@@ -1418,6 +1471,7 @@ def execute(
     circuit_breaker: Any = ...,
     observers: Sequence[RunObserver] | None = ...,
     trace_chunks: bool = ...,
+    rate_limit: RateLimiter | None = ...,
 ) -> list[Any]: ...
 
 
@@ -1440,6 +1494,7 @@ def execute(
     circuit_breaker: Any = ...,
     observers: Sequence[RunObserver] | None = ...,
     trace_chunks: bool = ...,
+    rate_limit: RateLimiter | None = ...,
 ) -> tuple[list[Any], RunReport]: ...
 
 
@@ -1461,6 +1516,7 @@ def execute(
     circuit_breaker: Any = None,
     observers: Sequence[RunObserver] | None = None,
     trace_chunks: bool = False,
+    rate_limit: RateLimiter | None = None,
 ) -> list[Any] | tuple[list[Any], RunReport]:
     """``[func(x) for x in data]``, run serially, on processes or on threads as planned.
 
@@ -1476,6 +1532,10 @@ def execute(
     plug in the reliability layer; ``observers=`` takes extra ``RunObserver`` hooks.
     With OpenTelemetry set up (a tracer or meter provider), each run is a span with
     metrics; ``trace_chunks=True`` adds a child span per chunk (docs/observability.md).
+    ``rate_limit=`` (an ``amorsize.RateLimiter``) bounds the calls of ``func``, retries
+    included, across every worker of the run, processes too (as does a policy's
+    ``RetryBudget``): both move into shared memory for the run, and a cluster backend,
+    which shared memory does not reach, is refused before anything runs.
     An ``async def`` function runs on the ``"async"`` backend: its coroutines are awaited on
     one event loop, as many in flight as the sampled wait calls for (``execute_async``
     from inside a coroutine).
@@ -1501,7 +1561,7 @@ def execute(
         "execute", func, data, n_jobs=n_jobs, chunksize=chunksize, backend=backend,
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
-        observers=observers, trace_chunks=trace_chunks,
+        observers=observers, trace_chunks=trace_chunks, rate_limit=rate_limit,
     )  # fmt: skip
     run = _Execution(func, data, opts, one_block=True)
     results: list[Any] = []
@@ -1543,6 +1603,7 @@ def execute_iter(
     circuit_breaker: Any = None,
     observers: Sequence[RunObserver] | None = None,
     trace_chunks: bool = False,
+    rate_limit: RateLimiter | None = None,
 ) -> Iterator[Any]:
     """Yield ``func(x)`` for each item as results complete, with bounded memory.
 
@@ -1561,6 +1622,7 @@ def execute_iter(
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
         observers=observers, ordered_window=ordered, trace_chunks=trace_chunks,
+        rate_limit=rate_limit,
     )  # fmt: skip
     return _iterate(_Execution(func, data, opts), ordered)
 

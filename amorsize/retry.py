@@ -60,6 +60,7 @@ from amorsize._validate import (
     check_number,
     fail,
 )
+from amorsize.budget import RetryBudget
 
 if TYPE_CHECKING:
     from datetime import timedelta  # only named in hints: importing it costs ~1.5 ms
@@ -113,6 +114,7 @@ class _Lowered(NamedTuple):
     wait_from: WaitFrom | None
     hedge: Callable[..., object] | None
     hedge_after: float
+    budget: RetryBudget | None
 
 
 # What the message adds for each reason ("attempts" is the plain "gave up after n attempts").
@@ -164,6 +166,8 @@ class RetryExhaustedError(Exception):
     def _message(self) -> str:
         who = f"{self.func_name}: " if self.func_name else ""
         plural = "attempt" if self.attempts == 1 else "attempts"
+        if self.reason == "budget":
+            plural += " (the retry budget refused another)"
         exc = self.original_exception
         if exc is None:
             last = f"last result rejected by retry_on_result: {self.last_result!r}"
@@ -236,6 +240,10 @@ class RetryPolicy(_RetryPolicyCore):
     * ``retry_on_result``: a predicate; a result for which it is true is retried.
     * ``reraise``: on exhaustion raise the last exception itself instead of
       ``RetryExhaustedError``.
+    * ``budget``: a ``RetryBudget`` consulted before each retry (every call deposits, every
+      retry withdraws); a refused retry ends the call with ``RetryExhaustedError`` whose
+      ``reason`` is ``"budget"`` (or the last exception, with ``reraise``). One budget may
+      serve many policies and functions, and ``execute`` shares it with every worker.
 
     >>> p = RetryPolicy(max_retries=5, initial_delay=0.5, jitter=False)
     >>> [p.calculate_delay(n) for n in (1, 2, 3)]
@@ -255,6 +263,7 @@ class RetryPolicy(_RetryPolicyCore):
     reraise: bool = False
     wait_from: WaitFrom | None = None
     hedge_after: float | None = None
+    budget: RetryBudget | None = None
 
     def __post_init__(self) -> None:
         """Validate every field, normalise, and lower the result into the C fields."""
@@ -302,6 +311,7 @@ class RetryPolicy(_RetryPolicyCore):
             exc_excluded=self._excluded_types(),
             wait_from=self.wait_from,
             **self._hedge(),
+            budget=self._budget(),
         )
 
     def _hedge(self) -> dict[str, Any]:
@@ -335,6 +345,12 @@ class RetryPolicy(_RetryPolicyCore):
             _WHERE, "retry_on_exceptions", self.retry_on_exceptions, " (None: Exception)"
         )
 
+    def _budget(self) -> RetryBudget | None:
+        given: object = self.budget
+        if given is not None and not isinstance(given, RetryBudget):
+            fail(TypeError, _WHERE, "budget", "an amorsize.RetryBudget or None", given)
+        return self.budget
+
     def _excluded_types(self) -> tuple[type[BaseException], ...]:
         """Classes never retried although ``Exception`` covers them: none once named."""
         if self.retry_on_exceptions is not None:
@@ -363,6 +379,7 @@ class RetryPolicy(_RetryPolicyCore):
             "reraise": self.reraise,
             "wait_from": self.wait_from,
             "hedge_after": self.hedge_after,
+            "budget": self.budget,
         }
 
 
@@ -432,6 +449,7 @@ def with_retry(
     reraise: bool = ...,
     wait_from: WaitFrom | None = ...,
     hedge_after: float | None = ...,
+    budget: RetryBudget | None = ...,
 ) -> Callable[[Callable[P, R]], RetryingFunction[P, R]]: ...
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import pytest
 
-from amorsize import RetryPolicy, retry_after, with_retry
+from amorsize import RetryBudget, RetryPolicy, retry_after, with_retry
 from amorsize.retry import seed_jitter
 
 ITEMS = 500
@@ -147,22 +147,19 @@ class Service:
 # ------------------------------------------------------------------ the implementations
 
 
-def _amorsize(call: Callable[[int], int], hints: bool) -> Callable[[int], int]:
+def _amorsize(
+    call: Callable[[int], int], hints: bool, budget: bool = False
+) -> Callable[[int], int]:
+    # The budget reads the virtual clock (time.monotonic is looked up at each call). Its
+    # reserve is 1 retry/s, not the default 10: this client makes only 2-20 calls/s.
     policy = RetryPolicy(
         max_retries=ATTEMPTS - 1, initial_delay=INITIAL_S, max_delay=MAX_DELAY_S,
         jitter="full", wait_from=retry_after if hints else None,
+        budget=RetryBudget(ratio=0.2, min_per_second=1.0, clock=lambda: time.monotonic())
+        if budget
+        else None,
     )  # fmt: skip
     return with_retry(call, policy=policy)
-
-
-# --- LEAD: the budget variant is added here after merging budget15 (RetryBudget) --------
-# def _amorsize_budget(call):
-#     policy = RetryPolicy(max_retries=ATTEMPTS - 1, initial_delay=INITIAL_S,
-#                          max_delay=MAX_DELAY_S, jitter="full", wait_from=retry_after,
-#                          budget=RetryBudget(ratio=0.2, min_per_second=10.0, ttl=10.0))
-#     return with_retry(call, policy=policy)
-# ... and "amorsize_budget": _amorsize_budget in IMPLEMENTATIONS below.
-# ----------------------------------------------------------------------------------------
 
 
 def _tenacity(call: Callable[[int], int]) -> Callable[[int], int]:
@@ -217,6 +214,8 @@ def _backoff(call: Callable[[int], int]) -> Callable[[int], int]:
 IMPLEMENTATIONS: dict[str, Callable[[Callable[[int], int]], Callable[[int], int]]] = {
     "amorsize": lambda call: _amorsize(call, hints=True),
     "amorsize_no_hint": lambda call: _amorsize(call, hints=False),
+    "amorsize_budget": lambda call: _amorsize(call, hints=True, budget=True),
+    "amorsize_no_hint_budget": lambda call: _amorsize(call, hints=False, budget=True),
     "tenacity": _tenacity,
     "stamina": _stamina,
     "backoff": _backoff,

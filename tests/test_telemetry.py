@@ -26,11 +26,15 @@ from amorsize import (
     CircuitBreaker,
     CircuitBreakerPolicy,
     CircuitOpenError,
+    RateLimiter,
+    RetryBudget,
+    RetryExhaustedError,
     RetryPolicy,
     _core,
     _telemetry,
     execute,
     execute_iter,
+    retry_call,
     set_testing,
     with_retry,
 )
@@ -247,6 +251,30 @@ def test_rate_limit_wait_and_budget_refusal_helpers(otel: Otel) -> None:
     )  # fmt: skip
     assert point.explicit_bounds[0] == 0.001  # seconds-scale buckets, not the SDK's ms ones
     assert otel.points("amorsize.retry_budget.refusals") == [({FUNCTION: "jobs.fetch"}, 1)]
+
+
+def test_limiter_waits_and_budget_refusals_reach_the_meters(otel: Otel) -> None:
+    """A RateLimiter's waits and a RetryBudget's refusals are recorded by the real objects."""
+    now = [0.0]
+    limiter = RateLimiter(
+        10, burst=1, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
+    for _ in range(4):
+        limiter.acquire()
+    (point,) = otel.metric("amorsize.rate_limit.wait").data.data_points
+    assert point.count == 2 and point.sum == pytest.approx(0.2)
+
+    budget = RetryBudget(ratio=0.0, min_per_second=0.0, ttl=1.0)
+    policy = RetryPolicy(max_retries=3, initial_delay=0.0, budget=budget)
+
+    def fetch() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(RetryExhaustedError) as info:
+        retry_call(fetch, policy=policy)
+    assert info.value.reason == "budget"
+    assert [n for _, n in otel.points("amorsize.retry_budget.refusals")] == [1]
+    assert [n for _, n in otel.points("amorsize.retry.exhausted")] == [1]
 
 
 # --- off when nobody asked ---------------------------------------------------------------------
