@@ -28,6 +28,12 @@ Call sequence for one ``execute`` run (every call happens in the thread that cal
         on_failure(index, item, exc, attempts) -> True when the failure was recorded
                                                 elsewhere (dead-letter queue): the run goes
                                                 on even with on_error="raise"
+        on_chunk(span)                          the chunk's ChunkSpan (worker, start and
+                                                end times, items, failures): called only for
+                                                observers that override it, and then the
+                                                serial fast path is not taken
+    on_report(report)                           the run's RunReport, complete, before end
+                                                (only for observers that override it)
     end(completed)                              always, in ``finally``; ``completed`` is True
                                                 only when the run ended normally with every
                                                 item run to a result or a failure (False after
@@ -129,6 +135,13 @@ class RunObserver:
     def on_failure(self, index: int, item: Any, exc: BaseException, attempts: int) -> bool:
         """``item`` failed for good after ``attempts`` tries; True = recorded elsewhere."""
         return False
+
+    def on_chunk(self, span: Any) -> None:
+        """A chunk finished: ``span`` is its ``amorsize._timeline.ChunkSpan`` (the worker and
+        ``time.monotonic()`` times where it ran). Overriding this turns chunk timing on."""
+
+    def on_report(self, report: Any) -> None:
+        """The run's ``RunReport``, complete (counts, failures, timeline), before ``end``."""
 
     def stop_error(self, counts: Mapping[str, int | None]) -> BaseException:
         """The exception describing why this observer stopped dispatch."""
