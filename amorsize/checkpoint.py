@@ -573,10 +573,15 @@ class CheckpointObserver(RunObserver):
             return False, None
         batch, pos, stored = where
         if h != stored:
+            self._refuse()
             self._mismatch_item(index, item, h)
         values = self._cache.get(batch)
         if values is None:
-            values = self._load_batch(batch)
+            try:
+                values = self._load_batch(batch)
+            except CheckpointError:
+                self._refuse()
+                raise
         value = values[pos]
         left = self._remaining[batch] - 1
         if left:
@@ -669,6 +674,11 @@ class CheckpointObserver(RunObserver):
             self._hash_from_block(index)
         self._failed += 1
         return False
+
+    def _refuse(self) -> None:
+        """The file turned out damaged or not this run's: write nothing more to it (it is
+        left unchanged), not even the run's timeline."""
+        self._broken = True
 
     def on_chunk(self, span: Any) -> None:
         """Keep the chunk's span for the run's timeline (written with the next batch)."""

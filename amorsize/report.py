@@ -45,7 +45,8 @@ __all__ = [
     "write_run_report",
 ]
 
-#: The Gantt bar of a chunk whose items all succeeded (tests look for this colour).
+#: The Gantt bar of a chunk whose items all succeeded (only the Gantt chart uses it: the
+#: browser test finds the chart by this colour).
 BAR_COLOR = "#2f6fde"
 #: The bar of a chunk that held a failure.
 FAIL_COLOR = "#d9463b"
@@ -346,7 +347,7 @@ def _plan(data: ReportData) -> str:
     top = max(pred, meas, 1e-12)
     bars = []
     for k, (label, value, color) in enumerate(
-        (("predicted", pred, "#8c959f"), ("measured", meas, BAR_COLOR))
+        (("predicted", pred, "#afb8c1"), ("measured", meas, "#57606a"))
     ):
         w = max(1.0, 600 * value / top)
         y = 6 + 26 * k
@@ -399,7 +400,7 @@ def _gantt(data: ReportData) -> str:
     plan_row = 1 if tl.dispatch_started is not None else 0
     height = _LANE * (len(lanes) + plan_row) + 30
     out = [f"<svg width='{_LABEL_W + _PLOT_W + 20}' height='{height}' role='img' "
-           "aria-label='chunks per worker over time' id='gantt'>"]  # fmt: skip
+           "aria-label='chunks per worker over time' id='gantt' shape-rendering='crispEdges'>"]  # fmt: skip
     if plan_row:
         w = max(1.0, (tl.dispatch_started - origin) * scale)  # type: ignore[operator]
         out.append(f"<text x='0' y='15' font-size='12'>plan + sample</text>"
