@@ -186,14 +186,17 @@ def _pairs(spans: list[ChunkSpan]) -> Iterable[ChunkSpan]:
 
 def _spread(counts: list[float], lo: float, width: float, t0: float, t1: float, n: int) -> None:
     """Add ``n`` items spread evenly over ``[t0, t1]`` to the bins ``counts``."""
-    rate = n / (t1 - t0)
     last = len(counts) - 1
-    k0 = min(last, max(0, int((t0 - lo) / width)))
-    k1 = min(last, max(0, int((t1 - lo) / width)))
+    k0 = int((t0 - lo) / width)
+    k1 = int((t1 - lo) / width)
+    k0 = 0 if k0 < 0 else last if k0 > last else k0
+    k1 = 0 if k1 < 0 else last if k1 > last else k1
+    if k0 == k1:  # most chunks: within one bin (no builtin calls: this runs per span)
+        counts[k0] += n
+        return
+    rate = n / (t1 - t0)
     for k in range(k0, k1 + 1):
         a = max(t0, lo + k * width)
         b = min(t1, lo + (k + 1) * width)
         if b > a:
             counts[k] += rate * (b - a)
-        elif k0 == k1:
-            counts[k] += n

@@ -421,7 +421,7 @@ def _gantt(data: ReportData) -> str:
 
 def _bar(s: ChunkSpan, origin: float, scale: float, y: int, label: str) -> str:
     x = _LABEL_W + (s.start - origin) * scale
-    w = max(1.0, (s.end - s.start) * scale)
+    w = max(3.0 if s.failed else 1.0, (s.end - s.start) * scale)  # a failure stays visible
     color = FAIL_COLOR if s.failed else BAR_COLOR
     what = f"{s.chunks} chunks" if s.chunks > 1 else "chunk"
     tip = (f"{label}: {what} from item {s.first}, {s.items} items ({s.failed} failed), "
