@@ -55,6 +55,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from amorsize._timeline import ChunkSpan
+
 
 @dataclass(frozen=True)
 class ItemFailure:
@@ -136,7 +138,7 @@ class RunObserver:
         """``item`` failed for good after ``attempts`` tries; True = recorded elsewhere."""
         return False
 
-    def on_chunk(self, span: Any) -> None:
+    def on_chunk(self, span: ChunkSpan) -> None:
         """A chunk finished: ``span`` is its ``amorsize._timeline.ChunkSpan`` (the worker and
         ``time.monotonic()`` times where it ran). Overriding this turns chunk timing on."""
 

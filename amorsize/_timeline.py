@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-__all__ = ["MAX_SPANS", "ChunkSpan", "Timeline", "stamp", "take"]
+__all__ = ["MAX_SPANS", "ChunkSpan", "Timeline", "forget", "stamp", "take"]
 
 #: Spans a ``Timeline`` keeps before it merges neighbours (~100 bytes each: ~1 MB).
 MAX_SPANS = 10_000
@@ -63,6 +63,12 @@ def stamp(task: Any, t0: float, t1: float, worker: int) -> None:
     if len(_STAMPS) >= _MAX_STAMPS:
         _STAMPS.clear()
     _STAMPS[id(task)] = (task.start, len(task.items), t0, t1, worker)
+
+
+def forget(task: Any) -> None:
+    """Drop a stale stamp under ``task``'s id (a finished task of an earlier run whose id
+    this one reuses): called when ``task`` is dispatched, before anything can stamp it."""
+    _STAMPS.pop(id(task), None)
 
 
 def take(task: Any) -> tuple[float, float, int] | None:

@@ -46,7 +46,7 @@ from typing import Any, Literal, cast, overload
 
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._schedule import ChunkSizer
-from amorsize._timeline import ChunkSpan, Timeline, take
+from amorsize._timeline import ChunkSpan, Timeline, forget, take
 from amorsize._validate import MAX_WORKERS, check_bool, check_int
 from amorsize.backends import BACKEND_NAMES, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
@@ -1132,6 +1132,7 @@ class _Execution:
         """Note when ``task`` is dispatched (its span, if its backend measures none)."""
         timeline = self.timeline
         assert timeline is not None
+        forget(task)  # a stamp left under this id by an earlier task is not this one's
         now = self.sent[id(task)] = time.monotonic()
         if timeline.dispatch_started is None:
             timeline.dispatch_started = now

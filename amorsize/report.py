@@ -110,19 +110,19 @@ def check_target(where: str, value: Any, name: str = "report") -> str:
 
 
 def _matplotlib(where: str) -> Any:
-    """``matplotlib.pyplot`` on the Agg backend, or an ``ImportError`` naming the extra."""
-    try:
-        import matplotlib
+    """matplotlib's ``Figure`` class, or an ``ImportError`` naming the extra.
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+    A bare ``Figure`` draws with Agg on its own: pyplot, and with it the caller's choice of
+    matplotlib backend (a notebook's), is left alone."""
+    try:
+        from matplotlib.figure import Figure
     except ImportError as exc:
         msg = (
             f"{where}report=...png needs matplotlib, which is not installed: {_INSTALL} "
             "(the 'report' extra), or write report='run.html' (no dependency)"
         )
         raise ImportError(msg) from exc
-    return plt
+    return Figure
 
 
 # --------------------------------------------------------------------------- data
@@ -484,30 +484,24 @@ def _failures(data: ReportData) -> str:
 
 def render_png(data: ReportData, path: str) -> None:
     """The Gantt chart and the throughput as a PNG image (matplotlib, Agg)."""
-    plt = _matplotlib("")
-    fig, (ax_g, ax_t) = plt.subplots(
-        2, 1, figsize=(10, 6), gridspec_kw={"height_ratios": [3, 1.4]}, constrained_layout=True,
-        sharex=True,
+    fig = _matplotlib("")(figsize=(10, 6), layout="constrained")
+    ax_g, ax_t = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+    pred = format_seconds(data.predicted_seconds)
+    fig.suptitle(
+        f"{data.title}: {data.backend}, n_jobs={data.n_jobs}, chunksize={data.chunksize}; "
+        f"measured {format_seconds(data.wall_seconds)}, predicted {pred}; "
+        f"{data.counts.get('failed') or 0} failed",
+        fontsize=10,
     )
-    try:
-        pred = format_seconds(data.predicted_seconds)
-        fig.suptitle(
-            f"{data.title}: {data.backend}, n_jobs={data.n_jobs}, chunksize={data.chunksize}; "
-            f"measured {format_seconds(data.wall_seconds)}, predicted {pred}; "
-            f"{data.counts.get('failed') or 0} failed",
-            fontsize=10,
-        )
-        _png_gantt(ax_g, data)
-        points = data.timeline.throughput() if data.timeline is not None else []
-        if points:
-            ax_t.plot([t for t, _ in points], [r for _, r in points], color=_LINE_COLOR)
-        ax_t.set_xlabel("seconds since the run started")
-        ax_t.set_ylabel("items/s")
-        ax_t.set_xlim(left=0)
-        ax_t.set_ylim(bottom=0)
-        fig.savefig(path, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    _png_gantt(ax_g, data)
+    points = data.timeline.throughput() if data.timeline is not None else []
+    if points:
+        ax_t.plot([t for t, _ in points], [r for _, r in points], color=_LINE_COLOR)
+    ax_t.set_xlabel("seconds since the run started")
+    ax_t.set_ylabel("items/s")
+    ax_t.set_xlim(left=0)
+    ax_t.set_ylim(bottom=0)
+    fig.savefig(path, format="png", dpi=100)
 
 
 def _png_gantt(ax: Any, data: ReportData) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from amorsize import RunObserver, execute, execute_iter
-from amorsize._timeline import ChunkSpan, Timeline
+from amorsize._timeline import ChunkSpan, Timeline, forget, stamp, take
+from amorsize.backends.base import Task
 from amorsize.checkpoint import Checkpoint
 from amorsize.cli import main
 from amorsize.report import BAR_COLOR, FAIL_COLOR, ReportData, write_report
@@ -132,6 +133,31 @@ def test_thread_chunks_are_timed_in_their_threads() -> None:
     assert plan.timeline is not None
     workers = {s.worker for s in plan.timeline.spans}
     assert workers and threading.get_native_id() not in workers and min(workers) > 0
+
+
+def test_a_stamp_is_taken_once_and_only_for_its_own_task() -> None:
+    """A stamp is taken by its task once; another task at the same id (start, count
+    differ) or a task dispatched again (forget) gets none."""
+    task, other = Task(0, [1, 2]), Task(2, [3])
+    stamp(task, 1.0, 2.0, 7)
+    assert take(other) is None and take(task) == (1.0, 2.0, 7) and take(task) is None
+    stamp(task, 1.0, 2.0, 7)
+    forget(task)
+    assert take(task) is None
+
+
+def test_stamps_left_by_an_earlier_run_are_not_taken(tmp_path: Path) -> None:
+    """Chunk times a threads run left unclaimed never end up in a later serial run's timeline
+    (its tasks may reuse the earlier tasks' ids)."""
+    for _ in range(3):
+        execute(ident, range(200), backend="threads", n_jobs=2, chunksize=10)
+        _, plan = execute(
+            ident, range(200), backend="serial", chunksize=10, return_plan=True,
+            report=tmp_path / "run.html",
+        )  # fmt: skip
+        tl = plan.timeline
+        assert tl is not None and tl.total_chunks == 20
+        assert all(s.worker < 0 and s.start >= tl.origin for s in tl.spans)
 
 
 @pytest.mark.parametrize("backend", ["serial", "threads", "processes"])
