@@ -540,6 +540,7 @@ class CheckpointObserver(RunObserver):
         self._spans: list[float] = []
         self._summary: dict[str, Any] | None = None
         self._clock = time.time() - time.monotonic()
+        self._timeline_table = False  # created in this run's connection (or found there)
 
     @property
     def _path(self) -> str:
@@ -730,7 +731,6 @@ class CheckpointObserver(RunObserver):
             self._broken = True
             raise self._read_only_error(f"{len(values)} new result(s) cannot be stored")
         self._insert(conn, len(values), _pack(runs, "q"), hashes, blob)
-        self._save_spans()
 
     def _insert(self, conn: StoreConnection, n: int, runs: bytes, hashes: bytes, blob: bytes) -> None:
         assert self._seal is not None
@@ -747,6 +747,9 @@ class CheckpointObserver(RunObserver):
                     "INSERT INTO checkpoint_batches VALUES (?,?,?,?,?,?,?)",
                     (bid, n, runs, hashes, blob, digest, mac),
                 )
+                if self._spans:  # the chunks so far, in the same transaction: no extra commit
+                    spans, self._spans = self._spans, []
+                    self._timeline_row(conn, "spans", _pack_doubles(spans))
                 conn.execute("COMMIT")
             finally:
                 if conn.in_transaction:
@@ -767,20 +770,10 @@ class CheckpointObserver(RunObserver):
         conn = self.conn
         if conn is None or conn.read_only or self._broken:
             return
-        assert self._seal is not None
-        digest = block_digest(self._run_id.encode(), kind.encode(), body)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute(_TIMELINE_SCHEMA)
-                (rid,) = conn.execute(
-                    "SELECT coalesce(max(id), 0) + 1 FROM checkpoint_timeline"
-                ).fetchone()
-                mac = self._seal.mac(f"timeline {rid}", digest)
-                conn.execute(
-                    "INSERT INTO checkpoint_timeline VALUES (?,?,?,?,?,?)",
-                    (rid, self._run_id, kind, body, digest, mac),
-                )
+                self._timeline_row(conn, kind, body)
                 conn.execute("COMMIT")
             finally:
                 if conn.in_transaction:
@@ -788,6 +781,20 @@ class CheckpointObserver(RunObserver):
         except sqlite3.Error as exc:
             self._broken = True
             raise write_error(self._path, "checkpoint", "write to the", exc, CheckpointError) from exc
+
+    def _timeline_row(self, conn: StoreConnection, kind: str, body: bytes) -> None:
+        """Insert one sealed timeline row, in the caller's write transaction."""
+        assert self._seal is not None
+        if not self._timeline_table:
+            conn.execute(_TIMELINE_SCHEMA)  # a file from before timelines gets the table here
+            self._timeline_table = True
+        digest = block_digest(self._run_id.encode(), kind.encode(), body)
+        (rid,) = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM checkpoint_timeline").fetchone()
+        mac = self._seal.mac(f"timeline {rid}", digest)
+        conn.execute(
+            "INSERT INTO checkpoint_timeline VALUES (?,?,?,?,?,?)",
+            (rid, self._run_id, kind, body, digest, mac),
+        )
 
     def _mark_completed(self, conn: StoreConnection) -> None:
         try:
