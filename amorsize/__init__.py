@@ -65,6 +65,7 @@ if TYPE_CHECKING:
         DeadLetterQueue,
     )
     from amorsize.executor import (
+        ChunkSpan,
         ExecutionPlan,
         ItemFailure,
         RunObserver,
@@ -106,6 +107,7 @@ _SOURCES: dict[str, str] = {
     "with_circuit_breaker": "amorsize.circuit",
     "DeadLetter": "amorsize.dlq",
     "DeadLetterQueue": "amorsize.dlq",
+    "ChunkSpan": "amorsize.executor",
     "ExecutionPlan": "amorsize.executor",  # deprecated alias of RunReport, kept until 1.0
     "ItemFailure": "amorsize.executor",
     "RunObserver": "amorsize.executor",
@@ -132,6 +134,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointMismatchError",
+    "ChunkSpan",
     "CircuitBreaker",
     "CircuitBreakerPolicy",
     "CircuitOpenError",

@@ -41,7 +41,8 @@ _MAX_STAMPS = 4096
 
 
 class ChunkSpan(NamedTuple):
-    """One chunk (or, after downsampling, ``chunks`` neighbouring chunks) of one worker.
+    """One chunk (or, after downsampling, ``chunks`` neighbouring chunks) of one worker: what
+    ``RunObserver.on_chunk`` receives and ``RunReport.timeline.spans`` holds.
 
     ``worker``: a process id or thread id where the chunk ran, or a negative slot number
     when the backend did not say (then ``start``/``end`` are the parent's dispatch and

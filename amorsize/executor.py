@@ -66,6 +66,7 @@ from amorsize.sampling import ItemRun, SampledFailure, TimedCall
 from amorsize.system import available_cpus, get_system_info
 
 __all__ = [
+    "ChunkSpan",
     "DispatchStoppedError",
     "ExecutionPlan",
     "ItemFailure",
