@@ -203,6 +203,25 @@ def test_execute_iter_writes_the_report_when_exhausted(tmp_path: Path) -> None:
     assert "id='gantt'" in out.read_text("utf-8")
 
 
+class Reported(RunObserver):
+    """Keeps the RunReport it is handed."""
+
+    report: Any = None
+
+    def on_report(self, report: Any) -> None:
+        self.report = report
+
+
+def test_observers_get_the_complete_report_before_end(tmp_path: Path) -> None:
+    """on_report receives the run's final RunReport, counts and timeline included."""
+    seen = Reported()
+    list(execute_iter(fail_at_7, range(30), ordered=False, backend="threads", n_jobs=2,
+                      chunksize=3, on_error="collect", observers=[seen],
+                      report=tmp_path / "run.html"))  # fmt: skip
+    assert (seen.report.items, seen.report.failed) == (30, 1)
+    assert seen.report.timeline.total_items == 30
+
+
 def test_dead_lettered_items_are_marked(tmp_path: Path) -> None:
     """Items a dead-letter queue took are counted and marked in the failures table."""
     out = tmp_path / "run.html"
