@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from amorsize import RunObserver, execute, execute_iter
+from amorsize import RetryPolicy, RunObserver, execute, execute_iter, set_testing
 from amorsize._timeline import ChunkSpan, Timeline, forget, stamp, take
 from amorsize.backends.base import Task
 from amorsize.checkpoint import Checkpoint
@@ -201,6 +201,31 @@ def test_execute_iter_writes_the_report_when_exhausted(tmp_path: Path) -> None:
     assert not out.exists()
     assert list(it) == list(range(30))
     assert "id='gantt'" in out.read_text("utf-8")
+
+
+class Flaky:
+    """Fails the first call for each even item, then succeeds."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def __call__(self, x: int) -> int:
+        if x % 2 == 0 and x not in self.seen:
+            self.seen.add(x)
+            raise ConnectionError(f"item {x}: first try")
+        return x
+
+
+def test_retries_counted_in_this_process_are_reported(tmp_path: Path) -> None:
+    """Retries made by the retry policy in this process appear in the report."""
+    out = tmp_path / "run.html"
+    with set_testing(True):
+        results, plan = execute(
+            Flaky(), range(20), backend="threads", n_jobs=2, chunksize=5,
+            retry=RetryPolicy(max_retries=2), report=out, return_plan=True,
+        )  # fmt: skip
+    assert results == list(range(20)) and plan.retries == 10
+    assert "<b>10</b><span>retries</span>" in out.read_text("utf-8")
 
 
 class Reported(RunObserver):
