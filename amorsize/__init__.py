@@ -66,6 +66,7 @@ if TYPE_CHECKING:
         DeadLetterQueue,
     )
     from amorsize.executor import (
+        ChunkSpan,
         ExecutionPlan,
         ItemFailure,
         RunObserver,
@@ -110,6 +111,7 @@ _SOURCES: dict[str, str] = {
     "with_circuit_breaker": "amorsize.circuit",
     "DeadLetter": "amorsize.dlq",
     "DeadLetterQueue": "amorsize.dlq",
+    "ChunkSpan": "amorsize.executor",
     "ExecutionPlan": "amorsize.executor",  # deprecated alias of RunReport, kept until 1.0
     "ItemFailure": "amorsize.executor",
     "RunObserver": "amorsize.executor",
@@ -138,6 +140,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointMismatchError",
+    "ChunkSpan",
     "CircuitBreaker",
     "CircuitBreakerPolicy",
     "CircuitOpenError",

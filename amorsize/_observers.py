@@ -36,6 +36,12 @@ Call sequence for one ``execute`` run (every call happens in the thread that cal
         chunk_finished(start, size, failed)     after the calls above: the chunk is back,
                                                 ``failed`` of its items failed (not called
                                                 for a chunk whose failure ends the run)
+        on_chunk(span)                          the chunk's ChunkSpan (worker, start and
+                                                end times, items, failures): called only for
+                                                observers that override it, and then the
+                                                serial fast path is not taken
+    on_report(report)                           the run's RunReport, complete, before end
+                                                (only for observers that override it)
     end(completed)                              always, in ``finally``; ``completed`` is True
                                                 only when the run ended normally with every
                                                 item run to a result or a failure (False after
@@ -61,6 +67,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from amorsize._timeline import ChunkSpan
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,13 @@ class RunObserver:
     def on_failure(self, index: int, item: Any, exc: BaseException, attempts: int) -> bool:
         """``item`` failed for good after ``attempts`` tries; True = recorded elsewhere."""
         return False
+
+    def on_chunk(self, span: ChunkSpan) -> None:
+        """A chunk finished: ``span`` is its ``amorsize._timeline.ChunkSpan`` (the worker and
+        ``time.monotonic()`` times where it ran). Overriding this turns chunk timing on."""
+
+    def on_report(self, report: Any) -> None:
+        """The run's ``RunReport``, complete (counts, failures, timeline), before ``end``."""
 
     def stop_error(self, counts: Mapping[str, int | None]) -> BaseException:
         """The exception describing why this observer stopped dispatch."""

@@ -54,6 +54,7 @@ import array
 import contextlib
 import datetime
 import hashlib
+import json
 import os
 import pickle
 import sqlite3
@@ -77,6 +78,7 @@ from amorsize._store import (
     open_database,
     write_error,
 )
+from amorsize._timeline import MAX_SPANS
 from amorsize._validate import MAX_SECONDS, check_choice, check_int, check_number, fail
 
 __all__ = [
@@ -131,6 +133,26 @@ CREATE TABLE IF NOT EXISTS checkpoint_batches (
     mac BLOB NOT NULL        -- HMAC-SHA256 of (file id, batch id, digest), the user's key
 );
 """
+
+
+# The run timeline (``execute(report=)``, ``amorsize report``): created on first write, so
+# that files written before it existed open as they are (they simply hold no timeline).
+# Plain numbers and JSON, never pickles; each row sealed like a batch (digest + HMAC).
+_TIMELINE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoint_timeline (
+    id INTEGER PRIMARY KEY,
+    run TEXT NOT NULL,       -- random id of the run (one execute call) that wrote the row
+    kind TEXT NOT NULL,      -- 'spans': float64 little-endian rows of _SPAN_FIELDS values;
+                             -- 'summary': JSON of the run's report (plan, counts, failures)
+    body BLOB NOT NULL,
+    digest BLOB NOT NULL,    -- BLAKE2b-128 of (run, kind, body)
+    mac BLOB NOT NULL        -- HMAC-SHA256 of (file id, "timeline <id>", digest)
+)
+"""
+# worker, start, end (Unix time), items, failed, first index, chunks merged
+_SPAN_FIELDS = 7
+_MAX_SUMMARY_FAILURES = 50
+_MAX_TIMELINE_ROW = 1 << 26  # bytes: a damaged length is refused, not loaded
 
 
 class CheckpointError(StoreError):
@@ -460,6 +482,24 @@ class Checkpoint:
         finally:
             conn.close()
 
+    def timeline(self) -> list[dict[str, Any]]:
+        """What each run recorded for its report, oldest run first: ``{"run": id,
+        "summary": dict or None, "spans": [(worker, start, end, items, failed, first,
+        chunks), ...]}`` with times in Unix seconds. ``[]`` for a file written before run
+        timelines existed. Every row's digest is checked, and its signature too when the
+        file is signed with your key; nothing is unpickled.
+        """
+        conn, seal = self._open(loading=False)
+        try:
+            if seal is None:
+                return []
+            with _reading(self._where):
+                head = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
+                own = head.get("key_id") == seal.key.key_id
+                return _read_timeline(conn, _header_seal(head, self._where, trust=not own))
+        finally:
+            conn.close()
+
 
 # --- the execute observer --------------------------------------------------------------------
 class CheckpointObserver(RunObserver):
@@ -493,6 +533,14 @@ class CheckpointObserver(RunObserver):
         self._broken = False  # a write failed: nothing more is written in this run
         self._warned = False
         self.resumed = 0
+        # The run's timeline, stored with the results (see _TIMELINE_SCHEMA): spans not yet
+        # written, the summary once the run reported, and the offset from the monotonic
+        # clock the spans are measured with to Unix time.
+        self._run_id = os.urandom(8).hex()
+        self._spans: list[float] = []
+        self._summary: dict[str, Any] | None = None
+        self._clock = time.time() - time.monotonic()
+        self._timeline_table = False  # created in this run's connection (or found there)
 
     @property
     def _path(self) -> str:
@@ -526,10 +574,15 @@ class CheckpointObserver(RunObserver):
             return False, None
         batch, pos, stored = where
         if h != stored:
+            self._refuse()
             self._mismatch_item(index, item, h)
         values = self._cache.get(batch)
         if values is None:
-            values = self._load_batch(batch)
+            try:
+                values = self._load_batch(batch)
+            except CheckpointError:
+                self._refuse()
+                raise
         value = values[pos]
         left = self._remaining[batch] - 1
         if left:
@@ -623,6 +676,23 @@ class CheckpointObserver(RunObserver):
         self._failed += 1
         return False
 
+    def _refuse(self) -> None:
+        """The file turned out damaged or not this run's: write nothing more to it (it is
+        left unchanged), not even the run's timeline."""
+        self._broken = True
+
+    def on_chunk(self, span: Any) -> None:
+        """Keep the chunk's span for the run's timeline (written with the next batch)."""
+        w, t0, t1, n, failed, first, chunks = span
+        clock = self._clock
+        self._spans += (w, t0 + clock, t1 + clock, n, failed, first, chunks)
+        if len(self._spans) >= MAX_SPANS * _SPAN_FIELDS:
+            self._save_spans()
+
+    def on_report(self, report: Any) -> None:
+        """Keep the run's report (plan, counts, failures) to store when the run ends."""
+        self._summary = _summary(report, self._clock)
+
     def end(self, completed: bool) -> None:
         """Commit the last batch (also after an error or Ctrl-C) and close the file."""
         conn = self.conn
@@ -631,6 +701,9 @@ class CheckpointObserver(RunObserver):
         try:
             if not self._broken:
                 self.flush()
+                self._save_spans()
+                if self._summary is not None:
+                    self._save_timeline_row("summary", json.dumps(self._summary).encode())
                 if completed and not self._failed and not conn.read_only:
                     self._mark_completed(conn)
         finally:
@@ -674,6 +747,9 @@ class CheckpointObserver(RunObserver):
                     "INSERT INTO checkpoint_batches VALUES (?,?,?,?,?,?,?)",
                     (bid, n, runs, hashes, blob, digest, mac),
                 )
+                if self._spans:  # the chunks so far, in the same transaction: no extra commit
+                    spans, self._spans = self._spans, []
+                    self._timeline_row(conn, "spans", _pack_doubles(spans))
                 conn.execute("COMMIT")
             finally:
                 if conn.in_transaction:
@@ -681,6 +757,44 @@ class CheckpointObserver(RunObserver):
         except sqlite3.Error as exc:
             self._broken = True
             raise write_error(self._path, "checkpoint", "write to the", exc, CheckpointError) from exc
+
+    def _save_spans(self) -> None:
+        """Write the chunk spans gathered since the last write as one sealed row."""
+        if self._spans:
+            spans, self._spans = self._spans, []
+            self._save_timeline_row("spans", _pack_doubles(spans))
+
+    def _save_timeline_row(self, kind: str, body: bytes) -> None:
+        """One sealed timeline row (skipped for a read-only file or after a failed write:
+        the timeline is a picture of the run, never a reason to fail it)."""
+        conn = self.conn
+        if conn is None or conn.read_only or self._broken:
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._timeline_row(conn, kind, body)
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            self._broken = True
+            raise write_error(self._path, "checkpoint", "write to the", exc, CheckpointError) from exc
+
+    def _timeline_row(self, conn: StoreConnection, kind: str, body: bytes) -> None:
+        """Insert one sealed timeline row, in the caller's write transaction."""
+        assert self._seal is not None
+        if not self._timeline_table:
+            conn.execute(_TIMELINE_SCHEMA)  # a file from before timelines gets the table here
+            self._timeline_table = True
+        digest = block_digest(self._run_id.encode(), kind.encode(), body)
+        (rid,) = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM checkpoint_timeline").fetchone()
+        mac = self._seal.mac(f"timeline {rid}", digest)
+        conn.execute(
+            "INSERT INTO checkpoint_timeline VALUES (?,?,?,?,?,?)",
+            (rid, self._run_id, kind, body, digest, mac),
+        )
 
     def _mark_completed(self, conn: StoreConnection) -> None:
         try:
@@ -887,6 +1001,89 @@ def _unstorable(value: Any) -> str | None:
     except Exception as exc:
         return f"pickles but does not unpickle ({type(exc).__name__}: {exc})"
     return None
+
+
+def _pack_doubles(values: list[float]) -> bytes:
+    arr = array.array("d", values)
+    if sys.byteorder == "big":  # pragma: no cover - the file format is little-endian
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _summary(report: Any, clock: float) -> dict[str, Any]:
+    """A ``RunReport`` as plain JSON data for the timeline (text only: no pickles)."""
+    tl = report.timeline
+    dead = set(report.dead_lettered)
+    failures = [
+        {"index": f.index, "error": type(f.exception).__name__,
+         "message": _text(f.exception)[:400], "attempts": f.attempts,
+         "dead_lettered": f.index in dead}
+        for f in report.failures[:_MAX_SUMMARY_FAILURES]
+    ]  # fmt: skip
+    return {
+        "started_at": _now(),
+        "backend": report.backend, "n_jobs": report.n_jobs, "chunksize": report.chunksize,
+        "reason": report.reason, "predicted_seconds": report.predicted_seconds,
+        "wall_seconds": report.wall_seconds, "items": report.items,
+        "completed": report.completed, "failed": report.failed,
+        "dead_lettered": len(report.dead_lettered), "not_attempted": report.not_attempted,
+        "reused": report.reused, "skipped": report.skipped, "retries": report.retries,
+        "failures": failures,
+        "origin": None if tl is None else tl.origin + clock,
+        "dispatch_started": None if tl is None or tl.dispatch_started is None
+        else tl.dispatch_started + clock,
+        "total_chunks": 0 if tl is None else tl.total_chunks,
+    }  # fmt: skip
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return safe_repr(exc)
+
+
+def _read_timeline(conn: sqlite3.Connection, seal: Seal) -> list[dict[str, Any]]:
+    """The verified timeline rows of a checkpoint, grouped by run (see ``Checkpoint.timeline``)."""
+    has = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoint_timeline'"
+    ).fetchone()
+    if not has:
+        return []
+    runs: dict[str, dict[str, Any]] = {}
+    for rid, run, kind, body, digest, mac in conn.execute(
+        "SELECT id, run, kind, body, digest, mac FROM checkpoint_timeline ORDER BY id"
+    ):
+        block = f"timeline {rid}"
+        if not (isinstance(run, str) and isinstance(kind, str) and isinstance(body, bytes)
+                and len(body) <= _MAX_TIMELINE_ROW):  # fmt: skip
+            raise seal.damaged(block, "has fields of the wrong type or size")
+        seal.check(block, digest, mac, run.encode(), kind.encode(), body)
+        entry = runs.setdefault(run, {"run": run, "summary": None, "spans": []})
+        if kind == "spans":
+            if len(body) % (8 * _SPAN_FIELDS):
+                raise seal.damaged(block, "holds a partial chunk record")
+            flat = array.array("d")
+            flat.frombytes(body)
+            if sys.byteorder == "big":  # pragma: no cover
+                flat.byteswap()
+            entry["spans"] += [tuple(flat[k : k + _SPAN_FIELDS])
+                               for k in range(0, len(flat), _SPAN_FIELDS)]  # fmt: skip
+        elif kind == "summary":
+            entry["summary"] = _json_object(body, seal, block)
+        else:
+            raise seal.damaged(block, f"holds an unknown record kind {kind[:20]!r}")
+    return list(runs.values())
+
+
+def _json_object(body: bytes, seal: Seal, block: str) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise seal.damaged(block, "does not hold a JSON object")
+    return value
 
 
 def _now() -> str:

@@ -1,4 +1,4 @@
-"""The ``amorsize`` command line: optimize, execute, dead-letter, demo, bench, info.
+"""The ``amorsize`` command line: optimize, execute, dead-letter, report, demo, bench, info.
 
 Run ``amorsize --help`` (or ``python -m amorsize --help``) for the options. ``MODULE:FUNC``
 names a function: ``MODULE`` with a ``/`` or ending in ``.py`` is that file, loaded by path;
@@ -189,8 +189,8 @@ def _build_parser() -> _Parser:
     )
     parser.add_argument("--version", action="version", version=f"amorsize {read_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_command in (_add_optimize, _add_execute, _add_dead_letter, _add_demo, _add_bench,
-                        _add_info):  # fmt: skip
+    for add_command in (_add_optimize, _add_execute, _add_dead_letter, _add_report, _add_demo,
+                        _add_bench, _add_info):  # fmt: skip
         add_command(commands)
     return parser
 
@@ -333,6 +333,11 @@ def _add_reliability_options(p: argparse.ArgumentParser) -> None:
         "--circuit-breaker", metavar="N",
         help="stop dispatching after N consecutive failures", **_COUNT,
     )
+    g.add_argument(
+        "--report", metavar="FILE",
+        help="write a run report when the run ends: FILE.html (self-contained page) or "
+        "FILE.png (needs the 'report' extra)",
+    )
 
 
 def _add_dead_letter(commands: _Commands) -> None:
@@ -358,6 +363,23 @@ def _add_dead_letter(commands: _Commands) -> None:
         "file); unpickling runs code, so only for files you trust like code",
     )
     p.set_defaults(handler=_cmd_dead_letter)
+
+
+def _add_report(commands: _Commands) -> None:
+    p = commands.add_parser(
+        "report", help="draw a checkpointed run: chunks per worker, throughput, failures",
+        description=(
+            "Write the run report of the last run recorded in a checkpoint file (execute "
+            "--checkpoint PATH): a self-contained HTML page, or a PNG image (needs the "
+            "'report' extra: matplotlib). Nothing is unpickled."
+        ),
+    )
+    p.add_argument("path", metavar="CHECKPOINT", help="the checkpoint SQLite file")
+    p.add_argument(
+        "-o", "--output", metavar="FILE", required=True,
+        help="where to write the report: a path ending .html or .png",
+    )
+    p.set_defaults(handler=_cmd_report)
 
 
 def _add_demo(commands: _Commands) -> None:
@@ -974,6 +996,7 @@ def _execute_inputs(
         "verbose": args.verbose,
         "checkpoint": args.checkpoint,
         "dead_letter": args.dead_letter,
+        "report": args.report,
     }
     if options["backend"] == "dask":
         func = _ship_by_value(func, module, where)
@@ -1065,6 +1088,25 @@ def _cmd_dead_letter(args: argparse.Namespace) -> int:
         # The file (or the signing key) cannot be used: foreign, damaged, unwritable,
         # unsigned items. Replay collects func's own errors, so none of them end up here.
         raise CliError(_one_line(exc)) from None
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from amorsize._store import StoreError
+    from amorsize.report import check_target, from_checkpoint, write_report
+
+    if not Path(args.path).is_file():
+        # Opening would create an empty checkpoint: a typo would look like "nothing ran".
+        msg = f"no checkpoint file {args.path!r}"
+        raise CliError(msg)
+    try:
+        out = check_target("", args.output, "-o/--output")
+        write_report(out, from_checkpoint(args.path))
+    except (ValueError, TypeError, ImportError, StoreError, sqlite3.Error, OSError) as exc:
+        raise CliError(_one_line(exc)) from None
+    print(f"wrote {out}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _replay(dlq: Any, func: Callable[[Any], Any], *, trust: bool) -> int:

@@ -32,6 +32,7 @@ import itertools
 import math
 import multiprocessing
 import operator
+import os
 import sys
 import threading
 import time
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast, overload
 from amorsize._log import RUN_ID, log_item_failed, new_run_id
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._schedule import ChunkSizer
+from amorsize._timeline import ChunkSpan, Timeline, forget, take
 from amorsize._validate import MAX_WORKERS, check_bool, check_int, fail
 from amorsize.backends import BACKEND_NAMES, REGISTRY, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
     from amorsize.ratelimit import RateLimiter
 
 __all__ = [
+    "ChunkSpan",
     "DispatchStoppedError",
     "ExecutionPlan",
     "ItemFailure",
@@ -136,6 +139,14 @@ class RunReport:
     # completed (None: every chunk had the plan's size), and each change of size with why.
     chunk_sizes: tuple[int, int] | None = None
     replans: list[str] = field(default_factory=list)
+    # Input indices of failures a dead-letter queue (an observer) recorded: the run went on.
+    dead_lettered: list[int] = field(default_factory=list)
+    # Retries counted by the retry policy, when its wrapper ran in this process (serial,
+    # threads, async); None when the workers counted them (processes, dask) or no retry.
+    retries: int | None = None
+    # The chunks' timeline (``amorsize._timeline.Timeline``), recorded when ``report=`` was
+    # given or an observer watches chunks (``RunObserver.on_chunk``); else None.
+    timeline: Timeline | None = None
 
     @property
     def items_per_second(self) -> float:
@@ -367,6 +378,7 @@ class _RunOptions:
     is_async: bool = False  # func is an async def function: the async backend runs it
     rate_limit: Any = None  # a RateLimiter, or None
     shared: tuple[Any, ...] = ()  # limiter / budget moved to shared memory for the run
+    report: str | None = None  # the run report's path (.html or .png), checked
 
     @property
     def keep_going(self) -> bool:
@@ -395,6 +407,7 @@ class _RunOptions:
         ordered_window: bool = False,
         trace_chunks: Any = False,
         rate_limit: Any = None,
+        report: Any = None,
     ) -> _RunOptions:
         """The options of ``api`` (``execute`` or ``execute_iter``), as the user gave them."""
         _check_call(func, data)
@@ -423,11 +436,16 @@ class _RunOptions:
         absorbs = dead_letter is not None or any(
             _overrides(o, "on_failure") for o in observers or ()
         )
+        target = None
+        if report is not None:
+            from amorsize.report import check_target
+
+            target = check_target(f"{api}(): ", report)
         return cls(
             n_jobs=jobs, chunksize=chunk, backend=be, retry=policy,
             collect=on_error == "collect", progress=progress, verbose=verbose, client=client,
             observers=obs, absorbs_failures=absorbs, ordered_window=ordered_window,
-            is_async=is_async, rate_limit=limiter, shared=shared,
+            is_async=is_async, rate_limit=limiter, shared=shared, report=target,
         )  # fmt: skip
 
 
@@ -931,6 +949,15 @@ class _Execution:
         self.chunk_starts = [o for o in observers if _overrides(o, "chunk_started")]
         self.chunk_ends = [o for o in observers if _overrides(o, "chunk_finished")]
         self.run_id = new_run_id()  # names the run in logs and traces
+        self.chunk_watchers = [o for o in observers if _overrides(o, "on_chunk")]
+        self.reporters = [o for o in observers if _overrides(o, "on_report")]
+        # Chunk times, only when someone looks at them (report=, an on_chunk observer); then
+        # the dispatch time of each task in flight, for backends that measure nothing.
+        self.timeline: Timeline | None = None
+        if opts.report is not None or self.chunk_watchers:
+            self.timeline = Timeline()
+        self.sent: dict[int, float] = {}
+        self.item_funcs: list[Callable[[Any], Any]] = []  # retry wrappers made for this run
         # Known results (sampled, checkpointed) waiting to be handed out, in blocks.
         self.ready: deque[tuple[int, list[Any]]] = deque()
         self.stream: _UnknownItems | None = None
@@ -966,6 +993,8 @@ class _Execution:
         t0 = time.perf_counter()
         outer_run = RUN_ID.get()
         RUN_ID.set(self.run_id)
+        if self.timeline is not None:
+            self.timeline.origin = time.monotonic()
         try:
             plan = self._begin()
             if self._unwatched_serial(plan):
@@ -1033,7 +1062,11 @@ class _Execution:
             from amorsize.ratelimit import limited
 
             func = limited(func, opts.rate_limit, opts.is_async)
-        return func if opts.retry is None else _retrying(func, opts.retry, opts.is_async)
+        if opts.retry is None:
+            return func
+        wrapped = _retrying(func, opts.retry, opts.is_async)
+        self.item_funcs.append(wrapped)
+        return wrapped
 
     def _progress_bar(self) -> Any:
         if not self.opts.progress:
@@ -1175,7 +1208,19 @@ class _Execution:
             self.tasks_out += 1
             for obs in self.chunk_starts:
                 obs.chunk_started(start, len(items))
-            yield Task(start, items)
+            task = Task(start, items)
+            if self.timeline is not None:
+                self._sending(task)
+            yield task
+
+    def _sending(self, task: Task) -> None:
+        """Note when ``task`` is dispatched (its span, if its backend measures none)."""
+        timeline = self.timeline
+        assert timeline is not None
+        forget(task)  # a stamp left under this id by an earlier task is not this one's
+        now = self.sent[id(task)] = time.monotonic()
+        if timeline.dispatch_started is None:
+            timeline.dispatch_started = now
 
     def _run_tasks(
         self, outcomes: Iterator[tuple[Task, list[Outcome] | OkValues]]
@@ -1194,6 +1239,8 @@ class _Execution:
             self.finished += n
             if sizer is not None:
                 last = self._observe(sizer, n, last)
+            if self.timeline is not None:
+                self._record(task, outs)
             if type(outs) is OkValues:
                 report.completed += n
                 for obs in on_success:
@@ -1212,6 +1259,26 @@ class _Execution:
                     bar.update(n)
                 if values:
                     yield task.start, values
+
+    def _record(self, task: Task, outs: list[Outcome] | OkValues) -> None:
+        """Add a finished chunk to the timeline, measured where it ran if the backend said
+        (``_timeline.take``), else from its dispatch to now; tell the chunk watchers."""
+        timeline = self.timeline
+        assert timeline is not None
+        now = time.monotonic()
+        sent = self.sent.pop(id(task), now)
+        failed = 0
+        if type(outs) is not OkValues:
+            failed = sum(1 for o in outs if not o.ok and type(o.value) is not NotRunError)
+        n = len(task.items)
+        ran = take(task)
+        if ran is None:
+            span = timeline.add_unplaced(sent, now, n, failed, task.start)
+        else:
+            span = ChunkSpan(ran[2], ran[0], ran[1], n, failed, task.start)
+            timeline.add(span)
+        for obs in self.chunk_watchers:
+            obs.on_chunk(span)
 
     def _observe(self, sizer: ChunkSizer, n: int, last: float | None) -> float:
         """Tell the sizer what a completed chunk cost: the time since the previous completion
@@ -1274,6 +1341,8 @@ class _Execution:
             log_item_failed(self.run_id, index, out.attempts, exc, self.func)
             report.failed += 1
             report.failures.append(failure)
+            if recorded:
+                report.dead_lettered.append(index)
             if not self.opts.collect and not recorded:
                 raise exc
             values.append(failure)
@@ -1320,6 +1389,7 @@ class _Execution:
             and self.stream is None
             and plan.stopped is None
             and not getattr(profile, "n_failed", 0)
+            and self.timeline is None
         )
 
     def _run_serial_fast(self, plan: _Plan) -> Iterator[tuple[int, list[Any]]]:
@@ -1436,17 +1506,47 @@ class _Execution:
             if self.sizer is not None and self.sizer.chunks:
                 report.chunk_sizes = (self.sizer.smallest, self.sizer.largest)
                 report.replans = [str(r) for r in self.sizer.replans]
+            report.timeline = self.timeline
+            report.retries = self._retries()
         if self.bar is not None:
             self.bar.close()
         while self.sharing:  # Ctrl-C and errors included: no segment outlives the run
             self.sharing.pop()._unshare()
         try:
+            if report is not None:
+                for obs in self.reporters:
+                    obs.on_report(report)
             for obs in self.opts.observers:
                 obs.end(self.completed)
         finally:
             # Called from ``result_blocks``'s ``finally``: exc_info is the run's error, if any.
             if self.opts.verbose and report is not None and sys.exc_info()[0] is None:
                 print(report, flush=True)
+            if self.opts.report is not None and report is not None:
+                self._write_report(report)
+
+    def _retries(self) -> int | None:
+        """Retries the policy counted in this process (None: counted in worker processes)."""
+        if not self.item_funcs or self.backend is None:
+            return None
+        if self.backend.name not in ("serial", "threads", "async"):
+            return None
+        wrappers = cast("list[Any]", self.item_funcs)  # the core's retry wrappers
+        return sum(int(f.retry_stats.retries) for f in wrappers)
+
+    def _write_report(self, report: RunReport) -> None:
+        """Write ``report=``'s file; after a failed run, a failure to write only warns (the
+        run's own error is the one to see)."""
+        from amorsize.report import write_run_report
+
+        assert self.opts.report is not None
+        running_error = sys.exc_info()[1]
+        try:
+            write_run_report(self.opts.report, report, self.func)
+        except Exception as exc:
+            if running_error is None:
+                raise
+            warnings.warn(f"{exc} (after the run failed)", RuntimeWarning, stacklevel=2)
 
 
 # --------------------------------------------------------------------------- public API
@@ -1472,6 +1572,7 @@ def execute(
     observers: Sequence[RunObserver] | None = ...,
     trace_chunks: bool = ...,
     rate_limit: RateLimiter | None = ...,
+    report: str | os.PathLike[str] | None = ...,
 ) -> list[Any]: ...
 
 
@@ -1495,6 +1596,7 @@ def execute(
     observers: Sequence[RunObserver] | None = ...,
     trace_chunks: bool = ...,
     rate_limit: RateLimiter | None = ...,
+    report: str | os.PathLike[str] | None = ...,
 ) -> tuple[list[Any], RunReport]: ...
 
 
@@ -1517,6 +1619,7 @@ def execute(
     observers: Sequence[RunObserver] | None = None,
     trace_chunks: bool = False,
     rate_limit: RateLimiter | None = None,
+    report: str | os.PathLike[str] | None = None,
 ) -> list[Any] | tuple[list[Any], RunReport]:
     """``[func(x) for x in data]``, run serially, on processes or on threads as planned.
 
@@ -1536,6 +1639,9 @@ def execute(
     included, across every worker of the run, processes too (as does a policy's
     ``RetryBudget``): both move into shared memory for the run, and a cluster backend,
     which shared memory does not reach, is refused before anything runs.
+    ``report="run.html"`` (or ``.png``, with the ``report`` extra) writes a picture of the run
+    when it ends: each worker's chunks over time, throughput, the plan's predicted vs
+    measured time, retries and failures (see ``amorsize.report``).
     An ``async def`` function runs on the ``"async"`` backend: its coroutines are awaited on
     one event loop, as many in flight as the sampled wait calls for (``execute_async``
     from inside a coroutine).
@@ -1562,6 +1668,7 @@ def execute(
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
         observers=observers, trace_chunks=trace_chunks, rate_limit=rate_limit,
+        report=report,
     )  # fmt: skip
     run = _Execution(func, data, opts, one_block=True)
     results: list[Any] = []
@@ -1604,6 +1711,7 @@ def execute_iter(
     observers: Sequence[RunObserver] | None = None,
     trace_chunks: bool = False,
     rate_limit: RateLimiter | None = None,
+    report: str | os.PathLike[str] | None = None,
 ) -> Iterator[Any]:
     """Yield ``func(x)`` for each item as results complete, with bounded memory.
 
@@ -1622,7 +1730,7 @@ def execute_iter(
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
         observers=observers, ordered_window=ordered, trace_chunks=trace_chunks,
-        rate_limit=rate_limit,
+        rate_limit=rate_limit, report=report,
     )  # fmt: skip
     return _iterate(_Execution(func, data, opts), ordered)
 

@@ -25,12 +25,15 @@ Data flow of one chunk (``kind`` is ``OK``, ``MIXED``, ``NOLOAD`` or ``FATAL``):
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple, cast
 
 from amorsize._format import describe_error, safe_repr
+from amorsize._timeline import stamp
 from amorsize.backends.base import (
     PAUSE,
     OkValues,
@@ -145,9 +148,17 @@ def run_and_pack(
     where: str,
     dumps: Callable[[Any], bytes],
 ) -> bytes:
-    """The worker's half of a task: run the chunk, and its message for the parent."""
+    """The worker's half of a task: run the chunk, and its message for the parent.
+
+    The message carries when the chunk ran here (``time.monotonic``, one clock for every
+    process of the machine) and this process's id: two clock reads per chunk, for the
+    run's timeline (``amorsize._timeline``).
+    """
+    t0 = time.monotonic()
     try:
-        return pack_results(run_chunk_fast(func, items), start, where, dumps)
+        result = run_chunk_fast(func, items)
+        span = (t0, time.monotonic(), os.getpid())
+        return pack_results(result, start, where, dumps, span)
     except Exception as exc:
         # Belt and braces: whatever went wrong packing results fails the chunk's items,
         # never the worker (a dead worker's items would run again).
@@ -156,16 +167,22 @@ def run_and_pack(
 
 
 def pack_results(
-    result: list[Outcome] | OkValues, start: int, where: str, dumps: Callable[[Any], bytes]
+    result: list[Outcome] | OkValues,
+    start: int,
+    where: str,
+    dumps: Callable[[Any], bytes],
+    span: tuple[float, float, int] | None = None,
 ) -> bytes:
-    """A chunk's outcomes as a message: a value that does not pickle fails only its item."""
+    """A chunk's outcomes as a message: a value that does not pickle fails only its item.
+
+    ``span``: ``(start, end, worker id)`` of the chunk in the worker, sent along."""
     if type(result) is OkValues:
         try:
-            return dumps((OK, list(result)))
+            return dumps((OK, list(result), span))
         except Exception:
             pass  # some value does not pickle: find it below
     outcomes = portable_outcomes(as_outcomes(result), dumps, where, start)
-    return dumps((MIXED, outcomes))
+    return dumps((MIXED, outcomes, span))
 
 
 def pack_error(kind: int, exc: BaseException, dumps: Callable[[Any], bytes]) -> bytes:
@@ -212,13 +229,18 @@ class Refused(NamedTuple):
 
 
 def load_results(blob: bytes, task: Task, where: str) -> list[Outcome] | OkValues | Refused:
-    """The outcomes of ``task`` from the worker's message (``where`` names the worker)."""
+    """The outcomes of ``task`` from the worker's message (``where`` names the worker).
+
+    When and where the chunk ran, if the message says, is stamped for the executor's
+    timeline (``amorsize._timeline.stamp``)."""
     try:
-        kind, payload = pickle.loads(blob)
+        kind, payload, *span = pickle.loads(blob)
     except Exception as exc:
         # A value that pickled in the worker but does not load here fails alone; only this
         # path pays for finding it.
         return reload_outcomes(blob, task, exc, where, _entries)
+    if span and span[0] is not None:
+        stamp(task, *span[0])
     if kind == OK:
         return OkValues(payload)
     if kind == MIXED:
@@ -228,7 +250,7 @@ def load_results(blob: bytes, task: Task, where: str) -> list[Outcome] | OkValue
 
 def _entries(message: Any) -> list[tuple[Any, Outcome]]:
     """A reloaded message's items for ``reload_outcomes``: (what to check, its outcome)."""
-    kind, payload = message
+    kind, payload = message[:2]
     if kind == OK:
         return [(v, Outcome(True, v)) for v in payload]
     if kind == MIXED:

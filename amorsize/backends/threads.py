@@ -11,8 +11,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from threading import get_native_id
+from time import monotonic
 from typing import Any, ClassVar
 
+from amorsize._timeline import stamp
 from amorsize.backends._wire import TaskFeed
 from amorsize.backends.base import Backend, OkValues, Outcome, Pause, Task, run_chunk_fast
 
@@ -20,8 +23,11 @@ from amorsize.backends.base import Backend, OkValues, Outcome, Pause, Task, run_
 _MAX_WARM_POOLS = 4
 
 
-def _run_local(func: Callable[[Any], Any], items: list[Any]) -> list[Outcome] | OkValues:
-    return run_chunk_fast(func, items, remote=False)
+def _run_local(func: Callable[[Any], Any], task: Task) -> list[Outcome] | OkValues:
+    t0 = monotonic()
+    out = run_chunk_fast(func, task.items, remote=False)
+    stamp(task, t0, monotonic(), get_native_id())  # the run's timeline (two clock reads)
+    return out
 
 
 class ThreadsBackend(Backend):
@@ -109,7 +115,7 @@ class ThreadsBackend(Backend):
         try:
             while True:
                 while len(pending) < limit and (task := feed.pull()) is not None:
-                    fut = pool.submit(_run_local, func, task.items)
+                    fut = pool.submit(_run_local, func, task)
                     pending[fut] = task
                     fut.add_done_callback(finished.put)
                 if not pending:
