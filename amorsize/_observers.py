@@ -22,8 +22,6 @@ Call sequence for one ``execute`` run (every call happens in the thread that cal
         allow_dispatch() -> False               dispatch stops for good; chunks in flight
                                                 finish; then stop_error(counts) is asked for
                                                 the error naming why (see below)
-        chunk_started(start, size)              the chunk of items start .. start+size-1
-                                                leaves for the backend
     for each finished chunk, in completion order:
         on_success_block(start, items, values)  a chunk with no failure, one call; the
                                                 default calls on_success(index, item, result)
@@ -48,7 +46,7 @@ Call sequence for one ``execute`` run (every call happens in the thread that cal
                                                 an error, Ctrl-C, or a dispatch stop)
 
 An observer that overrides none of the item and dispatch hooks (``known``, ``known_block``,
-``allow_dispatch``, ``chunk_started``, ``on_success``, ``on_success_block``, ``on_failure``)
+``allow_dispatch``, ``on_success``, ``on_success_block``, ``on_failure``)
 watches the run only as a whole: a serial plan then runs in one loop, without chunks, so
 ``chunk_finished`` is not called for it (the report has the counts).
 
@@ -136,9 +134,6 @@ class RunObserver:
 
     def planned(self, report: Any) -> None:
         """The plan is made; ``report`` (a ``RunReport``) is completed as the run goes."""
-
-    def chunk_started(self, start: int, size: int) -> None:
-        """The chunk of ``size`` items from index ``start`` is dispatched."""
 
     def chunk_finished(self, start: int, size: int, failed: int) -> None:
         """The chunk from index ``start`` came back; ``failed`` of its items failed."""

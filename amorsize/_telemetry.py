@@ -48,6 +48,7 @@ from typing import Any
 from amorsize._core import callable_name
 from amorsize._log import RUN_ID
 from amorsize._observers import RunObserver
+from amorsize._timeline import ChunkSpan
 
 __all__ = [
     "TelemetryObserver",
@@ -417,34 +418,28 @@ class TelemetryObserver(RunObserver):
 
 
 class ChunkTracingObserver(TelemetryObserver):
-    """``trace_chunks=True``: also a child span per chunk, from its dispatch to its return
-    as the calling thread sees them (queueing in the backend included)."""
+    """``trace_chunks=True``: also a child span per chunk, with the times measured where the
+    chunk ran (``RunObserver.on_chunk``: in the worker for threads, processes and Dask; from
+    dispatch to return for the others)."""
 
     def __init__(self, tracer: Any, meters: _Meters | None) -> None:
         super().__init__(tracer, meters)
-        self.open: dict[int, int] = {}  # chunk start index -> dispatch time (ns)
+        # Chunk times are time.monotonic(); spans want epoch ns. Both clocks are read once.
+        self.epoch_offset_ns = time.time_ns() - time.monotonic_ns()
 
-    def chunk_started(self, start: int, size: int) -> None:
-        """Note when the chunk left."""
-        self.open[start] = time.time_ns()
-
-    def chunk_finished(self, start: int, size: int, failed: int) -> None:
-        """Count it, and record its span under the run's."""
-        super().chunk_finished(start, size, failed)
-        t0 = self.open.pop(start, None)
-        if t0 is None or self.span is None:
+    def on_chunk(self, span: ChunkSpan) -> None:
+        """Record the chunk's span under the run's."""
+        if self.span is None:
             return
         from opentelemetry.trace import set_span_in_context
 
-        attrs = {"amorsize.chunk.start": start, "amorsize.chunk.size": size,
-                 "amorsize.chunk.failed": failed}  # fmt: skip
-        span = self.tracer.start_span(
-            "amorsize.chunk", context=set_span_in_context(self.span), start_time=t0,
-            attributes=attrs,
+        attrs = {"amorsize.chunk.start": span.first, "amorsize.chunk.size": span.items,
+                 "amorsize.chunk.failed": span.failed, "amorsize.chunk.worker": span.worker}  # fmt: skip
+        child = self.tracer.start_span(
+            "amorsize.chunk", context=set_span_in_context(self.span),
+            start_time=self._epoch_ns(span.start), attributes=attrs,
         )  # fmt: skip
-        span.end()
+        child.end(end_time=self._epoch_ns(span.end))
 
-    def end(self, completed: bool) -> None:
-        """Chunks still out when the run ended were cancelled: no span for them."""
-        self.open.clear()
-        super().end(completed)
+    def _epoch_ns(self, monotonic_s: float) -> int:
+        return int(monotonic_s * 1e9) + self.epoch_offset_ns

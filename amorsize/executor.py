@@ -460,8 +460,7 @@ def _telemetry_observers(trace_chunks: bool) -> tuple[RunObserver, ...]:
 # Hooks that see items or chunks: an observer overriding none of them watches the run only
 # as a whole (begin, planned, end), so a serial plan may still take the fast path.
 _ITEM_HOOKS = (
-    "known", "known_block", "allow_dispatch", "chunk_started", "on_success",
-    "on_success_block", "on_failure",
+    "known", "known_block", "allow_dispatch", "on_success", "on_success_block", "on_failure",
 )  # fmt: skip
 
 
@@ -946,7 +945,6 @@ class _Execution:
         self.knowers = [o for o in observers if _overrides(o, "known", "known_block")]
         self.gates = [o for o in observers if _overrides(o, "allow_dispatch")]
         self.watchers = [o for o in observers if _overrides(o, *_ITEM_HOOKS)]
-        self.chunk_starts = [o for o in observers if _overrides(o, "chunk_started")]
         self.chunk_ends = [o for o in observers if _overrides(o, "chunk_finished")]
         self.run_id = new_run_id()  # names the run in logs and traces
         self.chunk_watchers = [o for o in observers if _overrides(o, "on_chunk")]
@@ -1206,8 +1204,6 @@ class _Execution:
                     yield PAUSE
             self.dispatched += len(items)
             self.tasks_out += 1
-            for obs in self.chunk_starts:
-                obs.chunk_started(start, len(items))
             task = Task(start, items)
             if self.timeline is not None:
                 self._sending(task)
