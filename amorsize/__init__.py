@@ -47,6 +47,7 @@ def _refuse_source_tree() -> None:
 _refuse_source_tree()
 
 if TYPE_CHECKING:
+    from amorsize._timeout import ItemTimeoutError
     from amorsize.backends.base import WorkerCrashedError
     from amorsize.checkpoint import (
         Checkpoint,
@@ -95,6 +96,7 @@ if TYPE_CHECKING:
 
 # public name -> the module that defines it
 _SOURCES: dict[str, str] = {
+    "ItemTimeoutError": "amorsize._timeout",
     "WorkerCrashedError": "amorsize.backends.base",
     "Checkpoint": "amorsize.checkpoint",
     "CheckpointError": "amorsize.checkpoint",
@@ -140,6 +142,7 @@ __all__ = [
     "DeadLetterQueue",
     "ExecutionPlan",
     "ItemFailure",
+    "ItemTimeoutError",
     "OptimizationResult",
     "Profile",
     "RetryExhaustedError",

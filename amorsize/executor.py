@@ -45,7 +45,7 @@ from typing import Any, Literal, cast, overload
 
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._schedule import ChunkSizer
-from amorsize._validate import MAX_WORKERS, check_bool, check_int
+from amorsize._validate import MAX_SECONDS, MAX_WORKERS, check_bool, check_int, check_number, fail
 from amorsize.backends import BACKEND_NAMES, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
     PAUSE,
@@ -132,6 +132,8 @@ class RunReport:
     # completed (None: every chunk had the plan's size), and each change of size with why.
     chunk_sizes: tuple[int, int] | None = None
     replans: list[str] = field(default_factory=list)
+    # Worker processes replaced for reaching max_tasks_per_worker or max_worker_memory.
+    workers_recycled: int = 0
 
     @property
     def items_per_second(self) -> float:
@@ -161,6 +163,8 @@ class RunReport:
                 f"together; re-planned {len(self.replans)} times"
                 + (f", last {self.replans[-1]})" if self.replans else ")")
             )
+        if self.workers_recycled:
+            lines.append(f"  workers recycled: {self.workers_recycled}")
         if self.predicted_seconds is not None:
             ratio = self.predicted_over_measured
             lines.append(
@@ -274,6 +278,42 @@ def _retrying(
     return cast("Callable[[Any], Any]", cls(func, policy))
 
 
+def _check_limits(
+    api: str, be: str | Backend, timeout: Any, max_tasks: Any, max_memory: Any
+) -> tuple[float | None, int | None, int | None]:
+    """``timeout`` (seconds per attempt) and the worker recycling limits, checked."""
+    where = f"{api}(): "
+    seconds = check_number(
+        where, "timeout", timeout, 0, MAX_SECONDS, low_open=True, none=True,
+        note=" (seconds per item attempt; None: no limit)",
+    )  # fmt: skip
+    tasks = check_int(where, "max_tasks_per_worker", max_tasks, 1, none=True)
+    memory = check_int(
+        where, "max_worker_memory", max_memory, 1, none=True, note=" (bytes of RSS)"
+    )
+    name = be.name if isinstance(be, Backend) else be
+    recycles = getattr(be, "supports_limits", False) or be == "processes"
+    for param, value in (("max_tasks_per_worker", tasks), ("max_worker_memory", memory)):
+        if value is not None and not recycles:
+            fail(
+                ValueError, where, param, "None unless backend='processes' (only worker "
+                f"processes are recycled; the backend here is {name!r})", value,
+                fix="pass backend='processes', or drop the option",
+            )  # fmt: skip
+    return seconds, tasks, memory
+
+
+def _timeout_retries(policy: Any) -> int:
+    """Times the retry policy re-runs an item whose attempt timed out (processes backend)."""
+    if policy is None:
+        return 0
+    from amorsize._timeout import ItemTimeoutError
+
+    if not issubclass(ItemTimeoutError, policy.retry_on_exceptions or (Exception,)):
+        return 0
+    return sys.maxsize if policy.max_retries < 0 else int(policy.max_retries)
+
+
 def _build_observers(
     func: Callable[[Any], Any],
     data: Any,
@@ -329,6 +369,9 @@ class _RunOptions:
     absorbs_failures: bool
     ordered_window: bool = False
     is_async: bool = False  # func is an async def function: the async backend runs it
+    timeout: float | None = None  # seconds per item attempt
+    max_tasks: int | None = None  # items a worker process runs before it is replaced
+    max_memory: int | None = None  # bytes of RSS past which a worker process is replaced
 
     @property
     def keep_going(self) -> bool:
@@ -355,6 +398,9 @@ class _RunOptions:
         circuit_breaker: Any,
         observers: Any,
         ordered_window: bool = False,
+        timeout: Any = None,
+        max_tasks_per_worker: Any = None,
+        max_worker_memory: Any = None,
     ) -> _RunOptions:
         """The options of ``api`` (``execute`` or ``execute_iter``), as the user gave them."""
         _check_call(func, data)
@@ -371,6 +417,9 @@ class _RunOptions:
         if client is not None and be not in ("auto", "dask") and not isinstance(be, Backend):
             msg = f"client= only applies to backend='dask' or 'auto'; got backend={backend!r}"
             raise ValueError(msg)
+        seconds, max_tasks, max_memory = _check_limits(
+            api, be, timeout, max_tasks_per_worker, max_worker_memory
+        )
         is_async = _is_async(func)
         _check_async(func, be, is_async)
         policy = _retry_policy(retry)
@@ -382,7 +431,7 @@ class _RunOptions:
             n_jobs=jobs, chunksize=chunk, backend=be, retry=policy,
             collect=on_error == "collect", progress=progress, verbose=verbose, client=client,
             observers=obs, absorbs_failures=absorbs, ordered_window=ordered_window,
-            is_async=is_async,
+            is_async=is_async, timeout=seconds, max_tasks=max_tasks, max_memory=max_memory,
         )  # fmt: skip
 
 
@@ -838,6 +887,23 @@ class _UnknownItems:
                     k0 = None
 
 
+def _worker_limits(opts: _RunOptions) -> Any:
+    """The run's ``WorkerLimits`` (timeout, recycling), or ``None`` without any."""
+    if opts.timeout is None and opts.max_tasks is None and opts.max_memory is None:
+        return None
+    from amorsize._timeout import WorkerLimits
+
+    return WorkerLimits(
+        opts.timeout, _timeout_retries(opts.retry), opts.max_tasks, opts.max_memory
+    )
+
+
+def _name_index(exc: BaseException, index: int) -> None:
+    from amorsize._timeout import name_index
+
+    name_index(exc, index)
+
+
 class _Execution:
     """One run, in named steps: begin (observers, sampling and the plan), reuse the samples,
     run the tasks (the dispatch loop) or, for a serial plan nobody watches item by item, the
@@ -894,6 +960,7 @@ class _Execution:
         self.sizer: ChunkSizer | None = None
         self.jobs = 1  # workers the backend runs
         self.tasks_out = 0  # tasks dispatched and not yet back
+        self.limits = _worker_limits(opts)
 
     def result_blocks(self) -> Iterator[tuple[int, list[Any]]]:
         """The run: ``(start, values)`` blocks of consecutive results, in completion order."""
@@ -949,9 +1016,15 @@ class _Execution:
         return plan
 
     def _item_func(self) -> Callable[[Any], Any]:
-        """What runs on each item: ``func``, wrapped by the retry policy if there is one."""
-        policy = self.opts.retry
-        return self.func if policy is None else _retrying(self.func, policy, self.opts.is_async)
+        """What runs on each item: ``func``, time-limited per attempt and wrapped by the retry
+        policy when asked."""
+        opts = self.opts
+        func = self.func
+        if opts.timeout is not None:
+            from amorsize._timeout import AsyncTimeLimited, TimeLimited
+
+            func = (AsyncTimeLimited if opts.is_async else TimeLimited)(func, opts.timeout)
+        return func if opts.retry is None else _retrying(func, opts.retry, opts.is_async)
 
     def _progress_bar(self) -> Any:
         if not self.opts.progress:
@@ -1023,6 +1096,14 @@ class _Execution:
         else:
             chunks = self._segment_chunks(self.stream.segments())
         tasks = self._tasks(chunks, window)
+        if self.limits is not None and getattr(be, "supports_limits", False):
+            # Only then: other backends' run() takes no limits (threads and serial time
+            # items out through the TimeLimited wrapper instead).
+            run = cast(Any, be.run)
+            return cast(
+                "Iterator[tuple[Task, list[Outcome] | OkValues]]",
+                run(func, tasks, n_jobs=jobs, max_in_flight=n_in_flight, limits=self.limits),
+            )
         return be.run(func, tasks, n_jobs=jobs, max_in_flight=n_in_flight)
 
     def _workers(self, planned: int, n_sampled: int) -> int:
@@ -1175,6 +1256,8 @@ class _Execution:
                 values.append(out.value)
                 continue
             exc = cast(BaseException, out.value)
+            if self.limits is not None:
+                _name_index(exc, index)
             recorded = False
             for obs in self.opts.observers:
                 # Every observer hears of it (no short-circuit): the circuit breaker counts
@@ -1314,6 +1397,8 @@ class _Execution:
         the failure for its slot, or raised (``on_error="raise"``)."""
         report = self.report
         assert report is not None
+        if self.limits is not None:
+            _name_index(exc, index)
         failure = ItemFailure(index, item, exc, getattr(exc, "attempts", 1))
         report.failed += 1
         report.failures.append(failure)
@@ -1343,6 +1428,8 @@ class _Execution:
             if self.sizer is not None and self.sizer.chunks:
                 report.chunk_sizes = (self.sizer.smallest, self.sizer.largest)
                 report.replans = [str(r) for r in self.sizer.replans]
+            if self.limits is not None:
+                report.workers_recycled = self.limits.recycled
         if self.bar is not None:
             self.bar.close()
         try:
@@ -1375,6 +1462,9 @@ def execute(
     dead_letter: Any = ...,
     circuit_breaker: Any = ...,
     observers: Sequence[RunObserver] | None = ...,
+    timeout: float | None = ...,
+    max_tasks_per_worker: int | None = ...,
+    max_worker_memory: int | None = ...,
 ) -> list[Any]: ...
 
 
@@ -1396,6 +1486,9 @@ def execute(
     dead_letter: Any = ...,
     circuit_breaker: Any = ...,
     observers: Sequence[RunObserver] | None = ...,
+    timeout: float | None = ...,
+    max_tasks_per_worker: int | None = ...,
+    max_worker_memory: int | None = ...,
 ) -> tuple[list[Any], RunReport]: ...
 
 
@@ -1416,6 +1509,9 @@ def execute(
     dead_letter: Any = None,
     circuit_breaker: Any = None,
     observers: Sequence[RunObserver] | None = None,
+    timeout: float | None = None,
+    max_tasks_per_worker: int | None = None,
+    max_worker_memory: int | None = None,
 ) -> list[Any] | tuple[list[Any], RunReport]:
     """``[func(x) for x in data]``, run serially, on processes or on threads as planned.
 
@@ -1429,6 +1525,11 @@ def execute(
     and lists them in ``report.failures``. ``return_plan=True`` returns
     ``(results, RunReport)``. ``checkpoint=``, ``dead_letter=`` and ``circuit_breaker=``
     plug in the reliability layer; ``observers=`` takes extra ``RunObserver`` hooks.
+    ``timeout=seconds`` fails an item attempt that runs longer with ``ItemTimeoutError``
+    (processes: its worker is ended and replaced; threads and serial: its thread is
+    abandoned; async: its coroutine is cancelled). ``max_tasks_per_worker`` and
+    ``max_worker_memory`` (bytes of RSS) replace a worker process at a limit, between
+    chunks (``backend="processes"`` only; ``RunReport.workers_recycled`` counts them).
     An ``async def`` function runs on the ``"async"`` backend: its coroutines are awaited on
     one event loop, as many in flight as the sampled wait calls for (``execute_async``
     from inside a coroutine).
@@ -1454,7 +1555,8 @@ def execute(
         "execute", func, data, n_jobs=n_jobs, chunksize=chunksize, backend=backend,
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
-        observers=observers,
+        observers=observers, timeout=timeout, max_tasks_per_worker=max_tasks_per_worker,
+        max_worker_memory=max_worker_memory,
     )  # fmt: skip
     run = _Execution(func, data, opts, one_block=True)
     results: list[Any] = []
@@ -1495,6 +1597,9 @@ def execute_iter(
     dead_letter: Any = None,
     circuit_breaker: Any = None,
     observers: Sequence[RunObserver] | None = None,
+    timeout: float | None = None,
+    max_tasks_per_worker: int | None = None,
+    max_worker_memory: int | None = None,
 ) -> Iterator[Any]:
     """Yield ``func(x)`` for each item as results complete, with bounded memory.
 
@@ -1512,7 +1617,8 @@ def execute_iter(
         "execute_iter", func, data, n_jobs=n_jobs, chunksize=chunksize, backend=backend,
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
-        observers=observers, ordered_window=ordered,
+        observers=observers, ordered_window=ordered, timeout=timeout,
+        max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=max_worker_memory,
     )  # fmt: skip
     return _iterate(_Execution(func, data, opts), ordered)
 

@@ -64,29 +64,38 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar, cast
 
+from amorsize._timeout import ItemTimeoutError, Watchdog, WorkerLimits, arm, rss_bytes
 from amorsize.backends._wire import (
     FATAL,
+    MIXED,
     NOLOAD,
     PROTOCOL,
+    TIMEOUT,
     ErrorText,
     Refused,
     TaskFeed,
+    TimedOut,
     dump_func,
-    load_results,
+    load_message,
     not_loaded,
     not_sent,
     pack_error,
+    pack_results,
+    portable_outcomes,
     run_and_pack,
     singles,
 )
 from amorsize.backends.base import (
+    _NOT_RUN,
     Backend,
     OkValues,
     Outcome,
     Pause,
     RemoteTraceback,
+    StopOnFailure,
     Task,
     WorkerCrashedError,
+    failure_outcome,
 )
 
 # Message kinds, parent -> worker (worker -> parent: ``_wire.OK``, ``MIXED``, ...).
@@ -118,6 +127,11 @@ _THREAD_ENV = (
 _WHERE = "the worker process"
 # Exit code of a worker that ended because its parent died (no one reads it; for ps/strace).
 _ORPHANED_EXIT = 70
+# Exit code of a worker ended by its watchdog: an item ran past its timeout.
+_TIMED_OUT_EXIT = 71
+# Sent by a worker just before a chunk's results when its RSS is over the run's limit: the
+# parent sends it no more tasks and replaces it once its tasks are answered.
+_RETIRE = b"retire"
 # Modules whose presence means a BLAS/OpenMP pool may be loaded (threadpoolctl is then asked).
 _THREADED_MODULES = ("numpy", "scipy", "torch", "sklearn", "numexpr", "numba", "cv2")
 
@@ -177,6 +191,91 @@ def _worker_main(
         return  # the parent closed our pipes (it stopped or died): nothing to report to
 
 
+class _Watched:
+    """A worker's side of a run with a timeout: chunks run item by item under a
+    ``Watchdog``, which reports the overdue item and ends the worker (see ``_timeout``).
+
+    Also what the run asked of this worker: ``max_memory`` (0: no limit).
+    """
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self.send = send
+        self.guard: Watchdog | None = None
+        self.watching = False
+        self.start = 0  # the running chunk's first input index
+        self.max_memory = 0
+        self.plain = True  # neither limit: chunks take the usual path, at no cost
+
+    def configure(self, seconds: float | None, max_memory: int | None) -> None:
+        """A new run's limits (from its FUNC message)."""
+        self.max_memory = max_memory or 0
+        self.watching = seconds is not None
+        self.plain = not self.watching and not self.max_memory
+        if seconds is not None:
+            if self.guard is None:
+                self.guard = Watchdog(seconds, self._fire)
+            self.guard.seconds = seconds
+        arm(self.guard if self.watching else None)
+
+    def run(self, func: Callable[[Any], Any], start: int, items: list[Any]) -> None:
+        """Run a chunk and send its message (preceded by ``_RETIRE`` when over memory)."""
+        guard = self.guard
+        if not self.watching or guard is None:  # a memory limit only
+            msg = run_and_pack(func, start, items, _WHERE, _dumps)
+            if self.max_memory and rss_bytes() > self.max_memory:
+                self.send(_RETIRE)
+            self.send(msg)
+            return
+        self.start = start
+        guard.done = done = []
+        guard.busy.set()
+        try:
+            result = _run_each(func, items, done)
+        finally:
+            guard.busy.clear()
+        try:
+            msg = pack_results(result, start, _WHERE, _dumps)
+        except Exception as exc:  # as run_and_pack: a packing error fails the items only
+            note = f"the results of items {start}.. could not be sent back: {exc!r:.300}"
+            msg = _dumps((MIXED, [failure_outcome(RuntimeError(note))] * len(items)))
+        retire = bool(self.max_memory) and rss_bytes() > self.max_memory
+        with guard.lock:  # never interleaved with the watchdog's message
+            if retire:
+                self.send(_RETIRE)
+            self.send(msg)
+
+    def _fire(self) -> None:
+        """The watchdog's report (called under its lock): what finished, then exit."""
+        try:
+            done = list(self.guard.done) if self.guard is not None else []
+            safe = portable_outcomes(done, _dumps, _WHERE, self.start)
+            self.send(_dumps((TIMEOUT, (len(done), safe))))
+        finally:
+            os._exit(_TIMED_OUT_EXIT)
+
+
+def _run_each(func: Callable[[Any], Any], items: list[Any], done: list[Outcome]) -> Any:
+    """``run_chunk_fast`` one item at a time, each outcome appended to ``done`` as it ends
+    (what the watchdog reports when the next item runs too long)."""
+    stop = func if type(func) is StopOnFailure else None
+    if stop is not None:
+        if stop.failed:
+            return [_NOT_RUN] * len(items)
+        func = stop.func
+    failed = False
+    for i, item in enumerate(items):
+        try:
+            done.append(Outcome(True, func(item)))
+        except Exception as exc:
+            failed = True
+            done.append(failure_outcome(exc))
+            if stop is not None:
+                stop.failed = True
+                done.extend([_NOT_RUN] * (len(items) - i - 1))
+                break
+    return list(done) if failed else OkValues(o.value for o in done)
+
+
 def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
     # The parent sends only the variables the user left unset: set them even over a value
     # a forkserver inherited from an earlier pool of another size.
@@ -186,6 +285,7 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
     recv, send = tasks.recv_bytes, conn.send_bytes
     func: Callable[[Any], Any] | None = None
     fatal: bytes | None = None
+    watched = _Watched(send)
     while True:
         try:
             data = recv()
@@ -203,8 +303,12 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
                 send(fatal or pack_error(FATAL, RuntimeError("no function loaded"), _dumps))
                 continue
             start, items = payload
-            send(run_and_pack(func, start, items, _WHERE, _dumps))
+            if watched.plain:
+                send(run_and_pack(func, start, items, _WHERE, _dumps))
+            else:
+                watched.run(func, start, items)
         elif kind == _FUNC:
+            watched.configure(payload[2], payload[3])
             try:
                 func = loads(payload[0])
                 fatal = None
@@ -220,7 +324,8 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
 
 
 class _Worker:
-    __slots__ = ("conn", "inflight", "out", "process", "ready", "run_id")
+    __slots__ = ("conn", "expired", "inflight", "items", "out", "process", "ready", "retiring",
+                 "run_id")  # fmt: skip
 
     def __init__(self, process: Any, out: Connection, conn: Connection) -> None:
         self.process = process
@@ -230,6 +335,9 @@ class _Worker:
         self.inflight: deque[tuple[int, Task, int]] = deque()
         self.run_id = 0  # the run whose function this worker holds
         self.ready = False  # READY received
+        self.items = 0  # items sent to it in its life (max_tasks_per_worker counts them)
+        self.retiring = False  # at a limit: no more tasks; replaced once they are answered
+        self.expired = False  # its watchdog ended it (timeout): its queued tasks never ran
 
 
 def _stop(worker: _Worker, *, terminate: bool, timeout: float) -> int | None:
@@ -267,6 +375,8 @@ class ProcessesBackend(Backend):
 
     name: ClassVar[str] = "processes"
     supports_pause: ClassVar[bool] = True
+    #: ``run`` takes ``limits=`` (a ``WorkerLimits``: per-item timeout, worker recycling).
+    supports_limits: ClassVar[bool] = True
 
     def __init__(self, start_method: str | None = None, *, crash_retries: int = CRASH_RETRIES):
         if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
@@ -351,15 +461,16 @@ class ProcessesBackend(Backend):
                 continue
             try:
                 while w.inflight and w.conn.poll():
-                    w.conn.recv_bytes()
-                    if not w.ready:
+                    data = w.conn.recv_bytes()
+                    if not w.ready or data == _RETIRE:
                         w.ready = True
+                        w.retiring = w.retiring or data == _RETIRE
                         continue
                     w.inflight.popleft()
             except (EOFError, OSError):
                 self._discard(w, kill=True)
                 continue
-            if w.inflight:
+            if w.inflight or w.retiring:
                 w.inflight.clear()
                 self._discard(w, kill=True)
 
@@ -393,8 +504,14 @@ class ProcessesBackend(Backend):
         *,
         n_jobs: int,
         max_in_flight: int,
+        limits: WorkerLimits | None = None,
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
-        """Yield each task with its outcomes in completion order (see the module docstring)."""
+        """Yield each task with its outcomes in completion order (see the module docstring).
+
+        ``limits``: a per-item timeout (the worker is ended and replaced, the rest of its
+        chunk re-run) and worker recycling (``max_tasks``, ``max_memory``); ``limits.recycled``
+        counts the workers replaced for reaching a limit.
+        """
         if multiprocessing.current_process().daemon:
             msg = (
                 "backend='processes' cannot start workers from inside a daemonic worker "
@@ -404,12 +521,14 @@ class ProcessesBackend(Backend):
         if not self._lock.acquire(blocking=False):
             private = ProcessesBackend(self.start_method, crash_retries=self.crash_retries)
             try:
-                yield from private.run(func, tasks, n_jobs=n_jobs, max_in_flight=max_in_flight)
+                yield from private.run(
+                    func, tasks, n_jobs=n_jobs, max_in_flight=max_in_flight, limits=limits
+                )
             finally:
                 private.close()
             return
         try:
-            yield from self._run(func, tasks, n_jobs, max_in_flight)
+            yield from self._run(func, tasks, n_jobs, max_in_flight, limits)
         finally:
             self._lock.release()
 
@@ -419,8 +538,9 @@ class ProcessesBackend(Backend):
         tasks: Iterator[Task | Pause],
         n_jobs: int,
         max_in_flight: int,
+        limits: WorkerLimits | None,
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
-        run = _Run(self, func, tasks, n_jobs, max_in_flight)
+        run = _Run(self, func, tasks, n_jobs, max_in_flight, limits)
         self._reap_stale()
         try:
             yield from run.results()
@@ -457,6 +577,7 @@ class _Run:
         tasks: Iterator[Task | Pause],
         n_jobs: int,
         max_in_flight: int,
+        limits: WorkerLimits | None = None,
     ) -> None:
         self.pool = pool
         self.run_id = next(pool._runs)
@@ -465,7 +586,12 @@ class _Run:
         from amorsize.system import available_cpus
 
         self.threads = max(1, available_cpus() // n_jobs)
-        self.func_msg = _dumps((_FUNC, (dump_func(func, "worker processes"), self.threads)))
+        self.limits = limits = limits or WorkerLimits()
+        func_bytes = dump_func(func, "worker processes")
+        self.func_msg = _dumps(
+            (_FUNC, (func_bytes, self.threads, limits.timeout, limits.max_memory))
+        )
+        self.timeouts: dict[int, int] = {}  # input index -> its attempts that timed out
         self.feed = TaskFeed(tasks)
         # A prefetched task per worker only when the executor allows two per worker.
         self.depth = 2 if max_in_flight >= 2 * n_jobs else 1
@@ -507,9 +633,19 @@ class _Run:
         if len(self.watched) == self.n_jobs:
             return  # the usual case: the active workers are all watched, none died
         pool = self.pool
-        if len(pool._workers) < self.n_jobs:
-            pool._start_workers(self.n_jobs - len(pool._workers), self.threads)
-        self.active = pool._workers[: self.n_jobs]
+        cap = self.limits.max_tasks
+        while True:
+            if len(pool._workers) < self.n_jobs:
+                pool._start_workers(self.n_jobs - len(pool._workers), self.threads)
+            self.active = pool._workers[: self.n_jobs]
+            if cap is None:
+                break
+            # Warm workers that reached the limit in earlier runs are replaced first.
+            spent = [w for w in self.active if w.items >= cap and not w.inflight]
+            if not spent:
+                break
+            for w in spent:
+                self._retire(w)
         for w in self.active:
             if w not in self.watched:
                 self.sel.register(w.conn, selectors.EVENT_READ, (w, False))
@@ -524,7 +660,7 @@ class _Run:
         """
         for level in range(self.depth):
             for w in self.active:
-                if len(w.inflight) != level:
+                if len(w.inflight) != level or w.retiring:
                     continue
                 if self.in_flight >= self.max_in_flight:
                     return None
@@ -535,9 +671,25 @@ class _Run:
                 if level > 0 and len(msg) > _PREFETCH_MAX_BYTES:
                     self.front.appendleft(nxt)  # sent when a worker is idle instead
                     return None
+                if self.limits.max_tasks is not None:
+                    task, msg = self._fit(w, task, msg)
                 if not self._send(w, task, msg):
                     return w
         return None
+
+    def _fit(self, w: _Worker, task: Task, msg: bytes) -> tuple[Task, bytes]:
+        """``task``, cut to the items ``w`` may still run (the rest goes back to the front);
+        ``w`` retires once it has been sent its last item."""
+        cap = self.limits.max_tasks
+        assert cap is not None
+        room = max(1, cap - w.items)  # a worker at its limit already retired
+        if len(task.items) > room:
+            self.front.appendleft((Task(task.start + room, task.items[room:]), None))
+            task = Task(task.start, task.items[:room])
+            msg = _dumps((_TASK, (task.start, task.items)))
+        if w.items + len(task.items) >= cap:
+            w.retiring = True
+        return task, msg
 
     def _next_message(self) -> tuple[Task, bytes] | None:
         """The next task to send, with its message: the front first, then the executor's.
@@ -576,6 +728,7 @@ class _Run:
             self.front.appendleft((task, msg))
             return False
         w.inflight.append((self.run_id, task, len(msg)))
+        w.items += len(task.items)
         self.in_flight += 1
         return True
 
@@ -602,9 +755,9 @@ class _Run:
                 except (EOFError, OSError):
                     pass  # its pipe closed: it is dying
                 else:
-                    report = self._receive(w, data)
-                    if report is not None:
-                        yield report
+                    yield from self._receive(w, data)
+                    if w.retiring and not w.inflight and not w.expired:
+                        self._retire(w)
                     return
             elif w.process.is_alive():
                 return
@@ -612,24 +765,62 @@ class _Run:
         yield from self._drain(w)
         yield from self._bury(w)
 
-    def _receive(self, w: _Worker, data: bytes) -> _Report | None:
-        """A message from ``w``: the first says it is up (READY), each later one answers its
-        oldest task in flight (``None``: nothing to report for it)."""
+    def _receive(self, w: _Worker, data: bytes) -> Iterator[_Report]:
+        """A message from ``w``: the first says it is up (READY), ``_RETIRE`` that it is over
+        its memory limit, each other one answers its oldest task in flight."""
         if not w.ready:
             w.ready = True
             self.startup_deaths = 0
-            return None
+            return
+        if data == _RETIRE:  # a bytes compare fails on the length first: ~free
+            w.retiring = True
+            return
         rid, task, _ = w.inflight.popleft()
         if rid != self.run_id:
-            return None  # a cancelled run's task: its result is not wanted
+            return  # a cancelled run's task: its result is not wanted
         self.in_flight -= 1
-        got = load_results(data, task, _WHERE)
-        if not isinstance(got, Refused):
-            return task, got
-        if got.kind == NOLOAD:
-            return self._not_loaded(task, got.error)
-        self._drop(w, kill=True)
-        raise self._function_not_loaded(got.error)
+        got = load_message(data, task, _WHERE)
+        if isinstance(got, TimedOut):
+            yield from self._timed_out(w, task, got)
+        elif not isinstance(got, Refused):
+            yield task, got
+        elif got.kind == NOLOAD:
+            report = self._not_loaded(task, got.error)
+            if report is not None:
+                yield report
+        else:
+            self._drop(w, kill=True)
+            raise self._function_not_loaded(got.error)
+
+    def _timed_out(self, w: _Worker, task: Task, got: TimedOut) -> Iterator[_Report]:
+        """Item ``got.offset`` of ``task`` ran past the timeout and its worker is ending: the
+        items before it are done, those after it re-run on another worker, and it re-runs
+        alone on a fresh one while the retry policy allows, else fails."""
+        w.expired = w.retiring = True
+        k, items = got.offset, task.items
+        if k >= len(items):  # the watchdog saw the chunk end as it fired: nothing overdue
+            yield task, got.done
+            return
+        if k:
+            yield Task(task.start, items[:k]), got.done
+        if k + 1 < len(items):
+            self.front.appendleft((Task(task.start + k + 1, items[k + 1 :]), None))
+        index = task.start + k
+        count = self.timeouts.get(index, 0) + 1
+        self.timeouts[index] = count
+        limits = self.limits
+        if count > limits.timeout_retries:
+            err = ItemTimeoutError(limits.timeout or 0.0, index, count)
+            yield Task(index, [items[k]]), [Outcome(False, err, count)]
+        else:
+            self.front.appendleft((Task(index, [items[k]]), None))
+
+    def _retire(self, w: _Worker) -> None:
+        """Replace ``w``, at a limit and with nothing in flight (``_grow`` starts another)."""
+        with contextlib.suppress(OSError):
+            w.out.send_bytes(_dumps((_STOP, None)))
+        self._drop(w, kill=False)
+        self.limits.recycled += 1
 
     def _drain(self, w: _Worker) -> Iterator[_Report]:
         """The messages a dead worker sent before it died: still in its pipe."""
@@ -640,9 +831,7 @@ class _Run:
                 data = w.conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            report = self._receive(w, data)
-            if report is not None:
-                yield report
+            yield from self._receive(w, data)
 
     def _bury(self, w: _Worker) -> Iterator[_Report]:
         """A dead worker's tasks: those that never started re-run as they are; the items of
@@ -658,9 +847,10 @@ class _Run:
             if rid != self.run_id:
                 continue
             self.in_flight -= 1
-            if k > 0 or not w.ready:
-                # Queued behind the running task, or the worker never got up: the task never
-                # started, so its items are not suspects.
+            if k > 0 or not w.ready or w.expired:
+                # Queued behind the running task, or the worker never got up, or its
+                # watchdog ended it after reporting: the task never started, so its items
+                # are not suspects.
                 self.front.append((task, None))
             else:
                 yield from self._crashed(task, exitcode)
