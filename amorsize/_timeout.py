@@ -131,21 +131,20 @@ class TimeLimited:
     2
     """
 
-    __slots__ = ("func", "seconds")
-
     def __init__(self, func: Callable[[Any], Any], seconds: float) -> None:
         self.func = func
         self.seconds = seconds
+        # Instance attributes, not properties: what retry messages and backends name the
+        # function after (a class body cannot define __qualname__ as a property).
+        self.__name__ = str(getattr(func, "__name__", type(func).__name__))
+        self.__qualname__ = str(getattr(func, "__qualname__", self.__name__))
+        self.__module__ = getattr(func, "__module__", None)
 
     def __call__(self, item: Any) -> Any:
         guard = _ARMED
         if guard is not None:
             return guard.attempt(self.func, item, self.seconds)
         return _on_helper(self.func, item, self.seconds)
-
-    @property
-    def __name__(self) -> str:  # what backends and messages name the function after
-        return str(getattr(self.func, "__name__", type(self.func).__name__))
 
     def __repr__(self) -> str:
         return repr(self.func)
@@ -156,8 +155,6 @@ class TimeLimited:
 
 class AsyncTimeLimited(TimeLimited):
     """An ``async def`` ``func`` whose coroutine is cancelled after ``seconds``."""
-
-    __slots__ = ()
 
     async def __call__(self, item: Any) -> Any:  # type: ignore[override]
         import asyncio  # only async runs pay for it
@@ -183,11 +180,22 @@ class Watchdog:
     the watchdog thread sleeps until the nearest deadline and, if that attempt is still
     running, calls ``fire`` under ``lock`` (it reports and ends the process). The worker
     sends its own messages under ``lock`` too, so the two never interleave on the pipe.
+    ``clock`` and ``sleep`` are injectable for tests; ``fire`` normally never returns (the
+    watchdog thread ends if it does).
     """
 
-    def __init__(self, seconds: float, fire: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        seconds: float,
+        fire: Callable[[], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.seconds = seconds
         self.fire = fire
+        self.clock = clock
+        self.sleep = sleep
         self.lock = threading.Lock()
         self.busy = threading.Event()  # a chunk is running
         self.slot: tuple[float] | None = None  # the running attempt's deadline
@@ -196,7 +204,7 @@ class Watchdog:
 
     def attempt(self, func: Callable[[Any], Any], item: Any, seconds: float) -> Any:
         """``func(item)`` as one watched attempt."""
-        self.slot = (time.monotonic() + seconds,)
+        self.slot = (self.clock() + seconds,)
         try:
             return func(item)
         finally:
@@ -207,17 +215,18 @@ class Watchdog:
             slot = self.slot
             if slot is None:
                 if self.busy.is_set():
-                    time.sleep(self.seconds)  # between attempts: none can be overdue yet
+                    self.sleep(self.seconds)  # between attempts: none can be overdue yet
                 else:
                     self.busy.wait()
                 continue
-            left = slot[0] - time.monotonic()
+            left = slot[0] - self.clock()
             if left > 0:
-                time.sleep(left)
+                self.sleep(left)
                 continue
             with self.lock:
                 if self.slot is slot:
                     self.fire()
+                    return
 
 
 _ARMED: Watchdog | None = None

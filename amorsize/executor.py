@@ -904,6 +904,24 @@ def _name_index(exc: BaseException, index: int) -> None:
     name_index(exc, index)
 
 
+def _timeout_failure(exc: BaseException, index: int, policy: Any, func: Any) -> BaseException:
+    """``exc`` naming its item if it is a timeout; a worker process's timeouts that the retry
+    policy gave up on become the ``RetryExhaustedError`` the policy raises elsewhere."""
+    _name_index(exc, index)
+    from amorsize._timeout import ItemTimeoutError
+
+    if type(exc) is not ItemTimeoutError or policy is None or policy.reraise:
+        return exc
+    if not issubclass(ItemTimeoutError, policy.retry_on_exceptions or (Exception,)):
+        return exc
+    from amorsize._core import callable_name
+    from amorsize.retry import RetryExhaustedError
+
+    err = RetryExhaustedError(exc, exc.attempts, None, callable_name(func))
+    err.__cause__ = exc
+    return err
+
+
 class _Execution:
     """One run, in named steps: begin (observers, sampling and the plan), reuse the samples,
     run the tasks (the dispatch loop) or, for a serial plan nobody watches item by item, the
@@ -1257,7 +1275,7 @@ class _Execution:
                 continue
             exc = cast(BaseException, out.value)
             if self.limits is not None:
-                _name_index(exc, index)
+                exc = _timeout_failure(exc, index, self.opts.retry, self.func)
             recorded = False
             for obs in self.opts.observers:
                 # Every observer hears of it (no short-circuit): the circuit breaker counts
