@@ -756,7 +756,9 @@ class _Run:
                     pass  # its pipe closed: it is dying
                 else:
                     yield from self._receive(w, data)
-                    if w.retiring and not w.inflight and not w.expired:
+                    if w.expired:
+                        self._expire(w)
+                    elif w.retiring and not w.inflight:
                         self._retire(w)
                     return
             elif w.process.is_alive():
@@ -814,6 +816,16 @@ class _Run:
             yield Task(index, [items[k]]), [Outcome(False, err, count)]
         else:
             self.front.appendleft((Task(index, [items[k]]), None))
+
+    def _expire(self, w: _Worker) -> None:
+        """``w`` reported a timeout and is ending itself: the tasks queued behind the item
+        never started, so they go back to the front as they are."""
+        for rid, task, _ in w.inflight:
+            if rid == self.run_id:
+                self.in_flight -= 1
+                self.front.append((task, None))
+        w.inflight.clear()
+        self._drop(w, kill=True)
 
     def _retire(self, w: _Worker) -> None:
         """Replace ``w``, at a limit and with nothing in flight (``_grow`` starts another)."""
