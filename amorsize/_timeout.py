@@ -138,13 +138,18 @@ class TimeLimited:
         # function after (a class body cannot define __qualname__ as a property).
         self.__name__ = str(getattr(func, "__name__", type(func).__name__))
         self.__qualname__ = str(getattr(func, "__qualname__", self.__name__))
-        self.__module__ = getattr(func, "__module__", None)
+        object.__setattr__(self, "__module__", getattr(func, "__module__", None))
 
     def __call__(self, item: Any) -> Any:
         guard = _ARMED
-        if guard is not None:
-            return guard.attempt(self.func, item, self.seconds)
-        return _on_helper(self.func, item, self.seconds)
+        if guard is None:
+            return _on_helper(self.func, item, self.seconds)
+        # Watchdog.attempt, inlined: this runs once per item attempt.
+        guard.slot = (guard.clock() + self.seconds, len(guard.done))
+        try:
+            return self.func(item)
+        finally:
+            guard.slot = None
 
     def __repr__(self) -> str:
         return repr(self.func)
@@ -156,7 +161,7 @@ class TimeLimited:
 class AsyncTimeLimited(TimeLimited):
     """An ``async def`` ``func`` whose coroutine is cancelled after ``seconds``."""
 
-    async def __call__(self, item: Any) -> Any:  # type: ignore[override]
+    async def __call__(self, item: Any) -> Any:
         import asyncio  # only async runs pay for it
 
         loop = asyncio.get_running_loop()
@@ -176,9 +181,10 @@ class AsyncTimeLimited(TimeLimited):
 class Watchdog:
     """A process worker's guard: ends the worker when an attempt passes its deadline.
 
-    The worker's main thread marks each attempt (``attempt``: a deadline in one attribute);
-    the watchdog thread sleeps until the nearest deadline and, if that attempt is still
-    running, calls ``fire`` under ``lock`` (it reports and ends the process). The worker
+    The worker's main thread marks each attempt (``attempt``: its deadline and its item's
+    position in the chunk, ``len(done)``, in one attribute); the watchdog thread sleeps until
+    the nearest deadline and, if that attempt is still running, calls ``fire(position)``
+    under ``lock`` (it reports and ends the process). The worker
     sends its own messages under ``lock`` too, so the two never interleave on the pipe.
     ``clock`` and ``sleep`` are injectable for tests; ``fire`` normally never returns (the
     watchdog thread ends if it does).
@@ -187,7 +193,7 @@ class Watchdog:
     def __init__(
         self,
         seconds: float,
-        fire: Callable[[], None],
+        fire: Callable[[int], None],
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -198,13 +204,14 @@ class Watchdog:
         self.sleep = sleep
         self.lock = threading.Lock()
         self.busy = threading.Event()  # a chunk is running
-        self.slot: tuple[float] | None = None  # the running attempt's deadline
-        self.done: list[Any] = []  # the running chunk's outcomes so far
+        # The running attempt: (deadline, position of its item in the chunk).
+        self.slot: tuple[float, int] | None = None
+        self.done: list[Any] = []  # the running chunk's results (or outcomes) so far
         threading.Thread(target=self._watch, name="amorsize-watchdog", daemon=True).start()
 
     def attempt(self, func: Callable[[Any], Any], item: Any, seconds: float) -> Any:
         """``func(item)`` as one watched attempt."""
-        self.slot = (self.clock() + seconds,)
+        self.slot = (self.clock() + seconds, len(self.done))
         try:
             return func(item)
         finally:
@@ -225,7 +232,7 @@ class Watchdog:
                 continue
             with self.lock:
                 if self.slot is slot:
-                    self.fire()
+                    self.fire(slot[1])
                     return
 
 
@@ -275,6 +282,9 @@ class WorkerLimits:
         return " or ".join(parts)
 
 
+_PROCESS: dict[int, Any] = {}  # pid -> its psutil.Process
+
+
 def rss_bytes() -> int:
     """This process's resident memory: psutil when installed, else ``/proc/self/statm``
     (Linux), else the peak RSS from ``resource.getrusage`` (an upper bound: it never drops)."""
@@ -283,7 +293,11 @@ def rss_bytes() -> int:
     except ImportError:
         pass
     else:
-        return int(psutil.Process().memory_info().rss)
+        proc = _PROCESS.get(os.getpid())
+        if proc is None:  # one per process: building it costs more than reading the RSS
+            _PROCESS.clear()
+            proc = _PROCESS[os.getpid()] = psutil.Process()
+        return int(proc.memory_info().rss)
     try:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

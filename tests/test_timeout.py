@@ -315,18 +315,25 @@ class FakeClock:
 def test_watchdog_fires_when_an_attempt_passes_its_deadline() -> None:
     """The watchdog reports the overdue attempt at its deadline (fake clock)."""
     fired = threading.Event()
+    positions: list[int] = []
     clock = FakeClock()
-    guard = Watchdog(5.0, fired.set, clock=clock, sleep=clock.sleep)
+
+    def fire(k: int) -> None:
+        positions.append(k)
+        fired.set()
+
+    guard = Watchdog(5.0, fire, clock=clock, sleep=clock.sleep)
     guard.busy.set()
+    guard.done = ["a", "b"]  # two items of the chunk finished: this attempt is the third's
     guard.attempt(lambda _: fired.wait(), None, 5.0)  # returns once the watchdog fired
-    assert clock.now >= 105.0
+    assert clock.now >= 105.0 and positions == [2]
 
 
 def test_watchdog_leaves_an_attempt_that_ends_in_time() -> None:
     """An attempt that returns before its deadline is never reported."""
     fired = threading.Event()
     clock = FakeClock()
-    guard = Watchdog(5.0, fired.set, clock=clock, sleep=clock.sleep)
+    guard = Watchdog(5.0, lambda k: fired.set(), clock=clock, sleep=clock.sleep)
     guard.busy.set()
     assert guard.attempt(abs, -3, 5.0) == 3
     guard.busy.clear()

@@ -227,10 +227,9 @@ class _Watched:
             self.send(msg)
             return
         self.start = start
-        guard.done = done = []
         guard.busy.set()
         try:
-            result = _run_each(func, items, done)
+            result = _run_each(func, items, guard)
         finally:
             guard.busy.clear()
         try:
@@ -244,36 +243,50 @@ class _Watched:
                 self.send(_RETIRE)
             self.send(msg)
 
-    def _fire(self) -> None:
-        """The watchdog's report (called under its lock): what finished, then exit."""
+    def _fire(self, k: int) -> None:
+        """The watchdog's report (called under its lock) that item ``k`` of the chunk ran
+        past its deadline: the outcomes before it, then exit."""
         try:
-            done = list(self.guard.done) if self.guard is not None else []
+            got = self.guard.done if self.guard is not None else []
+            done = [Outcome(True, v) for v in got[:k]] if type(got) is OkValues else got[:k]
             safe = portable_outcomes(done, _dumps, _WHERE, self.start)
-            self.send(_dumps((TIMEOUT, (len(done), safe))))
+            self.send(_dumps((TIMEOUT, (k, safe))))
         finally:
             os._exit(_TIMED_OUT_EXIT)
 
 
-def _run_each(func: Callable[[Any], Any], items: list[Any], done: list[Outcome]) -> Any:
-    """``run_chunk_fast`` one item at a time, each outcome appended to ``done`` as it ends
-    (what the watchdog reports when the next item runs too long)."""
+def _run_each(func: Callable[[Any], Any], items: list[Any], guard: Watchdog) -> Any:
+    """``run_chunk_fast`` with the chunk's results so far in ``guard.done`` (plain values,
+    then ``Outcome``s after a failure), what the watchdog reports if an item runs too long.
+
+    ``list.extend`` grows the list item by item, so another thread sees each result as
+    soon as it is in.
+    """
     stop = func if type(func) is StopOnFailure else None
     if stop is not None:
         if stop.failed:
             return [_NOT_RUN] * len(items)
         func = stop.func
-    failed = False
-    for i, item in enumerate(items):
+    values = OkValues()
+    guard.done = values
+    try:
+        values.extend(map(func, items))
+        return values
+    except Exception as exc:
+        first = exc
+    out = [Outcome(True, v) for v in values]
+    out.append(failure_outcome(first))
+    guard.done = out  # no attempt runs now: the watchdog is not reading it
+    if stop is not None:
+        stop.failed = True
+        out.extend([_NOT_RUN] * (len(items) - len(out)))
+        return out
+    for item in items[len(out) :]:
         try:
-            done.append(Outcome(True, func(item)))
+            out.append(Outcome(True, func(item)))
         except Exception as exc:
-            failed = True
-            done.append(failure_outcome(exc))
-            if stop is not None:
-                stop.failed = True
-                done.extend([_NOT_RUN] * (len(items) - i - 1))
-                break
-    return list(done) if failed else OkValues(o.value for o in done)
+            out.append(failure_outcome(exc))
+    return out
 
 
 def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
