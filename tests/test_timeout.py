@@ -33,6 +33,7 @@ from amorsize import (
     execute_iter,
 )
 from amorsize._timeout import TimeLimited, Watchdog
+from amorsize.backends import get_backend
 from amorsize.checkpoint import Checkpoint
 
 psutil = pytest.importorskip("psutil")
@@ -178,6 +179,19 @@ def test_prefetched_tasks_of_a_timed_out_worker_are_not_lost(tmp_path: Path) -> 
     assert _calls(log) == collections.Counter(i for i in range(30) if i not in hang)
 
 
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_every_start_method_times_out(tmp_path: Path, start_method: str) -> None:
+    """The watchdog works in forked, spawned and forkserver workers alike."""
+    log = tmp_path / "calls"
+    func = functools.partial(hang_on, frozenset({1}), str(log))
+    backend = get_backend("processes", start_method=start_method)
+    out = execute(func, range(4), backend=backend, n_jobs=1, chunksize=4, timeout=LIMIT,
+                  on_error="collect")  # fmt: skip
+    assert out[0] == 0 and out[2:] == [4, 6]
+    assert isinstance(out[1].exception, ItemTimeoutError)
+    assert _calls(log) == collections.Counter([0, 2, 3])
+
+
 # ---------------------------------------------------------------- retry, dead letters
 
 
@@ -264,6 +278,24 @@ def test_async_item_is_cancelled_at_the_deadline() -> None:
     assert out[:2] == [0, 2] and out[3:] == [6, 8]
     assert isinstance(out[2].exception, ItemTimeoutError) and out[2].exception.index == 2
     assert CANCELLED == [2]
+
+
+ATTEMPTS: collections.Counter[int] = collections.Counter()
+
+
+async def async_hang_once(x: int) -> int:
+    ATTEMPTS[x] += 1
+    if x == 1 and ATTEMPTS[x] == 1:
+        await asyncio.Event().wait()
+    return 2 * x
+
+
+def test_async_timed_out_attempt_is_retried() -> None:
+    """Async with a retry policy: the cancelled attempt is retried and succeeds."""
+    ATTEMPTS.clear()
+    policy = RetryPolicy(max_retries=1, initial_delay=0.0, jitter=False)
+    assert execute(async_hang_once, range(3), timeout=LIMIT, retry=policy) == [0, 2, 4]
+    assert ATTEMPTS == collections.Counter({0: 1, 1: 2, 2: 1})
 
 
 def test_execute_async_times_out_on_the_callers_loop() -> None:
