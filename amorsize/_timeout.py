@@ -186,7 +186,9 @@ class Watchdog:
     the nearest deadline and, if that attempt is still running, calls ``fire(position)``
     under ``lock`` (it reports and ends the process). The worker
     sends its own messages under ``lock`` too, so the two never interleave on the pipe.
-    ``clock`` and ``sleep`` are injectable for tests; ``fire`` normally never returns (the
+    ``clock`` and ``sleep`` are injectable for tests (by default the watchdog sleeps on
+    ``wake``, which ``retune`` sets: a worker kept for a run with a shorter timeout must not
+    sleep on through the last run's longer one); ``fire`` normally never returns (the
     watchdog thread ends if it does).
     """
 
@@ -196,18 +198,28 @@ class Watchdog:
         fire: Callable[[int], None],
         *,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.seconds = seconds
         self.fire = fire
         self.clock = clock
-        self.sleep = sleep
+        self.wake = threading.Event()
+        self.sleep = sleep or self._nap
         self.lock = threading.Lock()
         self.busy = threading.Event()  # a chunk is running
         # The running attempt: (deadline, position of its item in the chunk).
         self.slot: tuple[float, int] | None = None
         self.done: list[Any] = []  # the running chunk's results (or outcomes) so far
         threading.Thread(target=self._watch, name="amorsize-watchdog", daemon=True).start()
+
+    def _nap(self, seconds: float) -> None:
+        self.wake.wait(seconds)
+        self.wake.clear()
+
+    def retune(self, seconds: float) -> None:
+        """A new run's limit: the watchdog wakes and sleeps again by the new one."""
+        self.seconds = seconds
+        self.wake.set()
 
     def attempt(self, func: Callable[[Any], Any], item: Any, seconds: float) -> Any:
         """``func(item)`` as one watched attempt."""

@@ -34,6 +34,7 @@ from amorsize import (
 )
 from amorsize._timeout import TimeLimited, Watchdog
 from amorsize.backends import get_backend
+from amorsize.backends.processes import ProcessesBackend
 from amorsize.checkpoint import Checkpoint
 
 psutil = pytest.importorskip("psutil")
@@ -190,6 +191,40 @@ def test_every_start_method_times_out(tmp_path: Path, start_method: str) -> None
     assert out[0] == 0 and out[2:] == [4, 6]
     assert isinstance(out[1].exception, ItemTimeoutError)
     assert _calls(log) == collections.Counter([0, 2, 3])
+
+
+def watchdog_state(_: Any) -> tuple[bool, bool]:
+    """(a watchdog thread runs in this worker, it is armed)."""
+    import amorsize._timeout
+
+    names = {t.name for t in threading.enumerate()}
+    return "amorsize-watchdog" in names, amorsize._timeout._ARMED is not None
+
+
+def test_a_run_without_timeout_arms_nothing() -> None:
+    """timeout=None: no watchdog in a fresh worker; after a timed run it is left disarmed."""
+    pool = ProcessesBackend()
+    try:
+        run = functools.partial(execute, watchdog_state, [0], backend=pool, n_jobs=1, chunksize=1)
+        assert run() == [(False, False)]
+        assert run(timeout=60.0) == [(True, True)]
+        assert run() == [(True, False)]
+    finally:
+        pool.close()
+
+
+def test_a_shorter_timeout_wakes_a_watchdog_set_for_a_longer_one(tmp_path: Path) -> None:
+    """A warm worker's watchdog, asleep on the last run's 1000 s limit, keeps the new one."""
+    pool = ProcessesBackend()
+    log = str(tmp_path / "calls")
+    try:
+        execute(functools.partial(hang_on, frozenset(), log), range(2), backend=pool, n_jobs=1,
+                chunksize=1, timeout=1000.0)  # fmt: skip
+        out = execute(functools.partial(hang_on, frozenset({0}), log), range(2), backend=pool,
+                      n_jobs=1, chunksize=2, timeout=LIMIT, on_error="collect")  # fmt: skip
+        assert isinstance(out[0].exception, ItemTimeoutError) and out[1] == 2
+    finally:
+        pool.close()
 
 
 # ---------------------------------------------------------------- retry, dead letters

@@ -214,7 +214,7 @@ class _Watched:
         if seconds is not None:
             if self.guard is None:
                 self.guard = Watchdog(seconds, self._fire)
-            self.guard.seconds = seconds
+            self.guard.retune(seconds)
         arm(self.guard if self.watching else None)
 
     def run(self, func: Callable[[Any], Any], start: int, items: list[Any]) -> None:
