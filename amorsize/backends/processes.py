@@ -26,6 +26,19 @@ loky's ``process_executor``::
                   a death   ─▶ _drain its pipe, then _bury its tasks (_crashed)
     ... until nothing is in flight or queued: TaskFeed.finish (end, or a paused iterator)
 
+Limits of a run (``limits=``, a ``_timeout.WorkerLimits``; none: the paths above, unchanged)::
+
+    timeout     FUNC tells the worker to arm its Watchdog; an attempt past its deadline ─▶
+                the watchdog sends TIMEOUT (the item's position, the chunk's outcomes before
+                it) and ends the worker ─▶ _timed_out: those outcomes are reported, the
+                items after it go to the front, the item re-runs alone (timeout_retries) or
+                fails with ItemTimeoutError; _expire: the worker's queued tasks go to the front
+    max_tasks   _fit cuts a task to the items the worker may still run; at its limit it is
+                sent nothing more and, once its tasks are answered, _retire stops it and
+                _grow starts another
+    max_memory  the worker measures its RSS after each chunk and, over the limit, sends
+                RETIRE before the chunk's results: retired as above
+
 Pickling the function, packing and loading results, and items that do not travel are
 ``amorsize.backends._wire``'s, shared with the dask backend.
 
