@@ -180,6 +180,34 @@ def test_prefetched_tasks_of_a_timed_out_worker_are_not_lost(tmp_path: Path) -> 
     assert _calls(log) == collections.Counter(i for i in range(30) if i not in hang)
 
 
+def test_the_pool_stays_usable_after_a_raised_timeout(tmp_path: Path) -> None:
+    """Raise mode stops the run at the timeout; the same warm pool then runs a clean run."""
+    pool = ProcessesBackend()
+    log = str(tmp_path / "calls")
+    try:
+        with pytest.raises(ItemTimeoutError):
+            execute(functools.partial(hang_on, frozenset({4}), log), range(40), backend=pool,
+                    n_jobs=2, chunksize=2, timeout=LIMIT)  # fmt: skip
+        out = execute(functools.partial(hang_on, frozenset(), log), range(40), backend=pool,
+                      n_jobs=2, chunksize=2, timeout=30.0)  # fmt: skip
+        assert out == [2 * i for i in range(40)]
+    finally:
+        pool.close()
+
+
+def test_execute_iter_unordered_on_processes(tmp_path: Path) -> None:
+    """execute_iter(ordered=False): every index once, the timed-out one as its failure."""
+    log = tmp_path / "calls"
+    func = functools.partial(hang_on, frozenset({5, 6}), str(log))
+    got = dict(
+        execute_iter(func, iter(range(20)), ordered=False, backend="processes", n_jobs=2,
+                     chunksize=4, timeout=LIMIT, on_error="collect")
+    )  # fmt: skip
+    assert sorted(got) == list(range(20))
+    assert {i for i, v in got.items() if isinstance(v, ItemFailure)} == {5, 6}
+    assert _calls(log) == collections.Counter(set(range(20)) - {5, 6})
+
+
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
 def test_every_start_method_times_out(tmp_path: Path, start_method: str) -> None:
     """The watchdog works in forked, spawned and forkserver workers alike."""
