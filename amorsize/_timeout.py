@@ -145,6 +145,8 @@ class TimeLimited:
         if guard is None:
             return _on_helper(self.func, item, self.seconds)
         # Watchdog.attempt, inlined: this runs once per item attempt.
+        if guard.firing:
+            guard.halt()
         guard.slot = (guard.clock() + self.seconds, len(guard.done))
         try:
             return self.func(item)
@@ -204,6 +206,7 @@ class Watchdog:
         self.fire = fire
         self.clock = clock
         self.wake = threading.Event()
+        self.firing = False  # set (and never cleared) when an attempt is reported overdue
         self.sleep = sleep or self._nap
         self.lock = threading.Lock()
         self.busy = threading.Event()  # a chunk is running
@@ -221,8 +224,16 @@ class Watchdog:
         self.seconds = seconds
         self.wake.set()
 
+    def halt(self) -> None:
+        """Block for good: the watchdog is reporting an overdue item and ending the process,
+        so no later item may start (it would run again elsewhere)."""
+        with self.lock:
+            pass
+
     def attempt(self, func: Callable[[Any], Any], item: Any, seconds: float) -> Any:
         """``func(item)`` as one watched attempt."""
+        if self.firing:
+            self.halt()
         self.slot = (self.clock() + seconds, len(self.done))
         try:
             return func(item)
@@ -244,6 +255,7 @@ class Watchdog:
                 continue
             with self.lock:
                 if self.slot is slot:
+                    self.firing = True
                     self.fire(slot[1])
                     return
 

@@ -477,11 +477,8 @@ KILL_SCRIPT = textwrap.dedent(
     from amorsize.checkpoint import Checkpoint
 
     def work(log, x):
-        if x % 50 == 7:
-            threading.Event().wait()  # times out
-        t = time.perf_counter() + 0.002
-        while time.perf_counter() < t:
-            pass
+        if x % 25 == 7:
+            threading.Event().wait()  # times out: what makes the run last
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         os.write(fd, f"{x}\\n".encode())
         os.close(fd)
@@ -524,15 +521,18 @@ def test_sigkill_mid_run_with_timeouts_then_resume(tmp_path: Path) -> None:
     func = functools.partial(work, str(log))
     out = execute(func, range(n), checkpoint=Checkpoint(db), backend="processes", n_jobs=2,
                   chunksize=5, timeout=0.1, on_error="collect")  # fmt: skip
-    hang = {i for i in range(n) if i % 50 == 7}
-    assert [i for i, v in enumerate(out) if isinstance(v, ItemFailure)] == sorted(hang)
-    assert all(out[i] == 3 * i for i in range(n) if i not in hang)
+    hang = {i for i in range(n) if i % 25 == 7}
+    failed = {i: v.exception for i, v in enumerate(out) if isinstance(v, ItemFailure)}
+    # A machine that stalls the workers longer than the limit may time out another item:
+    # that is the limit doing its job, not a lost item.
+    assert hang <= set(failed) and all(type(e) is ItemTimeoutError for e in failed.values())
+    assert all(out[i] == 3 * i for i in range(n) if i not in failed)
     again = _calls(log)
     assert set(again) & set(stored) == set()  # nothing stored ran again
     assert max(again.values()) == 1  # and nothing ran twice in the resumed run
-    assert set(again) | set(stored) == set(range(n)) - hang
+    assert set(range(n)) - set(failed) <= set(again) | set(stored)  # nor is any missing
     assert all(before[i] >= 1 for i in stored)
-    assert Checkpoint(db).results() == {i: 3 * i for i in range(n) if i not in hang}
+    assert Checkpoint(db).results() == {i: 3 * i for i in range(n) if i not in failed}
 
 
 def _stored(path: Path) -> dict[int, Any]:
