@@ -76,20 +76,31 @@ def name_index(exc: BaseException, index: int) -> None:
 # --------------------------------------------------------------------------- threads
 
 
-class _Helper:
-    """A thread that runs one call at a time for its caller thread."""
+# How often an idle helper checks that the thread it serves still exists.
+_IDLE_CHECK_SECONDS = 5.0
 
-    __slots__ = ("abandoned", "jobs", "results")
+
+class _Helper:
+    """A thread that runs one call at a time for its caller thread (the owner); it ends
+    once abandoned, or once idle after its owner ended (pool threads come and go)."""
+
+    __slots__ = ("abandoned", "jobs", "owner", "results")
 
     def __init__(self) -> None:
         self.jobs: queue.SimpleQueue[tuple[Callable[[Any], Any], Any]] = queue.SimpleQueue()
         self.results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
         self.abandoned = False
+        self.owner = threading.current_thread()
         threading.Thread(target=self._serve, name="amorsize-timeout", daemon=True).start()
 
     def _serve(self) -> None:
         while not self.abandoned:
-            func, item = self.jobs.get()
+            try:
+                func, item = self.jobs.get(timeout=_IDLE_CHECK_SECONDS)
+            except queue.Empty:
+                if self.owner.is_alive():
+                    continue
+                return
             try:
                 out = (True, func(item))
             except BaseException as exc:  # handed to the caller, which raises it

@@ -435,6 +435,21 @@ def test_watchdog_leaves_an_attempt_that_ends_in_time() -> None:
     assert not fired.wait(0.02)
 
 
+def test_a_helper_ends_with_the_thread_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads that come and go (execute_async's, evicted pools') leave no helper behind."""
+    import amorsize._timeout as timeout_mod
+
+    monkeypatch.setattr(timeout_mod, "_IDLE_CHECK_SECONDS", 0.01)
+    before = {t.ident for t in threading.enumerate()}
+    owner = threading.Thread(target=lambda: TimeLimited(abs, 5.0)(-1))
+    owner.start()
+    owner.join()
+    helpers = [t for t in threading.enumerate() if t.ident not in before]
+    assert [t.name for t in helpers] == ["amorsize-timeout"]
+    helpers[0].join(5.0)  # it sees its owner gone at its next idle check
+    assert not helpers[0].is_alive()
+
+
 def test_time_limited_is_picklable_and_named_after_func() -> None:
     """TimeLimited travels to workers and keeps func's names for messages."""
     import pickle

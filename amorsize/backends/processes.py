@@ -205,10 +205,9 @@ def _worker_main(
 
 
 class _Watched:
-    """A worker's side of a run with a timeout: chunks run item by item under a
-    ``Watchdog``, which reports the overdue item and ends the worker (see ``_timeout``).
-
-    Also what the run asked of this worker: ``max_memory`` (0: no limit).
+    """A worker's side of a run's limits: with a timeout, chunks run under a ``Watchdog``,
+    which reports the overdue item and ends the worker (see ``_timeout``); with
+    ``max_memory`` (0: none), the RSS is read after each chunk.
     """
 
     def __init__(self, send: Callable[[bytes], None]) -> None:
