@@ -158,11 +158,17 @@ class TimeLimited:
         # Watchdog.attempt, inlined: this runs once per item attempt.
         if guard.firing:
             guard.halt()
-        guard.slot = (guard.clock() + self.seconds, len(guard.done))
+        slot = guard.slot = (guard.clock() + self.seconds, len(guard.done))
+        shared = guard.shared
+        if shared is not None:
+            shared[1] = slot[1]
+            shared[0] = slot[0]
         try:
             return self.func(item)
         finally:
             guard.slot = None
+            if shared is not None:
+                shared[0] = 0.0
 
     def __repr__(self) -> str:
         return repr(self.func)
@@ -212,12 +218,17 @@ class Watchdog:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
+        shared: Any = None,
     ) -> None:
         self.seconds = seconds
         self.fire = fire
         self.clock = clock
         self.wake = threading.Event()
         self.firing = False  # set (and never cleared) when an attempt is reported overdue
+        # A two-double shared array: [deadline, position] of the running attempt (deadline
+        # 0: none), which the parent reads when the watchdog itself cannot run (see
+        # processes._Run._overdue); None: not shared.
+        self.shared = shared
         self.sleep = sleep or self._nap
         self.lock = threading.Lock()
         self.busy = threading.Event()  # a chunk is running
@@ -242,7 +253,8 @@ class Watchdog:
             pass
 
     def attempt(self, func: Callable[[Any], Any], item: Any, seconds: float) -> Any:
-        """``func(item)`` as one watched attempt."""
+        """``func(item)`` as one watched attempt (``TimeLimited`` inlines this, and also
+        publishes the attempt in ``shared``)."""
         if self.firing:
             self.halt()
         self.slot = (self.clock() + seconds, len(self.done))

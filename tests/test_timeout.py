@@ -9,6 +9,7 @@ import collections
 import functools
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from amorsize import (
     execute_iter,
 )
 from amorsize._timeout import TimeLimited, Watchdog
-from amorsize.backends import get_backend
+from amorsize.backends import get_backend, processes
 from amorsize.backends.processes import ProcessesBackend
 from amorsize.checkpoint import Checkpoint
 
@@ -206,6 +207,31 @@ def test_execute_iter_unordered_on_processes(tmp_path: Path) -> None:
     assert sorted(got) == list(range(20))
     assert {i for i, v in got.items() if isinstance(v, ItemFailure)} == {5, 6}
     assert _calls(log) == collections.Counter(set(range(20)) - {5, 6})
+
+
+def regex_hang(hang: frozenset[int], log: str, x: int) -> int:
+    """``2 * x``, logged; the items in ``hang`` backtrack for minutes in C, holding the GIL."""
+    if x in hang:
+        re.match(r"(a+)+$", "a" * 40 + "b")
+    _log(log, x)
+    return 2 * x
+
+
+def test_an_item_holding_the_gil_is_stopped_by_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog thread cannot run while C code holds the GIL: the parent kills the
+    worker a grace period past the deadline; the chunk's other items still all complete."""
+    monkeypatch.setattr(processes, "BACKSTOP_GRACE", 0.2)
+    log = tmp_path / "calls"
+    func = functools.partial(regex_hang, frozenset({2}), str(log))
+    out = execute(func, range(6), backend="processes", n_jobs=1, chunksize=6, timeout=LIMIT,
+                  on_error="collect")  # fmt: skip
+    assert isinstance(out[2].exception, ItemTimeoutError) and out[2].exception.index == 2
+    assert [out[i] for i in (0, 1, 3, 4, 5)] == [0, 2, 6, 8, 10]
+    calls = _calls(log)
+    # Items after it ran once; those before it lost their results with the worker.
+    assert [calls[i] for i in (3, 4, 5)] == [1, 1, 1] and calls[0] >= 1 and calls[2] == 0
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])

@@ -70,6 +70,7 @@ import selectors
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -119,6 +120,11 @@ _READY = b"ready"
 # Workers dying before READY this many times in a row (none getting up in between) means
 # they cannot start at all: the run raises instead of starting workers forever.
 _MAX_STARTUP_DEATHS = 3
+
+#: Seconds past an attempt's deadline (at least the timeout itself) after which the parent
+#: kills a worker whose watchdog did not report it: the watchdog thread needs the GIL, which
+#: a function stuck in C code may hold.
+BACKSTOP_GRACE = 2.0
 
 #: Times an item may crash its worker before it is reported as ``WorkerCrashedError``.
 #: One re-run (alone on a fresh worker) separates the culprit from its chunk neighbours.
@@ -189,7 +195,11 @@ def _watch_parent(lifeline: Connection) -> None:
 
 
 def _worker_main(
-    tasks: Connection, conn: Connection, env: dict[str, str], lifeline: Connection
+    tasks: Connection,
+    conn: Connection,
+    env: dict[str, str],
+    lifeline: Connection,
+    shared: Any = None,
 ) -> None:
     """Serve tasks until the parent says stop or goes away (EOF on the pipe or lifeline)."""
     # Ctrl-C reaches the whole process group: the parent decides, workers do not die midway.
@@ -199,7 +209,7 @@ def _worker_main(
     ).start()
     try:
         conn.send_bytes(_READY)
-        _serve(tasks, conn, env)
+        _serve(tasks, conn, env, shared)
     except OSError:
         return  # the parent closed our pipes (it stopped or died): nothing to report to
 
@@ -210,8 +220,9 @@ class _Watched:
     ``max_memory`` (0: none), the RSS is read after each chunk.
     """
 
-    def __init__(self, send: Callable[[bytes], None]) -> None:
+    def __init__(self, send: Callable[[bytes], None], shared: Any = None) -> None:
         self.send = send
+        self.shared = shared  # the running attempt's deadline and position, for the parent
         self.guard: Watchdog | None = None
         self.watching = False
         self.start = 0  # the running chunk's first input index
@@ -225,7 +236,7 @@ class _Watched:
         self.plain = not self.watching and not self.max_memory
         if seconds is not None:
             if self.guard is None:
-                self.guard = Watchdog(seconds, self._fire)
+                self.guard = Watchdog(seconds, self._fire, shared=self.shared)
             self.guard.retune(seconds)
         arm(self.guard if self.watching else None)
 
@@ -301,7 +312,7 @@ def _run_each(func: Callable[[Any], Any], items: list[Any], guard: Watchdog) -> 
     return out
 
 
-def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
+def _serve(tasks: Connection, conn: Connection, env: dict[str, str], shared: Any) -> None:
     # The parent sends only the variables the user left unset: set them even over a value
     # a forkserver inherited from an earlier pool of another size.
     os.environ.update(env)
@@ -310,7 +321,7 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
     recv, send = tasks.recv_bytes, conn.send_bytes
     func: Callable[[Any], Any] | None = None
     fatal: bytes | None = None
-    watched = _Watched(send)
+    watched = _Watched(send, shared)
     while True:
         try:
             data = recv()
@@ -350,10 +361,13 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
 
 class _Worker:
     __slots__ = ("conn", "expired", "inflight", "items", "out", "process", "ready", "retiring",
-                 "run_id")  # fmt: skip
+                 "run_id", "shared")  # fmt: skip
 
-    def __init__(self, process: Any, out: Connection, conn: Connection) -> None:
+    def __init__(self, process: Any, out: Connection, conn: Connection, shared: Any) -> None:
         self.process = process
+        # [deadline, position] of the attempt the worker runs under a timeout (0: none),
+        # written by the worker: what the parent's backstop reads (``_Run._overdue``).
+        self.shared = shared
         self.out = out  # tasks to the worker
         self.conn = conn  # results from the worker
         # (run id, task, message size) for every task sent and not yet answered, in order.
@@ -443,10 +457,11 @@ class ProcessesBackend(Backend):
                 for _ in range(count):
                     task_r, task_w = ctx.Pipe(duplex=False)
                     result_r, result_w = ctx.Pipe(duplex=False)
+                    shared = ctx.RawArray("d", 2)
                     self._started += 1
                     proc = ctx.Process(  # type: ignore[attr-defined]
                         target=_worker_main,
-                        args=(task_r, result_w, env, lifeline),
+                        args=(task_r, result_w, env, lifeline, shared),
                         name=f"amorsize-worker-{self._started}",
                         daemon=True,
                     )
@@ -454,7 +469,7 @@ class ProcessesBackend(Backend):
                     # the parent's ends (_after_fork_in_child), its own included (else it
                     # would hold the write end of its own task pipe and never see EOF), and a
                     # Ctrl-C during start-up still stops it.
-                    worker = _Worker(proc, task_w, result_r)
+                    worker = _Worker(proc, task_w, result_r, shared)
                     self._workers.append(worker)
                     try:
                         proc.start()
@@ -645,8 +660,11 @@ class _Run:
                 # Settle the dead worker's other tasks now, then dispatch afresh.
                 yield from self._collect(broken, dead=True)
             elif self.in_flight:
-                for w, dead in self._wait().items():
+                ready = self._wait()
+                for w, dead in ready.items():
                     yield from self._collect(w, dead)
+                if not ready:
+                    yield from self._overdue()
             elif not self.front:
                 self.feed.finish()
                 return
@@ -760,12 +778,48 @@ class _Run:
     # -- results and deaths ----------------------------------------------------------------
 
     def _wait(self) -> dict[_Worker, bool]:
-        """Block until workers send or die: each such worker, ``True`` if it died."""
+        """Block until workers send or die: each such worker, ``True`` if it died. With a
+        timeout, wake by the backstop's next deadline too (then nothing may be ready)."""
         ready: dict[_Worker, bool] = {}
-        for key, _ in self.sel.select():
+        for key, _ in self.sel.select(self._backstop_wait()):
             w, is_sentinel = key.data
             ready[w] = ready.get(w, False) or is_sentinel
         return ready
+
+    def _backstop_wait(self) -> float | None:
+        """Seconds until the earliest backstop deadline (``None``: no timeout, no limit)."""
+        seconds = self.limits.timeout
+        if seconds is None:
+            return None
+        grace = max(BACKSTOP_GRACE, seconds)
+        now = time.monotonic()
+        # An attempt that starts while we sleep can only be overdue a full period later.
+        wait = seconds + grace
+        for w in self.watched:
+            deadline = w.shared[0] if w.inflight else 0.0
+            if deadline:
+                wait = min(wait, deadline + grace - now)
+        return max(0.0, wait)
+
+    def _overdue(self) -> Iterator[_Report]:
+        """The backstop: a worker whose attempt is ``BACKSTOP_GRACE`` past its deadline and
+        whose watchdog has not reported it holds the GIL in C code (a regex, an extension):
+        it is killed. The items its chunk finished are lost with it and run again."""
+        seconds = self.limits.timeout
+        if seconds is None:
+            return
+        grace = max(BACKSTOP_GRACE, seconds)
+        now = time.monotonic()
+        for w in [w for w in self.watched if w.inflight and not w.expired]:
+            deadline, position = w.shared[0], int(w.shared[1])
+            if not deadline or now < deadline + grace:
+                continue
+            w.process.kill()
+            rid, task, _ = w.inflight.popleft()
+            if rid == self.run_id:
+                self.in_flight -= 1
+                yield from self._timed_out(w, task, TimedOut(position, []), kept=False)
+            self._expire(w)
 
     def _collect(self, w: _Worker, dead: bool) -> Iterator[_Report]:
         """What ``w`` sent (all of it if it died), then, if it died, its tasks' fate."""
@@ -819,19 +873,24 @@ class _Run:
             self._drop(w, kill=True)
             raise self._function_not_loaded(got.error)
 
-    def _timed_out(self, w: _Worker, task: Task, got: TimedOut) -> Iterator[_Report]:
+    def _timed_out(
+        self, w: _Worker, task: Task, got: TimedOut, *, kept: bool = True
+    ) -> Iterator[_Report]:
         """Item ``got.offset`` of ``task`` ran past the timeout and its worker is ending: the
-        items before it are done, those after it re-run on another worker, and it re-runs
-        alone on a fresh one while the retry policy allows, else fails."""
+        items before it are done (``kept``; else their results are lost: they re-run), those
+        after it re-run on another worker, and it re-runs alone on a fresh one while the
+        retry policy allows, else fails."""
         w.expired = w.retiring = True
         k, items = got.offset, task.items
         if k >= len(items):  # the watchdog saw the chunk end as it fired: nothing overdue
             yield task, got.done
             return
-        if k:
+        if k and kept:
             yield Task(task.start, items[:k]), got.done
         if k + 1 < len(items):
             self.front.appendleft((Task(task.start + k + 1, items[k + 1 :]), None))
+        if k and not kept:
+            self.front.appendleft((Task(task.start, items[:k]), None))
         index = task.start + k
         count = self.timeouts.get(index, 0) + 1
         self.timeouts[index] = count
