@@ -222,7 +222,9 @@ class _Watched:
 
     def __init__(self, send: Callable[[bytes], None], shared: Any = None) -> None:
         self.send = send
-        self.shared = shared  # the running attempt's deadline and position, for the parent
+        # The running attempt's [deadline, position], for the parent; written through a
+        # memoryview (faster than the ctypes array's own item assignment).
+        self.shared = None if shared is None else memoryview(shared).cast("B").cast("d")
         self.guard: Watchdog | None = None
         self.watching = False
         self.start = 0  # the running chunk's first input index
