@@ -10,9 +10,10 @@ How an item that runs too long is stopped depends on where it runs::
     async                      AsyncTimeLimited: the coroutine is cancelled at the deadline
     processes (a watched run)  TimeLimited finds this worker's Watchdog armed: the item runs
                                in the worker's main thread and each attempt marks its
-                               deadline (two attribute stores); the watchdog thread sees a
-                               deadline pass, sends what the chunk finished so far, and ends
-                               the worker; the parent re-runs the rest (backends/processes.py)
+                               deadline (a few stores); the watchdog thread sees a deadline
+                               pass, sends what the chunk finished so far, and ends the
+                               worker; the parent re-runs the rest, and kills a worker whose
+                               watchdog cannot run (backends/processes.py)
 
 ``TimeLimited`` sits inside the retry wrapper, so the limit is per attempt and a timed-out
 attempt is retried like any ``TimeoutError``.

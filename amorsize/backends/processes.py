@@ -32,7 +32,11 @@ Limits of a run (``limits=``, a ``_timeout.WorkerLimits``; none: the paths above
                 the watchdog sends TIMEOUT (the item's position, the chunk's outcomes before
                 it) and ends the worker ─▶ _timed_out: those outcomes are reported, the
                 items after it go to the front, the item re-runs alone (timeout_retries) or
-                fails with ItemTimeoutError; _expire: the worker's queued tasks go to the front
+                fails with ItemTimeoutError; _expire: the worker's queued tasks go to the front.
+                Backstop (a function holding the GIL keeps the watchdog from running): each
+                attempt's [deadline, position] is also in a shared array; _wait wakes by it
+                and _overdue kills a worker BACKSTOP_GRACE past it (its chunk's finished
+                items are lost with it and re-run)
     max_tasks   _fit cuts a task to the items the worker may still run; at its limit it is
                 sent nothing more and, once its tasks are answered, _retire stops it and
                 _grow starts another
