@@ -90,7 +90,6 @@ from amorsize.backends._wire import (
     PROTOCOL,
     TIMEOUT,
     ErrorText,
-    Refused,
     TaskFeed,
     TimedOut,
     dump_func,
@@ -638,6 +637,7 @@ class _Run:
             (_FUNC, (func_bytes, self.threads, limits.timeout, limits.max_memory))
         )
         self.timeouts: dict[int, int] = {}  # input index -> its attempts that timed out
+        self.later: list[_Report] = []  # a timeout's reports, yielded after its message
         self.feed = TaskFeed(tasks)
         # A prefetched task per worker only when the executor allows two per worker.
         self.depth = 2 if max_in_flight >= 2 * n_jobs else 1
@@ -787,16 +787,15 @@ class _Run:
         """Block until workers send or die: each such worker, ``True`` if it died. With a
         timeout, wake by the backstop's next deadline too (then nothing may be ready)."""
         ready: dict[_Worker, bool] = {}
-        for key, _ in self.sel.select(self._backstop_wait()):
+        wait = None if self.limits.timeout is None else self._backstop_wait()
+        for key, _ in self.sel.select(wait):
             w, is_sentinel = key.data
             ready[w] = ready.get(w, False) or is_sentinel
         return ready
 
     def _backstop_wait(self) -> float | None:
-        """Seconds until the earliest backstop deadline (``None``: no timeout, no limit)."""
-        seconds = self.limits.timeout
-        if seconds is None:
-            return None
+        """Seconds until the earliest backstop deadline (a run with a timeout)."""
+        seconds = self.limits.timeout or 0.0
         grace = max(BACKSTOP_GRACE, seconds)
         now = time.monotonic()
         # An attempt that starts while we sleep can only be overdue a full period later.
@@ -840,11 +839,11 @@ class _Run:
                 except (EOFError, OSError):
                     pass  # its pipe closed: it is dying
                 else:
-                    yield from self._receive(w, data)
-                    if w.expired:
-                        self._expire(w)
-                    elif w.retiring and not w.inflight:
-                        self._retire(w)
+                    report = self._receive(w, data)
+                    if report is not None:
+                        yield report
+                    if w.retiring:
+                        yield from self._settle(w)
                     return
             elif w.process.is_alive():
                 return
@@ -852,32 +851,41 @@ class _Run:
         yield from self._drain(w)
         yield from self._bury(w)
 
-    def _receive(self, w: _Worker, data: bytes) -> Iterator[_Report]:
+    def _receive(self, w: _Worker, data: bytes) -> _Report | None:
         """A message from ``w``: the first says it is up (READY), ``_RETIRE`` that it is over
-        its memory limit, each other one answers its oldest task in flight."""
+        its memory limit, each other one answers its oldest task in flight (``None``: nothing
+        to report for it now; a timeout's reports wait in ``later``)."""
         if not w.ready:
             w.ready = True
             self.startup_deaths = 0
-            return
+            return None
         if data == _RETIRE:  # a bytes compare fails on the length first: ~free
             w.retiring = True
-            return
+            return None
         rid, task, _ = w.inflight.popleft()
         if rid != self.run_id:
-            return  # a cancelled run's task: its result is not wanted
+            return None  # a cancelled run's task: its result is not wanted
         self.in_flight -= 1
         got = load_message(data, task, _WHERE)
+        if not isinstance(got, tuple):  # OkValues or outcomes (the others are NamedTuples)
+            return task, got
         if isinstance(got, TimedOut):
-            yield from self._timed_out(w, task, got)
-        elif not isinstance(got, Refused):
-            yield task, got
-        elif got.kind == NOLOAD:
-            report = self._not_loaded(task, got.error)
-            if report is not None:
-                yield report
-        else:
-            self._drop(w, kill=True)
-            raise self._function_not_loaded(got.error)
+            self.later.extend(self._timed_out(w, task, got))
+            return None
+        if got.kind == NOLOAD:
+            return self._not_loaded(task, got.error)
+        self._drop(w, kill=True)
+        raise self._function_not_loaded(got.error)
+
+    def _settle(self, w: _Worker) -> Iterator[_Report]:
+        """After a message from a worker at a limit: a timeout's reports, then the worker
+        replaced (ended by its watchdog, or retired once its tasks are answered)."""
+        later, self.later = self.later, []
+        yield from later
+        if w.expired:
+            self._expire(w)
+        elif not w.inflight and w in self.watched:
+            self._retire(w)
 
     def _timed_out(
         self, w: _Worker, task: Task, got: TimedOut, *, kept: bool = True
@@ -933,7 +941,12 @@ class _Run:
                 data = w.conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            yield from self._receive(w, data)
+            report = self._receive(w, data)
+            if report is not None:
+                yield report
+            if self.later:
+                later, self.later = self.later, []
+                yield from later
 
     def _bury(self, w: _Worker) -> Iterator[_Report]:
         """A dead worker's tasks: those that never started re-run as they are; the items of
