@@ -47,6 +47,7 @@ def _refuse_source_tree() -> None:
 _refuse_source_tree()
 
 if TYPE_CHECKING:
+    from amorsize._timeout import ItemTimeoutError
     from amorsize.backends.base import WorkerCrashedError
     from amorsize.budget import RetryBudget
     from amorsize.checkpoint import (
@@ -99,6 +100,7 @@ if TYPE_CHECKING:
 
 # public name -> the module that defines it
 _SOURCES: dict[str, str] = {
+    "ItemTimeoutError": "amorsize._timeout",
     "WorkerCrashedError": "amorsize.backends.base",
     "RetryBudget": "amorsize.budget",
     "Checkpoint": "amorsize.checkpoint",
@@ -149,6 +151,7 @@ __all__ = [
     "DeadLetterQueue",
     "ExecutionPlan",
     "ItemFailure",
+    "ItemTimeoutError",
     "OptimizationResult",
     "Profile",
     "RateLimiter",

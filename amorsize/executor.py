@@ -48,7 +48,14 @@ from amorsize._log import RUN_ID, log_item_failed, new_run_id
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._schedule import ChunkSizer
 from amorsize._timeline import ChunkSpan, Timeline, forget, take
-from amorsize._validate import MAX_WORKERS, check_bool, check_int, fail
+from amorsize._validate import (
+    MAX_SECONDS,
+    MAX_WORKERS,
+    check_bool,
+    check_int,
+    check_number,
+    fail,
+)
 from amorsize.backends import BACKEND_NAMES, REGISTRY, auto_backends, get_backend, warm_workers
 from amorsize.backends.base import (
     PAUSE,
@@ -147,6 +154,8 @@ class RunReport:
     # The chunks' timeline (``amorsize._timeline.Timeline``), recorded when ``report=`` was
     # given or an observer watches chunks (``RunObserver.on_chunk``); else None.
     timeline: Timeline | None = None
+    # Worker processes replaced for reaching max_tasks_per_worker or max_worker_memory.
+    workers_recycled: int = 0
 
     @property
     def items_per_second(self) -> float:
@@ -176,6 +185,8 @@ class RunReport:
                 f"together; re-planned {len(self.replans)} times"
                 + (f", last {self.replans[-1]})" if self.replans else ")")
             )
+        if self.workers_recycled:
+            lines.append(f"  workers recycled: {self.workers_recycled}")
         if self.predicted_seconds is not None:
             ratio = self.predicted_over_measured
             lines.append(
@@ -319,6 +330,40 @@ def _shared_state(api: str, be: str | Backend, client: Any, objs: tuple[Any, ...
     # Shared for every run, in-process ones too: sampling pickles func to size it, and a
     # pickled limiter or budget would otherwise stay shared after the run.
     return True
+def _check_limits(
+    api: str, be: str | Backend, timeout: Any, max_tasks: Any, max_memory: Any
+) -> tuple[float | None, int | None, int | None]:
+    """``timeout`` (seconds per attempt) and the worker recycling limits, checked."""
+    where = f"{api}(): "
+    seconds = check_number(
+        where, "timeout", timeout, 0, MAX_SECONDS, low_open=True, none=True,
+        note=" (seconds per item attempt; None: no limit)",
+    )  # fmt: skip
+    tasks = check_int(where, "max_tasks_per_worker", max_tasks, 1, none=True)
+    memory = check_int(
+        where, "max_worker_memory", max_memory, 1, none=True, note=" (bytes of RSS)"
+    )
+    name = be.name if isinstance(be, Backend) else be
+    recycles = getattr(be, "supports_limits", False) or be == "processes"
+    for param, value in (("max_tasks_per_worker", tasks), ("max_worker_memory", memory)):
+        if value is not None and not recycles:
+            fail(
+                ValueError, where, param, "None unless backend='processes' (only worker "
+                f"processes are recycled; the backend here is {name!r})", value,
+                fix="pass backend='processes', or drop the option",
+            )  # fmt: skip
+    return seconds, tasks, memory
+
+
+def _timeout_retries(policy: Any) -> int:
+    """Times the retry policy re-runs an item whose attempt timed out (processes backend)."""
+    if policy is None:
+        return 0
+    from amorsize._timeout import ItemTimeoutError
+
+    if not issubclass(ItemTimeoutError, policy.retry_on_exceptions or (Exception,)):
+        return 0
+    return sys.maxsize if policy.max_retries < 0 else int(policy.max_retries)
 
 
 def _build_observers(
@@ -379,6 +424,9 @@ class _RunOptions:
     rate_limit: Any = None  # a RateLimiter, or None
     shared: tuple[Any, ...] = ()  # limiter / budget moved to shared memory for the run
     report: str | None = None  # the run report's path (.html or .png), checked
+    timeout: float | None = None  # seconds per item attempt
+    max_tasks: int | None = None  # items a worker process runs before it is replaced
+    max_memory: int | None = None  # bytes of RSS past which a worker process is replaced
 
     @property
     def keep_going(self) -> bool:
@@ -408,6 +456,9 @@ class _RunOptions:
         trace_chunks: Any = False,
         rate_limit: Any = None,
         report: Any = None,
+        timeout: Any = None,
+        max_tasks_per_worker: Any = None,
+        max_worker_memory: Any = None,
     ) -> _RunOptions:
         """The options of ``api`` (``execute`` or ``execute_iter``), as the user gave them."""
         _check_call(func, data)
@@ -424,6 +475,9 @@ class _RunOptions:
         if client is not None and be not in ("auto", "dask") and not isinstance(be, Backend):
             msg = f"client= only applies to backend='dask' or 'auto'; got backend={backend!r}"
             raise ValueError(msg)
+        seconds, max_tasks, max_memory = _check_limits(
+            api, be, timeout, max_tasks_per_worker, max_worker_memory
+        )
         is_async = _is_async(func)
         _check_async(func, be, is_async)
         policy = _retry_policy(retry)
@@ -446,6 +500,7 @@ class _RunOptions:
             collect=on_error == "collect", progress=progress, verbose=verbose, client=client,
             observers=obs, absorbs_failures=absorbs, ordered_window=ordered_window,
             is_async=is_async, rate_limit=limiter, shared=shared, report=target,
+            timeout=seconds, max_tasks=max_tasks, max_memory=max_memory,
         )  # fmt: skip
 
 
@@ -916,6 +971,41 @@ class _UnknownItems:
                     k0 = None
 
 
+def _worker_limits(opts: _RunOptions) -> Any:
+    """The run's ``WorkerLimits`` (timeout, recycling), or ``None`` without any."""
+    if opts.timeout is None and opts.max_tasks is None and opts.max_memory is None:
+        return None
+    from amorsize._timeout import WorkerLimits
+
+    return WorkerLimits(
+        opts.timeout, _timeout_retries(opts.retry), opts.max_tasks, opts.max_memory
+    )
+
+
+def _name_index(exc: BaseException, index: int) -> None:
+    from amorsize._timeout import name_index
+
+    name_index(exc, index)
+
+
+def _timeout_failure(exc: BaseException, index: int, policy: Any, func: Any) -> BaseException:
+    """``exc`` naming its item if it is a timeout; a worker process's timeouts that the retry
+    policy gave up on become the ``RetryExhaustedError`` the policy raises elsewhere."""
+    _name_index(exc, index)
+    from amorsize._timeout import ItemTimeoutError
+
+    if type(exc) is not ItemTimeoutError or policy is None or policy.reraise:
+        return exc
+    if not issubclass(ItemTimeoutError, policy.retry_on_exceptions or (Exception,)):
+        return exc
+    from amorsize._core import callable_name
+    from amorsize.retry import RetryExhaustedError
+
+    err = RetryExhaustedError(exc, exc.attempts, None, callable_name(func))
+    err.__cause__ = exc
+    return err
+
+
 class _Execution:
     """One run, in named steps: begin (observers, sampling and the plan), reuse the samples,
     run the tasks (the dispatch loop) or, for a serial plan nobody watches item by item, the
@@ -985,6 +1075,7 @@ class _Execution:
         self.jobs = 1  # workers the backend runs
         self.tasks_out = 0  # tasks dispatched and not yet back
         self.sharing: list[Any] = []  # limiter / budget in shared memory until _finish
+        self.limits = _worker_limits(opts)
 
     def result_blocks(self) -> Iterator[tuple[int, list[Any]]]:
         """The run: ``(start, values)`` blocks of consecutive results, in completion order."""
@@ -1052,10 +1143,15 @@ class _Execution:
         return plan
 
     def _item_func(self) -> Callable[[Any], Any]:
-        """What runs on each item: ``func``, rate-limited if asked, wrapped by the retry
-        policy if there is one (so that every attempt waits for the limiter)."""
+        """What runs on each item: ``func``, time-limited per attempt, rate-limited (the wait
+        for a turn is not part of the time limit), wrapped by the retry policy: when asked,
+        in that order, so that every attempt waits for the limiter and has its own limit."""
         opts = self.opts
         func = self.func
+        if opts.timeout is not None:
+            from amorsize._timeout import AsyncTimeLimited, TimeLimited
+
+            func = (AsyncTimeLimited if opts.is_async else TimeLimited)(func, opts.timeout)
         if opts.rate_limit is not None:
             from amorsize.ratelimit import limited
 
@@ -1136,6 +1232,14 @@ class _Execution:
         else:
             chunks = self._segment_chunks(self.stream.segments())
         tasks = self._tasks(chunks, window)
+        if self.limits is not None and getattr(be, "supports_limits", False):
+            # Only then: other backends' run() takes no limits (threads and serial time
+            # items out through the TimeLimited wrapper instead).
+            run = cast(Any, be.run)
+            return cast(
+                "Iterator[tuple[Task, list[Outcome] | OkValues]]",
+                run(func, tasks, n_jobs=jobs, max_in_flight=n_in_flight, limits=self.limits),
+            )
         return be.run(func, tasks, n_jobs=jobs, max_in_flight=n_in_flight)
 
     def _workers(self, planned: int, n_sampled: int) -> int:
@@ -1328,6 +1432,8 @@ class _Execution:
                 values.append(out.value)
                 continue
             exc = cast(BaseException, out.value)
+            if self.limits is not None:
+                exc = _timeout_failure(exc, index, self.opts.retry, self.func)
             recorded = False
             for obs in self.opts.observers:
                 # Every observer hears of it (no short-circuit): the circuit breaker counts
@@ -1472,6 +1578,8 @@ class _Execution:
         the failure for its slot, or raised (``on_error="raise"``)."""
         report = self.report
         assert report is not None
+        if self.limits is not None:
+            _name_index(exc, index)
         failure = ItemFailure(index, item, exc, getattr(exc, "attempts", 1))
         log_item_failed(self.run_id, index, failure.attempts, exc, self.func)
         report.failed += 1
@@ -1504,6 +1612,8 @@ class _Execution:
                 report.replans = [str(r) for r in self.sizer.replans]
             report.timeline = self.timeline
             report.retries = self._retries()
+            if self.limits is not None:
+                report.workers_recycled = self.limits.recycled
         if self.bar is not None:
             self.bar.close()
         while self.sharing:  # Ctrl-C and errors included: no segment outlives the run
@@ -1569,6 +1679,9 @@ def execute(
     trace_chunks: bool = ...,
     rate_limit: RateLimiter | None = ...,
     report: str | os.PathLike[str] | None = ...,
+    timeout: float | None = ...,
+    max_tasks_per_worker: int | None = ...,
+    max_worker_memory: int | None = ...,
 ) -> list[Any]: ...
 
 
@@ -1593,6 +1706,9 @@ def execute(
     trace_chunks: bool = ...,
     rate_limit: RateLimiter | None = ...,
     report: str | os.PathLike[str] | None = ...,
+    timeout: float | None = ...,
+    max_tasks_per_worker: int | None = ...,
+    max_worker_memory: int | None = ...,
 ) -> tuple[list[Any], RunReport]: ...
 
 
@@ -1616,6 +1732,9 @@ def execute(
     trace_chunks: bool = False,
     rate_limit: RateLimiter | None = None,
     report: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+    max_tasks_per_worker: int | None = None,
+    max_worker_memory: int | None = None,
 ) -> list[Any] | tuple[list[Any], RunReport]:
     """``[func(x) for x in data]``, run serially, on processes or on threads as planned.
 
@@ -1638,6 +1757,11 @@ def execute(
     ``report="run.html"`` (or ``.png``, with the ``report`` extra) writes a picture of the run
     when it ends: each worker's chunks over time, throughput, the plan's predicted vs
     measured time, retries and failures (see ``amorsize.report``).
+    ``timeout=seconds`` fails an item attempt that runs longer with ``ItemTimeoutError``
+    (processes: its worker is ended and replaced; threads and serial: its thread is
+    abandoned; async: its coroutine is cancelled). ``max_tasks_per_worker`` and
+    ``max_worker_memory`` (bytes of RSS) replace a worker process at a limit, between
+    chunks (``backend="processes"`` only; ``RunReport.workers_recycled`` counts them).
     An ``async def`` function runs on the ``"async"`` backend: its coroutines are awaited on
     one event loop, as many in flight as the sampled wait calls for (``execute_async``
     from inside a coroutine).
@@ -1664,7 +1788,8 @@ def execute(
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
         observers=observers, trace_chunks=trace_chunks, rate_limit=rate_limit,
-        report=report,
+        report=report, timeout=timeout, max_tasks_per_worker=max_tasks_per_worker,
+        max_worker_memory=max_worker_memory,
     )  # fmt: skip
     run = _Execution(func, data, opts, one_block=True)
     results: list[Any] = []
@@ -1708,6 +1833,9 @@ def execute_iter(
     trace_chunks: bool = False,
     rate_limit: RateLimiter | None = None,
     report: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+    max_tasks_per_worker: int | None = None,
+    max_worker_memory: int | None = None,
 ) -> Iterator[Any]:
     """Yield ``func(x)`` for each item as results complete, with bounded memory.
 
@@ -1726,7 +1854,8 @@ def execute_iter(
         retry=retry, on_error=on_error, progress=progress, verbose=verbose, client=client,
         checkpoint=checkpoint, dead_letter=dead_letter, circuit_breaker=circuit_breaker,
         observers=observers, ordered_window=ordered, trace_chunks=trace_chunks,
-        rate_limit=rate_limit, report=report,
+        rate_limit=rate_limit, report=report, timeout=timeout,
+        max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=max_worker_memory,
     )  # fmt: skip
     return _iterate(_Execution(func, data, opts), ordered)
 

@@ -50,8 +50,10 @@ PROTOCOL = 5
 
 #: Message kinds, worker -> parent: every item ran (``OK``: the plain values) or not all
 #: succeeded (``MIXED``: one ``Outcome`` each); none ran because the items (``NOLOAD``) or
-#: the function (``FATAL``) did not load in the worker (the error as text).
-OK, MIXED, NOLOAD, FATAL = 0, 1, 2, 3
+#: the function (``FATAL``) did not load in the worker (the error as text); an item ran past
+#: its timeout (``TIMEOUT``: its offset in the chunk and the outcomes of the items before it;
+#: the worker ends itself after sending it).
+OK, MIXED, NOLOAD, FATAL, TIMEOUT = 0, 1, 2, 3, 4
 
 #: An exception as text that always pickles: (type name, message, formatted traceback).
 ErrorText = tuple[str, str, str]
@@ -228,8 +230,27 @@ class Refused(NamedTuple):
     error: ErrorText
 
 
+class TimedOut(NamedTuple):
+    """Item ``offset`` of a task ran past its timeout; ``done`` are the outcomes of the
+    items before it (the items after it never ran)."""
+
+    offset: int
+    done: list[Outcome]
+
+
 def load_results(blob: bytes, task: Task, where: str) -> list[Outcome] | OkValues | Refused:
-    """The outcomes of ``task`` from the worker's message (``where`` names the worker).
+    """The outcomes of ``task`` from the worker's message (``where`` names the worker)."""
+    got = load_message(blob, task, where)
+    if isinstance(got, TimedOut):  # only a worker with a watchdog sends one
+        msg = f"unexpected TIMEOUT message from {where} for items {task.start}.."
+        raise RuntimeError(msg)
+    return got
+
+
+def load_message(
+    blob: bytes, task: Task, where: str
+) -> list[Outcome] | OkValues | Refused | TimedOut:
+    """``load_results``, and a ``TimedOut`` for a ``TIMEOUT`` message (processes backend).
 
     When and where the chunk ran, if the message says, is stamped for the executor's
     timeline (``amorsize._timeline.stamp``)."""
@@ -245,6 +266,8 @@ def load_results(blob: bytes, task: Task, where: str) -> list[Outcome] | OkValue
         return OkValues(payload)
     if kind == MIXED:
         return cast("list[Outcome]", payload)
+    if kind == TIMEOUT:
+        return TimedOut(*payload)
     return Refused(kind, payload)
 
 

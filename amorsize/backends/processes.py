@@ -26,6 +26,23 @@ loky's ``process_executor``::
                   a death   ─▶ _drain its pipe, then _bury its tasks (_crashed)
     ... until nothing is in flight or queued: TaskFeed.finish (end, or a paused iterator)
 
+Limits of a run (``limits=``, a ``_timeout.WorkerLimits``; none: the paths above, unchanged)::
+
+    timeout     FUNC tells the worker to arm its Watchdog; an attempt past its deadline ─▶
+                the watchdog sends TIMEOUT (the item's position, the chunk's outcomes before
+                it) and ends the worker ─▶ _timed_out: those outcomes are reported, the
+                items after it go to the front, the item re-runs alone (timeout_retries) or
+                fails with ItemTimeoutError; _expire: the worker's queued tasks go to the front.
+                Backstop (a function holding the GIL keeps the watchdog from running): each
+                attempt's [deadline, position] is also in a shared array; _wait wakes by it
+                and _overdue kills a worker BACKSTOP_GRACE past it (its chunk's finished
+                items are lost with it and re-run)
+    max_tasks   _fit cuts a task to the items the worker may still run; at its limit it is
+                sent nothing more and, once its tasks are answered, _retire stops it and
+                _grow starts another
+    max_memory  the worker measures its RSS after each chunk and, over the limit, sends
+                RETIRE before the chunk's results: retired as above
+
 Pickling the function, packing and loading results, and items that do not travel are
 ``amorsize.backends._wire``'s, shared with the dask backend.
 
@@ -57,6 +74,7 @@ import selectors
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -64,30 +82,38 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar, cast
 
-from amorsize._log import log_worker_crashed
+from amorsize._log import log_worker_crashed, log_worker_recycled
+from amorsize._timeout import ItemTimeoutError, Watchdog, WorkerLimits, arm, rss_bytes
 from amorsize.backends._wire import (
     FATAL,
+    MIXED,
     NOLOAD,
     PROTOCOL,
+    TIMEOUT,
     ErrorText,
-    Refused,
     TaskFeed,
+    TimedOut,
     dump_func,
-    load_results,
+    load_message,
     not_loaded,
     not_sent,
     pack_error,
+    pack_results,
+    portable_outcomes,
     run_and_pack,
     singles,
 )
 from amorsize.backends.base import (
+    _NOT_RUN,
     Backend,
     OkValues,
     Outcome,
     Pause,
     RemoteTraceback,
+    StopOnFailure,
     Task,
     WorkerCrashedError,
+    failure_outcome,
 )
 
 # Message kinds, parent -> worker (worker -> parent: ``_wire.OK``, ``MIXED``, ...).
@@ -98,6 +124,11 @@ _READY = b"ready"
 # Workers dying before READY this many times in a row (none getting up in between) means
 # they cannot start at all: the run raises instead of starting workers forever.
 _MAX_STARTUP_DEATHS = 3
+
+#: Seconds past an attempt's deadline (at least the timeout itself) after which the parent
+#: kills a worker whose watchdog did not report it: the watchdog thread needs the GIL, which
+#: a function stuck in C code may hold.
+BACKSTOP_GRACE = 2.0
 
 #: Times an item may crash its worker before it is reported as ``WorkerCrashedError``.
 #: One re-run (alone on a fresh worker) separates the culprit from its chunk neighbours.
@@ -119,6 +150,11 @@ _THREAD_ENV = (
 _WHERE = "the worker process"
 # Exit code of a worker that ended because its parent died (no one reads it; for ps/strace).
 _ORPHANED_EXIT = 70
+# Exit code of a worker ended by its watchdog: an item ran past its timeout.
+_TIMED_OUT_EXIT = 71
+# Sent by a worker just before a chunk's results when its RSS is over the run's limit: the
+# parent sends it no more tasks and replaces it once its tasks are answered.
+_RETIRE = b"retire"
 # Modules whose presence means a BLAS/OpenMP pool may be loaded (threadpoolctl is then asked).
 _THREADED_MODULES = ("numpy", "scipy", "torch", "sklearn", "numexpr", "numba", "cv2")
 
@@ -163,7 +199,11 @@ def _watch_parent(lifeline: Connection) -> None:
 
 
 def _worker_main(
-    tasks: Connection, conn: Connection, env: dict[str, str], lifeline: Connection
+    tasks: Connection,
+    conn: Connection,
+    env: dict[str, str],
+    lifeline: Connection,
+    shared: Any = None,
 ) -> None:
     """Serve tasks until the parent says stop or goes away (EOF on the pipe or lifeline)."""
     # Ctrl-C reaches the whole process group: the parent decides, workers do not die midway.
@@ -173,12 +213,112 @@ def _worker_main(
     ).start()
     try:
         conn.send_bytes(_READY)
-        _serve(tasks, conn, env)
+        _serve(tasks, conn, env, shared)
     except OSError:
         return  # the parent closed our pipes (it stopped or died): nothing to report to
 
 
-def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
+class _Watched:
+    """A worker's side of a run's limits: with a timeout, chunks run under a ``Watchdog``,
+    which reports the overdue item and ends the worker (see ``_timeout``); with
+    ``max_memory`` (0: none), the RSS is read after each chunk.
+    """
+
+    def __init__(self, send: Callable[[bytes], None], shared: Any = None) -> None:
+        self.send = send
+        # The running attempt's [deadline, position], for the parent; written through a
+        # memoryview (faster than the ctypes array's own item assignment).
+        self.shared = None if shared is None else memoryview(shared).cast("B").cast("d")
+        self.guard: Watchdog | None = None
+        self.watching = False
+        self.start = 0  # the running chunk's first input index
+        self.max_memory = 0
+        self.plain = True  # neither limit: chunks take the usual path, at no cost
+
+    def configure(self, seconds: float | None, max_memory: int | None) -> None:
+        """A new run's limits (from its FUNC message)."""
+        self.max_memory = max_memory or 0
+        self.watching = seconds is not None
+        self.plain = not self.watching and not self.max_memory
+        if seconds is not None:
+            if self.guard is None:
+                self.guard = Watchdog(seconds, self._fire, shared=self.shared)
+            self.guard.retune(seconds)
+        arm(self.guard if self.watching else None)
+
+    def run(self, func: Callable[[Any], Any], start: int, items: list[Any]) -> None:
+        """Run a chunk and send its message (preceded by ``_RETIRE`` when over memory)."""
+        guard = self.guard
+        if not self.watching or guard is None:  # a memory limit only
+            msg = run_and_pack(func, start, items, _WHERE, _dumps)
+            if self.max_memory and rss_bytes() > self.max_memory:
+                self.send(_RETIRE)
+            self.send(msg)
+            return
+        self.start = start
+        guard.busy.set()
+        try:
+            result = _run_each(func, items, guard)
+        finally:
+            guard.busy.clear()
+        try:
+            msg = pack_results(result, start, _WHERE, _dumps)
+        except Exception as exc:  # as run_and_pack: a packing error fails the items only
+            note = f"the results of items {start}.. could not be sent back: {exc!r:.300}"
+            msg = _dumps((MIXED, [failure_outcome(RuntimeError(note))] * len(items)))
+        retire = bool(self.max_memory) and rss_bytes() > self.max_memory
+        with guard.lock:  # never interleaved with the watchdog's message
+            if retire:
+                self.send(_RETIRE)
+            self.send(msg)
+
+    def _fire(self, k: int) -> None:
+        """The watchdog's report (called under its lock) that item ``k`` of the chunk ran
+        past its deadline: the outcomes before it, then exit."""
+        try:
+            got = self.guard.done if self.guard is not None else []
+            done = [Outcome(True, v) for v in got[:k]] if type(got) is OkValues else got[:k]
+            safe = portable_outcomes(done, _dumps, _WHERE, self.start)
+            self.send(_dumps((TIMEOUT, (k, safe))))
+        finally:
+            os._exit(_TIMED_OUT_EXIT)
+
+
+def _run_each(func: Callable[[Any], Any], items: list[Any], guard: Watchdog) -> Any:
+    """``run_chunk_fast`` with the chunk's results so far in ``guard.done`` (plain values,
+    then ``Outcome``s after a failure), what the watchdog reports if an item runs too long.
+
+    ``list.extend`` grows the list item by item, so another thread sees each result as
+    soon as it is in.
+    """
+    stop = func if type(func) is StopOnFailure else None
+    if stop is not None:
+        if stop.failed:
+            return [_NOT_RUN] * len(items)
+        func = stop.func
+    values = OkValues()
+    guard.done = values
+    try:
+        values.extend(map(func, items))
+        return values
+    except Exception as exc:
+        first = exc
+    out = [Outcome(True, v) for v in values]
+    out.append(failure_outcome(first))
+    guard.done = out  # no attempt runs now: the watchdog is not reading it
+    if stop is not None:
+        stop.failed = True
+        out.extend([_NOT_RUN] * (len(items) - len(out)))
+        return out
+    for item in items[len(out) :]:
+        try:
+            out.append(Outcome(True, func(item)))
+        except Exception as exc:
+            out.append(failure_outcome(exc))
+    return out
+
+
+def _serve(tasks: Connection, conn: Connection, env: dict[str, str], shared: Any) -> None:
     # The parent sends only the variables the user left unset: set them even over a value
     # a forkserver inherited from an earlier pool of another size.
     os.environ.update(env)
@@ -187,6 +327,7 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
     recv, send = tasks.recv_bytes, conn.send_bytes
     func: Callable[[Any], Any] | None = None
     fatal: bytes | None = None
+    watched = _Watched(send, shared)
     while True:
         try:
             data = recv()
@@ -204,8 +345,12 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
                 send(fatal or pack_error(FATAL, RuntimeError("no function loaded"), _dumps))
                 continue
             start, items = payload
-            send(run_and_pack(func, start, items, _WHERE, _dumps))
+            if watched.plain:
+                send(run_and_pack(func, start, items, _WHERE, _dumps))
+            else:
+                watched.run(func, start, items)
         elif kind == _FUNC:
+            watched.configure(payload[2], payload[3])
             try:
                 func = loads(payload[0])
                 fatal = None
@@ -221,16 +366,23 @@ def _serve(tasks: Connection, conn: Connection, env: dict[str, str]) -> None:
 
 
 class _Worker:
-    __slots__ = ("conn", "inflight", "out", "process", "ready", "run_id")
+    __slots__ = ("conn", "expired", "inflight", "items", "out", "process", "ready", "retiring",
+                 "run_id", "shared")  # fmt: skip
 
-    def __init__(self, process: Any, out: Connection, conn: Connection) -> None:
+    def __init__(self, process: Any, out: Connection, conn: Connection, shared: Any) -> None:
         self.process = process
+        # [deadline, position] of the attempt the worker runs under a timeout (0: none),
+        # written by the worker: what the parent's backstop reads (``_Run._overdue``).
+        self.shared = shared
         self.out = out  # tasks to the worker
         self.conn = conn  # results from the worker
         # (run id, task, message size) for every task sent and not yet answered, in order.
         self.inflight: deque[tuple[int, Task, int]] = deque()
         self.run_id = 0  # the run whose function this worker holds
         self.ready = False  # READY received
+        self.items = 0  # items sent to it in its life (max_tasks_per_worker counts them)
+        self.retiring = False  # at a limit: no more tasks; replaced once they are answered
+        self.expired = False  # its watchdog ended it (timeout): its queued tasks never ran
 
 
 def _stop(worker: _Worker, *, terminate: bool, timeout: float) -> int | None:
@@ -268,6 +420,8 @@ class ProcessesBackend(Backend):
 
     name: ClassVar[str] = "processes"
     supports_pause: ClassVar[bool] = True
+    #: ``run`` takes ``limits=`` (a ``WorkerLimits``: per-item timeout, worker recycling).
+    supports_limits: ClassVar[bool] = True
 
     def __init__(self, start_method: str | None = None, *, crash_retries: int = CRASH_RETRIES):
         if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
@@ -309,10 +463,11 @@ class ProcessesBackend(Backend):
                 for _ in range(count):
                     task_r, task_w = ctx.Pipe(duplex=False)
                     result_r, result_w = ctx.Pipe(duplex=False)
+                    shared = ctx.RawArray("d", 2)
                     self._started += 1
                     proc = ctx.Process(  # type: ignore[attr-defined]
                         target=_worker_main,
-                        args=(task_r, result_w, env, lifeline),
+                        args=(task_r, result_w, env, lifeline, shared),
                         name=f"amorsize-worker-{self._started}",
                         daemon=True,
                     )
@@ -320,7 +475,7 @@ class ProcessesBackend(Backend):
                     # the parent's ends (_after_fork_in_child), its own included (else it
                     # would hold the write end of its own task pipe and never see EOF), and a
                     # Ctrl-C during start-up still stops it.
-                    worker = _Worker(proc, task_w, result_r)
+                    worker = _Worker(proc, task_w, result_r, shared)
                     self._workers.append(worker)
                     try:
                         proc.start()
@@ -352,15 +507,16 @@ class ProcessesBackend(Backend):
                 continue
             try:
                 while w.inflight and w.conn.poll():
-                    w.conn.recv_bytes()
-                    if not w.ready:
+                    data = w.conn.recv_bytes()
+                    if not w.ready or data == _RETIRE:
                         w.ready = True
+                        w.retiring = w.retiring or data == _RETIRE
                         continue
                     w.inflight.popleft()
             except (EOFError, OSError):
                 self._discard(w, kill=True)
                 continue
-            if w.inflight:
+            if w.inflight or w.retiring:
                 w.inflight.clear()
                 self._discard(w, kill=True)
 
@@ -394,8 +550,14 @@ class ProcessesBackend(Backend):
         *,
         n_jobs: int,
         max_in_flight: int,
+        limits: WorkerLimits | None = None,
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
-        """Yield each task with its outcomes in completion order (see the module docstring)."""
+        """Yield each task with its outcomes in completion order (see the module docstring).
+
+        ``limits``: a per-item timeout (the worker is ended and replaced, the rest of its
+        chunk re-run) and worker recycling (``max_tasks``, ``max_memory``); ``limits.recycled``
+        counts the workers replaced for reaching a limit.
+        """
         if multiprocessing.current_process().daemon:
             msg = (
                 "backend='processes' cannot start workers from inside a daemonic worker "
@@ -405,12 +567,14 @@ class ProcessesBackend(Backend):
         if not self._lock.acquire(blocking=False):
             private = ProcessesBackend(self.start_method, crash_retries=self.crash_retries)
             try:
-                yield from private.run(func, tasks, n_jobs=n_jobs, max_in_flight=max_in_flight)
+                yield from private.run(
+                    func, tasks, n_jobs=n_jobs, max_in_flight=max_in_flight, limits=limits
+                )
             finally:
                 private.close()
             return
         try:
-            yield from self._run(func, tasks, n_jobs, max_in_flight)
+            yield from self._run(func, tasks, n_jobs, max_in_flight, limits)
         finally:
             self._lock.release()
 
@@ -420,8 +584,9 @@ class ProcessesBackend(Backend):
         tasks: Iterator[Task | Pause],
         n_jobs: int,
         max_in_flight: int,
+        limits: WorkerLimits | None,
     ) -> Iterator[tuple[Task, list[Outcome] | OkValues]]:
-        run = _Run(self, func, tasks, n_jobs, max_in_flight)
+        run = _Run(self, func, tasks, n_jobs, max_in_flight, limits)
         self._reap_stale()
         try:
             yield from run.results()
@@ -458,6 +623,7 @@ class _Run:
         tasks: Iterator[Task | Pause],
         n_jobs: int,
         max_in_flight: int,
+        limits: WorkerLimits | None = None,
     ) -> None:
         self.pool = pool
         self.run_id = next(pool._runs)
@@ -466,7 +632,13 @@ class _Run:
         from amorsize.system import available_cpus
 
         self.threads = max(1, available_cpus() // n_jobs)
-        self.func_msg = _dumps((_FUNC, (dump_func(func, "worker processes"), self.threads)))
+        self.limits = limits = limits or WorkerLimits()
+        func_bytes = dump_func(func, "worker processes")
+        self.func_msg = _dumps(
+            (_FUNC, (func_bytes, self.threads, limits.timeout, limits.max_memory))
+        )
+        self.timeouts: dict[int, int] = {}  # input index -> its attempts that timed out
+        self.later: list[_Report] = []  # a timeout's reports, yielded after its message
         self.feed = TaskFeed(tasks)
         # A prefetched task per worker only when the executor allows two per worker.
         self.depth = 2 if max_in_flight >= 2 * n_jobs else 1
@@ -495,8 +667,11 @@ class _Run:
                 # Settle the dead worker's other tasks now, then dispatch afresh.
                 yield from self._collect(broken, dead=True)
             elif self.in_flight:
-                for w, dead in self._wait().items():
+                ready = self._wait()
+                for w, dead in ready.items():
                     yield from self._collect(w, dead)
+                if not ready:
+                    yield from self._overdue()
             elif not self.front:
                 self.feed.finish()
                 return
@@ -508,9 +683,19 @@ class _Run:
         if len(self.watched) == self.n_jobs:
             return  # the usual case: the active workers are all watched, none died
         pool = self.pool
-        if len(pool._workers) < self.n_jobs:
-            pool._start_workers(self.n_jobs - len(pool._workers), self.threads)
-        self.active = pool._workers[: self.n_jobs]
+        cap = self.limits.max_tasks
+        while True:
+            if len(pool._workers) < self.n_jobs:
+                pool._start_workers(self.n_jobs - len(pool._workers), self.threads)
+            self.active = pool._workers[: self.n_jobs]
+            if cap is None:
+                break
+            # Warm workers that reached the limit in earlier runs are replaced first.
+            spent = [w for w in self.active if w.items >= cap and not w.inflight]
+            if not spent:
+                break
+            for w in spent:
+                self._retire(w)
         for w in self.active:
             if w not in self.watched:
                 self.sel.register(w.conn, selectors.EVENT_READ, (w, False))
@@ -525,7 +710,7 @@ class _Run:
         """
         for level in range(self.depth):
             for w in self.active:
-                if len(w.inflight) != level:
+                if len(w.inflight) != level or w.retiring:
                     continue
                 if self.in_flight >= self.max_in_flight:
                     return None
@@ -536,9 +721,25 @@ class _Run:
                 if level > 0 and len(msg) > _PREFETCH_MAX_BYTES:
                     self.front.appendleft(nxt)  # sent when a worker is idle instead
                     return None
+                if self.limits.max_tasks is not None:
+                    task, msg = self._fit(w, task, msg)
                 if not self._send(w, task, msg):
                     return w
         return None
+
+    def _fit(self, w: _Worker, task: Task, msg: bytes) -> tuple[Task, bytes]:
+        """``task``, cut to the items ``w`` may still run (the rest goes back to the front);
+        ``w`` retires once it has been sent its last item."""
+        cap = self.limits.max_tasks
+        assert cap is not None
+        room = max(1, cap - w.items)  # a worker at its limit already retired
+        if len(task.items) > room:
+            self.front.appendleft((Task(task.start + room, task.items[room:]), None))
+            task = Task(task.start, task.items[:room])
+            msg = _dumps((_TASK, (task.start, task.items)))
+        if w.items + len(task.items) >= cap:
+            w.retiring = True
+        return task, msg
 
     def _next_message(self) -> tuple[Task, bytes] | None:
         """The next task to send, with its message: the front first, then the executor's.
@@ -577,18 +778,54 @@ class _Run:
             self.front.appendleft((task, msg))
             return False
         w.inflight.append((self.run_id, task, len(msg)))
+        w.items += len(task.items)
         self.in_flight += 1
         return True
 
     # -- results and deaths ----------------------------------------------------------------
 
     def _wait(self) -> dict[_Worker, bool]:
-        """Block until workers send or die: each such worker, ``True`` if it died."""
+        """Block until workers send or die: each such worker, ``True`` if it died. With a
+        timeout, wake by the backstop's next deadline too (then nothing may be ready)."""
         ready: dict[_Worker, bool] = {}
-        for key, _ in self.sel.select():
+        wait = None if self.limits.timeout is None else self._backstop_wait()
+        for key, _ in self.sel.select(wait):
             w, is_sentinel = key.data
             ready[w] = ready.get(w, False) or is_sentinel
         return ready
+
+    def _backstop_wait(self) -> float | None:
+        """Seconds until the earliest backstop deadline (a run with a timeout)."""
+        seconds = self.limits.timeout or 0.0
+        grace = max(BACKSTOP_GRACE, seconds)
+        now = time.monotonic()
+        # An attempt that starts while we sleep can only be overdue a full period later.
+        wait = seconds + grace
+        for w in self.watched:
+            deadline = w.shared[0] if w.inflight else 0.0
+            if deadline:
+                wait = min(wait, deadline + grace - now)
+        return max(0.0, wait)
+
+    def _overdue(self) -> Iterator[_Report]:
+        """The backstop: a worker whose attempt is ``BACKSTOP_GRACE`` past its deadline and
+        whose watchdog has not reported it holds the GIL in C code (a regex, an extension):
+        it is killed. The items its chunk finished are lost with it and run again."""
+        seconds = self.limits.timeout
+        if seconds is None:
+            return
+        grace = max(BACKSTOP_GRACE, seconds)
+        now = time.monotonic()
+        for w in [w for w in self.watched if w.inflight and not w.expired]:
+            deadline, position = w.shared[0], int(w.shared[1])
+            if not deadline or now < deadline + grace:
+                continue
+            w.process.kill()
+            rid, task, _ = w.inflight.popleft()
+            if rid == self.run_id:
+                self.in_flight -= 1
+                yield from self._timed_out(w, task, TimedOut(position, []), kept=False)
+            self._expire(w)
 
     def _collect(self, w: _Worker, dead: bool) -> Iterator[_Report]:
         """What ``w`` sent (all of it if it died), then, if it died, its tasks' fate."""
@@ -606,6 +843,8 @@ class _Run:
                     report = self._receive(w, data)
                     if report is not None:
                         yield report
+                    if w.retiring:
+                        yield from self._settle(w)
                     return
             elif w.process.is_alive():
                 return
@@ -614,23 +853,89 @@ class _Run:
         yield from self._bury(w)
 
     def _receive(self, w: _Worker, data: bytes) -> _Report | None:
-        """A message from ``w``: the first says it is up (READY), each later one answers its
-        oldest task in flight (``None``: nothing to report for it)."""
+        """A message from ``w``: the first says it is up (READY), ``_RETIRE`` that it is over
+        its memory limit, each other one answers its oldest task in flight (``None``: nothing
+        to report for it now; a timeout's reports wait in ``later``)."""
         if not w.ready:
             w.ready = True
             self.startup_deaths = 0
+            return None
+        if data == _RETIRE:  # a bytes compare fails on the length first: ~free
+            w.retiring = True
             return None
         rid, task, _ = w.inflight.popleft()
         if rid != self.run_id:
             return None  # a cancelled run's task: its result is not wanted
         self.in_flight -= 1
-        got = load_results(data, task, _WHERE)
-        if not isinstance(got, Refused):
+        got = load_message(data, task, _WHERE)
+        if not isinstance(got, tuple):  # OkValues or outcomes (the others are NamedTuples)
             return task, got
+        if isinstance(got, TimedOut):
+            self.later.extend(self._timed_out(w, task, got))
+            return None
         if got.kind == NOLOAD:
             return self._not_loaded(task, got.error)
         self._drop(w, kill=True)
         raise self._function_not_loaded(got.error)
+
+    def _settle(self, w: _Worker) -> Iterator[_Report]:
+        """After a message from a worker at a limit: a timeout's reports, then the worker
+        replaced (ended by its watchdog, or retired once its tasks are answered)."""
+        later, self.later = self.later, []
+        yield from later
+        if w.expired:
+            self._expire(w)
+        elif not w.inflight and w in self.watched:
+            self._retire(w)
+
+    def _timed_out(
+        self, w: _Worker, task: Task, got: TimedOut, *, kept: bool = True
+    ) -> Iterator[_Report]:
+        """Item ``got.offset`` of ``task`` ran past the timeout and its worker is ending: the
+        items before it are done (``kept``; else their results are lost: they re-run), those
+        after it re-run on another worker, and it re-runs alone on a fresh one while the
+        retry policy allows, else fails."""
+        w.expired = w.retiring = True
+        k, items = got.offset, task.items
+        if k >= len(items):  # the watchdog saw the chunk end as it fired: nothing overdue
+            yield task, got.done
+            return
+        if k and kept:
+            yield Task(task.start, items[:k]), got.done
+        if k + 1 < len(items):
+            self.front.appendleft((Task(task.start + k + 1, items[k + 1 :]), None))
+        if k and not kept:
+            self.front.appendleft((Task(task.start, items[:k]), None))
+        index = task.start + k
+        count = self.timeouts.get(index, 0) + 1
+        self.timeouts[index] = count
+        limits = self.limits
+        if count > limits.timeout_retries:
+            err = ItemTimeoutError(limits.timeout or 0.0, index, count)
+            yield Task(index, [items[k]]), [Outcome(False, err, count)]
+        else:
+            self.front.appendleft((Task(index, [items[k]]), None))
+
+    def _expire(self, w: _Worker) -> None:
+        """``w`` reported a timeout and is ending itself: the tasks queued behind the item
+        never started, so they go back to the front as they are."""
+        for rid, task, _ in w.inflight:
+            if rid == self.run_id:
+                self.in_flight -= 1
+                self.front.append((task, None))
+        w.inflight.clear()
+        self._drop(w, kill=True)
+
+    def _retire(self, w: _Worker) -> None:
+        """Replace ``w``, at a limit and with nothing in flight (``_grow`` starts another)."""
+        cap = self.limits.max_tasks
+        why = "max_tasks_per_worker" if cap is not None and w.items >= cap else "max_worker_memory"
+        pid = w.process.pid
+        with contextlib.suppress(OSError):
+            w.out.send_bytes(_dumps((_STOP, None)))
+        self._drop(w, kill=False)
+        self.limits.recycled += 1
+        log_worker_recycled(pid, why, w.items)
 
     def _drain(self, w: _Worker) -> Iterator[_Report]:
         """The messages a dead worker sent before it died: still in its pipe."""
@@ -644,6 +949,9 @@ class _Run:
             report = self._receive(w, data)
             if report is not None:
                 yield report
+            if self.later:
+                later, self.later = self.later, []
+                yield from later
 
     def _bury(self, w: _Worker) -> Iterator[_Report]:
         """A dead worker's tasks: those that never started re-run as they are; the items of
@@ -659,9 +967,10 @@ class _Run:
             if rid != self.run_id:
                 continue
             self.in_flight -= 1
-            if k > 0 or not w.ready:
-                # Queued behind the running task, or the worker never got up: the task never
-                # started, so its items are not suspects.
+            if k > 0 or not w.ready or w.expired:
+                # Queued behind the running task, or the worker never got up, or its
+                # watchdog ended it after reporting: the task never started, so its items
+                # are not suspects.
                 self.front.append((task, None))
             else:
                 log_worker_crashed(w.process.pid, exitcode, task.start, len(task.items))
