@@ -32,6 +32,11 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "retry_parallel_execution.py": ("items ok",),
     "retry_selective_exceptions.py": ("not retried: ValueError",),
     "retry_summary.py": ("async: async ok",),
+    "service_job.py": (
+        "39 items ok; retried after a 429: [0, 7, 14, 21, 28, 35]",
+        "failed: item 13: ItemTimeoutError",
+        "recycled",
+    ),
 }
 # Scripts run two at a time (2-core CI machine); each has this long before it counts as hung.
 PARALLEL = 2
