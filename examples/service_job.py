@@ -61,9 +61,9 @@ def main() -> None:
         max_retries=3, retry_on_exceptions=(Throttled,), wait_from=retry_after,
         budget=RetryBudget(ratio=0.2, min_per_second=5.0),
     )  # fmt: skip
-    results, plan = execute(
+    results = execute(
         call_service, range(40), backend="threads", n_jobs=8, retry=policy,
-        rate_limit=RateLimiter(200), timeout=0.5, on_error="collect", return_plan=True,
+        rate_limit=RateLimiter(200), timeout=0.5, on_error="collect",
     )  # fmt: skip
     failed = [r for r in results if isinstance(r, ItemFailure)]
     retried = sorted(item for item, n in _calls.items() if n > 1)
