@@ -281,6 +281,7 @@ def _add_execute(commands: _Commands) -> None:
     )
     _add_retry_options(p)
     _add_reliability_options(p)
+    _add_limit_options(p)
     p.set_defaults(handler=_cmd_execute)
 
 
@@ -338,6 +339,38 @@ def _add_reliability_options(p: argparse.ArgumentParser) -> None:
         help="write a run report when the run ends: FILE.html (self-contained page) or "
         "FILE.png (needs the 'report' extra)",
     )
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits (for jobs that call a service)")
+    g.add_argument(
+        "--timeout", metavar="S",
+        help="fail an item attempt that runs longer than S seconds (ItemTimeoutError)",
+        **_number_option(check_number, low=0, high=MAX_SECONDS, low_open=True, note=" (seconds)"),
+    )
+    g.add_argument(
+        "--rate-limit", metavar="N",
+        help="start at most N calls of FUNC per second, retries included, across all workers",
+        **_number_option(check_number, low=0, low_open=True, note=" (calls per second)"),
+    )
+    g.add_argument(
+        "--max-tasks-per-worker", metavar="N",
+        help="replace a worker process after N items (processes backend)", **_COUNT,
+    )
+    g.add_argument(
+        "--max-worker-memory", metavar="BYTES",
+        help="replace a worker process whose RSS passes BYTES after an item (processes backend)",
+        **_COUNT,
+    )
+
+
+def _rate_limiter(rate: float | None) -> Any:
+    """``--rate-limit``: a ``RateLimiter`` of ``rate`` calls per second, or None."""
+    if rate is None:
+        return None
+    from amorsize.ratelimit import RateLimiter
+
+    return RateLimiter(rate)
 
 
 def _add_dead_letter(commands: _Commands) -> None:
@@ -997,6 +1030,10 @@ def _execute_inputs(
         "checkpoint": args.checkpoint,
         "dead_letter": args.dead_letter,
         "report": args.report,
+        "timeout": args.timeout,
+        "rate_limit": _rate_limiter(args.rate_limit),
+        "max_tasks_per_worker": args.max_tasks_per_worker,
+        "max_worker_memory": args.max_worker_memory,
     }
     if options["backend"] == "dask":
         func = _ship_by_value(func, module, where)

@@ -54,6 +54,12 @@ JOBS = textwrap.dedent(
             raise RuntimeError("item 5 fails while the flag file exists")
         return x + 100
 
+    def hang_on_two(x):
+        # Item 2 never answers (its thread is abandoned at the timeout; the process exits).
+        if x == 2:
+            __import__("threading").Event().wait(60)
+        return x
+
     def noisy(x):
         print("chatter from func")
         return x
@@ -503,6 +509,31 @@ def test_execute_retries_transient_failures(workdir: Path, backend: str) -> None
     p = run(workdir, "execute", "jobs:flaky", "--data-range", "6", "--backend", backend)
     assert p.returncode == 1
     assert "ConnectionError: transient failure" in p.stderr
+
+
+def test_execute_limits_for_service_jobs(workdir: Path) -> None:
+    """--timeout fails the hanging item alone; --rate-limit and recycling keep every result."""
+    p = run(workdir, "execute", "jobs:hang_on_two", "--data-range", "4", "--backend", "threads",
+            "--timeout", "0.2", "--on-error", "collect")
+    assert p.returncode == 1
+    assert lines(p.stdout) == [0, 1, None, 3]
+    assert "item 2 failed after 1 attempt(s): ItemTimeoutError" in p.stderr
+    p = run(workdir, "execute", "jobs:square", "--data-range", "9", "--backend", "processes",
+            "--n-jobs", "2", "--chunksize", "1", "--max-tasks-per-worker", "2",
+            "--rate-limit", "100000")
+    assert p.returncode == 0, p.stderr
+    assert lines(p.stdout) == [x * x for x in range(9)]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--timeout", "0"), ("--rate-limit", "-1"), ("--max-tasks-per-worker", "0")],
+)
+def test_execute_bad_limits_are_refused(workdir: Path, option: str, value: str) -> None:
+    """A bad limit is exit 2 and one line naming the option, before anything runs."""
+    p = run(workdir, "execute", "jobs:square", "--data-range", "3", option, value)
+    assert p.returncode == 2
+    assert option in p.stderr and "Traceback" not in p.stderr
 
 
 def test_execute_retry_exhaustion_is_reported(workdir: Path) -> None:
