@@ -331,6 +331,11 @@ def _add_reliability_options(p: argparse.ArgumentParser) -> None:
         help="record items that fail for good in this SQLite file, and go on",
     )
     g.add_argument(
+        "--trust", action="store_true",
+        help="resume from a --checkpoint file signed with another key (another user's or "
+        "machine's); loading its results runs code, so only for files you trust like code",
+    )
+    g.add_argument(
         "--circuit-breaker", metavar="N",
         help="stop dispatching after N consecutive failures", **_COUNT,
     )
@@ -1027,7 +1032,7 @@ def _execute_inputs(
         "on_error": args.on_error,
         "progress": args.progress,
         "verbose": args.verbose,
-        "checkpoint": args.checkpoint,
+        "checkpoint": _checkpoint(args.checkpoint, args.trust),
         "dead_letter": args.dead_letter,
         "report": args.report,
         "timeout": args.timeout,
@@ -1038,6 +1043,17 @@ def _execute_inputs(
     if options["backend"] == "dask":
         func = _ship_by_value(func, module, where)
     return func, data, options
+
+
+def _checkpoint(path: str | None, trust: bool) -> Any:
+    """``--checkpoint`` (and ``--trust``) as ``execute``'s ``checkpoint=``."""
+    if not trust:
+        return path
+    if path is None:
+        raise CliError("argument --trust: only applies with --checkpoint")
+    from amorsize.checkpoint import Checkpoint
+
+    return Checkpoint(path, trust=True)
 
 
 def _start_run(func: Callable[[Any], Any], data: Iterable[Any], **options: Any) -> Iterator[Any]:

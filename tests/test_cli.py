@@ -511,6 +511,23 @@ def test_execute_retries_transient_failures(workdir: Path, backend: str) -> None
     assert "ConnectionError: transient failure" in p.stderr
 
 
+def test_execute_checkpoint_of_another_key_needs_trust(workdir: Path) -> None:
+    """Another user's checkpoint is refused (exit 2, naming --trust); --trust resumes it."""
+    env = {"JOBS_LOG": str(workdir / "calls.log"), "JOBS_FAIL_FLAG": str(workdir / "flag")}
+    args = ("execute", "jobs:counted", "--data-range", "4", "--backend", "serial",
+            "--checkpoint", "run.db")
+    assert run(workdir, *args, env=env).returncode == 0
+    other = {**env, "AMORSIZE_CONFIG_DIR": str(workdir / "other-user")}
+    refused = run(workdir, *args, env=other)
+    assert_usage_error(refused, "trust")
+    (workdir / "calls.log").write_text("")
+    trusted = run(workdir, *args, "--trust", env=other)
+    assert trusted.returncode == 0, trusted.stderr
+    assert lines(trusted.stdout) == [x + 100 for x in range(4)]
+    assert (workdir / "calls.log").read_text() == ""  # every result came from the file
+    assert_usage_error(run(workdir, *args[:6], "--trust", env=env), "--checkpoint")
+
+
 def test_execute_limits_for_service_jobs(workdir: Path) -> None:
     """--timeout fails the hanging item alone; --rate-limit and recycling keep every result."""
     p = run(workdir, "execute", "jobs:hang_on_two", "--data-range", "4", "--backend", "threads",
