@@ -33,6 +33,8 @@ import re
 import sqlite3
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from amorsize import _signing
@@ -332,13 +334,25 @@ def _check_ours(
         raise error(msg)
 
 
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` around the block, rolled back if the block raises:
+    the writer takes the file's write lock before it reads what it will write after."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
 def _init(
     conn: StoreConnection, where: str, kind: str, version: str, schema: str, error: type[StoreError]
 ) -> None:
     """Write the format rows and the schema in one transaction (empty file only)."""
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             # Another process may have initialised the file since we looked.
             if not conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                 conn.execute(
@@ -352,10 +366,6 @@ def _init(
                     # executescript() would commit the open transaction: one by one instead.
                     if statement.strip():
                         conn.execute(statement)
-            conn.execute("COMMIT")
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
     except sqlite3.DatabaseError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
             raise error(f"{where!r} is locked: {exc}") from exc

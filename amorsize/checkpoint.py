@@ -77,6 +77,7 @@ from amorsize._store import (
     block_digest,
     open_database,
     write_error,
+    write_transaction,
 )
 from amorsize._timeline import MAX_SPANS
 from amorsize._validate import MAX_SECONDS, check_choice, check_int, check_number, fail
@@ -735,28 +736,19 @@ class CheckpointObserver(RunObserver):
     def _insert(self, conn: StoreConnection, n: int, runs: bytes, hashes: bytes, blob: bytes) -> None:
         assert self._seal is not None
         digest = block_digest(*_batch_parts(n, runs, hashes, blob))
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # The writer holds the lock: the next id is its own, and the MAC names it.
-                (bid,) = conn.execute(
-                    "SELECT coalesce(max(id), 0) + 1 FROM checkpoint_batches"
-                ).fetchone()
-                mac = self._seal.mac(f"batch {bid}", digest)
-                conn.execute(
-                    "INSERT INTO checkpoint_batches VALUES (?,?,?,?,?,?,?)",
-                    (bid, n, runs, hashes, blob, digest, mac),
-                )
-                if self._spans:  # the chunks so far, in the same transaction: no extra commit
-                    spans, self._spans = self._spans, []
-                    self._timeline_row(conn, "spans", _pack_doubles(spans))
-                conn.execute("COMMIT")
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            self._broken = True
-            raise write_error(self._path, "checkpoint", "write to the", exc, CheckpointError) from exc
+        with self._writing(conn):
+            # The writer holds the lock: the next id is its own, and the MAC names it.
+            (bid,) = conn.execute(
+                "SELECT coalesce(max(id), 0) + 1 FROM checkpoint_batches"
+            ).fetchone()
+            mac = self._seal.mac(f"batch {bid}", digest)
+            conn.execute(
+                "INSERT INTO checkpoint_batches VALUES (?,?,?,?,?,?,?)",
+                (bid, n, runs, hashes, blob, digest, mac),
+            )
+            if self._spans:  # the chunks so far, in the same transaction: no extra commit
+                spans, self._spans = self._spans, []
+                self._timeline_row(conn, "spans", _pack_doubles(spans))
 
     def _save_spans(self) -> None:
         """Write the chunk spans gathered since the last write as one sealed row."""
@@ -770,14 +762,15 @@ class CheckpointObserver(RunObserver):
         conn = self.conn
         if conn is None or conn.read_only or self._broken:
             return
+        with self._writing(conn):
+            self._timeline_row(conn, kind, body)
+
+    @contextlib.contextmanager
+    def _writing(self, conn: StoreConnection) -> Iterator[None]:
+        """A write transaction; a failed write leaves the file alone from then on."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._timeline_row(conn, kind, body)
-                conn.execute("COMMIT")
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            with write_transaction(conn):
+                yield
         except sqlite3.Error as exc:
             self._broken = True
             raise write_error(self._path, "checkpoint", "write to the", exc, CheckpointError) from exc
@@ -843,18 +836,13 @@ class CheckpointObserver(RunObserver):
         if conn.read_only:
             raise self._read_only_error("it holds no run yet, and one cannot be started")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 # Another process may have started a run in the file since we looked.
                 now = dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())
                 if not _has_run(now):
                     conn.executemany(
                         "INSERT INTO amorsize_meta VALUES (?, ?)", self._new_header(head).items()
                     )
-                conn.execute("COMMIT")
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise write_error(self._path, "checkpoint", "write to the", exc, CheckpointError) from exc
         return dict(conn.execute("SELECT key, value FROM amorsize_meta").fetchall())

@@ -53,7 +53,7 @@ from typing import IO, Any
 
 from amorsize._format import safe_repr
 from amorsize._observers import ItemFailure, RunObserver
-from amorsize._store import Seal, StoreError, open_database
+from amorsize._store import Seal, StoreError, open_database, write_transaction
 from amorsize._validate import fail
 
 __all__ = [
@@ -293,9 +293,8 @@ class DeadLetterQueue:
         """Delete the entries with these ids; returns how many were deleted."""
         conn = self._connect()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            cur = conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
-            conn.execute("COMMIT")
+            with write_transaction(conn):
+                cur = conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
             return cur.rowcount
         finally:
             conn.close()
@@ -478,14 +477,13 @@ class DeadLetterQueue:
     def _apply(self, done: list[int], updates: list[tuple[Any, ...]]) -> None:
         conn = self._connect()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in done])
-            conn.executemany(
-                "UPDATE dead_letters SET exc_type=?, message=?, traceback=?, attempts=?,"
-                " timestamp=? WHERE id=?",
-                updates,
-            )
-            conn.execute("COMMIT")
+            with write_transaction(conn):
+                conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in done])
+                conn.executemany(
+                    "UPDATE dead_letters SET exc_type=?, message=?, traceback=?, attempts=?,"
+                    " timestamp=? WHERE id=?",
+                    updates,
+                )
         finally:
             conn.close()
 
