@@ -14,8 +14,8 @@ from typing import Any
 import cloudpickle
 import pytest
 
+from amorsize._threadpool import Pool
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
-from amorsize.backends import threads as threads_module
 from amorsize.backends._wire import TaskFeed
 from amorsize.backends.base import (
     PAUSE,
@@ -543,7 +543,7 @@ def test_threads_start_map_keeps_item_order_and_cancels() -> None:
 
 def test_threads_pool_runs_every_job_and_shuts_down() -> None:
     """The pool behind the backend: jobs beyond its size queue; shutdown ends threads."""
-    pool = threads_module._Pool(3)
+    pool = Pool(3)
     futures = [pool.submit(square, x) for x in range(50)]
     assert [f.result(10.0) for f in futures] == [x * x for x in range(50)]
     assert pool.threads <= 3

@@ -6,7 +6,6 @@ the GIL means this helps only when ``func`` waits (I/O, sleeps) or releases the 
 
 from __future__ import annotations
 
-import _thread
 import functools
 import queue
 import threading
@@ -15,6 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, ClassVar
 
+from amorsize._threadpool import Pool
 from amorsize.backends._wire import TaskFeed
 from amorsize.backends.base import Backend, OkValues, Outcome, Pause, Task, run_chunk_fast
 
@@ -47,11 +47,11 @@ class ThreadsBackend(Backend):
         # Warm pools by size, least recently used first; ``_users`` counts the runs using
         # each pool (warm or retired). A pool is shut down only once nobody uses it: an
         # evicted or closed pool still in use is shut by its last user (``_release``).
-        self._pools: OrderedDict[int, _Pool] = OrderedDict()
-        self._users: dict[_Pool, int] = {}
+        self._pools: OrderedDict[int, Pool] = OrderedDict()
+        self._users: dict[Pool, int] = {}
         self._lock = threading.Lock()
 
-    def _acquire(self, n_jobs: int, nested: bool | None = None) -> _Pool:
+    def _acquire(self, n_jobs: int, nested: bool | None = None) -> Pool:
         """The warm pool of ``n_jobs`` threads, counted as used until ``_release``;
         ``nested``: for a run started from one of our threads (None: this thread's)."""
         if nested is None:
@@ -63,7 +63,7 @@ class ThreadsBackend(Backend):
             with self._lock:
                 self._users[pool] = 1
             return pool
-        idle: list[_Pool] = []
+        idle: list[Pool] = []
         with self._lock:
             warm = self._pools.pop(n_jobs, None)
             pool = _new_pool(n_jobs) if warm is None else warm
@@ -77,7 +77,7 @@ class ThreadsBackend(Backend):
             old.shutdown(wait=False)
         return pool
 
-    def _release(self, pool: _Pool) -> None:
+    def _release(self, pool: Pool) -> None:
         """One run is done with ``pool``; shut it if it is no longer warm and now unused."""
         with self._lock:
             left = self._users[pool] - 1
@@ -189,87 +189,6 @@ def _mark_pool_thread() -> None:
     _IN_POOL.inside = True
 
 
-class _Pool:
-    """Up to ``n`` threads running jobs from one queue: the part of ``ThreadPoolExecutor``
-    the backend uses (``submit``, ``shutdown``), with a cheaper start.
-
-    A job that finds no idle thread starts one (while fewer than ``n`` run), without
-    waiting for it to run: ``Thread.start()`` waits for each new thread to take the GIL,
-    two context switches per thread, and on a busy machine a cold pool of 200 threads
-    took ~50 ms that way. Threads are started with ``_thread`` (like daemon threads: not
-    joined at exit; the backend shuts its pools at exit) and take the GIL as they can.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
-        self.jobs = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.threads = 0  # started
-        self.idle = 0  # waiting for a job and not yet promised one
-        self.closed = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
-        """Run ``fn(*args)`` on a thread of the pool; its outcome arrives in the future."""
-        fut: Future[Any] = Future()
-        with self.lock:
-            if self.closed:
-                msg = "cannot schedule new futures after shutdown"
-                raise RuntimeError(msg)
-            start = not self.idle and self.threads < self.n
-            if start:
-                self.threads += 1
-            elif self.idle:
-                self.idle -= 1
-        if start:
-            try:
-                _thread.start_new_thread(self._work, ())
-            except BaseException:  # no thread can start (a resource limit): nothing queued
-                with self.lock:
-                    self.threads -= 1
-                raise
-        self.jobs.put((fut, fn, args))
-        return fut
-
-    def _work(self) -> None:
-        _mark_pool_thread()
-        get, lock = self.jobs.get, self.lock
-        while (job := get()) is not None:
-            fut, fn, args = job
-            del job
-            if fut.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args)
-                except BaseException as exc:
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(result)
-                    del result
-            del fut, fn, args
-            with lock:
-                self.idle += 1
-
-    def shutdown(self, wait: bool = False, *, cancel_futures: bool = False) -> None:
-        """No new jobs; threads end once the queue is empty (``cancel_futures``: emptied
-        now). ``wait`` is accepted for ``ThreadPoolExecutor``'s signature: threads are
-        never waited for."""
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            threads = self.threads
-        if cancel_futures:
-            while True:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job[0].cancel()
-        for _ in range(threads):
-            self.jobs.put(None)
-
-
-def _new_pool(n_jobs: int) -> _Pool:
-    return _Pool(n_jobs)
+def _new_pool(n_jobs: int) -> Pool:
+    return Pool(n_jobs, initializer=_mark_pool_thread)
 
