@@ -41,6 +41,7 @@ from amorsize.sampling import (
     Sample,
     SpillRunner,
     sample,
+    start_watcher,
 )
 from amorsize.system import SystemInfo, get_system_info
 
@@ -386,6 +387,8 @@ def _optimize(
     waiting items on threads while the first one runs (``sample``), when threads may run.
     """
     allowed = _validate(func, data, n_jobs, sample_size, backends)
+    if spill is not None:
+        start_watcher()
     t_start = time.perf_counter()
     system = get_system_info()
     t_sample = time.perf_counter()

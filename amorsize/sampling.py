@@ -1209,14 +1209,16 @@ class _Watcher:
         self.pid = -1
         self.requests: queue.SimpleQueue[_Watch] = queue.SimpleQueue()
 
-    def watch(self, watch: _Watch) -> None:
-        """Watch ``watch`` as soon as the thread is free (one sample at a time)."""
+    def watch(self, watch: _Watch | None) -> None:
+        """Watch ``watch`` as soon as the thread is free (one sample at a time); None:
+        only start the thread (a first call starts it early, so that it runs in time)."""
         with self.lock:
             if self.pid != os.getpid():
                 self.requests = queue.SimpleQueue()
                 _thread.start_new_thread(self._loop, (self.requests,))
                 self.pid = os.getpid()
-            self.requests.put(watch)
+            if watch is not None:
+                self.requests.put(watch)
 
     @staticmethod
     def _loop(requests: queue.SimpleQueue[_Watch]) -> None:
@@ -1225,6 +1227,14 @@ class _Watcher:
 
 
 _WATCHER = _Watcher()
+
+
+def start_watcher() -> None:
+    """Start the thread that watches first items for ``sample(spill=...)``, if not yet
+    running in this process: on a busy machine a thread started just before the first
+    item may run only after it."""
+    with contextlib.suppress(RuntimeError):
+        _WATCHER.watch(None)
 
 
 def _thread_state(stat: str) -> str:
