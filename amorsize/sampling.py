@@ -890,9 +890,9 @@ def sample(
 
     ``probe_threads``: when the sample adapts and shows CPU work (not waiting) of at least
     ``PROBE_MIN_ITEM_S`` per item, with enough items left that the probe costs at most
-    ``SAMPLE_FRACTION`` of the best parallel run, the next items run in two batches of
-    about ``PROBE_SIDE_S`` on two threads at once (in the calling process): the wall time
-    of the pair against the sampled sequential time gives ``Profile.thread_overlap``. Their
+    ``SAMPLE_FRACTION`` of the best parallel run, the next items run in rounds of about
+    ``2 * PROBE_SIDE_S`` of work on two threads at once (in the calling process): their
+    CPU seconds while both ran give ``Profile.thread_overlap`` (``probe_overlap``). Their
     results are kept like any sampled item (a failure stops the probe; items the other
     thread ran past it are dropped, like a parallel run's, and stay in ``data``).
 
@@ -950,62 +950,70 @@ def _probe_size(tally: _Tally, rules: _Rules) -> tuple[int, int]:
     mean = tally.timed / n
     if mean < PROBE_MIN_ITEM_S or _timing(tally).wait_fraction >= 0.5:
         return 0, 0  # too small to pay on threads, or known to wait (threads overlap it)
-    # At least _PROBE_MIN_SIDE items a side: the helper's CPU counts from its first item
-    # ending after the caller's start (``probe_overlap``), and item times read on a busy
-    # machine can be several times the items' own.
+    # At least _PROBE_MIN_SIDE items a thread: only CPU between readings (one after each
+    # item) while both threads ran counts (``probe_overlap``), and item times read on a
+    # busy machine can be several times the items' own.
     k = max(_PROBE_MIN_SIDE, math.ceil(PROBE_SIDE_S / mean))
-    # Probed items are kept, so a round loses at most one side's time against a perfect
-    # parallel run: keep all rounds together a small share of the best parallel run left.
+    # Probed items are kept, so a round of 2k loses at most k items' time against a
+    # perfect parallel run: keep all rounds together a small share of the best parallel
+    # run left.
     rest = (rules.total - n) * mean / rules.cores
     return k, min(PROBE_ROUNDS, int(SAMPLE_FRACTION * rest / (k * mean)))
 
 
 class ProbeRound(NamedTuple):
-    """One round of the overlap probe, as measured: the caller's side ran from ``start``
-    to ``end`` using ``cpu`` seconds of its thread's CPU; ``helper`` holds the helper
-    thread's ``(wall clock, its CPU clock)`` when its side began and after each item."""
+    """One round of the overlap probe, as measured: each thread's ``(wall clock, its own
+    CPU clock)`` when its side began and after each item it ran."""
 
-    start: float
-    end: float
-    cpu: float
+    caller: tuple[tuple[float, float], ...]
     helper: tuple[tuple[float, float], ...]
+
+
+def _cpu_within(points: tuple[tuple[float, float], ...], lo: float, hi: float) -> float:
+    """CPU seconds between the first and the last reading inside ``[lo, hi]``."""
+    inside = [cpu for t, cpu in points if lo <= t <= hi]
+    return inside[-1] - inside[0] if len(inside) > 1 else 0.0
 
 
 def probe_overlap(rounds: Iterable[ProbeRound]) -> float:
     """The overlap the probe reports: the best of its rounds, in [0, 1]; NaN without any.
 
-    The helper starts first and the caller once the helper runs (a busy machine wakes a
-    thread milliseconds late: two sides started together often ran one after the other).
-    A round's overlap is both threads' CPU seconds from the caller's start to the last
-    end, over that wall time, minus one. The helper's CPU counts from its first reading
-    at or after the caller's start, so no CPU falls outside the window: while the GIL
-    lets one thread run at a time the reading is at most 0 whatever the machine's load (a
-    busy machine only lowers it: a thread holding the GIL while preempted stops the other
-    too), and no noise lifts GIL-bound work above 0. Hence the best round counts: a busy
+    A round counts only the time both threads ran items (from the later start to the
+    earlier end: on a busy machine a thread wakes milliseconds late), and of each
+    thread's CPU seconds only those between its readings inside that window. Both CPU
+    sums over the window, minus one, is the round's overlap: at most 0 while the GIL lets
+    one thread run at a time, whatever the machine's load (a busy machine only lowers it:
+    a thread holding the GIL while preempted stops the other too), up to 1 when both ran
+    at once. No noise lifts GIL-bound work above 0, hence the best round counts: a busy
     machine gives the two threads two cores only now and then.
 
-    >>> probe_overlap([ProbeRound(1.0, 2.0, 1.0, ((0.9, 0.0), (1.0, 0.1), (2.0, 1.1)))])
+    >>> both = ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0))
+    >>> probe_overlap([ProbeRound(both, both)])
     1.0
-    >>> probe_overlap([ProbeRound(1.0, 2.0, 0.75, ((0.5, 0.0), (1.25, 0.75), (2.0, 1.25)))])
-    0.25
-    >>> probe_overlap([ProbeRound(1.0, 2.0, 0.6, ((0.9, 0.0), (1.5, 0.1), (2.0, 0.5)))])
+    >>> gil = ((0.0, 0.0), (0.5, 0.25), (1.0, 0.5))
+    >>> probe_overlap([ProbeRound(gil, gil)])
     0.0
+    >>> late = ((0.5, 0.0), (0.75, 0.25), (1.0, 0.5))  # started late: half a window
+    >>> probe_overlap([ProbeRound(both, late)])
+    1.0
     """
     best = math.nan
     for r in rounds:
-        after = [cpu for t, cpu in r.helper if t >= r.start]
-        helper_cpu = after[-1] - after[0] if after else 0.0
-        wall = max(r.end, r.helper[-1][0] if r.helper else r.end) - r.start
-        if wall <= 0.0:
+        if not r.caller or not r.helper:
             continue
-        got = min(max((r.cpu + helper_cpu) / wall - 1.0, 0.0), 1.0)
+        lo = max(r.caller[0][0], r.helper[0][0])
+        hi = min(r.caller[-1][0], r.helper[-1][0])
+        got = 0.0
+        if hi > lo:
+            cpu = _cpu_within(r.caller, lo, hi) + _cpu_within(r.helper, lo, hi)
+            got = min(max(cpu / (hi - lo) - 1.0, 0.0), 1.0)
         best = got if math.isnan(best) else max(best, got)
     return best
 
 
 def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rules) -> float:
-    """Run the next items on two threads at once, in up to ``PROBE_ROUNDS`` rounds of two
-    batches; their overlap in [0, 1] (``probe_overlap``). NaN: not probed.
+    """Run the next items on two threads at once, in up to ``PROBE_ROUNDS`` rounds; their
+    overlap in [0, 1] (``probe_overlap``). NaN: not probed.
 
     Rounds stop once one shows ``_PROBE_CLEAR`` overlap, or at a failure that stops the
     sample. Both threads live through all rounds, so only one thread is started.
@@ -1013,7 +1021,7 @@ def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rule
     k, rounds = _probe_size(tally, rules)
     if k == 0 or rounds == 0:
         return math.nan
-    pair = _ProbePair(func, k, tally.keep_going)
+    pair = _ProbePair(func, tally.keep_going)
     measured: list[ProbeRound] = []
     try:
         for _ in range(rounds):
@@ -1054,24 +1062,25 @@ def _keep_round(
 
 
 class _ProbePair:
-    """The caller and one helper thread running rounds of the probe: each round, the
-    caller runs the first ``k`` items and the helper the next ``k``; the helper starts
-    first, the caller once the helper runs (see ``probe_overlap``).
+    """The caller and one helper thread running rounds of the probe. In a round the
+    caller takes items from the front and the helper from the back until they meet, so
+    both work for as long as items are left, however late either started.
 
     ``out`` holds a round's ``(ok, value)`` per item (None: not run), ``measured`` its
-    clocks. The first half precedes the second: a failure in it (when failures stop the
-    sample) stops the helper's half too; a failure in the helper's half stops only the
-    helper, so that the results stay a prefix.
+    clocks. A failure (when failures stop the sample) stops the helper; the caller still
+    runs every item before the helper's failure, so that the results stay a prefix, and
+    stops at a failure of its own.
     """
 
-    def __init__(self, func: Callable[[Any], Any], k: int, keep_going: bool) -> None:
-        self.func, self.k, self.keep_going = func, k, keep_going
+    def __init__(self, func: Callable[[Any], Any], keep_going: bool) -> None:
+        self.func, self.keep_going = func, keep_going
         self.items: list[Any] = []
         self.out: list[tuple[bool, Any] | None] = []
-        self.points: list[tuple[float, float]] = []  # the helper's clocks
-        self.measured = ProbeRound(0.0, 0.0, 0.0, ())
+        self.next = [0, 0]  # the caller's next item, the helper's next item
+        self.lock = threading.Lock()
+        self.points: list[list[tuple[float, float]]] = [[], []]
+        self.measured = ProbeRound((), ())
         self.stop = threading.Event()
-        self.running = threading.Event()  # the helper's side began
         # A helper that cannot start (or reach a round) in time breaks the barrier, and
         # that round is not probed.
         self.gate = threading.Barrier(2, timeout=_PROBE_START_TIMEOUT_S)
@@ -1079,10 +1088,11 @@ class _ProbePair:
         self.helper: threading.Thread | None = None
 
     def run(self, items: list[Any]) -> bool:
-        """One round on ``items`` (2k of them); False: not run (no helper thread)."""
-        self.items, self.out, self.points = items, [None] * len(items), []
+        """One round on ``items``; False: not run (no helper thread)."""
+        self.items, self.out = items, [None] * len(items)
+        self.next = [0, len(items) - 1]
+        self.points = [[], []]
         self.stop.clear()
-        self.running.clear()
         if self.helper is None:
             self.helper = threading.Thread(target=self._helper, name="amorsize-probe", daemon=True)
             try:
@@ -1094,16 +1104,11 @@ class _ProbePair:
             self.gate.wait()
         except threading.BrokenBarrierError:
             return False
-        self.running.wait(_PROBE_START_TIMEOUT_S)
-        t0 = time.perf_counter()
-        cpu0 = time.thread_time()
         try:
-            self._items(0)
+            self._side(0)
         finally:
-            cpu = time.thread_time() - cpu0
-            self.measured = ProbeRound(t0, time.perf_counter(), cpu, ())
             self.done.wait()
-        self.measured = self.measured._replace(helper=tuple(self.points))
+        self.measured = ProbeRound(tuple(self.points[0]), tuple(self.points[1]))
         return True
 
     def close(self) -> None:
@@ -1120,9 +1125,7 @@ class _ProbePair:
             except threading.BrokenBarrierError:
                 return
             try:
-                self.points.append((time.perf_counter(), time.thread_time()))
-                self.running.set()
-                self._items(self.k)
+                self._side(1)
             finally:  # the caller waits for this side's end, whatever happened in it
                 ended = self._wait_done()
             if not ended:
@@ -1135,22 +1138,35 @@ class _ProbePair:
             return False
         return True
 
-    def _items(self, lo: int) -> None:
-        func, items, out, points = self.func, self.items, self.out, self.points
-        helper = lo > 0
-        for j in range(lo, lo + self.k):
-            if helper and self.stop.is_set():
-                return
+    def _take(self, side: int) -> int:
+        """The next item index for ``side`` (-1: none left for it)."""
+        with self.lock:
+            lo, hi = self.next
+            if lo > hi or (side and self.stop.is_set()):
+                return -1
+            if side:
+                self.next[1] = hi - 1
+                return hi
+            self.next[0] = lo + 1
+            return lo
+
+    def _side(self, side: int) -> None:
+        func, items, out = self.func, self.items, self.out
+        points = self.points[side]
+        points.append((time.perf_counter(), time.thread_time()))
+        while (j := self._take(side)) >= 0:
             try:
                 out[j] = (True, func(items[j]))
             except Exception as exc:
                 out[j] = (False, exc)
                 if not self.keep_going:
                     self.stop.set()
-                    return
+                    if side == 0:
+                        return
             finally:
-                if helper:
-                    points.append((time.perf_counter(), time.thread_time()))
+                points.append((time.perf_counter(), time.thread_time()))
+            if side and self.stop.is_set():
+                return
 
 
 class _Watch:
@@ -1205,9 +1221,13 @@ class _Watcher:
     which has none): starting a thread per sample cost ~80 us, a tiny run's budget."""
 
     def __init__(self) -> None:
+        self.requests: queue.SimpleQueue[_Watch] = queue.SimpleQueue()
+        self.reset()
+
+    def reset(self) -> None:
+        """As new: in a forked child (no watcher thread there, maybe a lock held)."""
         self.lock = threading.Lock()
         self.pid = -1
-        self.requests: queue.SimpleQueue[_Watch] = queue.SimpleQueue()
 
     def watch(self, watch: _Watch | None) -> None:
         """Watch ``watch`` as soon as the thread is free (one sample at a time); None:
@@ -1227,6 +1247,8 @@ class _Watcher:
 
 
 _WATCHER = _Watcher()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WATCHER.reset)
 
 
 def start_watcher() -> None:

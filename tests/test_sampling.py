@@ -429,17 +429,26 @@ def python_loop(x: int) -> int:
 
 
 class Recorder:
-    """``python_loop`` that records which thread ran which item."""
+    """``python_loop`` that records which thread ran which item. Once the probe's helper
+    thread exists, the main thread's items wait until it has run one: else the caller
+    (holding the GIL) may run a whole round before the helper wakes."""
 
     def __init__(self, fail_off_main: bool = False) -> None:
         self.calls: list[tuple[int, int]] = []
         self.fail_off_main = fail_off_main
+        self.helper_ran = threading.Event()
 
     def __call__(self, x: int) -> int:
         self.calls.append((x, threading.get_ident()))
-        if self.fail_off_main and threading.current_thread() is not threading.main_thread():
-            msg = f"item {x} off the main thread"
-            raise RuntimeError(msg)
+        if threading.current_thread() is not threading.main_thread():
+            self.helper_ran.set()
+            if self.fail_off_main:
+                msg = f"item {x} off the main thread"
+                raise RuntimeError(msg)
+        elif not self.helper_ran.is_set() and any(
+            t.name == "amorsize-probe" for t in threading.enumerate()
+        ):
+            assert self.helper_ran.wait(30.0), "the probe's helper never ran an item"
         return python_loop(x)
 
 
@@ -503,23 +512,21 @@ def test_probe_failures_are_data_points_when_keeping_going() -> None:
     assert sorted(x for x, _ in rec.calls) == list(range(s.profile.n_sampled))
 
 
+BOTH = ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0))  # busy all along
+GIL = ((0.0, 0.0), (0.5, 0.25), (1.0, 0.5))  # busy half the time
+
+
 @pytest.mark.parametrize(
     ("rounds", "expected"),
     [
-        # Both threads busy all along the caller's side: they overlapped fully.
-        ([ProbeRound(1.0, 2.0, 1.0, ((0.9, 0.0), (1.0, 0.1), (2.0, 1.1)))], 1.0),
-        # The GIL: together they used no more CPU than the wall time.
-        ([ProbeRound(1.0, 2.0, 0.5, ((1.0, 0.0), (1.5, 0.25), (2.0, 0.5)))], 0.0),
-        # The helper's CPU before the caller's start (here all of it) never counts.
-        ([ProbeRound(1.0, 2.0, 1.0, ((0.0, 0.0), (1.0, 1.0)))], 0.0),
+        ([ProbeRound(BOTH, BOTH)], 1.0),  # both busy at once: they overlapped fully
+        ([ProbeRound(GIL, GIL)], 0.0),  # the GIL: no more CPU than wall time together
+        # The helper started late: only the time both ran counts, and in it they overlapped.
+        ([ProbeRound(BOTH, ((0.5, 0.0), (0.75, 0.25), (1.0, 0.5)))], 1.0),
+        # CPU outside the shared window never counts: here the helper ran before it.
+        ([ProbeRound(((1.0, 0.0), (2.0, 1.0)), ((0.0, 0.0), (1.0, 1.0)))], 0.0),
         # A busy machine gave two cores in one round only: the best round counts.
-        (
-            [
-                ProbeRound(0.0, 1.0, 0.5, ((0.0, 0.0), (1.0, 0.25))),
-                ProbeRound(2.0, 3.0, 1.0, ((2.0, 0.0), (3.0, 0.75))),
-            ],
-            0.75,
-        ),
+        ([ProbeRound(GIL, GIL), ProbeRound(BOTH, ((0.0, 0.0), (0.5, 0.25), (1.0, 0.75)))], 0.75),
         ([], math.nan),
     ],
 )
@@ -541,7 +548,8 @@ def test_probe_takes_rounds_within_its_share(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(sampling, "probe_overlap", spy)
     s = sample(python_loop, range(20_000), cores=2, probe_threads=True)
     assert seen and 1 <= len(seen[-1]) <= sampling.PROBE_ROUNDS
-    assert all(len(r.helper) >= 5 for r in seen[-1])  # its start, then 4+ items
+    # Each thread's start, then one reading per item: 8+ items a round.
+    assert all(len(r.caller) + len(r.helper) >= 10 for r in seen[-1])
     assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
 
 
