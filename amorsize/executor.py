@@ -60,7 +60,7 @@ from amorsize.backends.base import (
     WorkerCrashedError,
 )
 from amorsize.backends.serial import SerialBackend
-from amorsize.sampling import ItemRun, SampledFailure, TimedCall
+from amorsize.sampling import ItemRun, SampledFailure, SpillRunner, TimedCall
 from amorsize.system import available_cpus, get_system_info
 
 __all__ = [
@@ -635,14 +635,14 @@ def _ask_optimizer(
     )
 
 
-def _spill_on(backend: str | Backend, names: tuple[str, ...]) -> Any:
+def _spill_on(backend: str | Backend, names: tuple[str, ...]) -> SpillRunner | None:
     """Where sampling starts waiting items on threads at once (``sampling.SpillRunner``):
     the threads backend's pools, when threads are a candidate."""
     if "threads" not in names:
         return None
     be = backend if isinstance(backend, Backend) and backend.name == "threads" else None
     runner = getattr(be or get_backend("threads"), "spill_runner", None)
-    return None if runner is None else runner()
+    return None if runner is None else cast("SpillRunner", runner())
 
 
 @dataclass(frozen=True)
