@@ -94,7 +94,7 @@ _PROBE_CLEAR = 0.5
 # with its thread's CPU clock below _SPILL_MAX_CPU of that time, it waits (I/O, sleep), and
 # the next items start at once on threads instead of a whole item time later. The CPU
 # share is read again at doubling intervals: an item may compute first, then wait.
-SPILL_AFTER_S = 1e-3
+SPILL_AFTER_S = 5e-4
 _SPILL_MAX_CPU = 0.1
 # Checks in a row that must find the item waiting: between two checks the watcher lets go
 # of the GIL, so a CPU-bound item that a busy machine had merely preempted (or that gave

@@ -569,3 +569,35 @@ def test_waiting_work_runs_all_at_once_from_the_first_call() -> None:
                         return_plan=True)
     assert got == [x + 1 for x in range(n)]
     assert "already ran while sampling" in plan.reason
+
+
+def test_pool_batch_slots_cancel_and_base_exceptions() -> None:
+    """A batch fills its slots in item order; cancelled items never run; a BaseException
+    raised in a pool thread reaches the waiter."""
+    pool = Pool(4)
+    try:
+        assert pool.map_batch(square, list(range(30))).results() == [x * x for x in range(30)]
+        assert pool.map_batch(square, []).results() == []
+
+        def stop(x: int) -> int:
+            if x == 2:
+                raise SystemExit(3)
+            return x
+
+        with pytest.raises(SystemExit):
+            pool.map_batch(stop, [1, 2, 3]).results()
+        gate, ran = threading.Event(), []
+
+        def held(x: int) -> int:
+            ran.append(x)
+            gate.wait(10.0)
+            return x
+
+        first = pool.map_batch(held, [1, 2, 3, 4])  # every thread busy
+        later = pool.map_batch(held, [5, 6])
+        later.cancel()
+        gate.set()
+        assert first.results() == [1, 2, 3, 4] and later.results() == [None, None]
+        assert not {5, 6} & set(ran)
+    finally:
+        pool.shutdown(cancel_futures=True)

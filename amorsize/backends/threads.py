@@ -146,22 +146,18 @@ class ThreadsBackend(Backend):
         >>> b.close()
         """
         pool = self._acquire(len(items), nested)
-        futures: list[Future[Any]] = []
         try:
-            futures.extend(pool.submit(call, x) for x in items)
+            batch = pool.map_batch(call, items)
         except BaseException:
-            for fut in futures:
-                fut.cancel()
             self._release(pool)
             raise
 
         def collect(cancel: bool) -> list[Any]:
             try:
                 if cancel:
-                    for fut in futures:
-                        fut.cancel()
+                    batch.cancel()
                     return []
-                return [fut.result() for fut in futures]
+                return batch.results()
             finally:
                 self._release(pool)
 
