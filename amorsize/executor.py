@@ -70,7 +70,7 @@ from amorsize.backends.base import (
     WorkerCrashedError,
 )
 from amorsize.backends.serial import SerialBackend
-from amorsize.sampling import ItemRun, SampledFailure, TimedCall
+from amorsize.sampling import ItemRun, SampledFailure, SpillRunner, TimedCall
 from amorsize.system import available_cpus, get_system_info
 
 if TYPE_CHECKING:
@@ -577,9 +577,15 @@ class _SampleRules:
 
 
 def _remote_sampler(
-    be: Backend, func: Callable[[Any], Any], stop: bool, *, optional: bool = False
+    be: Backend | Callable[[], Backend],
+    func: Callable[[Any], Any],
+    stop: bool,
+    *,
+    optional: bool = False,
 ) -> Callable[[int, list[Any], float], list[ItemRun | None]]:
     """Run batches of sampled items in ``be``'s workers: a crash is reported, not fatal.
+    (``be`` may be a function giving the backend when first needed: importing the
+    processes backend cost ~10 ms of a first call that never samples remotely.)
 
     ``optional`` (backend="auto"): a function that cannot reach the workers (not picklable,
     not importable there) leaves the items to the caller instead of failing the run.
@@ -588,8 +594,9 @@ def _remote_sampler(
     def run(first: int, items: list[Any], budget_s: float) -> list[ItemRun | None]:
         got: dict[int, ItemRun | None] = {}
         call = TimedCall(func, stop=stop, budget_s=budget_s)
+        backend = be if isinstance(be, Backend) else be()
         try:
-            for task, outcomes in be.run(
+            for task, outcomes in backend.run(
                 call, iter([Task(first, items)]), n_jobs=1, max_in_flight=1
             ):
                 all_ok = type(outcomes) is OkValues
@@ -627,9 +634,9 @@ def _sample_where(
 ) -> dict[str, Any]:
     """The optimizer's options saying where sampled items run (a worker or the caller)."""
     if isinstance(backend, Backend) and backend.name == "processes":
-        be: Backend = backend
+        be: Backend | Callable[[], Backend] = backend
     elif backend in ("auto", "processes") and "processes" in names:
-        be = get_backend("processes")
+        be = functools.partial(get_backend, "processes")
     else:
         return {}
     auto = backend == "auto"
@@ -756,8 +763,19 @@ def _ask_optimizer(
         client=opts.client,
         keep_going=rules.keep_going,
         index_of=rules.index_of,
+        spill=_spill_on(backend, names),
         **_sample_where(backend, names, func, rules.keep_going),
     )
+
+
+def _spill_on(backend: str | Backend, names: tuple[str, ...]) -> SpillRunner | None:
+    """Where sampling starts waiting items on threads at once (``sampling.SpillRunner``):
+    the threads backend's pools, when threads are a candidate."""
+    if "threads" not in names:
+        return None
+    be = backend if isinstance(backend, Backend) and backend.name == "threads" else None
+    runner = getattr(be or get_backend("threads"), "spill_runner", None)
+    return None if runner is None else cast("SpillRunner", runner())
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,16 @@ from amorsize._model_types import Machine, Workload
 from amorsize._validate import MAX_WORKERS, check_int
 from amorsize.backends import BACKEND_NAMES, DEFAULT_BACKENDS, REGISTRY, plan_hook
 from amorsize.backends import warm_workers as backend_warm_workers
-from amorsize.sampling import ASSUMED_UNKNOWN_LENGTH, Profile, RemoteRunner, Sample, sample
+from amorsize.sampling import (
+    ASSUMED_UNKNOWN_LENGTH,
+    SPILL_MAX_ITEMS,
+    Profile,
+    RemoteRunner,
+    Sample,
+    SpillRunner,
+    sample,
+    start_watcher,
+)
 from amorsize.system import SystemInfo, get_system_info
 
 __all__ = ["MIN_SPEEDUP", "Candidate", "Estimate", "OptimizationResult", "optimize"]
@@ -367,15 +376,19 @@ def _optimize(
     remote: RemoteRunner | None = None,
     offload: bool = False,
     index_of: Callable[[int], int] | None = None,
+    spill: SpillRunner | None = None,
 ) -> OptimizationResult:
     """``optimize`` for the executor: ``warm_workers`` process workers already run.
 
     Their start-up costs nothing, which can tip small jobs towards processes (a callable is
     asked after sampling, which may have started one). ``keep_going``, ``remote`` and
     ``index_of`` go to ``sample``; with ``offload`` the sample moves to ``remote`` once its
-    items show that a process plan could pay off (``_offload_rule``).
+    items show that a process plan could pay off (``_offload_rule``). ``spill`` starts
+    waiting items on threads while the first one runs (``sample``), when threads may run.
     """
     allowed = _validate(func, data, n_jobs, sample_size, backends)
+    if spill is not None:
+        start_watcher()
     t_start = time.perf_counter()
     system = get_system_info()
     t_sample = time.perf_counter()
@@ -387,6 +400,8 @@ def _optimize(
         func, data, sample_size=sample_size, cores=system.usable_cores,
         assumed_length=ASSUMED_UNKNOWN_LENGTH, keep_going=keep_going, remote=remote,
         offload=rule, index_of=index_of, probe_threads="threads" in allowed and n_jobs != 1,
+        spill=spill if "threads" in allowed and n_jobs != 1 else None,
+        spill_items=SPILL_MAX_ITEMS if n_jobs is None else n_jobs - 1,
     )
     # Decision time excludes sampling: machine facts before it, the model after it.
     t_decide = time.perf_counter() - (t_sample - t_start)

@@ -24,12 +24,15 @@ data point kept in its slot (``SampledFailure``).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
+import functools
 import itertools
 import math
 import operator
 import os
 import pickle
+import queue
 import sys
 import threading
 import time
@@ -81,6 +84,24 @@ PROBE_SIDE_S = 2e-3
 PROBE_MIN_ITEM_S = 50e-6
 # How long the two probe threads wait for each other to start before giving up.
 _PROBE_START_TIMEOUT_S = 1.0
+# Probe rounds at most (within the probe's share of the run, see ``_probe_size``): a busy
+# machine gives two threads two cores only now and then, and the best round counts.
+PROBE_ROUNDS = 4
+_PROBE_MIN_SIDE = 4
+# A round showing this much overlap settles it: no more rounds.
+_PROBE_CLEAR = 0.5
+# Spilling (``sample(spill=...)``): once the first item has run this long in the caller
+# with its thread's CPU clock below _SPILL_MAX_CPU of that time, it waits (I/O, sleep), and
+# the next items start at once on threads instead of a whole item time later. The CPU
+# share is read again at doubling intervals: an item may compute first, then wait.
+SPILL_AFTER_S = 5e-4
+_SPILL_MAX_CPU = 0.1
+# Checks in a row that must find the item waiting: between two checks the watcher lets go
+# of the GIL, so a CPU-bound item that a busy machine had merely preempted (or that gave
+# the GIL to the watcher) runs again and shows its CPU time.
+_SPILL_CHECKS = 2
+#: Most items spilled onto threads at once (as many threads as items).
+SPILL_MAX_ITEMS = 256
 # Items after one at least this slow get their CPU time read around the call alone (two
 # clock reads, ~1 us: noise on faster items, which the loop's clocks measure well enough).
 _TIGHT_CPU_MIN_S = 20e-6
@@ -344,6 +365,11 @@ class ItemRun(NamedTuple):
     crashed: bool = False
     travelled: bool = True
 
+
+#: Starts ``call`` on every item at once, one thread each, and returns what waits for them:
+#: their results in item order (``call`` catches ``Exception`` itself). With ``cancel``
+#: it stops waiting, and items not started yet are not run.
+SpillRunner = Callable[[Callable[[Any], Any], list[Any]], Callable[[bool], list[Any]]]
 
 #: Runs a batch of sampled items in a worker: ``(position of the first item, items, time
 #: budget)`` to one ``ItemRun`` per item, or ``None`` for an item not run (the budget was
@@ -840,6 +866,8 @@ def sample(
     offload: Callable[[float, int], bool] | None = None,
     index_of: Callable[[int], int] | None = None,
     probe_threads: bool = False,
+    spill: SpillRunner | None = None,
+    spill_items: int = SPILL_MAX_ITEMS,
 ) -> Sample:
     """Run ``func`` on the first items of ``data`` and measure them.
 
@@ -862,11 +890,18 @@ def sample(
 
     ``probe_threads``: when the sample adapts and shows CPU work (not waiting) of at least
     ``PROBE_MIN_ITEM_S`` per item, with enough items left that the probe costs at most
-    ``SAMPLE_FRACTION`` of the best parallel run, the next items run in two batches of
-    about ``PROBE_SIDE_S`` on two threads at once (in the calling process): the wall time
-    of the pair against the sampled sequential time gives ``Profile.thread_overlap``. Their
+    ``SAMPLE_FRACTION`` of the best parallel run, the next items run in rounds of about
+    ``2 * PROBE_SIDE_S`` of work on two threads at once (in the calling process): their
+    CPU seconds while both ran give ``Profile.thread_overlap`` (``probe_overlap``). Their
     results are kept like any sampled item (a failure stops the probe; items the other
     thread ran past it are dropped, like a parallel run's, and stay in ``data``).
+
+    ``spill``: when the sample adapts and its first item runs in the caller, a watcher
+    thread reads the caller's CPU clock while that item runs. Once it has waited (run
+    ``SPILL_AFTER_S`` at under a tenth of a core), up to ``spill_items`` next items start
+    on threads at once through ``spill``, and the sample takes them all: waiting work
+    then loses no whole item time to a lone first item. A failure among them is handled
+    as in the probe.
 
     >>> s = sample(str, iter(range(5)), sample_size=2)
     >>> s.results, list(s.data)
@@ -882,6 +917,14 @@ def sample(
     tally = _Tally(keep_going)
     start = time.perf_counter()
     here = remote is None or offload is not None
+    if spill is not None and here and src.seq is not None and not rules.fixed and limit > 1:
+        # Sequences only: an iterator's next items would be drawn on the watcher's thread.
+        _run_first_watched(func, src, tally, spill, min(spill_items, limit - 1))
+        n = len(tally.times)
+        if n and rules.enough(tally.wall, n, tally.cpu, tally.switches):
+            limit = src.pos  # enough already (the spilled items, or one slow item)
+        elif n and remote is not None and offload is not None and tally.wall >= _MIN_SAMPLE_S:
+            here = not offload(tally.timed / n, n)  # as _run_here asks after each item
     while src.pos < limit and not tally.stopped and not src.ended:
         if here:
             if not _run_here(func, src, tally, rules, limit, offload if remote else None):
@@ -899,84 +942,113 @@ def sample(
     return _finish(func, data, src, tally, wall, index_of or (lambda k: k), overlap)
 
 
-def _probe_size(tally: _Tally, rules: _Rules) -> int:
-    """Items per thread for the overlap probe, or 0 when the work must not be probed."""
+def _probe_size(tally: _Tally, rules: _Rules) -> tuple[int, int]:
+    """Items per thread and rounds for the overlap probe; ``(0, 0)``: not probed."""
     n = len(tally.times)
     if n == 0 or tally.n_failed or rules.cores < 1.5:
-        return 0
+        return 0, 0
     mean = tally.timed / n
     if mean < PROBE_MIN_ITEM_S or _timing(tally).wait_fraction >= 0.5:
-        return 0  # too small to pay on threads, or known to wait (threads overlap it)
-    k = math.ceil(PROBE_SIDE_S / mean)
-    # Probed items are kept, so the probe loses at most one side's time against a
-    # perfect parallel run: keep that a small share of the best parallel run left.
+        return 0, 0  # too small to pay on threads, or known to wait (threads overlap it)
+    # At least _PROBE_MIN_SIDE items a thread: only CPU between readings (one after each
+    # item) while both threads ran counts (``probe_overlap``), and item times read on a
+    # busy machine can be several times the items' own.
+    k = max(_PROBE_MIN_SIDE, math.ceil(PROBE_SIDE_S / mean))
+    # Probed items are kept, so a round of 2k loses at most k items' time against a
+    # perfect parallel run: keep all rounds together a small share of the best parallel
+    # run left.
     rest = (rules.total - n) * mean / rules.cores
-    return k if k * mean <= SAMPLE_FRACTION * rest else 0
+    return k, min(PROBE_ROUNDS, int(SAMPLE_FRACTION * rest / (k * mean)))
+
+
+class ProbeRound(NamedTuple):
+    """One round of the overlap probe, as measured: each thread's ``(wall clock, its own
+    CPU clock)`` when its side began and after each item it ran."""
+
+    caller: tuple[tuple[float, float], ...]
+    helper: tuple[tuple[float, float], ...]
+
+
+def _cpu_within(points: tuple[tuple[float, float], ...], lo: float, hi: float) -> float:
+    """CPU seconds between the first and the last reading inside ``[lo, hi]``."""
+    inside = [cpu for t, cpu in points if lo <= t <= hi]
+    return inside[-1] - inside[0] if len(inside) > 1 else 0.0
+
+
+def probe_overlap(rounds: Iterable[ProbeRound]) -> float:
+    """The overlap the probe reports: the best of its rounds, in [0, 1]; NaN without any.
+
+    A round counts only the time both threads ran items (from the later start to the
+    earlier end: on a busy machine a thread wakes milliseconds late), and of each
+    thread's CPU seconds only those between its readings inside that window. Both CPU
+    sums over the window, minus one, is the round's overlap: at most 0 while the GIL lets
+    one thread run at a time, whatever the machine's load (a busy machine only lowers it:
+    a thread holding the GIL while preempted stops the other too), up to 1 when both ran
+    at once. No noise lifts GIL-bound work above 0, hence the best round counts: a busy
+    machine gives the two threads two cores only now and then.
+
+    >>> both = ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0))
+    >>> probe_overlap([ProbeRound(both, both)])
+    1.0
+    >>> gil = ((0.0, 0.0), (0.5, 0.25), (1.0, 0.5))
+    >>> probe_overlap([ProbeRound(gil, gil)])
+    0.0
+    >>> late = ((0.5, 0.0), (0.75, 0.25), (1.0, 0.5))  # started late: half a window
+    >>> probe_overlap([ProbeRound(both, late)])
+    1.0
+    """
+    best = math.nan
+    for r in rounds:
+        if not r.caller or not r.helper:
+            continue
+        lo = max(r.caller[0][0], r.helper[0][0])
+        hi = min(r.caller[-1][0], r.helper[-1][0])
+        got = 0.0
+        if hi > lo:
+            cpu = _cpu_within(r.caller, lo, hi) + _cpu_within(r.helper, lo, hi)
+            got = min(max(cpu / (hi - lo) - 1.0, 0.0), 1.0)
+        best = got if math.isnan(best) else max(best, got)
+    return best
 
 
 def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rules) -> float:
-    """Run two batches of the next items on two threads at once; their overlap in [0, 1].
+    """Run the next items on two threads at once, in up to ``PROBE_ROUNDS`` rounds; their
+    overlap in [0, 1] (``probe_overlap``). NaN: not probed.
 
-    1 - both threads ran all the time (the GIL was released), 0 - one at a time: their
-    CPU seconds over the pair's wall seconds, minus one. NaN: not probed.
+    Rounds stop once one shows ``_PROBE_CLEAR`` overlap, or at a failure that stops the
+    sample. Both threads live through all rounds, so only one thread is started.
     """
-    k = _probe_size(tally, rules)
-    if k == 0:
+    k, rounds = _probe_size(tally, rules)
+    if k == 0 or rounds == 0:
         return math.nan
-    first = src.pos
-    items = src.take(2 * k)
-    if len(items) < 2 * k:
-        src.give_back(len(items))
-        return math.nan
-    # None: not run. The first half precedes the second: a failure in it (when failures
-    # stop the sample) stops the helper's half too; a failure in the helper's half stops
-    # only the helper, so that the results stay a prefix of the data.
-    out: list[tuple[bool, Any] | None] = [None] * len(items)
-    stop = threading.Event()
-    # Both halves start together; a helper that cannot start in time breaks the barrier,
-    # and nothing is probed (every item is given back).
-    gate = threading.Barrier(2, timeout=_PROBE_START_TIMEOUT_S)
-    start = [0.0]
-    cpu = [0.0, 0.0]
-
-    def side(lo: int) -> None:
-        try:
-            gate.wait()
-        except threading.BrokenBarrierError:
-            return
-        if not lo:
-            start[0] = time.perf_counter()
-        cpu0 = time.thread_time()
-        try:
-            _run_side(lo)
-        finally:
-            cpu[lo > 0] = time.thread_time() - cpu0
-
-    def _run_side(lo: int) -> None:
-        for j in range(lo, lo + k):
-            if lo and stop.is_set():
-                return
-            try:
-                out[j] = (True, func(items[j]))
-            except Exception as exc:
-                out[j] = (False, exc)
-                if not tally.keep_going:
-                    stop.set()
-                    return
-
-    helper = threading.Thread(target=side, args=(k,), name="amorsize-probe", daemon=True)
+    pair = _ProbePair(func, tally.keep_going)
+    measured: list[ProbeRound] = []
     try:
-        helper.start()
-    except RuntimeError:  # no thread can be started here (a resource limit)
-        src.give_back(len(items))
-        return math.nan
-    side(0)
-    helper.join()
-    pair = time.perf_counter() - start[0]
-    for j, got in enumerate(out):
+        for _ in range(rounds):
+            first = src.pos
+            items = src.take(2 * k)
+            if len(items) < 2 * k or not pair.run(items):
+                src.give_back(len(items))
+                break
+            if not _keep_round(pair, items, first, src, tally):
+                return math.nan
+            measured.append(pair.measured)
+            if probe_overlap(measured[-1:]) >= _PROBE_CLEAR:
+                break
+    finally:
+        pair.close()
+    return probe_overlap(measured)
+
+
+def _keep_round(
+    pair: _ProbePair, items: list[Any], first: int, src: _Source, tally: _Tally
+) -> bool:
+    """Add a round's results to ``tally`` in data order; False: a failure stopped the
+    sample (the items after it are given back, as after a failure in a run)."""
+    for j, got in enumerate(pair.out):
         if got is None:  # after a failure that stopped the sample: never reached
             src.give_back(len(items) - j)
-            return math.nan
+            return False
         tally.in_caller += 1
         ok, value = got
         if ok:
@@ -985,13 +1057,309 @@ def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rule
         tally.fail(first + j, value, math.nan, getattr(value, "attempts", 1))
         if tally.stopped:
             src.give_back(len(items) - j - 1)
-            return math.nan
-    # Both threads' CPU seconds over the pair's wall time: at most 1 while the GIL lets
-    # one run at a time, up to 2 when both ran at once. (Comparing wall times with the
-    # sequential items instead is at the mercy of a busy machine's load changing between
-    # the two: a pure-Python loop then seemed to overlap fully.) On a machine too busy
-    # to give the pair two cores this reads low: threads are then no faster anyway.
-    return min(max((cpu[0] + cpu[1]) / pair - 1.0, 0.0), 1.0) if pair > 0 else math.nan
+            return False
+    return True
+
+
+class _ProbePair:
+    """The caller and one helper thread running rounds of the probe. In a round the
+    caller takes items from the front and the helper from the back until they meet, so
+    both work for as long as items are left, however late either started.
+
+    ``out`` holds a round's ``(ok, value)`` per item (None: not run), ``measured`` its
+    clocks. A failure (when failures stop the sample) stops the helper; the caller still
+    runs every item before the helper's failure, so that the results stay a prefix, and
+    stops at a failure of its own.
+    """
+
+    def __init__(self, func: Callable[[Any], Any], keep_going: bool) -> None:
+        self.func, self.keep_going = func, keep_going
+        self.items: list[Any] = []
+        self.out: list[tuple[bool, Any] | None] = []
+        self.next = [0, 0]  # the caller's next item, the helper's next item
+        self.lock = threading.Lock()
+        self.points: list[list[tuple[float, float]]] = [[], []]
+        self.measured = ProbeRound((), ())
+        self.stop = threading.Event()
+        # A helper that cannot start (or reach a round) in time breaks the barrier, and
+        # that round is not probed.
+        self.gate = threading.Barrier(2, timeout=_PROBE_START_TIMEOUT_S)
+        self.done = threading.Barrier(2, timeout=None)
+        self.helper: threading.Thread | None = None
+
+    def run(self, items: list[Any]) -> bool:
+        """One round on ``items``; False: not run (no helper thread)."""
+        self.items, self.out = items, [None] * len(items)
+        self.next = [0, len(items) - 1]
+        self.points = [[], []]
+        self.stop.clear()
+        if self.helper is None:
+            self.helper = threading.Thread(target=self._helper, name="amorsize-probe", daemon=True)
+            try:
+                self.helper.start()
+            except RuntimeError:  # no thread can be started here (a resource limit)
+                self.helper = None
+                return False
+        try:
+            self.gate.wait()
+        except threading.BrokenBarrierError:
+            return False
+        try:
+            self._side(0)
+        finally:
+            self.done.wait()
+        self.measured = ProbeRound(tuple(self.points[0]), tuple(self.points[1]))
+        return True
+
+    def close(self) -> None:
+        """End the helper thread (it waits at the next round's start)."""
+        self.gate.abort()
+        self.done.abort()
+        if self.helper is not None:
+            self.helper.join()
+
+    def _helper(self) -> None:
+        while True:
+            try:
+                self.gate.wait()
+            except threading.BrokenBarrierError:
+                return
+            try:
+                self._side(1)
+            finally:  # the caller waits for this side's end, whatever happened in it
+                ended = self._wait_done()
+            if not ended:
+                return
+
+    def _wait_done(self) -> bool:
+        try:
+            self.done.wait()
+        except threading.BrokenBarrierError:
+            return False
+        return True
+
+    def _take(self, side: int) -> int:
+        """The next item index for ``side`` (-1: none left for it)."""
+        with self.lock:
+            lo, hi = self.next
+            if lo > hi or (side and self.stop.is_set()):
+                return -1
+            if side:
+                self.next[1] = hi - 1
+                return hi
+            self.next[0] = lo + 1
+            return lo
+
+    def _side(self, side: int) -> None:
+        func, items, out = self.func, self.items, self.out
+        points = self.points[side]
+        points.append((time.perf_counter(), time.thread_time()))
+        while (j := self._take(side)) >= 0:
+            try:
+                out[j] = (True, func(items[j]))
+            except Exception as exc:
+                out[j] = (False, exc)
+                if not self.keep_going:
+                    self.stop.set()
+                    if side == 0:
+                        return
+            finally:
+                points.append((time.perf_counter(), time.thread_time()))
+            if side and self.stop.is_set():
+                return
+
+
+class _Watch:
+    """The caller's first item, watched from another thread (see ``sample``'s ``spill``)."""
+
+    def __init__(self, start: Callable[[], _Spilled | None]) -> None:
+        self.start = start  # takes the next items and starts them on threads
+        # Held until the caller's item returns (a lock: cheaper to make than an Event).
+        self.running = threading.Lock()
+        self.running.acquire()
+        self.ended = False
+        self.lock = threading.Lock()  # held while items are taken and started
+        self.clock = time.pthread_getcpuclockid(threading.get_ident())
+        self.stat = f"/proc/self/task/{threading.get_native_id()}/stat"
+        self.spilled: _Spilled | None = None
+        self.cpu0 = time.clock_gettime(self.clock)
+        self.t0 = time.perf_counter()
+
+    def run(self) -> None:
+        """Wait for the item; spill once it shows that it waits, ``_SPILL_CHECKS`` times in
+        a row (checks ``SPILL_AFTER_S`` apart, then at doubling intervals)."""
+        pause, streak = SPILL_AFTER_S, 0
+        while not self.running.acquire(timeout=pause):
+            with self.lock:
+                if self.ended:
+                    return
+                streak = streak + 1 if self._waited() else 0
+                if streak >= _SPILL_CHECKS:
+                    self.spilled = self.start()
+                    return
+            if streak == 0:
+                pause *= 2.0
+
+    def _waited(self) -> bool:
+        """Since the last check the caller's thread used under ``_SPILL_MAX_CPU`` of a core,
+        and it is blocked now (not running, nor runnable and preempted)."""
+        cpu, now = time.clock_gettime(self.clock), time.perf_counter()
+        idle = cpu - self.cpu0 < _SPILL_MAX_CPU * (now - self.t0)
+        self.cpu0, self.t0 = cpu, now
+        return idle and _thread_state(self.stat) in ("S", "D", "")
+
+    def stop(self) -> _Spilled | None:
+        """The item returned: no spill from now on; the spilled items, if any."""
+        with self.lock:
+            self.ended = True
+            self.running.release()
+            return self.spilled
+
+
+class _Watcher:
+    """The process's one watcher thread, started on first use (again in a forked child,
+    which has none): starting a thread per sample cost ~80 us, a tiny run's budget."""
+
+    def __init__(self) -> None:
+        self.requests: queue.SimpleQueue[_Watch] = queue.SimpleQueue()
+        self.reset()
+
+    def reset(self) -> None:
+        """As new: in a forked child (no watcher thread there, maybe a lock held)."""
+        self.lock = threading.Lock()
+        self.pid = -1
+
+    def watch(self, watch: _Watch | None) -> None:
+        """Watch ``watch`` as soon as the thread is free (one sample at a time); None:
+        only start the thread (a first call starts it early, so that it runs in time)."""
+        with self.lock:
+            if self.pid != os.getpid():
+                self.requests = queue.SimpleQueue()
+                _thread.start_new_thread(self._loop, (self.requests,))
+                self.pid = os.getpid()
+            if watch is not None:
+                self.requests.put(watch)
+
+    @staticmethod
+    def _loop(requests: queue.SimpleQueue[_Watch]) -> None:
+        while True:
+            requests.get().run()
+
+
+_WATCHER = _Watcher()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WATCHER.reset)
+
+
+def start_watcher() -> None:
+    """Start the thread that watches first items for ``sample(spill=...)``, if not yet
+    running in this process: on a busy machine a thread started just before the first
+    item may run only after it."""
+    with contextlib.suppress(RuntimeError):
+        _WATCHER.watch(None)
+
+
+def _thread_state(stat: str) -> str:
+    """A thread's scheduler state from its ``/proc`` stat file ("R" running or runnable,
+    "S"/"D" blocked), or "" where there is none to read (then the CPU share decides)."""
+    try:
+        with open(stat, "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return ""
+
+
+class _Spilled(NamedTuple):
+    """Items started on threads: how many, and what waits for their results."""
+
+    n: int
+    collect: Callable[[bool], list[Any]]
+
+
+def _watch(func: Callable[[Any], Any], src: _Source, spill: SpillRunner, room: int) -> _Watch | None:
+    """A started watcher that may spill up to ``room`` next items of ``src`` (the caller
+    runs the item before them meanwhile), or None (no thread CPU clock here, no thread)."""
+
+    def start() -> _Spilled | None:
+        items = src.take(room)
+        if not items:
+            return None
+        try:
+            return _Spilled(len(items), spill(functools.partial(_timed_on_thread, func), items))
+        except Exception:  # e.g. no thread can start (a resource limit): run them later
+            src.give_back(len(items))
+            return None
+
+    try:
+        watch = _Watch(start)
+        _WATCHER.watch(watch)
+    except (AttributeError, OSError, RuntimeError):
+        return None
+    return watch
+
+
+def _timed_on_thread(func: Callable[[Any], Any], item: Any) -> tuple[bool, Any, float, float, int]:
+    """``func(item)`` on a spill thread: ``(ok, result or exception, seconds, this thread's
+    CPU seconds, voluntary switches)``."""
+    vol0 = _voluntary_switches()
+    cpu0 = time.thread_time()
+    t0 = time.perf_counter()
+    try:
+        value, ok = func(item), True
+    except Exception as exc:
+        value, ok = exc, False
+    seconds = time.perf_counter() - t0
+    cpu = time.thread_time() - cpu0
+    return ok, value, seconds, cpu, _voluntary_switches() - vol0 if vol0 >= 0 else -1
+
+
+def _run_first_watched(
+    func: Callable[[Any], Any], src: _Source, tally: _Tally, spill: SpillRunner, room: int
+) -> None:
+    """The first item in the caller, watched: if it waits, the next items join it on
+    threads (``sample``'s ``spill``), and all are added to ``tally`` in data order."""
+    item = src.next()
+    if item is _END:
+        return
+    pos = src.pos - 1
+    watch = _watch(func, src, spill, room)
+    rss0 = _rss() if _HAS_STATM else 0
+    vol0 = _voluntary_switches()
+    c0 = time.thread_time()
+    t0 = time.perf_counter()
+    try:
+        out, ok = func(item), True
+    except Exception as exc:
+        out, ok = exc, False
+    except BaseException:
+        spilled = watch.stop() if watch is not None else None
+        if spilled is not None:
+            spilled.collect(True)
+        raise
+    t1 = time.perf_counter()
+    cpu = time.thread_time() - c0
+    spilled = watch.stop() if watch is not None else None
+    vol = _voluntary_switches() - vol0 if vol0 >= 0 else -1
+    mem = max(_rss() - rss0, 0) if _HAS_STATM else 0
+    attempts = 1 if ok else getattr(out, "attempts", 1)
+    tally.in_caller += 1
+    tally.add_remote(pos, ItemRun(ok, out, t1 - t0, cpu, vol, mem, attempts))
+    if spilled is None:
+        return
+    first = src.pos - spilled.n
+    if tally.stopped:  # the first item failed: the run raises it, the rest never counts
+        spilled.collect(True)
+        src.give_back(spilled.n)
+        return
+    runs = spilled.collect(False)
+    for k, (ok, value, seconds, cpu, waits) in enumerate(runs):
+        tally.in_caller += 1
+        tally.add_remote(first + k, ItemRun(
+            ok, value, seconds, cpu, waits, 0, 1 if ok else getattr(value, "attempts", 1)
+        ))
+        if not ok and not tally.keep_going:  # it ends the sample: the rest stays in the data
+            src.give_back(len(runs) - k - 1)
+            return
 
 
 def _finish(

@@ -34,17 +34,20 @@ import json
 import multiprocessing
 import os
 import platform
+import queue
 import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from amorsize._threadpool import Pool
 
 __all__ = [
     "SystemInfo",
@@ -55,7 +58,7 @@ __all__ = [
 ]
 
 # Bump when the measured fields or their meaning change: older files are then re-measured.
-_SCHEMA = 5
+_SCHEMA = 6
 # Re-measure after this long even if nothing else changed (kernels and load change).
 _MAX_AGE_S = 30 * 24 * 3600.0
 # Transfer sizes for the per-byte cost: large enough that the fixed round trip is small
@@ -577,37 +580,47 @@ def _measure_processes() -> dict[str, float]:
 
 
 def _pool_start_s(n: int) -> float:
-    """Seconds per thread to start a fresh pool of ``n``, as the threads backend does:
-    each task submitted while no thread is idle starts one (``Thread.start()`` returns
-    once the new thread runs), and the new thread then takes the GIL to reach its task."""
-    gate = threading.Event()
-    pool = ThreadPoolExecutor(n)
+    """Seconds per thread to start a fresh pool of ``n`` and have every thread run its
+    first task, as the threads backend does: each task submitted while no thread is idle
+    starts one, and the new thread then takes the GIL to reach its task."""
+    gate, running = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    started = [0]
+
+    def first_task() -> None:
+        with lock:
+            started[0] += 1
+            if started[0] == n:
+                running.set()
+        gate.wait()
+
+    pool = Pool(n)
     try:
         t = time.perf_counter()
-        futures = [pool.submit(gate.wait) for _ in range(n)]
+        for _ in range(n):
+            pool.submit(first_task)
+        running.wait()
         spent = time.perf_counter() - t
-        gate.set()
-        wait(futures)
     finally:
         gate.set()
-        pool.shutdown(wait=True)
+        pool.shutdown()
     return spent / n
 
 
-def _pool_task_s(pool: ThreadPoolExecutor, n_tasks: int, in_flight: int) -> float:
+def _pool_task_s(pool: Pool, n_tasks: int, in_flight: int) -> float:
     """Parent seconds per task handed to ``pool`` and collected, several in flight, in
-    the threads backend's loop (``submit``, ``wait(FIRST_COMPLETED)``, ``result``)."""
-    pending: set[Future[Any]] = set()
-    sent = done = 0
+    the threads backend's loop (``submit``, completions through one queue, ``result``)."""
+    finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+    pending = sent = done = 0
     t = time.perf_counter()
     while done < n_tasks:
-        while len(pending) < in_flight and sent < n_tasks:
-            pending.add(pool.submit(int, sent))
+        while pending < in_flight and sent < n_tasks:
+            pool.submit(int, sent).add_done_callback(finished.put)
+            pending += 1
             sent += 1
-        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-        for fut in finished:
-            fut.result()
-        done += len(finished)
+        finished.get().result()
+        pending -= 1
+        done += 1
     return (time.perf_counter() - t) / n_tasks
 
 
@@ -619,9 +632,12 @@ def _measure_threads() -> dict[str, float]:
     of two runs.
     """
     startup = statistics.median(_pool_start_s(_THREADS_STARTED) for _ in range(5))
-    with ThreadPoolExecutor(4) as pool:
+    pool = Pool(4)
+    try:
         _pool_task_s(pool, 8, 8)  # start its threads
         task = min(_pool_task_s(pool, _THREAD_TASKS, 8) for _ in range(2))
+    finally:
+        pool.shutdown()
     return {"thread_startup_s": startup, "thread_roundtrip_s": task}
 
 

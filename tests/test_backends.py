@@ -7,12 +7,14 @@ import os
 import pickle
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import cloudpickle
 import pytest
 
+from amorsize._threadpool import Pool
 from amorsize.backends import BACKEND_NAMES, get_backend, warm_workers
 from amorsize.backends._wire import TaskFeed
 from amorsize.backends.base import (
@@ -517,3 +519,85 @@ def test_nested_threads_run_of_the_same_size_does_not_deadlock() -> None:
 
     got = execute(nested_threads, range(4), backend="threads", n_jobs=2, chunksize=1)
     assert got == [10 + x for x in range(4)]
+
+
+def test_threads_start_map_keeps_item_order_and_cancels() -> None:
+    """Spilled items come back in item order; cancelled ones never run."""
+    b = ThreadsBackend()
+    try:
+        assert b.start_map(square, list(range(20)))(False) == [x * x for x in range(20)]
+        gate, ran = threading.Event(), []
+
+        def held(x: int) -> int:
+            ran.append(x)
+            gate.wait(10.0)
+            return x
+
+        collect = b.start_map(held, [1, 2, 3])
+        b.start_map(held, [4, 5, 6])(True)  # same pool, queued behind the held items
+        gate.set()
+        assert collect(False) == [1, 2, 3] and not {4, 5, 6} & set(ran)
+    finally:
+        b.close()
+
+
+def test_threads_pool_runs_every_job_and_shuts_down() -> None:
+    """The pool behind the backend: jobs beyond its size queue; shutdown ends threads."""
+    pool = Pool(3)
+    futures = [pool.submit(square, x) for x in range(50)]
+    assert [f.result(10.0) for f in futures] == [x * x for x in range(50)]
+    assert pool.threads <= 3
+    pool.shutdown(cancel_futures=True)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(square, 1)
+
+
+def gated_barrier(barrier: threading.Barrier) -> Any:
+    def wait(x: int) -> int:
+        barrier.wait()  # all items at once, or BrokenBarrierError after its timeout
+        return x + 1
+
+    return wait
+
+
+def test_waiting_work_runs_all_at_once_from_the_first_call() -> None:
+    """execute: items that wait together (a barrier of all of them) finish while sampling."""
+    from amorsize import execute
+
+    n = 40
+    got, plan = execute(gated_barrier(threading.Barrier(n, timeout=30.0)), list(range(n)),
+                        return_plan=True)
+    assert got == [x + 1 for x in range(n)]
+    assert "already ran while sampling" in plan.reason
+
+
+def test_pool_batch_slots_cancel_and_base_exceptions() -> None:
+    """A batch fills its slots in item order; cancelled items never run; a BaseException
+    raised in a pool thread reaches the waiter."""
+    pool = Pool(4)
+    try:
+        assert pool.map_batch(square, list(range(30))).results() == [x * x for x in range(30)]
+        assert pool.map_batch(square, []).results() == []
+
+        def stop(x: int) -> int:
+            if x == 2:
+                raise SystemExit(3)
+            return x
+
+        with pytest.raises(SystemExit):
+            pool.map_batch(stop, [1, 2, 3]).results()
+        gate, ran = threading.Event(), []
+
+        def held(x: int) -> int:
+            ran.append(x)
+            gate.wait(10.0)
+            return x
+
+        first = pool.map_batch(held, [1, 2, 3, 4])  # every thread busy
+        later = pool.map_batch(held, [5, 6])
+        later.cancel()
+        gate.set()
+        assert first.results() == [1, 2, 3, 4] and later.results() == [None, None]
+        assert not {5, 6} & set(ran)
+    finally:
+        pool.shutdown(cancel_futures=True)

@@ -20,9 +20,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from amorsize import sampling
 from amorsize.backends import get_backend
 from amorsize.executor import _remote_sampler
-from amorsize.sampling import MAX_SAMPLE_ITEMS, Profile, SampledFailure, TimedCall, sample
+from amorsize.sampling import (
+    MAX_SAMPLE_ITEMS,
+    ProbeRound,
+    Profile,
+    SampledFailure,
+    TimedCall,
+    probe_overlap,
+    sample,
+)
 
 
 def double(x: int) -> int:
@@ -420,17 +429,26 @@ def python_loop(x: int) -> int:
 
 
 class Recorder:
-    """``python_loop`` that records which thread ran which item."""
+    """``python_loop`` that records which thread ran which item. Once the probe's helper
+    thread exists, the main thread's items wait until it has run one: else the caller
+    (holding the GIL) may run a whole round before the helper wakes."""
 
     def __init__(self, fail_off_main: bool = False) -> None:
         self.calls: list[tuple[int, int]] = []
         self.fail_off_main = fail_off_main
+        self.helper_ran = threading.Event()
 
     def __call__(self, x: int) -> int:
         self.calls.append((x, threading.get_ident()))
-        if self.fail_off_main and threading.current_thread() is not threading.main_thread():
-            msg = f"item {x} off the main thread"
-            raise RuntimeError(msg)
+        if threading.current_thread() is not threading.main_thread():
+            self.helper_ran.set()
+            if self.fail_off_main:
+                msg = f"item {x} off the main thread"
+                raise RuntimeError(msg)
+        elif not self.helper_ran.is_set() and any(
+            t.name == "amorsize-probe" for t in threading.enumerate()
+        ):
+            assert self.helper_ran.wait(30.0), "the probe's helper never ran an item"
         return python_loop(x)
 
 
@@ -492,3 +510,160 @@ def test_probe_failures_are_data_points_when_keeping_going() -> None:
     failed = [k for k, r in enumerate(s.results) if type(r) is SampledFailure]
     assert failed and s.profile.n_failed == len(failed)
     assert sorted(x for x, _ in rec.calls) == list(range(s.profile.n_sampled))
+
+
+BOTH = ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0))  # busy all along
+GIL = ((0.0, 0.0), (0.5, 0.25), (1.0, 0.5))  # busy half the time
+
+
+@pytest.mark.parametrize(
+    ("rounds", "expected"),
+    [
+        ([ProbeRound(BOTH, BOTH)], 1.0),  # both busy at once: they overlapped fully
+        ([ProbeRound(GIL, GIL)], 0.0),  # the GIL: no more CPU than wall time together
+        # The helper started late: only the time both ran counts, and in it they overlapped.
+        ([ProbeRound(BOTH, ((0.5, 0.0), (0.75, 0.25), (1.0, 0.5)))], 1.0),
+        # CPU outside the shared window never counts: here the helper ran before it.
+        ([ProbeRound(((1.0, 0.0), (2.0, 1.0)), ((0.0, 0.0), (1.0, 1.0)))], 0.0),
+        # A busy machine gave two cores in one round only: the best round counts.
+        ([ProbeRound(GIL, GIL), ProbeRound(BOTH, ((0.0, 0.0), (0.5, 0.25), (1.0, 0.75)))], 0.75),
+        ([], math.nan),
+    ],
+)
+def test_probe_overlap_rule(rounds: list[ProbeRound], expected: float) -> None:
+    """The probe's reading from injected clocks: CPU beyond wall time, best round."""
+    got = probe_overlap(rounds)
+    assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected)
+
+
+def test_probe_takes_rounds_within_its_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to PROBE_ROUNDS rounds of at least four items a side, every result kept."""
+    seen: list[list[ProbeRound]] = []
+    real = sampling.probe_overlap
+
+    def spy(rounds: Any) -> float:
+        seen.append(list(rounds))
+        return real(seen[-1])
+
+    monkeypatch.setattr(sampling, "probe_overlap", spy)
+    s = sample(python_loop, range(20_000), cores=2, probe_threads=True)
+    assert seen and 1 <= len(seen[-1]) <= sampling.PROBE_ROUNDS
+    # Each thread's start, then one reading per item: 8+ items a round.
+    assert all(len(r.caller) + len(r.helper) >= 10 for r in seen[-1])
+    assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
+
+
+# --------------------------------------------------------------------------- spilling waits
+class GatedWait:
+    """Item 0 waits (blocked, no CPU) until ``need`` other items have started: possible
+    only if they start while it waits. ``fail`` items raise."""
+
+    def __init__(self, need: int, fail: frozenset[int] = frozenset()) -> None:
+        self.need, self.fail = need, fail
+        self.started: list[int] = []
+        self.threads: set[int] = set()
+        self.lock = threading.Lock()
+        self.all_in = threading.Event()
+
+    def __call__(self, x: int) -> int:
+        with self.lock:
+            self.threads.add(threading.get_ident())
+            if x:
+                self.started.append(x)
+                if len(self.started) >= self.need:
+                    self.all_in.set()
+        if x == 0:
+            assert self.all_in.wait(30.0), "the next items never started beside item 0"
+        if x in self.fail:
+            msg = f"item {x} fails"
+            raise ValueError(msg)
+        return x * 10
+
+
+@pytest.fixture
+def spill() -> Any:
+    return get_backend("threads").spill_runner()
+
+
+def test_waiting_first_item_spills_the_next_items_onto_threads(spill: Any) -> None:
+    """While item 0 waits, the next ones run beside it on threads; all are kept in order."""
+    func = GatedWait(need=29)
+    s = sample(func, list(range(30)), spill=spill)
+    assert s.results == tuple(x * 10 for x in range(30))
+    assert sorted(func.started) == list(range(1, 30)) and len(func.threads) >= 2
+    p = s.profile
+    assert p.n_sampled == 30 and p.exhausted and p.in_caller == 30
+    assert len(p.item_seconds) == 30  # each spilled item was timed on its thread
+
+
+def test_spill_is_capped(spill: Any) -> None:
+    """At most ``spill_items`` items join the first one."""
+    func = GatedWait(need=5)
+    s = sample(func, list(range(40)), spill=spill, spill_items=5)
+    assert s.results[:6] == tuple(x * 10 for x in range(6))
+    assert list(s.data) == list(range(40))
+
+
+def test_failure_among_spilled_items_stops_the_sample_there(spill: Any) -> None:
+    """Raise mode: results stay the prefix before the failed item; the data is intact."""
+    s = sample(GatedWait(need=9, fail=frozenset({5})), list(range(10)), spill=spill)
+    p = s.profile
+    assert s.results == (0, 10, 20, 30, 40)
+    assert p.stopped_on_error and p.error_index == 5 and isinstance(p.error, ValueError)
+    assert list(s.data) == list(range(10))
+
+
+def test_failed_first_item_drops_the_spilled_results(spill: Any) -> None:
+    """The first item failed after the next ones started: the sample stops at it."""
+    s = sample(GatedWait(need=9, fail=frozenset({0})), list(range(10)), spill=spill)
+    assert s.results == () and s.profile.error_index == 0
+    assert list(s.data) == list(range(10))
+
+
+def test_spilled_failures_are_data_points_when_keeping_going(spill: Any) -> None:
+    """keep_going: each spilled failure keeps its slot as a SampledFailure."""
+    s = sample(GatedWait(need=9, fail=frozenset({3, 7})), list(range(10)), spill=spill,
+               keep_going=True)
+    failed = [k for k, r in enumerate(s.results) if type(r) is SampledFailure]
+    assert failed == [3, 7] and s.profile.n_failed == 2 and s.profile.n_sampled == 10
+
+
+def first_waits(x: int) -> int:
+    """Item 0 blocks for 20 ms (long enough to be seen waiting), the others not at all."""
+    if x == 0:
+        threading.Event().wait(0.02)
+    return x
+
+
+class SpillSpy:
+    """A spill runner that records whether it was asked."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, call: Any, items: list[Any]) -> Any:
+        self.calls += 1
+        return get_backend("threads").spill_runner()(call, items)
+
+
+@pytest.mark.parametrize(
+    ("func", "data", "kw"),
+    [
+        (double, list(range(500)), {}),  # quick: over before the first check
+        (python_loop, list(range(50)), {}),  # busy on the CPU, never blocked
+        (first_waits, list(range(50)), {"sample_size": 3}),  # a fixed sample
+        (first_waits, iter(range(50)), {}),  # an iterator: drawn only by the caller
+    ],
+)
+def test_no_spill_unless_the_first_item_waits(func: Any, data: Any, kw: dict[str, Any]) -> None:
+    """Only a waiting first item of an adaptive sample of a sequence spills."""
+    spy = SpillSpy()
+    sample(func, data, spill=spy, **kw)
+    assert spy.calls == 0
+
+
+def test_the_same_waiting_first_item_spills_from_a_list() -> None:
+    """The control for the cases above: adaptive, a sequence, a waiting first item."""
+    spy = SpillSpy()
+    s = sample(first_waits, list(range(50)), spill=spy)
+    assert spy.calls == 1 and s.results == tuple(range(50))

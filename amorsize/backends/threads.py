@@ -6,15 +6,17 @@ the GIL means this helps only when ``func`` waits (I/O, sleeps) or releases the 
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from threading import get_native_id
 from time import monotonic
 from typing import Any, ClassVar
 
+from amorsize._threadpool import Pool
 from amorsize._timeline import stamp
 from amorsize.backends._wire import TaskFeed
 from amorsize.backends.base import Backend, OkValues, Outcome, Pause, Task, run_chunk_fast
@@ -51,20 +53,23 @@ class ThreadsBackend(Backend):
         # Warm pools by size, least recently used first; ``_users`` counts the runs using
         # each pool (warm or retired). A pool is shut down only once nobody uses it: an
         # evicted or closed pool still in use is shut by its last user (``_release``).
-        self._pools: OrderedDict[int, ThreadPoolExecutor] = OrderedDict()
-        self._users: dict[ThreadPoolExecutor, int] = {}
+        self._pools: OrderedDict[int, Pool] = OrderedDict()
+        self._users: dict[Pool, int] = {}
         self._lock = threading.Lock()
 
-    def _acquire(self, n_jobs: int) -> ThreadPoolExecutor:
-        """The warm pool of ``n_jobs`` threads, counted as used until ``_release``."""
-        if getattr(_IN_POOL, "inside", False):
+    def _acquire(self, n_jobs: int, nested: bool | None = None) -> Pool:
+        """The warm pool of ``n_jobs`` threads, counted as used until ``_release``;
+        ``nested``: for a run started from one of our threads (None: this thread's)."""
+        if nested is None:
+            nested = getattr(_IN_POOL, "inside", False)
+        if nested:
             # Nested run from one of our own threads: waiting on a shared pool whose
             # threads all wait on us would deadlock, so it gets a private pool.
             pool = _new_pool(n_jobs)
             with self._lock:
                 self._users[pool] = 1
             return pool
-        idle: list[ThreadPoolExecutor] = []
+        idle: list[Pool] = []
         with self._lock:
             warm = self._pools.pop(n_jobs, None)
             pool = _new_pool(n_jobs) if warm is None else warm
@@ -78,7 +83,7 @@ class ThreadsBackend(Backend):
             old.shutdown(wait=False)
         return pool
 
-    def _release(self, pool: ThreadPoolExecutor) -> None:
+    def _release(self, pool: Pool) -> None:
         """One run is done with ``pool``; shut it if it is no longer warm and now unused."""
         with self._lock:
             left = self._users[pool] - 1
@@ -128,6 +133,42 @@ class ThreadsBackend(Backend):
                 fut.cancel()
             self._release(pool)
 
+    def spill_runner(self) -> Callable[[Callable[[Any], Any], list[Any]], Callable[[bool], list[Any]]]:
+        """``start_map`` for a sample taken in this thread (``sampling.SpillRunner``): it is
+        called from another thread, which must not decide whether the run is nested."""
+        return functools.partial(self.start_map, nested=getattr(_IN_POOL, "inside", False))
+
+    def start_map(
+        self, call: Callable[[Any], Any], items: list[Any], *, nested: bool | None = None
+    ) -> Callable[[bool], list[Any]]:
+        """Start ``call`` on every item now, one thread each (the warm pool of that size),
+        and return what waits for the results, in item order; ``call`` must not raise.
+        Called with ``True`` it cancels the items not started and returns ``[]`` at once.
+        ``nested`` as in ``_acquire``.
+
+        >>> b = ThreadsBackend()
+        >>> b.start_map(abs, [-1, -2])(False)
+        [1, 2]
+        >>> b.close()
+        """
+        pool = self._acquire(len(items), nested)
+        try:
+            batch = pool.map_batch(call, items)
+        except BaseException:
+            self._release(pool)
+            raise
+
+        def collect(cancel: bool) -> list[Any]:
+            try:
+                if cancel:
+                    batch.cancel()
+                    return []
+                return batch.results()
+            finally:
+                self._release(pool)
+
+        return collect
+
     def close(self) -> None:
         """Forget every warm pool: idle ones shut now, those in use when their run ends.
 
@@ -150,8 +191,6 @@ def _mark_pool_thread() -> None:
     _IN_POOL.inside = True
 
 
-def _new_pool(n_jobs: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(
-        n_jobs, thread_name_prefix=f"amorsize-{n_jobs}", initializer=_mark_pool_thread
-    )
+def _new_pool(n_jobs: int) -> Pool:
+    return Pool(n_jobs, initializer=_mark_pool_thread)
 
