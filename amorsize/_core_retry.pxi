@@ -126,7 +126,8 @@ cdef inline str _retry_stop_reason(double code):
 _retry_logger = _logging.getLogger("amorsize.retry")
 # Set by amorsize.retry when opentelemetry is installed (amorsize._telemetry.retry_event):
 # called after a failed attempt with (func, exc, attempt, delay), delay < 0 when the call
-# gave up: then it is the stop code (_RETRY_EXHAUSTED, _RETRY_ELAPSED, _RETRY_NO_BUDGET). Never on the success path: only _retry_after_failure reads it.
+# gave up: then it is the stop code (_RETRY_EXHAUSTED, _RETRY_ELAPSED, _RETRY_NO_BUDGET).
+# Never on the success path: only _retry_after_failure reads it.
 cdef object _retry_event_hook = None
 # Argument checks of the diagnostic methods (calculate_delay, should_retry), never per call.
 from amorsize._validate import MAX_SECONDS as _MAX_SECONDS
