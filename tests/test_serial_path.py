@@ -392,3 +392,38 @@ def test_machine_facts_stand_for_a_while(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(system, "_LIVE_FACTS_S", 0.0)
     again = system.get_system_info()
     assert again is not first and again.usable_cores == first.usable_cores
+
+
+@pytest.mark.parametrize(("horizon", "enough"), [(1_000, True), (-1, False)])
+def test_a_stream_of_unknown_length_is_sampled_for_a_shorter_horizon(
+    horizon: int, enough: bool
+) -> None:
+    """16 items of 1 ms are 3 % of 1,000 such items on 2 cores, not of 10,000."""
+    from amorsize.sampling import _Rules
+
+    rules = _Rules(fixed=False, budget_s=0.05, total=10_000, cores=2.0, horizon=horizon)
+    assert rules.enough(0.016, 16, 0.016, 0) is enough
+
+
+@pytest.mark.parametrize(
+    ("data", "horizon"),
+    [(lambda: (x for x in range(50)), 1_000), (lambda: list(range(50)), -1)],
+    ids=["generator", "list"],
+)
+def test_sample_uses_the_horizon_only_for_unknown_lengths(
+    monkeypatch: pytest.MonkeyPatch, data: Callable[[], Iterable[int]], horizon: int
+) -> None:
+    """A generator is sampled for UNKNOWN_SAMPLE_HORIZON items; a list for its length."""
+    from amorsize import sampling
+
+    made: list[Any] = []
+    real = sampling._Rules
+
+    def spy(*args: Any) -> Any:
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(sampling, "_Rules", spy)
+    sampling.sample(abs, data())
+    assert made[0].horizon == horizon
+    assert made[0].total == (10_000 if horizon > 0 else 50)
