@@ -210,11 +210,51 @@ def _timer_overhead() -> float:
 
 
 def _rss() -> int:
+    """This process's resident memory in bytes (0: unknown).
+
+    Read from a descriptor kept open per process: opening /proc/self/statm costs ~35 us,
+    a read at offset 0 ~1 us (the file is regenerated on each read), and the first
+    sampled item of every run is read twice (on 0.1 us items, 0.7 % of a 200k-item run).
+    """
+    global _statm
+    pid = os.getpid()
+    statm = _statm
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
+        if statm is None or statm[0] != pid:
+            statm = _open_statm(pid)
+        return int(os.pread(statm[1], 128, 0).split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
+        _statm = None  # closed behind our back, say: open it again next time
         return 0
+
+
+def _open_statm(pid: int) -> tuple[int, int]:
+    """``_statm`` for this process (an inherited one, the parent's file, is closed)."""
+    global _statm
+    with _statm_lock:
+        statm = _statm
+        if statm is None or statm[0] != pid:
+            if statm is not None:
+                with contextlib.suppress(OSError):
+                    os.close(statm[1])
+            _statm = None
+            statm = _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+        return statm
+
+
+# (pid, descriptor) of /proc/self/statm, opened by ``_rss`` in this process.
+_statm: tuple[int, int] | None = None
+_statm_lock = threading.Lock()
+
+
+def _new_statm_lock() -> None:
+    # A forked child gets a fresh lock: another thread may have held the parent's.
+    global _statm_lock
+    _statm_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_statm_lock)
 
 
 def _voluntary_switches() -> int:

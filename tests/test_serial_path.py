@@ -427,3 +427,29 @@ def test_sample_uses_the_horizon_only_for_unknown_lengths(
     sampling.sample(abs, data())
     assert made[0].horizon == horizon
     assert made[0].total == (10_000 if horizon > 0 else 50)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_memory_reads_keep_one_descriptor_per_process() -> None:
+    """_rss opens /proc/self/statm once; a forked child and a closed descriptor reopen."""
+    import os
+
+    from amorsize import sampling
+
+    assert sampling._rss() > 0
+    statm = sampling._statm
+    assert statm is not None and statm[0] == os.getpid()
+    assert sampling._rss() > 0 and sampling._statm is statm
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own file, not the parent's
+        ok = sampling._rss() > 0 and sampling._statm is not None
+        os.write(write, b"1" if ok and sampling._statm[0] == os.getpid() else b"0")
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+    os.waitpid(pid, 0)
+    os.close(statm[1])  # closed behind its back: one read fails, the next reopens
+    sampling._rss()
+    assert sampling._rss() > 0 and sampling._statm is not None
