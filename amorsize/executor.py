@@ -1360,7 +1360,8 @@ def _listed(
         return [func(x) for x in it]
     except Exception as exc:
         index = len(seq) - length_hint(it) - 1
-        failed(index, seq[index], exc)
+        # (func may have shrunk a list it was handed: its failure is still what is raised)
+        failed(index, seq[index] if 0 <= index < len(seq) else None, exc)
         raise
 
 

@@ -453,3 +453,17 @@ def test_memory_reads_keep_one_descriptor_per_process() -> None:
     os.close(statm[1])  # closed behind its back: one read fails, the next reopens
     sampling._rss()
     assert sampling._rss() > 0 and sampling._statm is not None
+
+
+def test_a_failure_is_raised_even_when_func_emptied_its_input() -> None:
+    """The failed item's slot cannot be read back: the failure is still what is raised."""
+    data = list(range(N))
+
+    def func(x: int) -> int:
+        if x == 2900:
+            data.clear()
+            raise ValueError("bad 2900")
+        return x
+
+    with pytest.raises(ValueError, match="bad 2900"):
+        execute(func, data)
