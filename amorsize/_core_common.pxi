@@ -33,6 +33,12 @@ cdef extern from "Python.h":
     void Py_XDECREF(PyObject* o)
     PyObject* PyErr_Occurred()
     void PyErr_WriteUnraisable(PyObject* obj)
+    int PyErr_ExceptionMatches(PyObject* exc)
+    PyObject* PyExc_Exception
+    PyObject* PyIter_Next(PyObject* o)
+    int PyList_Append(PyObject* lst, PyObject* item)
+    Py_ssize_t PyList_GET_SIZE(object lst)
+    size_t PY_VECTORCALL_ARGUMENTS_OFFSET
 
 cdef extern from *:
     """

@@ -17,7 +17,8 @@ The optimizer picks a chunk size from a few sampled items. Two things it cannot 
   last change and the size would too, so noise (a skewed input) does not churn it.
 
 Chunks never shrink below the size that keeps per-task overhead under ``MAX_OVERHEAD`` of
-the work (or the planned size, if that is smaller: the plan knew better), nor grow beyond
+the work (or the planned size, if that is smaller: the plan knew better; when items turn out
+slower, of the sampled work: the slowdown may be the machine's load), nor grow beyond
 ``GROWTH`` times the planned size (memory in flight stays bounded). Pure arithmetic: no
 clock, no I/O; the executor passes measured seconds in.
 """
@@ -160,7 +161,11 @@ class ChunkSizer:
         ratio = measured / self.sampled
         target = self.planned
         if ratio > SHRINK_RATIO and self.known_length is False:
-            target = max(self._floor(measured), round(self.planned / ratio))
+            # The floor of the sampled time, not the measured one: a slowdown may be the
+            # machine's (a loaded machine slows the workers and each task's overhead
+            # alike), and chunks cut for it kept flipping between the floor and the plan
+            # as the load came and went (7 -> 1 -> 7 ... on 1 ms items at load 9-13).
+            target = max(self._floor(self.sampled), round(self.planned / ratio))
         elif ratio < 1.0 / REPLAN_RATIO:
             need = self._overhead_bound(measured)
             target = max(self.planned, need)

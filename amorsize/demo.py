@@ -46,6 +46,11 @@ _SLEEP_S = 0.01
 # Rounds of (execute, serial loop) per workload when comparing: the median of three
 # interleaved runs is robust to one disturbed run on a busy machine.
 _ROUNDS = 3
+# ... but a row whose first round takes under _SHORT_ROUND_S gets _SHORT_ROUNDS: on a busy
+# machine one preemption is a large share of a 20 ms run, and two of three such runs hit
+# made the tiny row read 228 ms against 124 ms serial (two CPU hogs beside it, load 6).
+_SHORT_ROUND_S = 0.5
+_SHORT_ROUNDS = 7
 # One timed block in ``run_bench``: long beside the timer's resolution, short enough that
 # many blocks interleave within the time budget.
 _BLOCK_S = 0.02
@@ -196,8 +201,8 @@ def _run_workload(
     """Execute one workload as planned, time a serial loop too, and say what happened."""
     say("")
     say(f"{number}. {w.name}: {len(w.data):,} items; expected: {w.expect}")
-    rounds = _ROUNDS if baseline else 1
-    runs, serial_times, expected = _timed_rounds(w, rounds, baseline)
+    runs, serial_times, expected = _timed_rounds(w, _ROUNDS if baseline else 1, baseline)
+    rounds = len(runs)
     plan = runs[0][1]
     names = [_plan_name(p.backend, p.n_jobs, p.chunksize) for _, p, _ in runs]
     name = names[0]
@@ -226,7 +231,8 @@ def _timed_rounds(
     w: Workload, rounds: int, baseline: bool
 ) -> tuple[list[tuple[list[Any], Any, float]], list[float], list[int] | None]:
     """``rounds`` runs of ``execute`` (results, report, seconds) and, with ``baseline``, of
-    the serial loop, interleaved and alternating which goes first: both see the same load.
+    the serial loop, interleaved and alternating which goes first: both see the same load;
+    ``_SHORT_ROUNDS`` when the first round is short (see ``_SHORT_ROUND_S``).
 
     Every execute run counts its sampling and decision (timed around the whole call).
     """
@@ -235,7 +241,8 @@ def _timed_rounds(
     runs: list[tuple[list[Any], Any, float]] = []
     serial_times: list[float] = []
     expected: list[int] | None = None
-    for k in range(rounds):
+    k = 0
+    while k < rounds:
         for contender in ("execute", "serial") if k % 2 == 0 else ("serial", "execute"):
             t0 = time.perf_counter()
             if contender == "execute":
@@ -244,6 +251,9 @@ def _timed_rounds(
             elif baseline:
                 expected = [w.func(x) for x in w.data]
                 serial_times.append(time.perf_counter() - t0)
+        if k == 0 and baseline and runs[0][2] + serial_times[0] < _SHORT_ROUND_S:
+            rounds = max(rounds, _SHORT_ROUNDS)
+        k += 1
     return runs, serial_times, expected
 
 
@@ -263,8 +273,9 @@ def _table(rows: list[DemoResult], baseline: bool) -> list[str]:
         lines.append(line)
     if baseline:
         lines.append(
-            f"(medians of {_ROUNDS} interleaved rounds; 'ties': the plan is serial, so execute"
-            " runs the same loop as the serial baseline)"
+            f"(medians of {_ROUNDS} interleaved rounds, {_SHORT_ROUNDS} for rows under"
+            f" {_SHORT_ROUND_S:g} s; 'ties': the plan is serial, so execute runs the same loop"
+            " as the serial baseline)"
         )
     return lines
 

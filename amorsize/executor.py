@@ -44,6 +44,7 @@ from itertools import islice
 from operator import length_hint
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
+from amorsize._core import SerialMap, SerialStream, serial_extend
 from amorsize._log import RUN_ID, log_item_failed, new_run_id
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
 from amorsize._schedule import ChunkSizer
@@ -587,11 +588,16 @@ def _remote_sampler(
     (``be`` may be a function giving the backend when first needed: importing the
     processes backend cost ~10 ms of a first call that never samples remotely.)
 
-    ``optional`` (backend="auto"): a function that cannot reach the workers (not picklable,
-    not importable there) leaves the items to the caller instead of failing the run.
+    ``be`` may be a function giving the backend on first use (most samples never leave
+    the caller). ``optional`` (backend="auto"): a function that cannot reach the workers
+    (not picklable, not importable there) leaves the items to the caller instead of
+    failing the run.
     """
 
     def run(first: int, items: list[Any], budget_s: float) -> list[ItemRun | None]:
+        nonlocal be
+        if not isinstance(be, Backend):
+            be = be()
         got: dict[int, ItemRun | None] = {}
         call = TimedCall(func, stop=stop, budget_s=budget_s)
         backend = be if isinstance(be, Backend) else be()
@@ -1082,12 +1088,10 @@ class _Execution:
         self.stopped_by: RunObserver | None = None
         self.leftover: tuple[int, list[Any]] | None = None
         self.pending_chunks: Iterator[tuple[int, list[Any]]] = iter(())
-        # The serial fast path's rest of the input and what runs on each item, left for
-        # execute_iter's loop (see ``_run_serial_fast``).
-        self.rest: Iterator[tuple[int, Sequence[Any], Iterator[Any]]] | None = None
-        self.rest_func: Callable[[Any], Any] = func
-        self.rest_failed = 0  # failures before the rest was handed out
-        self.rest_count = 0  # items in the rest handed out so far
+        # The serial fast path's rest of the input, left for execute_iter's stream (see
+        # ``_run_serial_fast``), and the failures before it was handed out.
+        self.rest: SerialMap | None = None
+        self.rest_failed = 0
         # Parallel runs: chunk sizes corrected by measured chunk times (None: fixed size).
         self.sizer: ChunkSizer | None = None
         self.jobs = 1  # workers the backend runs
@@ -1516,10 +1520,11 @@ class _Execution:
         """The serial plan with nobody watching: one tight loop over the rest of the input.
 
         Per-chunk bookkeeping (tasks, outcomes, observers, progress) costs as much as a
-        0.1 us item, so here the sampled results come first, then the rest runs in one loop
-        (``execute``) or in chunks of the plan's size (``execute_iter``: results stream,
-        memory stays bounded). A failure is handled where it happened and the loop resumes
-        after it: no item runs twice, and ``on_error="raise"`` stops at the first failure.
+        0.1 us item, so here the sampled results come first, then the rest runs in the
+        compiled core's loop (``_core_serial.pxi``): into one list (``execute``) or item by
+        item as the caller pulls them (``execute_iter``: results stream, memory stays
+        bounded). A failure is handled where it happened (``item_failed``) and the loop
+        resumes after it: no item runs twice, and ``on_error="raise"`` stops at the first.
         """
         report = self.report
         assert report is not None
@@ -1531,65 +1536,44 @@ class _Execution:
         it = iter(plan.data)
         if first:
             next(islice(it, first, first), None)  # the sampled items: their results are here
-        values = list(plan.sample_results)
         if self.one_block:
-            self._run_guarded(func, it, values, 0)
-            yield 0, values
+            yield 0, self._run_rest(func, plan, it)
             return
-        if values:
-            yield 0, values
-        # execute_iter runs the rest in its own loop, item by item: one generator between
-        # the caller and func, as in a generator expression (lists of results in between
-        # cost ~50% on 0.1 us items). The empty block at ``first`` tells it so.
-        self.rest_func, self.rest_failed = func, report.failed
-        self.rest = self._rest_blocks(plan.data, it, first, plan.chunksize)
+        if first:
+            yield 0, list(plan.sample_results)
+        # execute_iter's stream runs the rest at C speed, between the caller and func as a
+        # generator expression would be (a generator here cost ~15% on 0.1 us items).
+        # The empty block at ``first`` tells it so.
+        self.rest_failed = report.failed
+        pairs = not self.opts.ordered_window
+        self.rest = SerialMap(func, it, first, self.item_failed, pairs)
         yield first, []
 
-    def _run_guarded(
-        self, func: Callable[[Any], Any], it: Iterator[Any], values: list[Any], start: int
-    ) -> None:
-        """Append ``func`` of each item of ``it`` to ``values`` (``values[k]`` is input
-        ``start + k``); a failure takes its slot (or raises), and the loop goes on.
-
-        A plain loop, not ``map``: CPython 3.11+ runs a Python ``func`` called from Python
-        code in the same frame loop (map calls it from C, ~10% slower on 0.1 us items), and
-        ``try`` costs nothing until something raises.
-        """
+    def _run_rest(self, func: Callable[[Any], Any], plan: _Plan, it: Iterator[Any]) -> list[Any]:
+        """``execute``'s whole result: the sampled results, then ``func`` of each item left
+        in ``it``: a list comprehension when the first failure ends the run and the input
+        can name the failed item (see ``_listed``), else the core's guarded loop."""
         report = self.report
         assert report is not None
-        done, failed = len(values), report.failed
-        for x in it:
-            # Only func's failures are the item's: an error of the input itself propagates.
-            try:
-                values.append(func(x))
-            except Exception as exc:
-                values.append(self.item_failed(start + len(values), x, exc))
-        report.completed += len(values) - done - (report.failed - failed)
+        failed = report.failed
+        if not self.opts.collect and type(plan.data) in (list, tuple, range):
+            values = _listed(func, cast("Sequence[Any]", plan.data), it, self.item_failed)
+            done = len(values)
+            # The sampled results go in front: moving pointers is cheap, while
+            # ``sampled += values`` would touch each result twice (~10 % on 0.1 us items).
+            values[:0] = plan.sample_results
+        else:
+            values = list(plan.sample_results)
+            serial_extend(func, it, values, 0, self.item_failed)
+            done = len(values) - len(plan.sample_results)
+        report.completed += done - (report.failed - failed)
+        return values
 
-    def _rest_blocks(
-        self, data: Iterable[Any], it: Iterator[Any], first: int, chunksize: int
-    ) -> Iterator[tuple[int, Sequence[Any], Iterator[Any]]]:
-        """The rest of the input for execute_iter's loop, as ``(start, items, iterator)``:
-        ``items[k]`` is input ``start + k`` and ``iterator`` runs over ``items``, so the
-        item that just came out of it is ``items[len(items) - length_hint(iterator) - 1]``:
-        no counter per item. A list, tuple or range is one block, read in place (``it``
-        skipped the sampled items); other input is read a chunk at a time."""
-        if type(data) in (list, tuple, range):
-            seq = cast("Sequence[Any]", data)
-            self.rest_count = len(seq) - first
-            yield 0, seq, it
-            return
-        start = first
-        while items := list(islice(it, chunksize)):
-            self.rest_count += len(items)
-            yield start, items, iter(items)
-            start += len(items)
-
-    def rest_ran(self) -> None:
-        """Count the items of :attr:`rest` once execute_iter's loop ran them all."""
+    def rest_ran(self, rest: SerialMap) -> None:
+        """Count the items of the rest once execute_iter's stream ran them all."""
         report = self.report
         assert report is not None
-        report.completed += self.rest_count - (report.failed - self.rest_failed)
+        report.completed += rest.count - (report.failed - self.rest_failed)
 
     def item_failed(self, index: int, item: Any, exc: Exception) -> ItemFailure:
         """The error policy for a failure on the serial fast path (no observers there):
@@ -1671,6 +1655,29 @@ class _Execution:
             if running_error is None:
                 raise
             warnings.warn(f"{exc} (after the run failed)", RuntimeWarning, stacklevel=2)
+
+
+def _listed(
+    func: Callable[[Any], Any],
+    seq: Sequence[Any],
+    it: Iterator[Any],
+    failed: Callable[[int, Any, Exception], Any],
+) -> list[Any]:
+    """``func`` of each item left in ``it``, an iterator over ``seq`` (a list, tuple or
+    range), when the first failure ends the run: ``failed(index, item, exc)`` raises it.
+
+    A list comprehension, because it is the cheapest loop there is: it calls a Python
+    ``func`` from Python code (no C frame between, unlike ``map`` or the core's loop: ~6 %
+    on 0.1 us items) and appends with one opcode. A failure loses the results before it,
+    which this mode does not deliver anyway; the iterator's position names the item.
+    """
+    try:
+        return [func(x) for x in it]
+    except Exception as exc:
+        index = len(seq) - length_hint(it) - 1
+        # (func may have shrunk a list it was handed: its failure is still what is raised)
+        failed(index, seq[index] if 0 <= index < len(seq) else None, exc)
+        raise
 
 
 # --------------------------------------------------------------------------- public API
@@ -1936,50 +1943,39 @@ def _deliver(loop: Any, done: Any, result: Any, exc: BaseException | None) -> No
 
 
 def _iterate(run: _Execution, ordered: bool) -> Iterator[Any]:
-    """``execute_iter``'s results: in input order, or ``(index, result)`` as completed."""
-    return _ordered(run) if ordered else _unordered(run)
+    """``execute_iter``'s results: in input order, or ``(index, result)`` as completed.
+
+    The blocks of results come out through the core's ``SerialStream``, which hands out a
+    block's items (and the serial fast path's rest, item by item) at C speed.
+    """
+    return cast("Iterator[Any]", SerialStream(_ordered(run) if ordered else _unordered(run)))
 
 
-def _unordered(run: _Execution) -> Iterator[tuple[int, Any]]:
+def _unordered(run: _Execution) -> Iterator[Iterable[tuple[int, Any]]]:
     for start, values in run.result_blocks():
         if run.rest is not None:
             rest, run.rest = run.rest, None
-            func, failed = run.rest_func, run.item_failed
-            for first, items, it in rest:
-                for index, x in enumerate(it, first + len(items) - length_hint(it)):
-                    try:
-                        y = func(x)
-                    except Exception as exc:
-                        y = failed(index, x, exc)
-                    yield index, y
-            run.rest_ran()
+            yield rest
+            run.rest_ran(rest)
         else:
-            yield from enumerate(values, start)
+            yield enumerate(values, start)
 
 
-def _ordered(run: _Execution) -> Iterator[Any]:
+def _ordered(run: _Execution) -> Iterator[Iterable[Any]]:
     pending: dict[int, list[Any]] = {}
     for start, values in run.result_blocks():
         if run.rest is not None:
-            # The serial fast path: the rest runs here, one generator between the caller
-            # and func as in a generator expression; the index is worked out on failure.
+            # The serial fast path: the stream runs the rest, one item per pull.
             rest, run.rest = run.rest, None
-            func, failed = run.rest_func, run.item_failed
-            for first, items, it in rest:
-                for x in it:
-                    try:
-                        y = func(x)
-                    except Exception as exc:
-                        y = failed(first + len(items) - length_hint(it) - 1, x, exc)
-                    yield y
-            run.rest_ran()
+            yield rest
+            run.rest_ran(rest)
             continue
         if start != run.emitted:
             pending[start] = values
             continue
-        yield from values
+        yield values
         run.emitted += len(values)
         while run.emitted in pending:
             values = pending.pop(run.emitted)
-            yield from values
+            yield values
             run.emitted += len(values)

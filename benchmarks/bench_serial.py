@@ -13,6 +13,14 @@ Run (three times on a noisy machine), then print the ratios (min and median)::
 pytest-benchmark runs each contender's rounds back to back, so load that changes between
 contenders shows in the ratio; ``python benchmarks/bench_serial.py --interleaved [ROUNDS]``
 times the contenders in interleaved rounds instead (each round runs every contender once).
+``--cpu`` (after ``--interleaved ROUNDS``) reads this process's CPU time instead of the wall
+clock: on a shared machine the time other processes take is then left out (a serial plan
+runs in this process, so nothing of it is lost; a plan that started workers would be).
+
+To compare two builds on a shared machine, alternate them, e.g. three times each::
+
+    for i in 1 2 3; do for py in /work/venv-main/bin/python venv/bin/python; do
+        $py benchmarks/bench_serial.py --interleaved 30 --cpu; done; done
 """
 
 from __future__ import annotations
@@ -79,16 +87,16 @@ def _ratios(paths: list[str]) -> list[str]:
     return lines
 
 
-def _interleaved(rounds: int) -> list[str]:
+def _interleaved(rounds: int, clock: Callable[[], float] = time.perf_counter) -> list[str]:
     """The same ratios from interleaved rounds in this process (min and median)."""
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     for fn in CONTENDERS.values():
         fn()  # warm: machine facts read, functions pickled once
     for _ in range(rounds):
         for name, fn in CONTENDERS.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return [
         f"{ours}/{ref}: min {min(times[ours]) / min(times[ref]):.3f}, median "
         f"{statistics.median(times[ours]) / statistics.median(times[ref]):.3f}"
@@ -98,7 +106,9 @@ def _interleaved(rounds: int) -> list[str]:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--interleaved"]:
-        for line in _interleaved(int(sys.argv[2]) if len(sys.argv) > 2 else 30):
+        rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 30
+        cpu = "--cpu" in sys.argv[3:]
+        for line in _interleaved(rounds, time.process_time if cpu else time.perf_counter):
             print(line)
         sys.exit(0)
     for line in _ratios(sys.argv[1:]):

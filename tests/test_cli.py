@@ -960,11 +960,12 @@ def test_demo_compares_medians_of_interleaved_rounds_and_serial_rows_tie(
     rows = demo.run_demo(out=buf)
     text = buf.getvalue()
     sections = text.split("\n\n")
-    assert [r.rounds for r in rows] == [demo._ROUNDS] * 2
+    # Rows this short get the short rows' rounds (one preemption is a large share of them).
+    assert [r.rounds for r in rows] == [demo._SHORT_ROUNDS] * 2
     for number, row in enumerate(rows, 1):
         assert row.correct and row.serial is not None
         section = next(s for s in sections if s.startswith(f"{number}. "))
-        assert f"medians of {demo._ROUNDS} interleaved rounds" in section
+        assert f"medians of {demo._SHORT_ROUNDS} interleaved rounds" in section
         if row.plan == "serial":
             assert row.versus_serial == "ties"
             assert "ties serial (the plan is serial" in section and "speedup" not in section

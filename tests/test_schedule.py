@@ -255,3 +255,16 @@ def test_report_without_replans_says_so():
     report = RunReport("threads", 2, 10, "why", chunk_sizes=(1, 10))
     assert "chunks: 1-10 items" in str(report)
     assert "re-planned 0 times)" in str(report)
+
+
+def test_a_slowdown_does_not_shrink_chunks_below_the_sampled_overhead_floor():
+    """Items 5x slower than sampled (a loaded machine, say), length unknown: chunks shrink
+    no further than per-task overhead on the *sampled* item time allows, so no churn."""
+    # 0.15 ms per task, 1.37 ms sampled: 4 items keep overhead under 3 %; 7 planned.
+    sizer = ChunkSizer(7, 2, item_seconds=1.37e-3, task_seconds=1.5e-4)
+    for k in range(300):
+        size = sizer.next_size(None)
+        slow = (k // 10) % 2 == 0  # the load comes and goes
+        sizer.observe(size, size * (6.7e-3 if slow else 3.3e-3) + sizer.task_seconds)
+    assert sizer.smallest >= 4
+    assert sizer.replans == []

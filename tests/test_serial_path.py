@@ -15,7 +15,7 @@ from amorsize.backends.serial import SerialBackend
 from amorsize.retry import RetryPolicy
 
 NO_WAIT = RetryPolicy(max_retries=2, initial_delay=0.0, max_delay=0.0, jitter=False)
-N = 3000  # more than a sample of tiny items (2000): some items run after sampling
+N = 3000  # more than a sample of tiny items (256 to 2000): some items run after sampling
 
 
 @pytest.fixture(autouse=True)
@@ -323,3 +323,147 @@ def test_a_cgroup_quota_reading_stands_for_a_while(
     monkeypatch.setattr(system, "_LIVE_FACTS_S", 0.0)
     assert system._cgroup_quota_cores(str(tmp_path)) == first
     assert opened
+
+
+# --------------------------------------------------------------------------- the stream's end
+@pytest.mark.parametrize("kind", KINDS)
+def test_execute_iter_stream_closes_and_is_spent_after_a_failure(kind: str) -> None:
+    """close() ends the run; after a raised failure the stream yields nothing more."""
+    func = Counted([2500])
+    it = execute_iter(func, _inputs(kind))
+    assert next(it) == 0
+    it.close()  # type: ignore[attr-defined]
+    with pytest.raises(StopIteration):
+        next(it)
+    it = execute_iter(func, _inputs(kind))
+    with pytest.raises(ValueError, match="bad 2500"):
+        list(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("on_error", ["raise", "collect"])
+def test_ctrl_c_in_func_ends_the_fast_path_as_it_is(api: str, on_error: str) -> None:
+    """A KeyboardInterrupt is never an item's failure: it propagates, nothing after runs."""
+    calls: list[int] = []
+
+    def func(x: int) -> int:
+        calls.append(x)
+        if x == 2700:
+            raise KeyboardInterrupt
+        return x
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(api, func, list(range(N)), on_error=on_error)
+    assert calls == list(range(2701))
+
+
+# --------------------------------------------------------------------------- sampling cost
+@pytest.mark.parametrize(
+    ("fixed", "ran", "lo", "hi", "enough"),
+    [
+        (False, 240, 40e-9, 60e-9, True),  # tiny and alike: the mean is known
+        (False, 112, 40e-9, 60e-9, False),  # too few blocks yet
+        (False, 240, 40e-9, 120e-9, False),  # blocks disagree: keep sampling
+        (False, 240, 1e-6, 3e-6, False),  # not tiny
+        (False, 240, 20e-9, 90e-9, True),  # below 50 ns, clock granularity: alike
+        (False, 240, float("inf"), 0.0, False),  # no block of 64 yet
+        (True, 2000, 40e-9, 60e-9, False),  # a fixed sample size runs in full
+    ],
+)
+def test_a_sample_of_clearly_tiny_items_stops_early(
+    fixed: bool, ran: int, lo: float, hi: float, enough: bool
+) -> None:
+    """Block-timed items that are tiny and agree end the sample (per-block numbers given)."""
+    from amorsize.sampling import _clearly_tiny, _Rules
+
+    rules = _Rules(fixed=fixed, budget_s=0.05, total=200_000, cores=2.0)
+    assert _clearly_tiny(rules, ran, lo, hi) is enough
+
+
+def test_machine_facts_stand_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within _LIVE_FACTS_S get_system_info returns the same record; after it, a new one."""
+    from amorsize import system
+
+    monkeypatch.setattr(system, "_LIVE_FACTS_S", 3600.0)
+    first = system.get_system_info()
+    assert system.get_system_info() is first
+    monkeypatch.setattr(system, "_LIVE_FACTS_S", 0.0)
+    again = system.get_system_info()
+    assert again is not first and again.usable_cores == first.usable_cores
+
+
+@pytest.mark.parametrize(("horizon", "enough"), [(1_000, True), (-1, False)])
+def test_a_stream_of_unknown_length_is_sampled_for_a_shorter_horizon(
+    horizon: int, enough: bool
+) -> None:
+    """16 items of 1 ms are 3 % of 1,000 such items on 2 cores, not of 10,000."""
+    from amorsize.sampling import _Rules
+
+    rules = _Rules(fixed=False, budget_s=0.05, total=10_000, cores=2.0, horizon=horizon)
+    assert rules.enough(0.016, 16, 0.016, 0) is enough
+
+
+@pytest.mark.parametrize(
+    ("data", "horizon"),
+    [(lambda: (x for x in range(50)), 1_000), (lambda: list(range(50)), -1)],
+    ids=["generator", "list"],
+)
+def test_sample_uses_the_horizon_only_for_unknown_lengths(
+    monkeypatch: pytest.MonkeyPatch, data: Callable[[], Iterable[int]], horizon: int
+) -> None:
+    """A generator is sampled for UNKNOWN_SAMPLE_HORIZON items; a list for its length."""
+    from amorsize import sampling
+
+    made: list[Any] = []
+    real = sampling._Rules
+
+    def spy(*args: Any) -> Any:
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(sampling, "_Rules", spy)
+    sampling.sample(abs, data())
+    assert made[0].horizon == horizon
+    assert made[0].total == (10_000 if horizon > 0 else 50)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_memory_reads_keep_one_descriptor_per_process() -> None:
+    """_rss opens /proc/self/statm once; a forked child and a closed descriptor reopen."""
+    import os
+
+    from amorsize import sampling
+
+    assert sampling._rss() > 0
+    statm = sampling._statm
+    assert statm is not None and statm[0] == os.getpid()
+    assert sampling._rss() > 0 and sampling._statm is statm
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own file, not the parent's
+        ok = sampling._rss() > 0 and sampling._statm is not None
+        os.write(write, b"1" if ok and sampling._statm[0] == os.getpid() else b"0")
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+    os.waitpid(pid, 0)
+    os.close(statm[1])  # closed behind its back: one read fails, the next reopens
+    sampling._rss()
+    assert sampling._rss() > 0 and sampling._statm is not None
+
+
+def test_a_failure_is_raised_even_when_func_emptied_its_input() -> None:
+    """The failed item's slot cannot be read back: the failure is still what is raised."""
+    data = list(range(N))
+
+    def func(x: int) -> int:
+        if x == 2900:
+            data.clear()
+            raise ValueError("bad 2900")
+        return x
+
+    with pytest.raises(ValueError, match="bad 2900"):
+        execute(func, data)
