@@ -95,6 +95,11 @@ _PROBE_START_TIMEOUT_S = 1.0
 # Probe rounds at most (within the probe's share of the run, see ``_probe_size``): a busy
 # machine gives two threads two cores only now and then, and the best round counts.
 PROBE_ROUNDS = 4
+# One round is taken when it costs at most this share of the best parallel run left (the
+# rounds after it, SAMPLE_FRACTION): at worst, pure Python work that processes would run
+# twice as fast loses this share; GIL-releasing work of 400 zlib items (bench_oracle.py
+# gil_zlib, 0.1 s serially) wins 2x on threads.
+PROBE_FIRST_ROUND_SHARE = 0.1
 _PROBE_MIN_SIDE = 4
 # A round showing this much overlap settles it: no more rounds.
 _PROBE_CLEAR = 0.5
@@ -1036,9 +1041,13 @@ def _probe_size(tally: _Tally, rules: _Rules) -> tuple[int, int]:
     k = max(_PROBE_MIN_SIDE, math.ceil(PROBE_SIDE_S / mean))
     # Probed items are kept, so a round of 2k loses at most k items' time against a
     # perfect parallel run: keep all rounds together a small share of the best parallel
-    # run left.
+    # run left; one round may take a larger share, else a job of a few hundred
+    # GIL-releasing items is never probed and runs serially at half the speed threads give.
     rest = (rules.total - n) * mean / rules.cores
-    return k, min(PROBE_ROUNDS, int(SAMPLE_FRACTION * rest / (k * mean)))
+    rounds = int(SAMPLE_FRACTION * rest / (k * mean))
+    if rounds == 0 and k * mean <= PROBE_FIRST_ROUND_SHARE * rest:
+        rounds = 1
+    return k, min(PROBE_ROUNDS, rounds)
 
 
 class ProbeRound(NamedTuple):

@@ -667,3 +667,22 @@ def test_the_same_waiting_first_item_spills_from_a_list() -> None:
     spy = SpillSpy()
     s = sample(first_waits, list(range(50)), spill=spy)
     assert spy.calls == 1 and s.results == tuple(range(50))
+
+
+@pytest.mark.parametrize(
+    ("total", "mean_s", "rounds"),
+    [
+        (400, 280e-6, 1),  # a few hundred zlib-sized items: one round, not none
+        (100_000, 280e-6, sampling.PROBE_ROUNDS),  # a long run: every round
+        (40, 280e-6, 0),  # too short for even one round
+        (400, 20e-6, 0),  # too small an item to pay on threads
+    ],
+)
+def test_probe_size_takes_one_round_on_a_short_job(total: int, mean_s: float, rounds: int) -> None:
+    """The probe's rounds: one on a job it costs at most a tenth of, more within 3 %."""
+    tally = sampling._Tally(keep_going=False)
+    tally.times = [mean_s] * 3
+    tally.timed = 3 * mean_s
+    tally.item_cpu = tally.item_wall = tally.timed  # pure CPU: not known to wait
+    rules = sampling._Rules(fixed=False, budget_s=0.05, total=total, cores=2.0)
+    assert sampling._probe_size(tally, rules)[1] == rounds
