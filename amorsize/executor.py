@@ -684,8 +684,9 @@ def _make_plan(
 def _async_plan(
     func: Callable[[Any], Any], data: Iterable[Any], opts: _RunOptions, rules: _SampleRules
 ) -> _Plan:
-    """An ``async def`` function's plan: the first items awaited together, timed, and
-    reused; coroutines in flight from their wait (``backends.aio.concurrency``)."""
+    """An ``async def`` function's plan: the first items awaited together (more of them at
+    once when they wait: ``AsyncBackend.sample``), timed, and reused; coroutines in flight
+    from their wait (``backends.aio.concurrency``)."""
     from amorsize.backends import aio
 
     backend = opts.backend
@@ -696,7 +697,11 @@ def _async_plan(
     n_items = operator.length_hint(data, -1) if rules.index_of is not None else _length(data)
     it = iter(data)
     items = list(islice(it, aio.SAMPLE_ITEMS))
-    sampled = be.sample(func, items)
+    # Items that may join a sample that waits (not from a checkpoint's stream: what it
+    # hands out counts as run). They go back in front of the rest if they did not.
+    more = [] if rules.index_of is not None else list(islice(it, aio.SPILL_ITEMS))
+    limit = opts.n_jobs or aio.MAX_CONCURRENCY
+    sampled = be.sample(func, items, more, limit)
     results: list[Any] = []
     stopped: SampledFailure | None = None
     for ok, value, _ in sampled.runs:
@@ -708,11 +713,11 @@ def _async_plan(
             stopped = failure  # the run raises it; the items after it are not delivered
             break
         results.append(failure)
-    left = None if n_items is None or n_items < 0 else max(0, n_items - len(items))
+    left = None if n_items is None or n_items < 0 else max(0, n_items - len(sampled.runs))
     sizes = aio.plan(sampled, left, opts.n_jobs, opts.chunksize)
     # With a stream (checkpoint), the stream recorded what it handed out; else the sampled
     # items go back in front of the rest.
-    rest = data if rules.index_of is not None else itertools.chain(items, it)
+    rest = data if rules.index_of is not None else itertools.chain(items, more, it)
     return _Plan(be, sizes.n_jobs, sizes.chunksize, sizes.reason, rest, results, None, None,
                  stopped)
 

@@ -162,6 +162,59 @@ def test_sampled_items_are_not_run_again() -> None:
     assert plan.reused == aio.SAMPLE_ITEMS
 
 
+@pytest.mark.parametrize(
+    ("busy", "n", "room", "spill"),
+    [
+        (0.9, 16, 984, 0),  # the loop is busy: the items use it, no more in flight
+        (0.2, 16, 984, 984),  # they wait: every item offered
+        (0.2, 16, 4000, 984),  # ... up to MAX_CONCURRENCY in flight
+        (0.0, 16, 4, 4),  # never more than offered
+    ],
+)
+def test_spill_count(busy: float, n: int, room: int, spill: int) -> None:
+    """How many items join a sample that leaves the loop idle."""
+    assert aio.spill_count(busy, n, room) == spill
+
+
+def _gated(need: int, started: list[int], gate: list[asyncio.Event]) -> Any:
+    """An async function whose items wait until ``need`` of them have started (or 5 s)."""
+
+    async def item(x: int) -> int:
+        if not gate:
+            gate.append(asyncio.Event())
+        started.append(x)
+        if len(started) >= need:
+            gate[0].set()
+        await asyncio.wait_for(gate[0].wait(), 5)
+        return x
+
+    return item
+
+
+def test_a_waiting_sample_starts_the_next_items_at_once() -> None:
+    """Items that wait do not spend a wave on the sample: 100 of them all start together."""
+    started: list[int] = []
+    results, plan = execute(_gated(100, started, []), range(100), return_plan=True)
+    assert results == list(range(100))
+    assert plan.reused == 100  # every item ran in the sample, none waited for another wave
+
+
+def test_the_caller_n_jobs_caps_the_sample() -> None:
+    """n_jobs=20 (no chunksize): the sample never has more than 20 items in flight."""
+    started: list[int] = []
+    results, plan = execute(_gated(20, started, []), range(60), n_jobs=20, return_plan=True)
+    assert results == list(range(60)) and plan.reused == 20
+
+
+def test_a_checkpointed_async_run_does_not_spill(tmp_path: Path) -> None:
+    """With a checkpoint the stream's items are never pulled ahead: the sample stays 16."""
+    started: list[int] = []
+    out, plan = execute(
+        _gated(16, started, []), range(40), checkpoint=str(tmp_path / "run.db"), return_plan=True
+    )
+    assert out == list(range(40)) and plan.reused == aio.SAMPLE_ITEMS
+
+
 def test_thousands_in_flight_need_no_threads() -> None:
     """2,000 coroutines all waiting at once run on one loop: the thread count stays flat."""
     n = 2000

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -45,7 +45,16 @@ from amorsize.backends.base import (
     Task,
 )
 
-__all__ = ["MAX_CONCURRENCY", "AsyncBackend", "AsyncPlan", "Sampled", "concurrency", "plan"]
+__all__ = [
+    "MAX_CONCURRENCY",
+    "SPILL_ITEMS",
+    "AsyncBackend",
+    "AsyncPlan",
+    "Sampled",
+    "concurrency",
+    "plan",
+    "spill_count",
+]
 
 #: The most coroutines a planned run keeps in flight (the caller may ask for more with
 #: ``n_jobs``): beyond this, a waiting workload gains little and the services it calls
@@ -53,6 +62,14 @@ __all__ = ["MAX_CONCURRENCY", "AsyncBackend", "AsyncPlan", "Sampled", "concurren
 MAX_CONCURRENCY = 1000
 # Items awaited (concurrently) to measure the wait before the run is sized.
 SAMPLE_ITEMS = 16
+#: Items the caller may offer a sample beyond its first ones (``AsyncBackend.sample``'s
+#: ``more``): once those leave the loop idle, the next ones start at once, so that waiting
+#: work does not spend a whole wave on its sample.
+SPILL_ITEMS = MAX_CONCURRENCY - SAMPLE_ITEMS
+# How long the sample's first items run before the loop's load is read.
+_SPILL_CHECK_S = 1e-3
+# The loop busy less than this share of that time: the sampled items wait.
+_SPILL_IDLE = 0.5
 # Coroutines in flight per coroutine's worth of loop CPU: with in_flight = wait / cpu the
 # loop would just be kept busy; the headroom absorbs a noisy sample.
 _HEADROOM = 4.0
@@ -331,17 +348,32 @@ class AsyncBackend(Backend):
             finally:
                 runner.close(list(pending))
 
-    def sample(self, func: Callable[[Any], Any], items: list[Any]) -> Sampled:
-        """Await ``items`` concurrently, each timed: what ``plan`` sizes the run with."""
+    def sample(
+        self, func: Callable[[Any], Any], items: list[Any], more: Sequence[Any] = (), limit: int = 0
+    ) -> Sampled:
+        """Await ``items`` concurrently, each timed: what ``plan`` sizes the run with.
+
+        If they leave the loop idle after ``_SPILL_CHECK_S`` (they wait) and none has
+        finished, the first of ``more`` join them at once, as many as the run would keep in
+        flight (at most ``limit`` in all): ``len(runs)`` says how many ran.
+        """
         handles: list[_Handle] = []
         with self._runner() as runner:
             t0 = time.perf_counter()
             try:
                 self._check_cancelled()
+                start = runner.submit(_loop_clock(0.0))
                 handles = [runner.submit(_timed(func, item)) for item in items]
-                left = len(handles)
-                while left:
-                    left -= len(runner.wait())
+                pending = set(handles)
+                if more:
+                    room = min(len(more), limit - len(handles))
+                    k, seen = self._spill(runner, start, len(handles), room)
+                    pending.difference_update(seen)
+                    spilled = [runner.submit(_timed(func, item)) for item in more[:k]]
+                    handles += spilled
+                    pending.update(spilled)
+                while pending:
+                    pending.difference_update(runner.wait())
             finally:
                 runner.close([h for h in handles if not _done(h)])
         wall = time.perf_counter() - t0
@@ -355,6 +387,43 @@ class AsyncBackend(Backend):
             (r.cpu_start for r in runs), default=0.0
         )
         return Sampled([(r.ok, r.value, r.wall) for r in runs], wall, cpu)
+
+
+    @staticmethod
+    def _spill(runner: _Runner, start: _Handle, n: int, room: int) -> tuple[int, list[_Handle]]:
+        """How many more items to start beside the ``n`` in flight (at most ``room``), and
+        the handles that finished while the loop's load was read."""
+        if room <= 0:
+            return 0, []
+        check = runner.submit(_loop_clock(_SPILL_CHECK_S))
+        seen: list[_Handle] = []
+        while not _done(check):
+            seen.extend(runner.wait())
+        if any(h is not start and h is not check for h in seen):
+            return 0, seen  # an item already finished: the sample sizes a run as it is
+        (c0, w0), (c1, w1) = start.result(), check.result()
+        return spill_count((c1 - c0) / max(w1 - w0, 1e-9), n, room), seen
+
+
+def spill_count(busy: float, n: int, room: int) -> int:
+    """Items to start beside ``n`` sampled ones that kept the loop ``busy`` (a share of its
+    time): none when the loop is busy, else all that are offered, up to ``MAX_CONCURRENCY``
+    in flight. An idle loop after ``_SPILL_CHECK_S`` cannot tell 2 ms items from 20 ms
+    ones, which ``concurrency`` would keep 10x apart; the run after the sample does.
+
+    >>> spill_count(0.9, 16, 984), spill_count(0.2, 16, 984), spill_count(0.2, 16, 4000)
+    (0, 984, 984)
+    """
+    if busy >= _SPILL_IDLE:
+        return 0
+    return max(0, min(room, MAX_CONCURRENCY - n))
+
+
+async def _loop_clock(after: float) -> tuple[float, float]:
+    """The loop thread's CPU clock and the wall clock, read ``after`` seconds from now."""
+    if after > 0:
+        await asyncio.sleep(after)
+    return time.thread_time(), time.perf_counter()
 
 
 def _done(handle: _Handle) -> bool:
