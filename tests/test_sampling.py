@@ -686,3 +686,17 @@ def test_probe_size_takes_one_round_on_a_short_job(total: int, mean_s: float, ro
     tally.item_cpu = tally.item_wall = tally.timed  # pure CPU: not known to wait
     rules = sampling._Rules(fixed=False, budget_s=0.05, total=total, cores=2.0)
     assert sampling._probe_size(tally, rules)[1] == rounds
+
+
+@pytest.mark.parametrize(
+    ("helper", "shared"),
+    [
+        (BOTH, True),  # both ran all along
+        (((0.5, 0.0), (0.75, 0.25), (1.0, 0.5)), True),  # the helper woke late, still overlapped
+        (((1.5, 0.0), (2.0, 0.5)), False),  # the helper started once the caller had finished
+        ((), False),  # the helper never ran
+    ],
+)
+def test_a_round_without_a_shared_window_is_told_apart(helper: Any, shared: bool) -> None:
+    """A single planned round whose threads never ran at once earns a second round."""
+    assert sampling._shared_window(ProbeRound(BOTH, helper)) is shared
