@@ -155,8 +155,17 @@ def _ratio(x: float) -> str:
     return f"{x:.2f}x" if x < 1 else f"{x:.1f}x"
 
 
-def _plan_name(backend: str, n_jobs: int, chunksize: int) -> str:
-    return "serial" if backend == "serial" else f"{backend} x{n_jobs}, chunks of {chunksize}"
+#: The plan name of a run whose every item ran while sampling (waiting items start the next
+#: ones on threads at once): nothing was left to plan, so it does not tie serial.
+ALL_SAMPLED = "all ran in the sample"
+
+
+def _plan_name(report: Any) -> str:
+    if report.items and report.reused >= report.items:
+        return ALL_SAMPLED
+    if report.backend == "serial":
+        return "serial"
+    return f"{report.backend} x{report.n_jobs}, chunks of {report.chunksize}"
 
 
 def run_demo(*, baseline: bool = True, out: Any = None) -> list[DemoResult]:
@@ -204,7 +213,7 @@ def _run_workload(
     runs, serial_times, expected = _timed_rounds(w, _ROUNDS if baseline else 1, baseline)
     rounds = len(runs)
     plan = runs[0][1]
-    names = [_plan_name(p.backend, p.n_jobs, p.chunksize) for _, p, _ in runs]
+    names = [_plan_name(p) for _, p, _ in runs]
     name = names[0]
     say(f"   plan: {name}")
     say(f"   why: {plan.reason}")

@@ -938,7 +938,7 @@ def test_demo_runs_three_workloads_and_agrees_with_serial(workdir: Path) -> None
     sections = out.split("\n\n")
     for title in ("1. tiny items", "3. I/O-bound"):
         section = next(s for s in sections if s.startswith(title))
-        assert re.search(r"plan: (?:serial|threads|processes)", section), section
+        assert re.search(r"plan: (?:serial|threads|processes|all ran in the sample)", section), section
     assert len(re.findall(r"predicted [\d.]+ m?s, measured [\d.]+ m?s", out)) == 3
     assert "RESULTS DIFFER" not in out
 
@@ -979,7 +979,8 @@ def test_demo_compares_medians_of_interleaved_rounds_and_serial_rows_tie(
     ("plan", "serial", "measured", "shown"),
     [("serial", 1.0, 2.0, "ties"), ("serial", None, 2.0, "ties"),
      ("processes x2, chunks of 4", 2.0, 1.0, "2.0x"),
-     ("threads x8, chunks of 1", 1.0, 2.0, "0.50x"), ("threads x8, chunks of 1", None, 1.0, "")],
+     ("threads x8, chunks of 1", 1.0, 2.0, "0.50x"), ("threads x8, chunks of 1", None, 1.0, ""),
+     ("all ran in the sample", 2.0, 0.04, "50.0x")],
 )  # fmt: skip
 def test_demo_row_versus_serial(
     plan: str, serial: float | None, measured: float, shown: str
@@ -989,6 +990,17 @@ def test_demo_row_versus_serial(
 
     row = DemoResult("w", plan, "why", None, measured, serial, True, 3)
     assert row.versus_serial == shown
+
+
+def test_demo_names_a_run_that_all_ran_in_the_sample() -> None:
+    """Waiting items that all ran while sampling (started together on threads) are not
+    called serial: the row shows its speedup over the serial loop."""
+    from amorsize import demo, execute
+
+    _, report = execute(abs, range(-20, 0), backend="serial", return_plan=True)
+    assert demo._plan_name(report) == "serial"
+    report.reused = report.items
+    assert demo._plan_name(report) == demo.ALL_SAMPLED
 
 
 def test_bench_json_lists_installed_peers(workdir: Path) -> None:
