@@ -101,6 +101,9 @@ PROBE_ROUNDS = 4
 # gil_zlib, 0.1 s serially) wins 2x on threads.
 PROBE_FIRST_ROUND_SHARE = 0.1
 _PROBE_MIN_SIDE = 4
+# Items that waited this share of their time or more are not probed: threads overlap
+# waits anyway (on a busy machine CPU work can read as half waiting: descheduled).
+_PROBE_MAX_WAIT = 0.5
 # A round showing this much overlap settles it: no more rounds.
 _PROBE_CLEAR = 0.5
 # Spilling (``sample(spill=...)``): once the first item has run this long in the caller
@@ -1033,7 +1036,7 @@ def _probe_size(tally: _Tally, rules: _Rules) -> tuple[int, int]:
     if n == 0 or tally.n_failed or rules.cores < 1.5:
         return 0, 0
     mean = tally.timed / n
-    if mean < PROBE_MIN_ITEM_S or _timing(tally).wait_fraction >= 0.5:
+    if mean < PROBE_MIN_ITEM_S or _timing(tally).wait_fraction >= _PROBE_MAX_WAIT:
         return 0, 0  # too small to pay on threads, or known to wait (threads overlap it)
     # At least _PROBE_MIN_SIDE items a thread: only CPU between readings (one after each
     # item) while both threads ran counts (``probe_overlap``), and item times read on a
