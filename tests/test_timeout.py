@@ -410,8 +410,10 @@ def test_dask_times_items_out(tmp_path: Path) -> None:
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                                   dashboard_address=":0") as cluster, \
             distributed.Client(cluster, set_as_default=False) as client:  # fmt: skip
+        # An in-process cluster shares this process's GIL with its scheduler's threads and
+        # with what earlier tests left running: LIMIT was once too short for a quick item.
         out = execute(func, range(4), backend="dask", client=client, n_jobs=1, chunksize=2,
-                      timeout=LIMIT, on_error="collect")  # fmt: skip
+                      timeout=10 * LIMIT, on_error="collect")  # fmt: skip
     assert out[0] == 0 and out[2:] == [4, 6]
     assert isinstance(out[1].exception, ItemTimeoutError)
 
