@@ -699,8 +699,9 @@ def _async_plan(
     items = list(islice(it, aio.SAMPLE_ITEMS))
     # Items that may join a sample that waits (not from a checkpoint's stream: what it
     # hands out counts as run). They go back in front of the rest if they did not.
-    more = [] if rules.index_of is not None else list(islice(it, aio.SPILL_ITEMS))
     limit = opts.n_jobs or aio.MAX_CONCURRENCY
+    room = 0 if rules.index_of is not None else min(aio.SPILL_ITEMS, limit - len(items))
+    more = list(islice(it, max(0, room)))  # never more than the sample may start
     sampled = be.sample(func, items, more, limit)
     results: list[Any] = []
     stopped: SampledFailure | None = None
