@@ -106,6 +106,12 @@ _PROBE_MIN_SIDE = 4
 _PROBE_MAX_WAIT = 0.5
 # A round showing this much overlap settles it: no more rounds.
 _PROBE_CLEAR = 0.5
+# A round whose threads were preempted this many times (involuntary switches, both together)
+# did not have two cores: it is run again, up to _PROBE_RERUNS times in a probe. Measured on
+# the 2-core machine (bench_oracle.py gil_zlib, first calls): rounds that read zlib as
+# GIL-bound showed 3-4 preemptions of the caller's thread; clean rounds 0-1, GIL-bound or not.
+_PROBE_PREEMPTED = 2
+_PROBE_RERUNS = 1
 # Spilling (``sample(spill=...)``): once the first item has run this long in the caller
 # with its thread's CPU clock below _SPILL_MAX_CPU of that time, it waits (I/O, sleep), and
 # the next items start at once on threads instead of a whole item time later. The CPU
@@ -297,15 +303,53 @@ def _voluntary_switches() -> int:
     return int(_getrusage(_RUSAGE).ru_nvcsw)
 
 
+def _current_cpu() -> int:
+    """The CPU this thread runs on now (Linux: ``/proc``), -1 where unknown."""
+    try:
+        with open("/proc/thread-self/stat", "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[36])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _allowed_cpus() -> frozenset[int]:
+    """The CPUs this thread may run on (empty where the OS does not say)."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return frozenset()
+
+
+def _avoid_cpu(cpu: int, cpus: frozenset[int]) -> None:
+    """Keep this thread (the probe's helper, which ends with the probe) on ``cpus`` but off
+    ``cpu``, if another CPU is left. On a virtual machine whose second core sat idle, the helper
+    was woken onto the caller's core and the two took turns there for milliseconds (13
+    of 40 first calls read zlib as serialised, bench_oracle.py gil_zlib): moved, it
+    waits for the other core to wake instead, then runs beside the caller."""
+    if cpu in cpus and len(cpus) > 1:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cpus - {cpu})
+
+
+def _involuntary_switches() -> int:
+    """Times this thread was preempted so far (another thread or process took its core);
+    0 where the OS does not count them per thread."""
+    if _getrusage is None or not _PER_THREAD:
+        return 0
+    return int(_getrusage(_RUSAGE).ru_nivcsw)
+
+
 _getrusage: Callable[[int], Any] | None
 try:
     import resource as _resource
 
     _getrusage = _resource.getrusage
     _RUSAGE = getattr(_resource, "RUSAGE_THREAD", _resource.RUSAGE_SELF)
+    _PER_THREAD = hasattr(_resource, "RUSAGE_THREAD")
 except ImportError:  # pragma: no cover - Windows
     _getrusage = None
     _RUSAGE = 0
+    _PER_THREAD = False
 
 try:
     _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -1013,18 +1057,25 @@ def sample(
             limit = src.pos  # enough already (the spilled items, or one slow item)
         elif n and remote is not None and offload is not None and tally.wall >= _MIN_SAMPLE_S:
             here = not offload(tally.timed / n, n)  # as _run_here asks after each item
+    probe = probe_threads and not rules.fixed
+    overlap = math.nan
     while src.pos < limit and not tally.stopped and not src.ended:
         if here:
             if not _run_here(func, src, tally, rules, limit, offload if remote else None):
                 break
             here = False
+        elif probe and offload is not None and tally.times:
+            # Probed before the sample moves: work that threads overlap then never waits for
+            # a worker to start and for its items to cross (bench_oracle.py gil_zlib: 1.5x).
+            probe, overlap = False, _probe(func, src, tally, rules)
+            if overlap >= _PROBE_CLEAR:
+                here, offload = True, None  # the rest of the sample stays here
         else:
             assert remote is not None
             if not _run_remote(remote, src, tally, rules, limit, offload is not None):
                 break
             here, offload = True, None  # the caller runs the rest: it cannot travel
-    overlap = math.nan
-    if probe_threads and not rules.fixed and not tally.stopped and not src.ended:
+    if probe and not tally.stopped and not src.ended:
         overlap = _probe(func, src, tally, rules)
     wall = time.perf_counter() - start
     return _finish(func, data, src, tally, wall, index_of or (lambda k: k), overlap)
@@ -1046,7 +1097,9 @@ def _probe_size(tally: _Tally, rules: _Rules) -> tuple[int, int]:
     # perfect parallel run: keep all rounds together a small share of the best parallel
     # run left; one round may take a larger share, else a job of a few hundred
     # GIL-releasing items is never probed and runs serially at half the speed threads give.
-    rest = (rules.total - n) * mean / rules.cores
+    # A stream of unknown length: the sample's horizon, not the 10,000 items assumed for
+    # the plan (400 generated 1 ms items took 33 items of probe, 4 rounds, where 3 would do).
+    rest = (rules.sampled_for - n) * mean / rules.cores
     rounds = int(SAMPLE_FRACTION * rest / (k * mean))
     if rounds == 0 and k * mean <= PROBE_FIRST_ROUND_SHARE * rest:
         rounds = 1
@@ -1055,10 +1108,12 @@ def _probe_size(tally: _Tally, rules: _Rules) -> tuple[int, int]:
 
 class ProbeRound(NamedTuple):
     """One round of the overlap probe, as measured: each thread's ``(wall clock, its own
-    CPU clock)`` when its side began and after each item it ran."""
+    CPU clock)`` when its side began and after each item it ran, and how many times the
+    two threads were preempted while they ran (another process took their core)."""
 
     caller: tuple[tuple[float, float], ...]
     helper: tuple[tuple[float, float], ...]
+    preempted: int = 0
 
 
 def _cpu_within(points: tuple[tuple[float, float], ...], lo: float, hi: float) -> float:
@@ -1076,8 +1131,10 @@ def probe_overlap(rounds: Iterable[ProbeRound]) -> float:
     sums over the window, minus one, is the round's overlap: at most 0 while the GIL lets
     one thread run at a time, whatever the machine's load (a busy machine only lowers it:
     a thread holding the GIL while preempted stops the other too), up to 1 when both ran
-    at once. No noise lifts GIL-bound work above 0, hence the best round counts: a busy
-    machine gives the two threads two cores only now and then.
+    at once. That holds for any window, so the window is also widened to the next
+    reading past either end (an item cut by an edge then counts whole) and the best of
+    these windows counts. No noise lifts GIL-bound work above 0, hence the best round
+    counts too: a busy machine gives the two threads two cores only now and then.
 
     >>> both = ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0))
     >>> probe_overlap([ProbeRound(both, both)])
@@ -1097,10 +1154,22 @@ def probe_overlap(rounds: Iterable[ProbeRound]) -> float:
         hi = min(r.caller[-1][0], r.helper[-1][0])
         got = 0.0
         if hi > lo:
-            cpu = _cpu_within(r.caller, lo, hi) + _cpu_within(r.helper, lo, hi)
-            got = min(max(cpu / (hi - lo) - 1.0, 0.0), 1.0)
+            # Widened to the first starter's last reading before ``lo`` and the last
+            # finisher's first reading after ``hi``: items cut by an edge count whole.
+            early = r.caller if r.caller[0][0] <= r.helper[0][0] else r.helper
+            late = r.caller if r.caller[-1][0] >= r.helper[-1][0] else r.helper
+            los = (lo, max(t for t, _ in early if t <= lo))
+            his = (hi, min(t for t, _ in late if t >= hi))
+            got = max(_window_overlap(r, a, b) for a in los for b in his)
         best = got if math.isnan(best) else max(best, got)
     return best
+
+
+def _window_overlap(r: ProbeRound, lo: float, hi: float) -> float:
+    """Both threads' CPU seconds between their readings inside ``[lo, hi]``, over its
+    length, minus one, in [0, 1]."""
+    cpu = _cpu_within(r.caller, lo, hi) + _cpu_within(r.helper, lo, hi)
+    return min(max(cpu / (hi - lo) - 1.0, 0.0), 1.0)
 
 
 def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rules) -> float:
@@ -1108,23 +1177,25 @@ def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rule
     overlap in [0, 1] (``probe_overlap``). NaN: not probed.
 
     Rounds stop once one shows ``_PROBE_CLEAR`` overlap, or at a failure that stops the
-    sample. Both threads live through all rounds, so only one thread is started.
+    sample. A lone planned round that tells nothing (``_told``: the threads never ran at
+    once, or another process kept one off its core) is run again (twice as long if
+    preempted), up to ``_PROBE_RERUNS`` times: one late wake-up must not make GIL-releasing work look
+    serialised (on a virtual machine a core idle for a moment took ~1.5 ms to come back,
+    most of a round). Both threads live through all rounds, so only one thread is started.
     """
     k, rounds = _probe_size(tally, rules)
     if k == 0 or rounds == 0:
         return math.nan
     pair = _ProbePair(func, tally.keep_going)
     measured: list[ProbeRound] = []
-    # A single planned round whose threads never ran at once (the GIL kept the helper out,
-    # or it woke late) gets a second: one late wake-up must not decide the plan alone.
     single = rounds == 1
+    reruns = _PROBE_RERUNS if single else 0  # several rounds are several chances already
+    size = 2 * k
     try:
-        for _ in range(2 if single else rounds):
-            if single and measured and _shared_window(measured[0]):
-                break
+        while rounds > 0:
             first = src.pos
-            items = src.take(2 * k)
-            if len(items) < 2 * k or not pair.run(items):
+            items = src.take(size)
+            if len(items) < size or not pair.run(items):
                 src.give_back(len(items))
                 break
             if not _keep_round(pair, items, first, src, tally):
@@ -1132,15 +1203,28 @@ def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rule
             measured.append(pair.measured)
             if probe_overlap(measured[-1:]) >= _PROBE_CLEAR:
                 break
+            if reruns == 0 or _told(pair.measured, single):
+                rounds, size = rounds - 1, 2 * k
+            else:  # twice as long only where a core came late: the GIL's mark costs less
+                reruns -= 1
+                size = 4 * k if pair.measured.preempted >= _PROBE_PREEMPTED else 2 * k
     finally:
         pair.close()
     return probe_overlap(measured)
 
 
+def _told(r: ProbeRound, alone: bool) -> bool:
+    """Whether a round says something about the work: no other process kept the threads
+    from running on two cores (``_PROBE_PREEMPTED``) and, for a round ``alone`` (the only
+    one planned), both threads ran items at the same time at all: the GIL keeps the helper
+    out, but so does a late wake-up, and one must not decide the plan alone."""
+    if not r.caller or not r.helper or r.preempted >= _PROBE_PREEMPTED:
+        return False
+    return not alone or _shared_window(r)
+
+
 def _shared_window(r: ProbeRound) -> bool:
     """Whether both threads of the round ran items at the same time at all."""
-    if not r.caller or not r.helper:
-        return False
     return min(r.caller[-1][0], r.helper[-1][0]) > max(r.caller[0][0], r.helper[0][0])
 
 
@@ -1183,6 +1267,9 @@ class _ProbePair:
         self.next = [0, 0]  # the caller's next item, the helper's next item
         self.lock = threading.Lock()
         self.points: list[list[tuple[float, float]]] = [[], []]
+        self.preempted = [0, 0]
+        self.caller_cpu = -1
+        self.cpus = _allowed_cpus()  # the caller's: the helper's own may be narrowed later
         self.measured = ProbeRound((), ())
         self.stop = threading.Event()
         # A helper that cannot start (or reach a round) in time breaks the barrier, and
@@ -1194,6 +1281,7 @@ class _ProbePair:
     def run(self, items: list[Any]) -> bool:
         """One round on ``items``; False: not run (no helper thread)."""
         self.items, self.out = items, [None] * len(items)
+        self.caller_cpu = _current_cpu()
         self.next = [0, len(items) - 1]
         self.points = [[], []]
         self.stop.clear()
@@ -1212,7 +1300,9 @@ class _ProbePair:
             self._side(0)
         finally:
             self.done.wait()
-        self.measured = ProbeRound(tuple(self.points[0]), tuple(self.points[1]))
+        self.measured = ProbeRound(
+            tuple(self.points[0]), tuple(self.points[1]), sum(self.preempted)
+        )
         return True
 
     def close(self) -> None:
@@ -1228,6 +1318,7 @@ class _ProbePair:
                 self.gate.wait()
             except threading.BrokenBarrierError:
                 return
+            _avoid_cpu(self.caller_cpu, self.cpus)
             try:
                 self._side(1)
             finally:  # the caller waits for this side's end, whatever happened in it
@@ -1255,6 +1346,13 @@ class _ProbePair:
             return lo
 
     def _side(self, side: int) -> None:
+        preempted = _involuntary_switches()
+        try:
+            self._run_side(side)
+        finally:
+            self.preempted[side] = _involuntary_switches() - preempted
+
+    def _run_side(self, side: int) -> None:
         func, items, out = self.func, self.items, self.out
         points = self.points[side]
         points.append((time.perf_counter(), time.thread_time()))

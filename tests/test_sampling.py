@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -343,6 +344,10 @@ if __name__ == "__main__":
     facts = SystemInfo(**{**facts.__dict__, "usable_cores": 2.0, "process_startup_s": 5e-3,
                           "process_startup_per_worker_s": 2e-3, "process_roundtrip_s": 5e-5})
     amorsize.optimizer.get_system_info = lambda: facts
+    if sys.argv[4] == "unprobed":  # CPU items the two-thread probe skips (see the test)
+        amorsize.sampling.PROBE_MIN_ITEM_S = float("inf")
+    else:  # probed even where a busy machine makes them read as half waiting
+        amorsize.sampling._PROBE_MAX_WAIT = 1.01
     backend = sys.argv[1]
     out = {}
     results, plan = execute(work, range(100), backend=backend, on_error="collect",
@@ -350,6 +355,7 @@ if __name__ == "__main__":
     out["failed"] = [[f.index, type(f.exception).__name__] for f in plan.failures]
     out["ok"] = sum(1 for r in results if not isinstance(r, ItemFailure))
     out["in_caller"] = plan.optimization.profile.in_caller
+    out["probed"] = plan.optimization.profile.thread_overlap == plan.optimization.profile.thread_overlap
     out["backend"] = plan.backend
     try:
         execute(work, range(100), backend=backend)
@@ -360,21 +366,31 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("how", ["exit", "segv"])
-@pytest.mark.parametrize(("backend", "crash_at", "in_caller"), [("processes", 0, 0), ("auto", 1, 1)])
+@pytest.mark.parametrize(
+    ("backend", "crash_at", "probe"),
+    [
+        ("processes", 0, "unprobed"),  # every sampled item runs in a worker
+        ("auto", 1, "unprobed"),  # the first item (1 ms of work) runs here, the rest there
+        ("auto", 60, "probed"),  # ... and so do the two-thread probe's items, before them
+    ],
+)
 def test_crash_in_a_sampled_item_is_reported_not_fatal(
-    tmp_path: Path, backend: str, crash_at: int, in_caller: int, how: str
+    tmp_path: Path, backend: str, crash_at: int, probe: str, how: str
 ) -> None:
     """issue 12 item 3: a sampled item that kills its process is a WorkerCrashedError."""
     script = tmp_path / "crash.py"
     script.write_text(textwrap.dedent(_CRASH_SCRIPT))
     proc = subprocess.run(
-        [sys.executable, str(script), backend, str(crash_at), how],
+        [sys.executable, str(script), backend, str(crash_at), how, probe],
         capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["failed"] == [[crash_at, "WorkerCrashedError"]]
-    assert out["ok"] == 99 and out["in_caller"] == in_caller
+    assert out["ok"] == 99 and out["probed"] is (probe == "probed")
+    # The items before the crash that ran here: none, the first one, the probe's too.
+    assert (out["in_caller"] == 0) is (backend == "processes")
+    assert (out["in_caller"] == 1) is (probe == "unprobed" and backend == "auto")
     # The rest never runs in the caller, where another crash would end it.
     assert out["backend"] == "processes"
     assert "worker process died" in out["raised"]
@@ -538,6 +554,13 @@ GIL = ((0.0, 0.0), (0.5, 0.25), (1.0, 0.5))  # busy half the time
         ([ProbeRound(((1.0, 0.0), (2.0, 1.0)), ((0.0, 0.0), (1.0, 1.0)))], 0.0),
         # A busy machine gave two cores in one round only: the best round counts.
         ([ProbeRound(GIL, GIL), ProbeRound(BOTH, ((0.0, 0.0), (0.5, 0.25), (1.0, 0.75)))], 0.75),
+        # The helper woke late and the caller's end cut its last item: that item counts
+        # whole (the window widened to 1.7), not 0.43 from the cut window alone.
+        (
+            [ProbeRound(((0.0, 0.0), (0.5, 0.5), (1.0, 1.0), (1.6, 1.6)),
+                        ((0.9, 0.0), (1.3, 0.4), (1.7, 0.8)))],
+            0.75,
+        ),
         ([], math.nan),
     ],
 )
@@ -559,7 +582,7 @@ def test_probe_takes_rounds_within_its_share(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(sampling, "probe_overlap", spy)
     s = sample(python_loop, range(20_000), cores=2, probe_threads=True)
-    assert seen and 1 <= len(seen[-1]) <= sampling.PROBE_ROUNDS
+    assert seen and 1 <= len(seen[-1]) <= sampling.PROBE_ROUNDS + sampling._PROBE_RERUNS
     # Each thread's start, then one reading per item: 8+ items a round.
     assert all(len(r.caller) + len(r.helper) >= 10 for r in seen[-1])
     assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
@@ -701,14 +724,107 @@ def test_probe_size_takes_one_round_on_a_short_job(total: int, mean_s: float, ro
 
 
 @pytest.mark.parametrize(
-    ("helper", "shared"),
+    ("helper", "preempted", "alone", "told"),
     [
-        (BOTH, True),  # both ran all along
-        (((0.5, 0.0), (0.75, 0.25), (1.0, 0.5)), True),  # the helper woke late, still overlapped
-        (((1.5, 0.0), (2.0, 0.5)), False),  # the helper started once the caller had finished
-        ((), False),  # the helper never ran
+        (BOTH, 0, True, True),  # both ran all along
+        (((0.5, 0.0), (0.75, 0.25), (1.0, 0.5)), 0, True, True),  # woke late, still overlapped
+        (((1.5, 0.0), (2.0, 0.5)), 0, True, False),  # started once the caller had finished
+        (((1.5, 0.0), (2.0, 0.5)), 0, False, True),  # ... one of several rounds: the GIL's mark
+        ((), 0, True, False),  # the helper never ran
+        (BOTH, 1, True, True),  # one preemption happens on a quiet machine too
+        (BOTH, sampling._PROBE_PREEMPTED, False, False),  # another process took a core
     ],
 )
-def test_a_round_without_a_shared_window_is_told_apart(helper: Any, shared: bool) -> None:
-    """A single planned round whose threads never ran at once earns a second round."""
-    assert sampling._shared_window(ProbeRound(BOTH, helper)) is shared
+def test_a_round_that_tells_nothing_is_told_apart(
+    helper: Any, preempted: int, alone: bool, told: bool
+) -> None:
+    """A round run without two cores, or a lone round without a shared window, is rerun."""
+    assert sampling._told(ProbeRound(BOTH, helper, preempted), alone) is told
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.floats(1e-4, 1e-2)), min_size=2, max_size=40))
+def test_threads_that_never_ran_at_once_read_zero(segments: list[tuple[int, float]]) -> None:
+    """Any schedule of two threads taking turns reads 0, whatever windows are tried."""
+    t, cpu = 0.0, [0.0, 0.0]
+    points: list[list[tuple[float, float]]] = [[(0.0, 0.0)], [(0.0, 0.0)]]
+    for who, seconds in segments:  # a reading at the end of each turn, as after an item
+        t += seconds
+        cpu[who] += seconds
+        points[who].append((t, cpu[who]))
+    assert probe_overlap([ProbeRound(tuple(points[0]), tuple(points[1]))]) <= 1e-9
+
+
+@pytest.mark.usefixtures("cpu_work_is_probed")
+def test_a_preempted_round_is_run_again_twice_as_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone round kept off a core (injected preemptions) runs again, with twice the items."""
+    ticks = itertools.count(0, 5)  # every reading: five more preemptions
+    monkeypatch.setattr(sampling, "_involuntary_switches", lambda: next(ticks))
+    monkeypatch.setattr(sampling, "_probe_size", lambda tally, rules: (4, 1))  # one round
+    monkeypatch.setattr(sampling, "probe_overlap", lambda rounds: 0.0)
+    sizes: list[int] = []
+    real = sampling._ProbePair.run
+
+    def spy(self: Any, items: list[Any]) -> bool:
+        sizes.append(len(items))
+        return real(self, items)
+
+    monkeypatch.setattr(sampling._ProbePair, "run", spy)
+    s = sample(python_loop, range(20_000), cores=2, probe_threads=True)
+    assert len(sizes) >= 2 and sizes[1] == 2 * sizes[0]
+    assert sizes.count(2 * sizes[0]) == sampling._PROBE_RERUNS
+    assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs CPU affinity (Linux) and two allowed CPUs",
+)
+def test_the_probe_helper_moves_off_the_callers_cpu() -> None:
+    """The helper thread leaves the caller's CPU for the others it may use."""
+    cpus = sampling._allowed_cpus()
+    here = sampling._current_cpu()
+    assert here in cpus
+    got: list[set[int]] = []
+
+    def helper() -> None:
+        sampling._avoid_cpu(here, cpus)
+        got.append(os.sched_getaffinity(0))
+
+    t = threading.Thread(target=helper)
+    t.start()
+    t.join()
+    assert got == [set(cpus - {here})] and os.sched_getaffinity(0) == set(cpus)
+
+
+class RemoteSpy:
+    """A remote runner that runs batches here and records when it was first called."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def __call__(self, first: int, items: list[Any], budget: float) -> list[Any]:
+        self.log.append("remote")
+        return [sampling.ItemRun(True, python_loop(x), 1e-3, 1e-3) for x in items]
+
+
+@pytest.mark.usefixtures("cpu_work_is_probed")
+@pytest.mark.parametrize(("overlap", "goes_remote"), [(1.0, False), (0.0, True)])
+def test_the_probe_runs_before_the_sample_moves_to_a_worker(
+    monkeypatch: pytest.MonkeyPatch, overlap: float, goes_remote: bool
+) -> None:
+    """Work threads overlap keeps its sample here; serialised work moves after the probe."""
+    log: list[str] = []
+    real = sampling._probe
+
+    def probe(*args: Any) -> float:
+        log.append("probe")
+        real(*args)
+        return overlap  # injected: the machine's cores and load must not decide the test
+
+    monkeypatch.setattr(sampling, "_probe", probe)
+    s = sample(python_loop, list(range(20_000)), cores=2, probe_threads=True,
+               remote=RemoteSpy(log), offload=lambda mean, n: True)
+    assert log[0] == "probe" and ("remote" in log) is goes_remote
+    assert log.count("probe") == 1 and s.profile.thread_overlap == overlap
+    assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
