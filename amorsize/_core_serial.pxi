@@ -15,6 +15,9 @@
 #   execute:       serial_extend(func, it, values, start, on_failure) -> failures
 #   execute_iter:  SerialStream(parts) ── a list ──▶ its items
 #                                      └─ SerialMap(func, it, ...) ──▶ func(x) per item
+#
+# The stream runs a SerialMap part's loop itself (``_pull``): going through the map's own
+# iterator slot, one more C hop per item, cost ~7 % on 0.1 us items (bench_serial.py).
 
 cimport cython
 
@@ -128,10 +131,12 @@ cdef class SerialStream:
 
     cdef object parts
     cdef object current
+    cdef SerialMap rest  # a part that is a SerialMap: its loop runs here
 
     def __init__(self, object parts) -> None:
         self.parts = parts
         self.current = None
+        self.rest = None
 
     def __iter__(self) -> SerialStream:
         return self
@@ -139,18 +144,75 @@ cdef class SerialStream:
     def __next__(self) -> object:
         cdef PyObject* r
         while True:
-            if self.current is not None:
+            if self.rest is not None:
+                r = self._pull()
+                if r != NULL:
+                    return _steal(r)
+                self.rest = None
+                if PyErr_Occurred() != NULL:
+                    self._fail()
+            elif self.current is not None:
                 r = PyIter_Next(<PyObject*>self.current)
                 if r != NULL:
                     return _steal(r)
                 self.current = None
                 if PyErr_Occurred() != NULL:
-                    exc = _fetch_exception()
-                    self.parts.close()
-                    _reraise(exc)
-            self.current = iter(next(self.parts))
+                    self._fail()
+            part = next(self.parts)
+            if type(part) is SerialMap:
+                self.rest = <SerialMap>part
+            else:
+                self.current = iter(part)
+
+    cdef inline PyObject* _pull(self) noexcept:
+        # SerialMap.__next__'s success path, without its iterator slot: a new reference, or
+        # NULL at the end of the input or with an error set (the failure path may set one).
+        cdef SerialMap m = self.rest
+        cdef PyObject* args[2]
+        cdef PyObject* r
+        cdef PyObject* item = PyIter_Next(<PyObject*>m.it)
+        if item == NULL:
+            return NULL
+        args[0] = NULL
+        args[1] = item
+        r = PyObject_Vectorcall(
+            <PyObject*>m.func, &args[1], 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL
+        )
+        m.count += 1
+        if r != NULL and not m.pairs:
+            Py_XDECREF(item)
+            return r
+        return _serial_pair_or_failure(m, m.start + m.count - 1, item, r)
+
+    cdef int _fail(self) except -1:
+        # A part raised: the run ends as a generator that raises (parts closed first).
+        exc = _fetch_exception()
+        self.rest = None
+        self.current = None
+        self.parts.close()
+        _reraise(exc)
 
     def close(self) -> None:
         """Stop: the run finishes as a closed generator does."""
         self.current = None
+        self.rest = None
         self.parts.close()
+
+
+cdef PyObject* _serial_pair_or_failure(
+    SerialMap m, Py_ssize_t index, PyObject* item, PyObject* r
+) noexcept:
+    # SerialStream._pull's rarer outcomes: ``(index, value)`` for a map of pairs, or the
+    # failure's value (``r`` NULL: func raised). A new reference, or NULL with an error set.
+    try:
+        if r == NULL:
+            value = _serial_failed(m.on_failure, index, _steal(item))
+        else:
+            Py_XDECREF(item)
+            value = _steal(r)
+        out = (index, value) if m.pairs else value
+    except BaseException as exc:
+        amz_reraise(<PyObject*>exc)  # set again: the stream sees NULL with it set
+        return NULL
+    Py_INCREF(out)
+    return <PyObject*>out

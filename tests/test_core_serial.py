@@ -129,3 +129,53 @@ def test_serial_stream_closes_its_parts_on_an_error_and_when_closed() -> None:
 
 def _raise(index: int, item: Any, exc: Exception) -> Any:
     raise exc
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_serial_stream_runs_a_map_part_as_the_map_would(pairs: bool) -> None:
+    """The stream runs a SerialMap part's loop itself: the same items, failures, pairs and
+    count as the map's own iteration."""
+
+    def parts() -> Iterator[Any]:
+        yield SerialMap(_square_or_fail, iter(range(1, 10)), 7, _slot, pairs)
+
+    alone = list(SerialMap(_square_or_fail, iter(range(1, 10)), 7, _slot, pairs))
+    source = parts()
+    m = SerialMap(_square_or_fail, iter(range(1, 10)), 7, _slot, pairs)
+    streamed = list(SerialStream(iter([m])))
+    assert streamed == alone == list(SerialStream(source))
+    assert m.count == 9
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda: SerialMap(_raise_base, iter(range(5)), 0, _slot),  # Ctrl-C in func
+        lambda: SerialMap(abs, _broken_input(), 0, _slot),  # the input's own error
+    ],
+)
+def test_serial_stream_map_part_errors_close_the_parts(broken: Any) -> None:
+    """An error that is not an item failure ends the stream from a map part too, parts closed."""
+    finished: list[bool] = []
+
+    def parts() -> Iterator[Any]:
+        try:
+            yield broken()
+        finally:
+            finished.append(True)
+
+    s = SerialStream(parts())
+    with pytest.raises((KeyboardInterrupt, KeyError)):
+        list(s)
+    assert finished == [True]
+
+
+def _raise_base(x: int) -> int:
+    if x == 2:
+        raise KeyboardInterrupt
+    return x
+
+
+def _broken_input() -> Iterator[int]:
+    yield 1
+    raise KeyError("input broke")
