@@ -107,11 +107,20 @@ _PROBE_MAX_WAIT = 0.5
 # A round showing this much overlap settles it: no more rounds.
 _PROBE_CLEAR = 0.5
 # A round whose threads were preempted this many times (involuntary switches, both together)
-# did not have two cores: it is run again, up to _PROBE_RERUNS times in a probe. Measured on
-# the 2-core machine (bench_oracle.py gil_zlib, first calls): rounds that read zlib as
-# GIL-bound showed 3-4 preemptions of the caller's thread; clean rounds 0-1, GIL-bound or not.
+# did not have two cores: a lone planned round is run again, up to _PROBE_RERUNS times.
+# Measured on the 2-core machine (bench_oracle.py gil_zlib, first calls): rounds that read
+# zlib as GIL-bound showed 3-4 preemptions of the caller's thread; clean rounds 0-1,
+# GIL-bound or not.
 _PROBE_PREEMPTED = 2
 _PROBE_RERUNS = 1
+# A helper that has not started after the caller ran items alone this long was kept out by
+# the GIL, not by a late core: an idle core of the 2-core virtual machine took ~1.5 ms to
+# come back (bench_oracle.py gil_zlib first calls), and this is twice that.
+_PROBE_LATE_S = 3e-3
+# A window both threads ran in that is this long tells, preempted or not: preemptions cost
+# it a few ms at most. GIL-bound rounds of 30 ms (bench_oracle.py skewed) showed 6-12
+# preemptions, from the GIL's own hand-overs; zlib's disturbed rounds lasted 2-4 ms.
+_PROBE_LONG_S = 10e-3
 # Spilling (``sample(spill=...)``): once the first item has run this long in the caller
 # with its thread's CPU clock below _SPILL_MAX_CPU of that time, it waits (I/O, sleep), and
 # the next items start at once on threads instead of a whole item time later. The CPU
@@ -322,10 +331,13 @@ def _allowed_cpus() -> frozenset[int]:
 
 def _avoid_cpu(cpu: int, cpus: frozenset[int]) -> None:
     """Keep this thread (the probe's helper, which ends with the probe) on ``cpus`` but off
-    ``cpu``, if another CPU is left. On a virtual machine whose second core sat idle, the helper
-    was woken onto the caller's core and the two took turns there for milliseconds (13
-    of 40 first calls read zlib as serialised, bench_oracle.py gil_zlib): moved, it
-    waits for the other core to wake instead, then runs beside the caller."""
+    ``cpu``, if another CPU is left.
+
+    On a virtual machine whose second core sat idle, the helper was woken onto the caller's
+    core and the two took turns there for milliseconds (13 of 40 first calls read zlib as
+    serialised, bench_oracle.py gil_zlib): moved, it waits for the other core to wake
+    instead, then runs beside the caller.
+    """
     if cpu in cpus and len(cpus) > 1:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, cpus - {cpu})
@@ -1025,7 +1037,9 @@ def sample(
     ``2 * PROBE_SIDE_S`` of work on two threads at once (in the calling process): their
     CPU seconds while both ran give ``Profile.thread_overlap`` (``probe_overlap``). Their
     results are kept like any sampled item (a failure stops the probe; items the other
-    thread ran past it are dropped, like a parallel run's, and stay in ``data``).
+    thread ran past it are dropped, like a parallel run's, and stay in ``data``). With
+    ``offload``, the probe runs in the caller just before the sample would move to
+    ``remote``; if the threads overlapped, the rest of the sample stays in the caller.
 
     ``spill``: when the sample adapts and its first item runs in the caller, a watcher
     thread reads the caller's CPU clock while that item runs. Once it has waited (run
@@ -1179,9 +1193,10 @@ def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rule
     Rounds stop once one shows ``_PROBE_CLEAR`` overlap, or at a failure that stops the
     sample. A lone planned round that tells nothing (``_told``: the threads never ran at
     once, or another process kept one off its core) is run again (twice as long if
-    preempted), up to ``_PROBE_RERUNS`` times: one late wake-up must not make GIL-releasing work look
-    serialised (on a virtual machine a core idle for a moment took ~1.5 ms to come back,
-    most of a round). Both threads live through all rounds, so only one thread is started.
+    preempted), up to ``_PROBE_RERUNS`` times: one late wake-up must not make GIL-releasing
+    work look serialised (on a virtual machine a core idle for a moment took ~1.5 ms to
+    come back, most of a round). Both threads live through all rounds, so only one thread
+    is started.
     """
     k, rounds = _probe_size(tally, rules)
     if k == 0 or rounds == 0:
@@ -1215,17 +1230,18 @@ def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rule
 
 def _told(r: ProbeRound, alone: bool) -> bool:
     """Whether a round says something about the work: no other process kept the threads
-    from running on two cores (``_PROBE_PREEMPTED``) and, for a round ``alone`` (the only
-    one planned), both threads ran items at the same time at all: the GIL keeps the helper
-    out, but so does a late wake-up, and one must not decide the plan alone."""
-    if not r.caller or not r.helper or r.preempted >= _PROBE_PREEMPTED:
+    from running on two cores (``_PROBE_PREEMPTED``, unless their shared window is long,
+    ``_PROBE_LONG_S``) and, for a round ``alone`` (the only one planned), both threads ran
+    items at the same time, or the caller ran alone long enough (``_PROBE_LATE_S``) that
+    only the GIL can have kept the helper out: a late wake-up must not decide the plan."""
+    if not r.caller or not r.helper:
         return False
-    return not alone or _shared_window(r)
-
-
-def _shared_window(r: ProbeRound) -> bool:
-    """Whether both threads of the round ran items at the same time at all."""
-    return min(r.caller[-1][0], r.helper[-1][0]) > max(r.caller[0][0], r.helper[0][0])
+    window = min(r.caller[-1][0], r.helper[-1][0]) - max(r.caller[0][0], r.helper[0][0])
+    if r.preempted >= _PROBE_PREEMPTED and window < _PROBE_LONG_S:
+        return False
+    if not alone or window > 0.0:
+        return True
+    return r.caller[-1][0] - r.caller[0][0] >= _PROBE_LATE_S
 
 
 def _keep_round(

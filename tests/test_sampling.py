@@ -723,23 +723,29 @@ def test_probe_size_takes_one_round_on_a_short_job(total: int, mean_s: float, ro
     assert sampling._probe_size(tally, rules)[1] == rounds
 
 
+MS = ((0.0, 0.0), (0.5e-3, 0.5e-3), (1e-3, 1e-3))  # a caller that ran 1 ms of items
+
+
 @pytest.mark.parametrize(
-    ("helper", "preempted", "alone", "told"),
+    ("caller", "helper", "preempted", "alone", "told"),
     [
-        (BOTH, 0, True, True),  # both ran all along
-        (((0.5, 0.0), (0.75, 0.25), (1.0, 0.5)), 0, True, True),  # woke late, still overlapped
-        (((1.5, 0.0), (2.0, 0.5)), 0, True, False),  # started once the caller had finished
-        (((1.5, 0.0), (2.0, 0.5)), 0, False, True),  # ... one of several rounds: the GIL's mark
-        ((), 0, True, False),  # the helper never ran
-        (BOTH, 1, True, True),  # one preemption happens on a quiet machine too
-        (BOTH, sampling._PROBE_PREEMPTED, False, False),  # another process took a core
+        (BOTH, BOTH, 0, True, True),  # both ran all along
+        (BOTH, ((0.5, 0.0), (0.75, 0.25), (1.0, 0.5)), 0, True, True),  # late, still overlapped
+        (MS, ((1.5e-3, 0.0), (2e-3, 0.5e-3)), 0, True, False),  # late after 1 ms: a slow core?
+        (MS, ((1.5e-3, 0.0), (2e-3, 0.5e-3)), 0, False, True),  # ... one of several rounds
+        (BOTH, ((1.5, 0.0), (2.0, 0.5)), 0, True, True),  # kept out for 1 s: only the GIL does
+        (BOTH, (), 0, True, False),  # the helper never ran
+        (BOTH, BOTH, 1, True, True),  # one preemption happens on a quiet machine too
+        (MS, MS, sampling._PROBE_PREEMPTED, False, False),  # another process took a core
+        (BOTH, BOTH, sampling._PROBE_PREEMPTED, True, True),  # ... in a 1 s window: it tells
     ],
 )
 def test_a_round_that_tells_nothing_is_told_apart(
-    helper: Any, preempted: int, alone: bool, told: bool
+    caller: Any, helper: Any, preempted: int, alone: bool, told: bool
 ) -> None:
-    """A round run without two cores, or a lone round without a shared window, is rerun."""
-    assert sampling._told(ProbeRound(BOTH, helper, preempted), alone) is told
+    """A round run without two cores, or a lone round whose helper may have woken late, is
+    run again."""
+    assert sampling._told(ProbeRound(caller, helper, preempted), alone) is told
 
 
 @settings(max_examples=300, deadline=None)
