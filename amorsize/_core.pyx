@@ -13,6 +13,7 @@ Each concept keeps its part in its own include file so that it can be read alone
 * ``_core_budget.pxi``  C atomics and clocks on shared slots; the retry budget's counters
 * ``_core_limit.pxi``   the rate limiter's GCRA slot
 * ``_core_serial.pxi``  the serial fast path's per-item loop (``execute``, ``execute_iter``)
+* ``_core_watch.pxi``   the waits of sampling's watcher thread, without the GIL
 
 Names. The include files are one module: they share one C namespace and one module
 namespace, so a name says where it lives:
@@ -25,7 +26,7 @@ namespace, so a name says where it lives:
   ``_core_common.pxi``;
 * every other private name starts with its include file's concept: ``_retry_`` (the retry
   coroutine's helpers ``_retry_coro_``), ``_model_``, ``_circuit_``, ``_ckpt_``,
-  ``_budget_``, ``_limit_``, ``_serial_``; constants
+  ``_budget_``, ``_limit_``, ``_serial_``, ``_watch_``; constants
   likewise (``_RETRY_JITTER_FULL``, ``_MODEL_GRID_STEP``, ``_CIRCUIT_OPEN``);
 * public names (no underscore) and the private hooks the Python modules call
   (``_set_testing_state``, ``_RetryPolicyCore``) are listed in ``_core.pyi``, which
@@ -40,3 +41,4 @@ include "_core_model.pxi"
 include "_core_circuit.pxi"
 include "_core_checkpoint.pxi"
 include "_core_serial.pxi"
+include "_core_watch.pxi"

@@ -32,7 +32,6 @@ import math
 import operator
 import os
 import pickle
-import queue
 import sys
 import threading
 import time
@@ -41,6 +40,8 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from amorsize._core import WatchBoard
 
 __all__ = [
     "ASSUMED_UNKNOWN_LENGTH",
@@ -1388,80 +1389,68 @@ class _ProbePair:
 
 
 class _Watch:
-    """The caller's first item, watched from another thread (see ``sample``'s ``spill``)."""
+    """The caller's first item, watched from the watcher thread (see ``sample``'s ``spill``)."""
 
     def __init__(self, start: Callable[[], _Spilled | None]) -> None:
         self.start = start  # takes the next items and starts them on threads
-        # Held until the caller's item returns (a lock: cheaper to make than an Event).
-        self.running = threading.Lock()
-        self.running.acquire()
         self.ended = False
         self.lock = threading.Lock()  # held while items are taken and started
         self.clock = time.pthread_getcpuclockid(threading.get_ident())
         self.stat = f"/proc/self/task/{threading.get_native_id()}/stat"
         self.spilled: _Spilled | None = None
-        self.cpu0 = time.clock_gettime(self.clock)
-        self.t0 = time.perf_counter()
+        self.board: WatchBoard | None = None  # where it was posted (None: not watched)
 
-    def run(self) -> None:
-        """Wait for the item; spill once it shows that it waits, ``_SPILL_CHECKS`` times in
-        a row (checks ``SPILL_AFTER_S`` apart, then at doubling intervals)."""
-        pause, streak = SPILL_AFTER_S, 0
-        while not self.running.acquire(timeout=pause):
-            with self.lock:
-                if self.ended:
-                    return
-                streak = streak + 1 if self._waited() else 0
-                if streak >= _SPILL_CHECKS:
-                    self.spilled = self.start()
-                    return
-            if streak == 0:
-                pause *= 2.0
-
-    def _waited(self) -> bool:
-        """Since the last check the caller's thread used under ``_SPILL_MAX_CPU`` of a core,
-        and it is blocked now (not running, nor runnable and preempted)."""
-        cpu, now = time.clock_gettime(self.clock), time.perf_counter()
-        idle = cpu - self.cpu0 < _SPILL_MAX_CPU * (now - self.t0)
-        self.cpu0, self.t0 = cpu, now
-        return idle and _thread_state(self.stat) in ("S", "D", "")
+    def spill_if_blocked(self) -> None:
+        """In the watcher thread, once the item's thread stayed off the CPU for
+        ``_SPILL_CHECKS`` checks: spill, if it is blocked now (not running, nor runnable
+        and preempted: CPU work on a busy machine also leaves the CPU)."""
+        with self.lock:
+            if not self.ended and _thread_state(self.stat) in ("S", "D", ""):
+                self.spilled = self.start()
 
     def stop(self) -> _Spilled | None:
         """The item returned: no spill from now on; the spilled items, if any."""
         with self.lock:
             self.ended = True
-            self.running.release()
+            if self.board is not None:
+                self.board.end()
             return self.spilled
 
 
 class _Watcher:
     """The process's one watcher thread, started on first use (again in a forked child,
-    which has none): starting a thread per sample cost ~80 us, a tiny run's budget."""
+    which has none): starting a thread per sample cost ~80 us, a tiny run's budget. It
+    waits in the compiled core (``WatchBoard``), without the GIL, until an item looks
+    blocked: a quick first item never hands it the GIL."""
 
     def __init__(self) -> None:
-        self.requests: queue.SimpleQueue[_Watch] = queue.SimpleQueue()
         self.reset()
 
     def reset(self) -> None:
         """As new: in a forked child (no watcher thread there, maybe a lock held)."""
         self.lock = threading.Lock()
         self.pid = -1
+        self.board: WatchBoard | None = None
 
     def watch(self, watch: _Watch | None) -> None:
-        """Watch ``watch`` as soon as the thread is free (one sample at a time); None:
-        only start the thread (a first call starts it early, so that it runs in time)."""
+        """Post ``watch`` (not watched if another caller's item is); None: only start the
+        thread (a first call starts it early, so that it runs in time)."""
         with self.lock:
-            if self.pid != os.getpid():
-                self.requests = queue.SimpleQueue()
-                _thread.start_new_thread(self._loop, (self.requests,))
-                self.pid = os.getpid()
-            if watch is not None:
-                self.requests.put(watch)
+            board = self.board
+            if board is None or self.pid != os.getpid():
+                board = WatchBoard()
+                _thread.start_new_thread(self._loop, (board,))
+                self.board, self.pid = board, os.getpid()
+        if watch is not None and board.post(watch, watch.clock):
+            watch.board = board
 
     @staticmethod
-    def _loop(requests: queue.SimpleQueue[_Watch]) -> None:
+    def _loop(board: WatchBoard) -> None:
         while True:
-            requests.get().run()
+            generation = board.wait(SPILL_AFTER_S, _SPILL_MAX_CPU, _SPILL_CHECKS)
+            watch = board.current(generation)
+            if watch is not None:
+                watch.spill_if_blocked()
 
 
 _WATCHER = _Watcher()

@@ -1,0 +1,175 @@
+# The waits of sampling's watcher thread (sampling.py: a waiting first item spills the next
+# items onto threads): until a caller posts its first item, then until that item returns or
+# its thread has stayed off the CPU long enough to look blocked. All without the GIL.
+#
+# Why compiled. The watcher was a Python thread: each sample woke it, and it took the GIL
+# from the caller, who was still sampling; that cost ~4 % of the CPU time of a 10 ms run
+# of 0.1 us items (benchmarks/bench_serial.py --cpu: execute / list comprehension, with
+# and without the wake-up). Here the watcher runs no Python until an item has looked
+# blocked; a quick item costs its caller two lock releases.
+#
+#   caller:  post(watched, clock) ── item runs ── end()
+#   watcher: WatchBoard.wait(...) ─ nogil ─▶ returns only when the posted item looked
+#            blocked ``checks`` times in a row (the caller's thread CPU clock, read
+#            ``after`` seconds apart, then at doubling intervals): then Python decides.
+
+cdef extern from *:
+    """
+    /* A clock's seconds, -1 if it cannot be read. Windows has no thread CPU clock id (and
+       no watcher: sampling never posts there), so there every read fails. */
+    #if defined(_WIN32)
+    typedef long amz_clockid_t;
+    static double amz_clock_seconds(amz_clockid_t clock) { (void)clock; return -1.0; }
+    static double amz_monotonic_seconds(void) { return -1.0; }
+    #else
+    #include <time.h>
+    typedef clockid_t amz_clockid_t;
+    static double amz_clock_seconds(amz_clockid_t clock) {
+        struct timespec ts;
+        if (clock_gettime(clock, &ts) != 0) return -1.0;
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+    static double amz_monotonic_seconds(void) { return amz_clock_seconds(CLOCK_MONOTONIC); }
+    #endif
+    """
+    ctypedef long amz_clockid_t
+    double amz_clock_seconds(amz_clockid_t clock) noexcept nogil
+    double amz_monotonic_seconds() noexcept nogil
+
+cdef extern from "pythread.h":
+    # CPython's own locks (what threading.Lock wraps): usable without the GIL.
+    ctypedef void* PyThread_type_lock
+    ctypedef enum PyLockStatus:
+        PY_LOCK_FAILURE
+        PY_LOCK_ACQUIRED
+        PY_LOCK_INTR
+    PyThread_type_lock PyThread_allocate_lock()
+    void PyThread_free_lock(PyThread_type_lock lock)
+    int PyThread_acquire_lock(PyThread_type_lock lock, int waitflag) nogil
+    PyLockStatus PyThread_acquire_lock_timed(
+        PyThread_type_lock lock, long long microseconds, int intr_flag) nogil
+    void PyThread_release_lock(PyThread_type_lock lock) nogil
+    int WAIT_LOCK
+    int NOWAIT_LOCK
+
+
+@cython.final
+@cython.auto_pickle(False)
+cdef class WatchBoard:
+    """Where a caller posts its first sampled item for the process's one watcher thread.
+
+    ``post(watched, clock)`` (the caller's thread CPU clock id) returns False when another
+    caller's item is being watched (the item then runs unwatched); ``end()`` tells that the
+    item returned. The watcher calls ``wait`` in a loop.
+
+    >>> board = WatchBoard()
+    >>> board.post("item", 0), board.post("other", 0)
+    (True, False)
+    >>> board.end()
+    """
+
+    cdef PyThread_type_lock posted  # released by post: the watcher's wake-up
+    cdef PyThread_type_lock running  # held while a posted item runs; released by end
+    cdef PyThread_type_lock mutex  # guards the fields below between the two threads
+    cdef amz_clockid_t clock
+    cdef bint busy  # an item is posted and not ended
+    cdef bint pending  # ``posted`` is released and the watcher has not taken it yet
+    cdef readonly long long generation  # counts posts
+    cdef readonly object watched  # what the caller posted (read by the watcher's Python)
+
+    def __cinit__(self) -> None:
+        self.posted = PyThread_allocate_lock()
+        self.running = PyThread_allocate_lock()
+        self.mutex = PyThread_allocate_lock()
+        if self.posted == NULL or self.running == NULL or self.mutex == NULL:
+            raise MemoryError("cannot allocate the watcher's locks")
+        PyThread_acquire_lock(self.posted, WAIT_LOCK)
+        PyThread_acquire_lock(self.running, WAIT_LOCK)
+        self.generation = 0
+        self.watched = None
+
+    def __dealloc__(self) -> None:
+        if self.posted != NULL:
+            PyThread_free_lock(self.posted)
+        if self.running != NULL:
+            PyThread_free_lock(self.running)
+        if self.mutex != NULL:
+            PyThread_free_lock(self.mutex)
+
+    def post(self, object watched, long clock) -> bool:
+        """Watch the caller's item from now on (False: the board is busy)."""
+        PyThread_acquire_lock(self.mutex, WAIT_LOCK)
+        if self.busy:
+            PyThread_release_lock(self.mutex)
+            return False
+        self.busy = True
+        self.clock = <amz_clockid_t>clock
+        self.generation += 1
+        self.watched = watched
+        # Held while the item runs (the watcher may have left it released: an item it gave
+        # up on ended after that).
+        PyThread_acquire_lock(self.running, NOWAIT_LOCK)
+        wake = not self.pending
+        self.pending = True
+        PyThread_release_lock(self.mutex)
+        if wake:  # a post the watcher has not taken yet wakes it already
+            PyThread_release_lock(self.posted)
+        return True
+
+    def end(self) -> None:
+        """The posted item returned: stop watching it."""
+        PyThread_acquire_lock(self.mutex, WAIT_LOCK)
+        if self.busy:
+            self.busy = False
+            self.watched = None
+            PyThread_release_lock(self.running)
+        PyThread_release_lock(self.mutex)
+
+    def current(self, long long generation) -> object:
+        """What post ``generation`` posted, if it is still running; else None."""
+        return self.watched if self.busy and generation == self.generation else None
+
+    def wait(self, double after, double max_cpu, int checks) -> int:
+        """Block (without the GIL) until a posted item has used under ``max_cpu`` of a core
+        for ``checks`` checks in a row, the first ``after`` seconds into it (each check
+        that finds it busy doubles the interval); return that post's ``generation``. Items
+        that return first are skipped. Called by the watcher thread only."""
+        cdef long long generation = 0
+        with nogil:
+            while generation == 0:
+                PyThread_acquire_lock(self.posted, WAIT_LOCK)
+                generation = self._watch(after, max_cpu, checks)
+        return generation
+
+    cdef long long _watch(self, double after, double max_cpu, int checks) noexcept nogil:
+        # The item posted last: its generation once it looked blocked, 0 once it returned.
+        cdef double pause = after, cpu0, t0, cpu, now
+        cdef int streak = 0
+        cdef long long generation
+        cdef amz_clockid_t clock
+        PyThread_acquire_lock(self.mutex, WAIT_LOCK)
+        self.pending = False
+        generation, clock = self.generation, self.clock
+        if not self.busy:
+            generation = 0  # it returned already
+        PyThread_release_lock(self.mutex)
+        if generation == 0:
+            return 0
+        cpu0, t0 = amz_clock_seconds(clock), amz_monotonic_seconds()
+        while True:
+            if PyThread_acquire_lock_timed(
+                self.running, <long long>(pause * 1e6), 0
+            ) == PY_LOCK_ACQUIRED:
+                return 0  # it returned (``running`` is held again, as a post wants it)
+            cpu, now = amz_clock_seconds(clock), amz_monotonic_seconds()
+            if cpu < 0.0:
+                streak = 0  # the thread's clock is gone: the item cannot be told apart
+            elif cpu - cpu0 < max_cpu * (now - t0):
+                streak += 1
+            else:
+                streak = 0
+            cpu0, t0 = cpu, now
+            if streak >= checks:
+                return generation
+            if streak == 0:
+                pause *= 2.0

@@ -1,0 +1,137 @@
+"""The watcher's waits (``_core_watch.pxi``): a posted item is reported only once it looks
+blocked, quick items never, one item at a time, and in a forked child afresh."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from amorsize import sampling
+from amorsize._core import WatchBoard
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(time, "pthread_getcpuclockid"), reason="needs a thread CPU clock (Linux, BSD)"
+)
+
+AFTER, MAX_CPU, CHECKS = 1e-3, 0.1, 2
+
+
+def _clock() -> int:
+    return time.pthread_getcpuclockid(threading.get_ident())
+
+
+class Watcher:
+    """``WatchBoard.wait`` in a thread of its own; ``reports`` gets what each return named."""
+
+    def __init__(self, board: WatchBoard) -> None:
+        self.board = board
+        self.reports: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            generation = self.board.wait(AFTER, MAX_CPU, CHECKS)
+            self.reports.put(self.board.current(generation))
+
+    def saw_blocked(self, name: str) -> bool:
+        """Post ``name`` and block until the watcher names it (other reports: items that a
+        busy machine kept off the CPU long enough to look blocked)."""
+        assert self.board.post(name, _clock())
+        try:
+            while True:
+                if self.reports.get(timeout=30.0) == name:  # blocked here meanwhile
+                    return True
+        finally:
+            self.board.end()
+
+
+def test_one_item_at_a_time() -> None:
+    """A second post while an item runs is refused; after end() a post is taken."""
+    board = WatchBoard()
+    assert board.post("a", _clock()) and not board.post("b", _clock())
+    board.end()
+    assert board.post("c", _clock()) and board.generation == 2
+    assert board.current(2) == "c" and board.current(1) is None
+    board.end()
+    assert board.current(2) is None
+
+
+def test_a_blocked_item_is_reported_after_quick_ones() -> None:
+    """Quick items come and go; the one that blocks is named once it has."""
+    board = WatchBoard()
+    watcher = Watcher(board)
+    for k in range(50):  # quick items: posted and ended at once
+        assert board.post(f"quick {k}", _clock())
+        board.end()
+    assert watcher.saw_blocked("blocked")
+    assert watcher.saw_blocked("blocked again")  # the watcher goes on
+
+
+def test_posts_from_many_threads_never_share_the_board() -> None:
+    """Eight threads posting and ending at once: a post is taken alone or refused, and the
+    watcher still reports a blocked item afterwards."""
+    board = WatchBoard()
+    watcher = Watcher(board)
+    inside = 0
+    overlaps: list[int] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        nonlocal inside
+        for _ in range(500):
+            if board.post("x", _clock()):
+                with lock:
+                    inside += 1
+                    overlaps.append(inside)
+                with lock:
+                    inside -= 1
+                board.end()
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps and max(overlaps) == 1
+    assert watcher.saw_blocked("after the storm")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_watcher() -> None:
+    """The child has no watcher thread: its first watch starts one, and a waiting first
+    item still spills there."""
+    sampling.start_watcher()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether a waiting first item spilled, then leave
+        code = 1
+        try:
+            spilled = threading.Event()
+            gate = threading.Event()
+
+            def first_waits(x: int) -> int:
+                if x == 0:
+                    gate.wait(30.0)
+                else:
+                    spilled.set()
+                    gate.set()
+                return x
+
+            from amorsize.backends import get_backend
+
+            spill = get_backend("threads").spill_runner()
+            s = sampling.sample(first_waits, list(range(8)), spill=spill)
+            code = 0 if spilled.is_set() and s.results == tuple(range(8)) else 2
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == b"\x00", f"child reported {got!r}"
