@@ -1191,13 +1191,13 @@ def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rule
     """Run the next items on two threads at once, in up to ``PROBE_ROUNDS`` rounds; their
     overlap in [0, 1] (``probe_overlap``). NaN: not probed.
 
-    Rounds stop once one shows ``_PROBE_CLEAR`` overlap, or at a failure that stops the
-    sample. A lone planned round that tells nothing (``_told``: the threads never ran at
-    once, or another process kept one off its core) is run again (twice as long if
-    preempted), up to ``_PROBE_RERUNS`` times: one late wake-up must not make GIL-releasing
-    work look serialised (on a virtual machine a core idle for a moment took ~1.5 ms to
-    come back, most of a round). Both threads live through all rounds, so only one thread
-    is started.
+    Rounds go on only while they tell nothing (``_told``: the threads never ran at once
+    though either could have, or another process kept one off its core): they stop at
+    one that does, at ``_PROBE_CLEAR`` overlap, or at a failure that stops the sample. A
+    lone planned round that tells nothing is run again (twice as long if preempted), up to
+    ``_PROBE_RERUNS`` times: one late wake-up must not make GIL-releasing work look
+    serialised (on a virtual machine a core idle for a moment took ~1.5 ms to come back,
+    most of a round). Both threads live through all rounds, so only one thread is started.
     """
     k, rounds = _probe_size(tally, rules)
     if k == 0 or rounds == 0:
@@ -1205,10 +1205,10 @@ def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rule
     pair = _ProbePair(func, tally.keep_going)
     measured: list[ProbeRound] = []
     single = rounds == 1
-    reruns = _PROBE_RERUNS if single else 0  # several rounds are several chances already
+    tries = 1 + _PROBE_RERUNS if single else rounds
     size = 2 * k
     try:
-        while rounds > 0:
+        while tries > 0:
             first = src.pos
             items = src.take(size)
             if len(items) < size or not pair.run(items):
@@ -1217,30 +1217,28 @@ def _probe(func: Callable[[Any], Any], src: _Source, tally: _Tally, rules: _Rule
             if not _keep_round(pair, items, first, src, tally):
                 return math.nan
             measured.append(pair.measured)
-            if probe_overlap(measured[-1:]) >= _PROBE_CLEAR:
+            if probe_overlap(measured[-1:]) >= _PROBE_CLEAR or _told(pair.measured):
                 break
-            if reruns == 0 or _told(pair.measured, single):
-                rounds, size = rounds - 1, 2 * k
-            else:  # twice as long only where a core came late: the GIL's mark costs less
-                reruns -= 1
-                size = 4 * k if pair.measured.preempted >= _PROBE_PREEMPTED else 2 * k
+            tries -= 1
+            if single and pair.measured.preempted >= _PROBE_PREEMPTED:
+                size = 4 * k  # a core came late: a longer round leaves time both ran
     finally:
         pair.close()
     return probe_overlap(measured)
 
 
-def _told(r: ProbeRound, alone: bool) -> bool:
+def _told(r: ProbeRound) -> bool:
     """Whether a round says something about the work: no other process kept the threads
     from running on two cores (``_PROBE_PREEMPTED``, unless their shared window is long,
-    ``_PROBE_LONG_S``) and, for a round ``alone`` (the only one planned), both threads ran
-    items at the same time, or the caller ran alone long enough (``_PROBE_LATE_S``) that
-    only the GIL can have kept the helper out: a late wake-up must not decide the plan."""
+    ``_PROBE_LONG_S``), and both threads ran items at the same time, or the caller ran
+    alone long enough (``_PROBE_LATE_S``) that only the GIL can have kept the helper out:
+    a late wake-up must not decide the plan."""
     if not r.caller or not r.helper:
         return False
     window = min(r.caller[-1][0], r.helper[-1][0]) - max(r.caller[0][0], r.helper[0][0])
     if r.preempted >= _PROBE_PREEMPTED and window < _PROBE_LONG_S:
         return False
-    if not alone or window > 0.0:
+    if window > 0.0:
         return True
     return r.caller[-1][0] - r.caller[0][0] >= _PROBE_LATE_S
 

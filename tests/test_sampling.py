@@ -727,25 +727,45 @@ MS = ((0.0, 0.0), (0.5e-3, 0.5e-3), (1e-3, 1e-3))  # a caller that ran 1 ms of i
 
 
 @pytest.mark.parametrize(
-    ("caller", "helper", "preempted", "alone", "told"),
+    ("caller", "helper", "preempted", "told"),
     [
-        (BOTH, BOTH, 0, True, True),  # both ran all along
-        (BOTH, ((0.5, 0.0), (0.75, 0.25), (1.0, 0.5)), 0, True, True),  # late, still overlapped
-        (MS, ((1.5e-3, 0.0), (2e-3, 0.5e-3)), 0, True, False),  # late after 1 ms: a slow core?
-        (MS, ((1.5e-3, 0.0), (2e-3, 0.5e-3)), 0, False, True),  # ... one of several rounds
-        (BOTH, ((1.5, 0.0), (2.0, 0.5)), 0, True, True),  # kept out for 1 s: only the GIL does
-        (BOTH, (), 0, True, False),  # the helper never ran
-        (BOTH, BOTH, 1, True, True),  # one preemption happens on a quiet machine too
-        (MS, MS, sampling._PROBE_PREEMPTED, False, False),  # another process took a core
-        (BOTH, BOTH, sampling._PROBE_PREEMPTED, True, True),  # ... in a 1 s window: it tells
+        (BOTH, BOTH, 0, True),  # both ran all along
+        (BOTH, ((0.5, 0.0), (0.75, 0.25), (1.0, 0.5)), 0, True),  # late, still overlapped
+        (MS, ((1.5e-3, 0.0), (2e-3, 0.5e-3)), 0, False),  # late after 1 ms: a slow core?
+        (BOTH, ((1.5, 0.0), (2.0, 0.5)), 0, True),  # kept out for 1 s: only the GIL does that
+        (BOTH, (), 0, False),  # the helper never ran
+        (BOTH, BOTH, 1, True),  # one preemption happens on a quiet machine too
+        (MS, MS, sampling._PROBE_PREEMPTED, False),  # another process took a core
+        (BOTH, BOTH, sampling._PROBE_PREEMPTED, True),  # ... in a 1 s window: it tells still
     ],
 )
 def test_a_round_that_tells_nothing_is_told_apart(
-    caller: Any, helper: Any, preempted: int, alone: bool, told: bool
+    caller: Any, helper: Any, preempted: int, told: bool
 ) -> None:
-    """A round run without two cores, or a lone round whose helper may have woken late, is
-    run again."""
-    assert sampling._told(ProbeRound(caller, helper, preempted), alone) is told
+    """A round run without two cores, or whose helper may have woken late, tells nothing."""
+    assert sampling._told(ProbeRound(caller, helper, preempted)) is told
+
+
+@pytest.mark.usefixtures("cpu_work_is_probed")
+@pytest.mark.parametrize(("told", "rounds_run"), [(True, 1), (False, 3)])
+def test_rounds_go_on_only_while_they_tell_nothing(
+    monkeypatch: pytest.MonkeyPatch, told: bool, rounds_run: int
+) -> None:
+    """Of three planned rounds, a conclusive first one ends the probe; else all three run."""
+    monkeypatch.setattr(sampling, "_probe_size", lambda tally, rules: (4, 3))
+    monkeypatch.setattr(sampling, "_told", lambda r: told)
+    monkeypatch.setattr(sampling, "probe_overlap", lambda rounds: 0.0)
+    sizes: list[int] = []
+    real = sampling._ProbePair.run
+
+    def spy(self: Any, items: list[Any]) -> bool:
+        sizes.append(len(items))
+        return real(self, items)
+
+    monkeypatch.setattr(sampling._ProbePair, "run", spy)
+    s = sample(python_loop, range(20_000), cores=2, probe_threads=True)
+    assert sizes == [8] * rounds_run
+    assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
 
 
 @settings(max_examples=300, deadline=None)
