@@ -6,7 +6,7 @@
 # from the caller, who was still sampling; that cost ~4 % of the CPU time of a 10 ms run
 # of 0.1 us items (benchmarks/bench_serial.py --cpu: execute / list comprehension, with
 # and without the wake-up). Here the watcher runs no Python until an item has looked
-# blocked; a quick item costs its caller two lock releases.
+# blocked; a quick item costs its caller a few lock operations and one wake-up.
 #
 #   caller:  post(watched, clock) ── item runs ── end()
 #   watcher: WatchBoard.wait(...) ─ nogil ─▶ returns only when the posted item looked

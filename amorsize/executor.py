@@ -1802,9 +1802,12 @@ def execute(
     item, sampled ones included, runs in worker processes, so a crash (segfault,
     ``os._exit``) is a ``WorkerCrashedError`` for that item; with ``backend="auto"`` the
     first item runs in the calling process, and so do the next ones until they add up to
-    1 ms and show that a process plan could pay off (``optimizer._offload_rule``), after
-    which the rest of the sample runs in a worker; with ``"threads"`` or ``"dask"`` they run
-    in the caller. Once a sampled item crashed a worker, serial and threads are ruled out.
+    1 ms and show that a process plan could pay off (``optimizer._offload_rule``); then
+    CPU-bound items of 50 us or more get the two-thread probe in the caller (a few rounds of
+    ~4 ms of work: GIL-releasing work then keeps its sample in the caller, as a threads
+    plan would run it), after which the rest of the sample runs in a worker; with
+    ``"threads"`` or ``"dask"`` they run in the caller. Once a sampled item crashed a
+    worker, serial and threads are ruled out.
     A sampled item that fails raises at once with ``on_error="raise"``; with ``"collect"``
     or a dead-letter queue it is a data point (its time counts, its failure takes its slot)
     and sampling goes on. With a checkpoint, only items it does not hold are sampled and
