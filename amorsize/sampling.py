@@ -109,14 +109,14 @@ _PROBE_MAX_WAIT = 0.5
 _PROBE_CLEAR = 0.5
 # A round whose threads were preempted this many times (involuntary switches, both together)
 # did not have two cores: a lone planned round is run again, up to _PROBE_RERUNS times.
-# Measured on the 2-core machine (bench_oracle.py gil_zlib, first calls): rounds that read
-# zlib as GIL-bound showed 3-4 preemptions of the caller's thread; clean rounds 0-1,
+# Measured on the 2-core machine (benchmarks/bench_probe.py: zlib, first calls): rounds that
+# read zlib as GIL-bound showed 3-4 preemptions of the caller's thread; clean rounds 0-1,
 # GIL-bound or not.
 _PROBE_PREEMPTED = 2
 _PROBE_RERUNS = 1
 # A helper that has not started after the caller ran items alone this long was kept out by
 # the GIL, not by a late core: an idle core of the 2-core virtual machine took ~1.5 ms to
-# come back (bench_oracle.py gil_zlib first calls), and this is twice that.
+# come back (benchmarks/bench_probe.py), and this is twice that.
 _PROBE_LATE_S = 3e-3
 # A window both threads ran in that is this long tells, preempted or not: preemptions cost
 # it a few ms at most. GIL-bound rounds of 30 ms (bench_oracle.py skewed) showed 6-12
@@ -336,7 +336,7 @@ def _avoid_cpu(cpu: int, cpus: frozenset[int]) -> None:
 
     On a virtual machine whose second core sat idle, the helper was woken onto the caller's
     core and the two took turns there for milliseconds (13 of 40 first calls read zlib as
-    serialised, bench_oracle.py gil_zlib): moved, it waits for the other core to wake
+    serialised, benchmarks/bench_probe.py): moved, it waits for the other core to wake
     instead, then runs beside the caller.
     """
     if cpu in cpus and len(cpus) > 1:
