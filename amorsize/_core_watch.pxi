@@ -9,9 +9,9 @@
 # blocked; a quick item costs its caller a few lock operations and one wake-up.
 #
 #   caller:  post(watched, clock) ── item runs ── end()
-#   watcher: WatchBoard.wait(...) ─ nogil ─▶ returns only when the posted item looked
-#            blocked ``checks`` times in a row (the caller's thread CPU clock, read
-#            ``after`` seconds apart, then at doubling intervals): then Python decides.
+#   watcher: WatchBoard.wait(...) ─ nogil ─▶ returns only when the posted item waited
+#            ``checks`` times in a row (the caller's thread CPU clock and /proc state, read
+#            ``after`` seconds apart, then at doubling intervals): then Python spills.
 
 cdef extern from *:
     """
@@ -21,8 +21,13 @@ cdef extern from *:
     typedef long amz_clockid_t;
     static double amz_clock_seconds(amz_clockid_t clock) { (void)clock; return -1.0; }
     static double amz_monotonic_seconds(void) { return -1.0; }
+    static int amz_thread_blocked(long tid) { (void)tid; return -1; }
     #else
+    #include <fcntl.h>
+    #include <stdio.h>
+    #include <string.h>
     #include <time.h>
+    #include <unistd.h>
     typedef clockid_t amz_clockid_t;
     static double amz_clock_seconds(amz_clockid_t clock) {
         struct timespec ts;
@@ -30,11 +35,30 @@ cdef extern from *:
         return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
     }
     static double amz_monotonic_seconds(void) { return amz_clock_seconds(CLOCK_MONOTONIC); }
+    /* Whether thread `tid` of this process is blocked now (state S or D in /proc: not
+       running, nor runnable and preempted): 1, 0, or -1 where /proc cannot tell. */
+    static int amz_thread_blocked(long tid) {
+        char path[64], buf[512];
+        ssize_t n;
+        char *end;
+        int fd;
+        snprintf(path, sizeof path, "/proc/self/task/%ld/stat", tid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return -1;
+        n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0) return -1;
+        buf[n] = 0;
+        end = strrchr(buf, ')');
+        if (end == NULL || end[1] != ' ') return -1;
+        return end[2] == 'S' || end[2] == 'D';
+    }
     #endif
     """
     ctypedef long amz_clockid_t
     double amz_clock_seconds(amz_clockid_t clock) noexcept nogil
     double amz_monotonic_seconds() noexcept nogil
+    int amz_thread_blocked(long tid) noexcept nogil
 
 cdef extern from "pythread.h":
     # CPython's own locks (what threading.Lock wraps): usable without the GIL.
@@ -58,12 +82,13 @@ cdef extern from "pythread.h":
 cdef class WatchBoard:
     """Where a caller posts its first sampled item for the process's one watcher thread.
 
-    ``post(watched, clock)`` (the caller's thread CPU clock id) returns False when another
-    caller's item is being watched (the item then runs unwatched); ``end()`` tells that the
-    item returned. The watcher calls ``wait`` in a loop.
+    ``post(watched, clock, tid)`` (the caller's thread CPU clock id and native thread id)
+    returns False when another caller's item is being watched (the item then runs
+    unwatched); ``end()`` tells that the item returned. The watcher calls ``wait`` in a
+    loop.
 
     >>> board = WatchBoard()
-    >>> board.post("item", 0), board.post("other", 0)
+    >>> board.post("item", 0, 0), board.post("other", 0, 0)
     (True, False)
     >>> board.end()
     """
@@ -72,6 +97,7 @@ cdef class WatchBoard:
     cdef PyThread_type_lock running  # held while a posted item runs; released by end
     cdef PyThread_type_lock mutex  # guards the fields below between the two threads
     cdef amz_clockid_t clock
+    cdef long tid
     cdef bint busy  # an item is posted and not ended
     cdef bint pending  # ``posted`` is released and the watcher has not taken it yet
     cdef readonly long long generation  # counts posts
@@ -96,7 +122,7 @@ cdef class WatchBoard:
         if self.mutex != NULL:
             PyThread_free_lock(self.mutex)
 
-    def post(self, object watched, long clock) -> bool:
+    def post(self, object watched, long clock, long tid) -> bool:
         """Watch the caller's item from now on (False: the board is busy)."""
         PyThread_acquire_lock(self.mutex, WAIT_LOCK)
         if self.busy:
@@ -104,6 +130,7 @@ cdef class WatchBoard:
             return False
         self.busy = True
         self.clock = <amz_clockid_t>clock
+        self.tid = tid
         self.generation += 1
         self.watched = watched
         # Held while the item runs (the watcher may have left it released: an item it gave
@@ -130,10 +157,12 @@ cdef class WatchBoard:
         return self.watched if self.busy and generation == self.generation else None
 
     def wait(self, double after, double max_cpu, int checks) -> int:
-        """Block (without the GIL) until a posted item has used under ``max_cpu`` of a core
-        for ``checks`` checks in a row, the first ``after`` seconds into it (each check
-        that finds it busy doubles the interval); return that post's ``generation``. Items
-        that return first are skipped. Called by the watcher thread only."""
+        """Block (without the GIL) until a posted item has waited for ``checks`` checks in
+        a row, the first ``after`` seconds into it (each check that finds it busy doubles
+        the interval); return that post's ``generation``. Waited: its thread used under
+        ``max_cpu`` of a core since the last check and is blocked now (sleep, I/O, a lock;
+        not runnable and preempted, where /proc can tell). Items that return first are
+        skipped. Called by the watcher thread only."""
         cdef long long generation = 0
         with nogil:
             while generation == 0:
@@ -142,14 +171,18 @@ cdef class WatchBoard:
         return generation
 
     cdef long long _watch(self, double after, double max_cpu, int checks) noexcept nogil:
-        # The item posted last: its generation once it looked blocked, 0 once it returned.
+        # The item posted last: its generation once it waited, 0 once it returned. Its state
+        # is read here, not after taking the GIL: a CPU-bound item's thread waits for the
+        # GIL the watcher takes, and would read as blocked.
         cdef double pause = after, cpu0, t0, cpu, now
         cdef int streak = 0
         cdef long long generation
         cdef amz_clockid_t clock
+        cdef long tid
+        cdef bint ended
         PyThread_acquire_lock(self.mutex, WAIT_LOCK)
-        self.pending = False
-        generation, clock = self.generation, self.clock
+        self.pending = False  # this wake-up took the post
+        generation, clock, tid = self.generation, self.clock, self.tid
         if not self.busy:
             generation = 0  # it returned already
         PyThread_release_lock(self.mutex)
@@ -161,10 +194,15 @@ cdef class WatchBoard:
                 self.running, <long long>(pause * 1e6), 0
             ) == PY_LOCK_ACQUIRED:
                 return 0  # it returned (``running`` is held again, as a post wants it)
+            PyThread_acquire_lock(self.mutex, WAIT_LOCK)
+            ended = not self.busy or self.generation != generation
+            PyThread_release_lock(self.mutex)
+            if ended:  # it returned and the same thread posted the next item meanwhile
+                return 0
             cpu, now = amz_clock_seconds(clock), amz_monotonic_seconds()
             if cpu < 0.0:
                 streak = 0  # the thread's clock is gone: the item cannot be told apart
-            elif cpu - cpu0 < max_cpu * (now - t0):
+            elif cpu - cpu0 < max_cpu * (now - t0) and amz_thread_blocked(tid) != 0:
                 streak += 1
             else:
                 streak = 0

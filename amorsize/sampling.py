@@ -1394,16 +1394,15 @@ class _Watch:
         self.ended = False
         self.lock = threading.Lock()  # held while items are taken and started
         self.clock = time.pthread_getcpuclockid(threading.get_ident())
-        self.stat = f"/proc/self/task/{threading.get_native_id()}/stat"
+        self.tid = threading.get_native_id()
         self.spilled: _Spilled | None = None
         self.board: WatchBoard | None = None  # where it was posted (None: not watched)
 
-    def spill_if_blocked(self) -> None:
-        """In the watcher thread, once the item's thread stayed off the CPU for
-        ``_SPILL_CHECKS`` checks: spill, if it is blocked now (not running, nor runnable
-        and preempted: CPU work on a busy machine also leaves the CPU)."""
+    def spill(self) -> None:
+        """In the watcher thread, once the item waited ``_SPILL_CHECKS`` checks in a row:
+        start the next items, unless it returned meanwhile."""
         with self.lock:
-            if not self.ended and _thread_state(self.stat) in ("S", "D", ""):
+            if not self.ended:
                 self.spilled = self.start()
 
     def stop(self) -> _Spilled | None:
@@ -1439,16 +1438,15 @@ class _Watcher:
                 board = WatchBoard()
                 _thread.start_new_thread(self._loop, (board,))
                 self.board, self.pid = board, os.getpid()
-        if watch is not None and board.post(watch, watch.clock):
+        if watch is not None and board.post(watch, watch.clock, watch.tid):
             watch.board = board
 
     @staticmethod
     def _loop(board: WatchBoard) -> None:
         while True:
-            generation = board.wait(SPILL_AFTER_S, _SPILL_MAX_CPU, _SPILL_CHECKS)
-            watch = board.current(generation)
+            watch = board.current(board.wait(SPILL_AFTER_S, _SPILL_MAX_CPU, _SPILL_CHECKS))
             if watch is not None:
-                watch.spill_if_blocked()
+                watch.spill()
 
 
 _WATCHER = _Watcher()
@@ -1462,16 +1460,6 @@ def start_watcher() -> None:
     item may run only after it."""
     with contextlib.suppress(RuntimeError):
         _WATCHER.watch(None)
-
-
-def _thread_state(stat: str) -> str:
-    """A thread's scheduler state from its ``/proc`` stat file ("R" running or runnable,
-    "S"/"D" blocked), or "" where there is none to read (then the CPU share decides)."""
-    try:
-        with open(stat, "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0].decode()
-    except (OSError, IndexError, UnicodeDecodeError):
-        return ""
 
 
 class _Spilled(NamedTuple):

@@ -25,6 +25,10 @@ def _clock() -> int:
     return time.pthread_getcpuclockid(threading.get_ident())
 
 
+def _tid() -> int:
+    return threading.get_native_id()
+
+
 class Watcher:
     """``WatchBoard.wait`` in a thread of its own; ``reports`` gets what each return named."""
 
@@ -41,7 +45,7 @@ class Watcher:
     def saw_blocked(self, name: str) -> bool:
         """Post ``name`` and block until the watcher names it (other reports: items that a
         busy machine kept off the CPU long enough to look blocked)."""
-        assert self.board.post(name, _clock())
+        assert self.board.post(name, _clock(), _tid())
         try:
             while True:
                 if self.reports.get(timeout=30.0) == name:  # blocked here meanwhile
@@ -53,9 +57,9 @@ class Watcher:
 def test_one_item_at_a_time() -> None:
     """A second post while an item runs is refused; after end() a post is taken."""
     board = WatchBoard()
-    assert board.post("a", _clock()) and not board.post("b", _clock())
+    assert board.post("a", _clock(), _tid()) and not board.post("b", _clock(), _tid())
     board.end()
-    assert board.post("c", _clock()) and board.generation == 2
+    assert board.post("c", _clock(), _tid()) and board.generation == 2
     assert board.current(2) == "c" and board.current(1) is None
     board.end()
     assert board.current(2) is None
@@ -66,10 +70,38 @@ def test_a_blocked_item_is_reported_after_quick_ones() -> None:
     board = WatchBoard()
     watcher = Watcher(board)
     for k in range(50):  # quick items: posted and ended at once
-        assert board.post(f"quick {k}", _clock())
+        assert board.post(f"quick {k}", _clock(), _tid())
         board.end()
     assert watcher.saw_blocked("blocked")
     assert watcher.saw_blocked("blocked again")  # the watcher goes on
+
+
+def test_an_item_off_the_cpu_but_runnable_is_not_reported() -> None:
+    """Low CPU alone is not waiting: an item whose thread reads as runnable (as a preempted
+    one does on a busy machine) is not reported. The state is read without the GIL: read
+    after taking it, a CPU-bound caller waiting for that very GIL read as blocked, and its
+    next items spilled onto threads in the caller (a crash test caught it under load)."""
+    board = WatchBoard()
+    watcher = Watcher(board)
+    gate = threading.Event()
+    sleeper = threading.Thread(target=gate.wait)  # blocked: no CPU, state S
+    sleeper.start()
+    try:
+        assert sleeper.ident is not None and sleeper.native_id is not None
+        idle_clock = time.pthread_getcpuclockid(sleeper.ident)
+        # The sleeper's clock (never advances) with this thread's state (running).
+        assert board.post("runnable", idle_clock, _tid())
+        spin_until = time.thread_time() + 40 * AFTER  # CPU time: many checks' worth
+        while time.thread_time() < spin_until:
+            pass
+        board.end()
+        assert watcher.reports.empty()
+        assert board.post("blocked", idle_clock, sleeper.native_id)  # both the sleeper's
+        assert watcher.reports.get(timeout=30.0) == "blocked"
+        board.end()
+    finally:
+        gate.set()
+        sleeper.join()
 
 
 def test_posts_from_many_threads_never_share_the_board() -> None:
@@ -84,7 +116,7 @@ def test_posts_from_many_threads_never_share_the_board() -> None:
     def caller() -> None:
         nonlocal inside
         for _ in range(500):
-            if board.post("x", _clock()):
+            if board.post("x", _clock(), _tid()):
                 with lock:
                     inside += 1
                     overlaps.append(inside)

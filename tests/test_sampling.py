@@ -746,14 +746,10 @@ def test_a_round_that_tells_nothing_is_told_apart(
     assert sampling._told(ProbeRound(caller, helper, preempted)) is told
 
 
-@pytest.mark.usefixtures("cpu_work_is_probed")
-@pytest.mark.parametrize(("told", "rounds_run"), [(True, 1), (False, 3)])
-def test_rounds_go_on_only_while_they_tell_nothing(
-    monkeypatch: pytest.MonkeyPatch, told: bool, rounds_run: int
-) -> None:
-    """Of three planned rounds, a conclusive first one ends the probe; else all three run."""
-    monkeypatch.setattr(sampling, "_probe_size", lambda tally, rules: (4, 3))
-    monkeypatch.setattr(sampling, "_told", lambda r: told)
+@pytest.fixture
+def round_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The item count of each probe round run, with every round reading serialised."""
+    monkeypatch.setattr(sampling, "_PROBE_MAX_WAIT", 1.01)  # as cpu_work_is_probed
     monkeypatch.setattr(sampling, "probe_overlap", lambda rounds: 0.0)
     sizes: list[int] = []
     real = sampling._ProbePair.run
@@ -763,8 +759,18 @@ def test_rounds_go_on_only_while_they_tell_nothing(
         return real(self, items)
 
     monkeypatch.setattr(sampling._ProbePair, "run", spy)
+    return sizes
+
+
+@pytest.mark.parametrize(("told", "rounds_run"), [(True, 1), (False, 3)])
+def test_rounds_go_on_only_while_they_tell_nothing(
+    monkeypatch: pytest.MonkeyPatch, round_sizes: list[int], told: bool, rounds_run: int
+) -> None:
+    """Of three planned rounds, a conclusive first one ends the probe; else all three run."""
+    monkeypatch.setattr(sampling, "_probe_size", lambda tally, rules: (4, 3))
+    monkeypatch.setattr(sampling, "_told", lambda r: told)
     s = sample(python_loop, range(20_000), cores=2, probe_threads=True)
-    assert sizes == [8] * rounds_run
+    assert round_sizes == [8] * rounds_run
     assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
 
 
@@ -781,24 +787,15 @@ def test_threads_that_never_ran_at_once_read_zero(segments: list[tuple[int, floa
     assert probe_overlap([ProbeRound(tuple(points[0]), tuple(points[1]))]) <= 1e-9
 
 
-@pytest.mark.usefixtures("cpu_work_is_probed")
-def test_a_preempted_round_is_run_again_twice_as_long(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_preempted_round_is_run_again_twice_as_long(
+    monkeypatch: pytest.MonkeyPatch, round_sizes: list[int]
+) -> None:
     """A lone round kept off a core (injected preemptions) runs again, with twice the items."""
     ticks = itertools.count(0, 5)  # every reading: five more preemptions
     monkeypatch.setattr(sampling, "_involuntary_switches", lambda: next(ticks))
     monkeypatch.setattr(sampling, "_probe_size", lambda tally, rules: (4, 1))  # one round
-    monkeypatch.setattr(sampling, "probe_overlap", lambda rounds: 0.0)
-    sizes: list[int] = []
-    real = sampling._ProbePair.run
-
-    def spy(self: Any, items: list[Any]) -> bool:
-        sizes.append(len(items))
-        return real(self, items)
-
-    monkeypatch.setattr(sampling._ProbePair, "run", spy)
     s = sample(python_loop, range(20_000), cores=2, probe_threads=True)
-    assert len(sizes) >= 2 and sizes[1] == 2 * sizes[0]
-    assert sizes.count(2 * sizes[0]) == sampling._PROBE_RERUNS
+    assert round_sizes == [8] + [16] * sampling._PROBE_RERUNS
     assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
 
 
