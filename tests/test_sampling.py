@@ -178,10 +178,13 @@ def test_fast_items_get_many_samples() -> None:
 
 
 def test_cpu_ratio_tells_waiting_from_working() -> None:
-    """Sleeping items have a low CPU/wall ratio, busy items a high one."""
+    """Sleeping items read as waiting, busy items do not."""
     sleepy = sample(short_sleep, range(3), sample_size=3).profile
     busy = sample(sum, [range(20_000)] * 30, sample_size=30).profile
-    assert sleepy.cpu_ratio < 0.5 and sleepy.wait_fraction > 0.5
+    # Not ``cpu_ratio``: it is the whole process's CPU over wall time, and threads that
+    # earlier tests left running (a Dask cluster's) lifted it to 0.8 over these 6 ms in a
+    # CI run. The waiting share reads the calling thread's own clock around each call.
+    assert sleepy.wait_fraction > 0.5
     # A busy machine may preempt the busy work (low CPU/wall), but it never blocks.
     assert busy.wait_fraction < 0.5
     assert sleepy.mean_seconds >= 0.002
