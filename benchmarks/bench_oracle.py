@@ -15,8 +15,9 @@ a generator, skewed and bimodal costs):
 All in one process (``fork`` pools start in milliseconds), each contender run ``--repeats``
 times (median); a contender whose first run is slower than three times the best so far
 (plus 0.2 s) is cut short and not repeated. Where the oracle takes under 50 ms, it and
-execute then take turns nine times, and those medians are compared. A generator workload hands every contender a
-fresh generator expression. Prints the load average with the table.
+execute then take turns nine times, and those medians are compared. A generator workload
+hands every contender a fresh generator expression. Prints the load average with the
+table.
 
 Targets (issue 14): geometric mean of execute/oracle <= 1.05, none above 1.20; tiny
 <= 1.05x the list comprehension; sleep-bound <= 1.10x the best ThreadPool; async >= 10x
