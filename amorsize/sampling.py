@@ -1492,8 +1492,9 @@ def _watch(func: Callable[[Any], Any], src: _Source, spill: SpillRunner, room: i
 
 
 def _timed_on_thread(func: Callable[[Any], Any], item: Any) -> tuple[bool, Any, float, float, int]:
-    """``func(item)`` on a spill thread: ``(ok, result or exception, seconds, this thread's
-    CPU seconds, voluntary switches)``."""
+    """``func(item)`` timed in this thread (the caller's first item, or one on a spill
+    thread): ``(ok, result or exception, seconds, this thread's CPU seconds, voluntary
+    switches)``."""
     vol0 = _voluntary_switches()
     cpu0 = time.thread_time()
     t0 = time.perf_counter()
@@ -1517,26 +1518,18 @@ def _run_first_watched(
     pos = src.pos - 1
     watch = _watch(func, src, spill, room)
     rss0 = _rss() if _HAS_STATM else 0
-    vol0 = _voluntary_switches()
-    c0 = time.thread_time()
-    t0 = time.perf_counter()
     try:
-        out, ok = func(item), True
-    except Exception as exc:
-        out, ok = exc, False
+        ok, out, seconds, cpu, vol = _timed_on_thread(func, item)
     except BaseException:
         spilled = watch.stop() if watch is not None else None
         if spilled is not None:
             spilled.collect(True)
         raise
-    t1 = time.perf_counter()
-    cpu = time.thread_time() - c0
     spilled = watch.stop() if watch is not None else None
-    vol = _voluntary_switches() - vol0 if vol0 >= 0 else -1
     mem = max(_rss() - rss0, 0) if _HAS_STATM else 0
     attempts = 1 if ok else getattr(out, "attempts", 1)
     tally.in_caller += 1
-    tally.add_remote(pos, ItemRun(ok, out, t1 - t0, cpu, vol, mem, attempts))
+    tally.add_remote(pos, ItemRun(ok, out, seconds, cpu, vol, mem, attempts))
     if spilled is None:
         return
     first = src.pos - spilled.n
