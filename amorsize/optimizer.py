@@ -27,7 +27,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from amorsize._core import model_max_workers_for_memory, model_search, model_thread_seconds
+from amorsize._core import (
+    model_max_workers_for_memory,
+    model_parallel_floor,
+    model_search,
+    model_thread_seconds,
+)
 from amorsize._format import format_bytes, format_seconds
 from amorsize._model_types import Machine, Workload
 from amorsize._validate import MAX_WORKERS, check_int
@@ -36,6 +41,7 @@ from amorsize.backends import warm_workers as backend_warm_workers
 from amorsize.sampling import (
     ASSUMED_UNKNOWN_LENGTH,
     SPILL_MAX_ITEMS,
+    OffloadRule,
     Profile,
     RemoteRunner,
     Sample,
@@ -72,6 +78,8 @@ MULTITHREADED_CPU_RATIO = 1.3
 # (pickling and dispatch in the parent; 2 warm workers, 100,000 small items): such work is
 # sampled in the caller, where a sample costs no process round trip.
 _OFFLOAD_MIN_ITEM_S = 1e-6
+# The backends ``model_parallel_floor`` prices (a decision among others predicts them all).
+_FLOOR_BACKENDS = frozenset(("serial", "processes", "threads"))
 # Above this pickled size per item, transfer is worth naming as the reason for serial.
 _BIG_ITEM_BYTES = 16 * 1024
 # Waiting items go one per task to threads unless bigger chunks are predicted this much
@@ -293,6 +301,16 @@ def _why_not_parallel(
     if not procs:
         return f"the work is CPU-bound: {_gil_words(profile)}"
     best = procs[0]
+    return _transfer_words(profile, system, gil) or (
+        f"the work is too small for the overhead ({format_seconds(profile.mean_seconds)} per "
+        f"item; the best process plan, {_plan_name(best.backend, best.n_jobs, best.chunksize)},"
+        f" is predicted {best.speedup:.2f}x vs serial){gil}"
+    )
+
+
+def _transfer_words(profile: Profile, system: SystemInfo, gil: str) -> str:
+    """The sentence naming big inputs or results as what keeps processes from paying off
+    (the parent alone moves them), or ``""``; ``gil`` ends it."""
     per_byte = system.transfer_s_per_byte
     out_cost = profile.out_load_seconds + profile.out_bytes * per_byte
     in_cost = profile.in_dump_seconds + profile.in_bytes * per_byte
@@ -307,11 +325,7 @@ def _why_not_parallel(
             f"each input is {format_bytes(profile.in_bytes)} and the parent alone must pickle and send"
             f" it ({format_seconds(in_cost)}, vs {format_seconds(t)} to compute it){gil}"
         )
-    return (
-        f"the work is too small for the overhead ({format_seconds(t)} per item; the best process plan, "
-        f"{_plan_name(best.backend, best.n_jobs, best.chunksize)}, is predicted "
-        f"{best.speedup:.2f}x vs serial){gil}"
-    )
+    return ""
 
 
 def _gil_words(profile: Profile) -> str:
@@ -424,21 +438,33 @@ def _planned_length(data: Iterable[Any]) -> int:
     return ASSUMED_UNKNOWN_LENGTH if hint < 0 else hint
 
 
-def _offload_rule(system: SystemInfo, warm: int, total: int) -> Callable[[float, int], bool]:
+def _offload_rule(system: SystemInfo, warm: int, total: int) -> OffloadRule:
     """Whether items this slow could make a process plan pay off: then sample in a worker.
 
-    A lower bound on any process plan: it starts a worker (unless one is warm) and costs a
-    round trip, and it must still save the share ``1/MIN_SPEEDUP - 1/cores`` of the serial
-    time of the items left; items under ``_OFFLOAD_MIN_ITEM_S`` never pay.
+    A lower bound on any process plan (``model_parallel_floor``'s, with what the sample
+    knows so far): it starts a worker (unless one is warm) and costs a round trip, the
+    parent hands out every item, at least the bytes of the first one and its result
+    through a pipe, and the CPU work spreads over the usable cores at best; it must still
+    come out ``MIN_SPEEDUP`` faster than serial on the items left. Items under
+    ``_OFFLOAD_MIN_ITEM_S`` never pay. The bytes are weighed only when the rest of the
+    rule says yes: 2500 items of 200 KB that took 0.1 ms each went to a worker (45 ms of
+    a 0.3 s serial job, bench_quality.py big_input_200kb) though moving one costs 0.35 ms.
     """
-    gain = 1.0 / MIN_SPEEDUP - 1.0 / max(system.usable_cores, 1.0)
+    cores = max(system.usable_cores, 1.0)
     fixed = system.process_roundtrip_s + (
         0.0 if warm > 0 else system.process_startup_s + system.process_startup_per_worker_s
     )
 
-    def could_pay(mean: float, done: int) -> bool:
+    def pays(rest: int, mean: float, parent: float) -> bool:
+        share = max(parent, (mean + parent) / cores)
+        return rest * mean > MIN_SPEEDUP * (fixed + rest * share)
+
+    def could_pay(mean: float, done: int, item_bytes: Callable[[], float]) -> bool:
         rest = max(total - done, 0)
-        return gain > 0 and mean > _OFFLOAD_MIN_ITEM_S and rest * mean * gain > fixed
+        if mean <= _OFFLOAD_MIN_ITEM_S or not pays(rest, mean, 0.0):
+            return False
+        parent = item_bytes() * system.transfer_s_per_byte + PARENT_ITEM_SECONDS
+        return pays(rest, mean, parent)
 
     return could_pay
 
@@ -561,7 +587,9 @@ def _decide(
     allowed, forced = _rule_out_this_process(p, allowed)
     if forced:
         warnings.append(forced)
-    early = _early_serial_reason(p, allowed, n_jobs)
+    early = _early_serial_reason(p, allowed, n_jobs) or _below_floor(
+        job, system, allowed, warm_workers, warm_threads, min_speedup
+    )
     if early:
         choice = _Choice.serial(job.serial_rest, early)
         return _result(s, system, job, choice, warnings, (), verbose=verbose, t_decide=t_decide)
@@ -650,6 +678,44 @@ def _early_serial_reason(profile: Profile, allowed: tuple[str, ...], n_jobs: int
     if n_jobs == 1 and "serial" in allowed:
         return "n_jobs=1 was requested"
     return ""
+
+
+def _below_floor(
+    job: _Job,
+    system: SystemInfo,
+    allowed: tuple[str, ...],
+    warm_workers: int,
+    warm_threads: int,
+    min_speedup: float,
+) -> str:
+    """Why serial wins before any plan is predicted: no process or thread plan can come
+    within ``min_speedup`` of it (``model_parallel_floor``), or ``""``.
+
+    Only where the compiled model prices every allowed parallel backend the plain way (no
+    planning hook, no ghost plans of unpicklable work, no multithreaded func to rescale).
+    """
+    p = job.profile
+    procs = "processes" in allowed and p.picklable
+    threads = "threads" in allowed
+    if (
+        "serial" not in allowed
+        or any(b not in _FLOOR_BACKENDS for b in allowed)
+        or ("processes" in allowed and not p.picklable)
+        or p.cpu_ratio > MULTITHREADED_CPU_RATIO
+        or not (procs or threads)
+    ):
+        return ""
+    w, m = _model_inputs(job, system, warm_workers, p.mean_seconds, warm_threads)
+    floor = job.sampled_s + model_parallel_floor(w, m, procs, threads)
+    if job.serial_total >= min_speedup * floor:
+        return ""
+    gil = "; " + _gil_words(p) if threads and not job.io_bound else ""
+    why = (procs and _transfer_words(p, system, gil)) or (
+        f"the work is too small for the overhead ({format_seconds(p.mean_seconds)} per item;"
+        f" no parallel plan can be predicted under {format_seconds(floor)}, against"
+        f" {format_seconds(job.serial_total)} serially){gil}"
+    )
+    return f"serial is best: {why}"
 
 
 # --------------------------------------------------------------------------- candidates

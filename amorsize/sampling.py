@@ -75,7 +75,10 @@ MAX_SAMPLE_ITEMS = 2000
 _PICKLE_ITEMS = 256
 # ... and at most this many when the items are tiny (see ``_sizes``).
 _PICKLE_TINY = 32
-_PICKLE_BYTES = 2 << 20
+# A 1 MB batch: a 2 MB one cost gil_zlib (16-200 KB blobs) ~2.1 ms of a 55 ms first call, mostly
+# page faults on fresh memory, 1 MB ~1.0 ms (the same decisions on bench_quality.py big_input_200kb
+# and big_output_1mb).
+_PICKLE_BYTES = 1 << 20
 #: Planning horizon for iterators of unknown length: long enough that start-up amortises,
 #: the common case for generators fed to a parallel map.
 ASSUMED_UNKNOWN_LENGTH = 10_000
@@ -344,6 +347,31 @@ def _avoid_cpu(cpu: int, cpus: frozenset[int]) -> None:
             os.sched_setaffinity(0, cpus - {cpu})
 
 
+def _stay_on_cpu(cpu: int, cpus: frozenset[int]) -> frozenset[int] | None:
+    """Keep this thread (the probe's caller) on ``cpu`` until ``_restore_cpus`` gives back
+    the CPUs it returns (None: nothing was changed).
+
+    With only the helper moved, the caller still followed it: each time the helper woke
+    it (the round's barrier, a released GIL), Linux woke it on the helper's core, and the
+    two took turns there. In 10 % of first calls (4 of 40, benchmarks/bench_probe.py)
+    both threads of a round read one CPU, and zlib read as serialised.
+    """
+    if cpu not in cpus or len(cpus) < 2:
+        return None
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError:
+        return None
+    return cpus
+
+
+def _restore_cpus(cpus: frozenset[int] | None) -> None:
+    """Undo ``_stay_on_cpu``."""
+    if cpus is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cpus)
+
+
 def _involuntary_switches() -> int:
     """Times this thread was preempted so far (another thread or process took its core);
     0 where the OS does not count them per thread."""
@@ -499,6 +527,11 @@ SpillRunner = Callable[[Callable[[Any], Any], list[Any]], Callable[[bool], list[
 #: spent, or an earlier item failed): see ``TimedCall``.
 RemoteRunner = Callable[[int, list[Any], float], list["ItemRun | None"]]
 
+#: Whether the rest of the sample moves to a worker: ``(mean seconds per item, items so
+#: far, item_bytes)``; ``item_bytes()`` (asked only when needed: it pickles) is what one
+#: item and its result weigh pickled, ``inf`` when they cannot travel.
+OffloadRule = Callable[[float, int, Callable[[], float]], bool]
+
 
 class TimedCall:
     """``func`` on one item, measured where it runs (a worker process), as sampling does.
@@ -646,6 +679,22 @@ class _Source:
         self.pos -= n
 
 
+def _item_bytes(src: _Source, tally: _Tally) -> float:
+    """The first sampled item and its result, pickled: bytes a process plan moves per item
+    (``inf``: they cannot travel). Pickled once per sample."""
+    if tally.item_bytes is None:
+        item = src.seq[0] if src.seq is not None else src.drawn[0]
+        out = tally.results[0] if tally.results else None
+        try:
+            size = float(len(pickle.dumps(item, _PROTOCOL)))
+            if type(out) is not SampledFailure:
+                size += len(pickle.dumps(out, _PROTOCOL))
+        except Exception:
+            size = math.inf
+        tally.item_bytes = size
+    return tally.item_bytes
+
+
 class _Tally:
     """What the sample found so far, wherever its items ran."""
 
@@ -668,6 +717,7 @@ class _Tally:
         self.in_caller = 0
         self.error_pos: int | None = None
         self.error: BaseException | None = None
+        self.item_bytes: float | None = None  # ``_item_bytes``, once asked
 
     @property
     def stopped(self) -> bool:
@@ -759,9 +809,10 @@ class _Rules:
 class _Meter:
     """The caller's clocks when a run of items in the calling thread starts."""
 
-    __slots__ = ("cpu0", "start", "vol0", "wall0")
+    __slots__ = ("cpu0", "src", "start", "vol0", "wall0")
 
-    def __init__(self, tally: _Tally) -> None:
+    def __init__(self, tally: _Tally, src: _Source) -> None:
+        self.src = src
         self.wall0 = tally.wall
         self.cpu0 = time.process_time()
         self.vol0 = _voluntary_switches()
@@ -775,7 +826,7 @@ class _Meter:
         self,
         tally: _Tally,
         rules: _Rules,
-        offload: Callable[[float, int], bool] | None,
+        offload: OffloadRule | None,
         timed: float,
         now: float,
     ) -> str:
@@ -788,7 +839,9 @@ class _Meter:
             return "enough"
         # Asked only from 1 ms of work on: a lone first call is often slow (caches,
         # imports) and would send microsecond work to a worker.
-        if offload is not None and offload((tally.timed + timed) / n, n):
+        if offload is not None and offload(
+            (tally.timed + timed) / n, n, functools.partial(_item_bytes, self.src, tally)
+        ):
             return "offload"
         return ""
 
@@ -810,11 +863,11 @@ def _run_here(
     tally: _Tally,
     rules: _Rules,
     limit: int,
-    offload: Callable[[float, int], bool] | None,
+    offload: OffloadRule | None,
 ) -> bool:
     """Run items in the calling thread until the sample is done; True: the rest goes remote.
 
-    ``offload(mean seconds, items so far)`` is asked after each item. The success path stays
+    ``offload`` (an ``OffloadRule``) is asked after each item. The success path stays
     inline: on microsecond items this loop is the sample's cost.
     """
     # This thread's CPU only: other threads of the program (a pool shutting down, a
@@ -829,7 +882,7 @@ def _run_here(
     seq = src.seq  # limit <= len(seq): index it directly, the cheapest way to get an item
     pos = src.pos
     quick = 0  # items in a row under _BLOCK_ITEM_S: then the rest is timed in blocks
-    meter = _Meter(tally)
+    meter = _Meter(tally, src)
     wall0, start = meter.wall0, meter.start
     while pos < limit:
         if seq is not None:
@@ -889,7 +942,7 @@ def _run_blocks(
     tally: _Tally,
     rules: _Rules,
     limit: int,
-    offload: Callable[[float, int], bool] | None,
+    offload: OffloadRule | None,
 ) -> bool:
     """``_run_here`` for items found tiny: each block of items is timed as one ``map``, and
     each item counts the block's mean (the spread is then the blocks' spread). Same rules,
@@ -901,7 +954,7 @@ def _run_blocks(
     ran = 0
     verdict = ""
     size = _QUICK_RUN
-    meter = _Meter(tally)
+    meter = _Meter(tally, src)
     own = _OwnTime()
     lo, hi = math.inf, 0.0  # the fastest and slowest block of 64 or more, per item
     while not verdict and src.pos < limit and not tally.stopped:
@@ -1007,7 +1060,7 @@ def sample(
     assumed_length: int = ASSUMED_UNKNOWN_LENGTH,
     keep_going: bool = False,
     remote: RemoteRunner | None = None,
-    offload: Callable[[float, int], bool] | None = None,
+    offload: OffloadRule | None = None,
     index_of: Callable[[int], int] | None = None,
     probe_threads: bool = False,
     spill: SpillRunner | None = None,
@@ -1028,7 +1081,7 @@ def sample(
     Where items run: in the calling thread, unless ``remote`` is given (a ``RemoteRunner``,
     running batches in a worker process). With ``remote`` alone every item runs there; with
     ``offload`` too, the first item runs in the caller, and so do the next ones until they
-    add up to 1 ms and ``offload(mean seconds, items so far)`` says yes: then the rest of
+    add up to 1 ms and ``offload`` (an ``OffloadRule``) says yes: then the rest of
     the sample runs remotely. ``index_of`` maps a position in
     ``data`` to the input index that messages name (a stream that skips items).
 
@@ -1071,7 +1124,8 @@ def sample(
         if n and rules.enough(tally.wall, n, tally.cpu, tally.switches):
             limit = src.pos  # enough already (the spilled items, or one slow item)
         elif n and remote is not None and offload is not None and tally.wall >= _MIN_SAMPLE_S:
-            here = not offload(tally.timed / n, n)  # as _run_here asks after each item
+            # as _run_here asks after each item
+            here = not offload(tally.timed / n, n, functools.partial(_item_bytes, src, tally))
     probe = probe_threads and not rules.fixed
     overlap = math.nan
     while src.pos < limit and not tally.stopped and not src.ended:
@@ -1284,7 +1338,8 @@ class _ProbePair:
         self.points: list[list[tuple[float, float]]] = [[], []]
         self.preempted = [0, 0]
         self.caller_cpu = -1
-        self.cpus = _allowed_cpus()  # the caller's: the helper's own may be narrowed later
+        self.cpus = _allowed_cpus()  # the caller's: both threads' are narrowed for the probe
+        self.pinned: frozenset[int] | None = None  # the caller's CPUs while it is pinned
         self.measured = ProbeRound((), ())
         self.stop = threading.Event()
         # A helper that cannot start (or reach a round) in time breaks the barrier, and
@@ -1296,7 +1351,9 @@ class _ProbePair:
     def run(self, items: list[Any]) -> bool:
         """One round on ``items``; False: not run (no helper thread)."""
         self.items, self.out = items, [None] * len(items)
-        self.caller_cpu = _current_cpu()
+        if self.pinned is None:  # the first round: the caller stays where it is
+            self.caller_cpu = _current_cpu()
+            self.pinned = _stay_on_cpu(self.caller_cpu, self.cpus)
         self.next = [0, len(items) - 1]
         self.points = [[], []]
         self.stop.clear()
@@ -1321,11 +1378,14 @@ class _ProbePair:
         return True
 
     def close(self) -> None:
-        """End the helper thread (it waits at the next round's start)."""
+        """End the helper thread (it waits at the next round's start); the caller may run
+        on its CPUs again."""
         self.gate.abort()
         self.done.abort()
         if self.helper is not None:
             self.helper.join()
+        _restore_cpus(self.pinned)
+        self.pinned = None
 
     def _helper(self) -> None:
         while True:

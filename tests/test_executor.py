@@ -712,6 +712,30 @@ def test_execute_and_execute_iter_share_their_options() -> None:
     assert list(build) == list(run)
 
 
+async def _async_square(x: int) -> int:
+    return x * x
+
+
+@pytest.mark.parametrize("func", [square, _async_square], ids=["def", "async-def"])
+@pytest.mark.parametrize("ordered_window", [False, True])
+def test_a_plain_call_gets_the_options_the_checks_would_give(
+    func: Any, ordered_window: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """execute(func, data) skips the option checks, and gets what they would have built."""
+    build = executor_module._RunOptions.build
+    defaults = {
+        name: p.default for name, p in inspect.signature(execute).parameters.items()
+        if p.default is not inspect.Parameter.empty and name != "return_plan"
+    }  # fmt: skip
+    # Every option defaulting to None is in the plain call's check.
+    assert len(executor_module._NOTHING_GIVEN) == sum(v is None for v in defaults.values())
+    plain = build("execute", func, [1], ordered_window=ordered_window, **defaults)
+    monkeypatch.setattr(executor_module, "_NOTHING_GIVEN", ())  # the checked path
+    checked = build("execute", func, [1], ordered_window=ordered_window, **defaults)
+    assert plain == checked and plain.is_async == (func is _async_square)
+    assert plain is not checked
+
+
 def test_modules_below_the_executor_never_import_it() -> None:
     """Imports go one way: only the CLI, the demo and the package root import the executor,
     even inside a function body (no hidden cycle)."""

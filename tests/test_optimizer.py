@@ -24,6 +24,7 @@ import amorsize.optimizer
 from amorsize import Checkpoint, ItemFailure, RetryPolicy, WorkerCrashedError, execute
 from amorsize._core import (
     model_max_workers_for_memory,
+    model_parallel_floor,
     model_process_seconds,
     model_search,
     model_serial_seconds,
@@ -317,6 +318,44 @@ def test_tiny_items_stay_serial() -> None:
     assert r.backend == "serial" and "serial is best" in r.reason
 
 
+def test_tiny_items_are_decided_before_any_plan_is_predicted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job below the parallel floor skips the search: its reason names the floor."""
+    searched: list[int] = []
+    real = amorsize.optimizer.model_search
+
+    def spy(*args: Any) -> Any:
+        searched.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(amorsize.optimizer, "model_search", spy)
+    r = _plan(_profile(1e-7, 200_000, n_sampled=256))
+    assert r.backend == "serial" and "no parallel plan can be predicted under" in r.reason
+    assert not searched and [c.backend for c in r.alternatives] == ["serial"]
+    assert r.n_jobs == 1 and r.estimated_speedup == 1.0
+    _plan(_profile(1e-3, 2000))
+    assert searched  # work above the floor is still searched
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    mean=st.floats(1e-8, 0.05), n_items=st.integers(2, 10**6), wait=st.floats(0, 1),
+    out_bytes=st.floats(1, 1e7), overlap=st.floats(0, 1), warm=st.integers(0, 4),
+)
+def test_the_floor_never_changes_a_decision(
+    mean: float, n_items: int, wait: float, out_bytes: float, overlap: float, warm: int
+) -> None:
+    """Deciding serial at the floor gives the backend a full search would choose."""
+    p = _profile(mean, n_items, n_sampled=1, cpu_ratio=1.0 - wait, wait_fraction=wait,
+                 out_bytes=out_bytes, out_load_seconds=out_bytes * 1e-9,
+                 thread_overlap=overlap)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(amorsize.optimizer, "_below_floor", lambda *a: "")
+        full = _plan(p, warm_workers=warm)
+    assert _plan(p, warm_workers=warm).backend == full.backend
+
+
 def test_sleep_bound_work_goes_to_many_threads() -> None:
     """Waiting work: threads, with many more workers than cores."""
     r = _plan(_profile(2e-3, 1000, n_sampled=3, cpu_ratio=0.02, wait_fraction=0.98))
@@ -543,6 +582,33 @@ def test_model_search_is_sane(n: int, t: float, cv: float, cpu: float, b: float,
             assert secs >= model_serial_seconds(w) / max(workers, 1) * min(cpu, 1.0) / 2 - 1e-9
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 10**6), t=st.floats(1e-8, 1.0), cv=st.floats(0, 3),
+    cpu=st.floats(0, 1), b=st.floats(0, 1e7), cores=st.floats(1, 64),
+    overlap=st.floats(0, 1), warm=st.integers(0, 8), warm_threads=st.integers(0, 64),
+    k=st.integers(1, 4096),
+)
+def test_the_parallel_floor_is_below_every_plan(
+    n: int, t: float, cv: float, cpu: float, b: float, cores: float, overlap: float,
+    warm: int, warm_threads: int, k: int,
+) -> None:
+    """``model_parallel_floor`` is at most the predicted time of any process or thread plan."""
+    w = _workload(n_items=float(n), t_mean=t, t_std=cv * t, t_max=t * (1 + 3 * cv),
+                  cpu_fraction=cpu, in_bytes=b, out_bytes=b, thread_overlap=overlap)
+    m = _machine(cores=cores, warm_workers=float(warm), warm_threads=float(warm_threads))
+    ns = [1, 2, 3, 4, 8, 16, 64, 128]
+    floor_p = model_parallel_floor(w, m, True, False)
+    floor_t = model_parallel_floor(w, m, False, True)
+    assert model_parallel_floor(w, m, True, True) == min(floor_p, floor_t)
+    assert model_parallel_floor(w, m, False, False) >= 1e300
+    for code, _, _, secs in model_search(w, m, ns, ns):
+        assert code == 0 or secs >= (floor_p if code == 1 else floor_t) * (1 - 1e-12)
+    for x in ns:
+        assert model_process_seconds(w, m, x, k) >= floor_p * (1 - 1e-12)
+        assert model_thread_seconds(w, m, x, k) >= floor_t * (1 - 1e-12)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 8), c=st.integers(1, 512), warm=st.integers(0, 8))
 def test_warm_workers_never_cost_more(n: int, c: int, warm: int) -> None:
@@ -671,10 +737,29 @@ def test_sampled_crash_keeps_the_rest_in_workers() -> None:
 
 def test_offload_rule_on_injected_facts() -> None:
     """issue 12 item 3: only work a process plan could speed up moves its sample to a worker."""
+    small = lambda: 60.0  # noqa: E731 - bytes of an item and its result, pickled
     rule = _offload_rule(_facts(), 0, 1000)
-    assert rule(1e-3, 1) and not rule(1e-7, 500) and not rule(2e-6, 990)
-    assert not _offload_rule(_facts(usable_cores=1.0), 0, 1000)(1.0, 1)
-    assert _offload_rule(_facts(), 2, 1000)(5e-6, 100)  # warm workers start for free
+    assert rule(1e-3, 1, small) and not rule(1e-7, 500, small) and not rule(2e-6, 990, small)
+    assert not _offload_rule(_facts(usable_cores=1.0), 0, 1000)(1.0, 1, small)
+    assert _offload_rule(_facts(), 2, 1000)(5e-6, 100, small)  # warm workers start for free
+
+
+@pytest.mark.parametrize(
+    ("item_bytes", "moves"),
+    [(60.0, True), (10e3, True), (200e3, False), (math.inf, False)],
+)
+def test_offload_rule_weighs_what_each_item_moves(item_bytes: float, moves: bool) -> None:
+    """Items whose bytes take the parent longer to move than to compute stay in the caller;
+    the bytes are weighed only when the work alone could pay."""
+    weighed: list[int] = []
+
+    def weigh() -> float:
+        weighed.append(1)
+        return item_bytes
+
+    rule = _offload_rule(_facts(transfer_s_per_byte=1.7e-9), 0, 2500)
+    assert rule(1e-4, 30, weigh) is moves and weighed == [1]
+    assert not rule(1e-7, 30, weigh) and weighed == [1]
 
 
 def bad_5(x: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -308,7 +309,7 @@ def test_offload_moves_the_rest_of_the_sample_to_a_worker() -> None:
     """issue 12 item 3: the first item runs in the caller, the rest in a real worker."""
     runner = _remote_sampler(get_backend("processes"), short_sleep, stop=True)
     s = sample(short_sleep, list(range(10)), sample_size=5, remote=runner,
-               offload=lambda mean, n: True)
+               offload=lambda mean, n, weigh: True)
     assert s.results == (0, 1, 2, 3, 4)
     assert s.profile.in_caller == 1 and s.profile.n_sampled == 5
     assert s.profile.mean_seconds >= 0.002
@@ -319,8 +320,30 @@ def test_no_offload_keeps_the_sample_in_the_caller() -> None:
     def runner(first: int, items: list[Any], budget: float) -> list[Any]:
         raise AssertionError("no item may go to a worker")
 
-    s = sample(double, list(range(50)), remote=runner, offload=lambda mean, n: False)
+    s = sample(double, list(range(50)), remote=runner, offload=lambda mean, n, weigh: False)
     assert s.profile.in_caller == s.profile.n_sampled == 50
+
+
+@pytest.mark.parametrize(
+    ("item", "low", "high"),
+    [(b"x" * 1000, 1000, 1100), (threading.Lock(), math.inf, math.inf)],
+    ids=["bytes", "unpicklable"],
+)
+def test_the_offload_rule_weighs_the_first_item_and_its_result(
+    item: Any, low: float, high: float
+) -> None:
+    """What the rule is told one item moves: the first item and its result, pickled once
+    (inf when they cannot travel)."""
+    weighed: list[float] = []
+
+    def rule(mean: float, n: int, weigh: Any) -> bool:
+        weighed.extend((weigh(), weigh()))
+        return False
+
+    # Asked from 1 ms of work on: 30 items of a few hundred microseconds.
+    sample(lambda x: python_loop(3), [item] * 50, sample_size=30, remote=lambda *a: [],
+           offload=rule)
+    assert weighed and low <= weighed[0] <= high and len(set(weighed)) == 1
 
 
 _CRASH_SCRIPT = """
@@ -823,6 +846,41 @@ def test_the_probe_helper_moves_off_the_callers_cpu() -> None:
     assert got == [set(cpus - {here})] and os.sched_getaffinity(0) == set(cpus)
 
 
+_BLOB = os.urandom(256 << 10)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs CPU affinity (Linux) and two allowed CPUs",
+)
+@pytest.mark.parametrize("interrupt", [False, True], ids=["ends", "ctrl-c"])
+def test_the_probe_keeps_the_caller_on_its_cpu_then_gives_it_back(interrupt: bool) -> None:
+    """While the probe runs, the caller stays on one CPU and the helper on the others;
+    afterwards (Ctrl-C included) the caller may run on all of them again."""
+    before = os.sched_getaffinity(0)
+    main = threading.get_ident()
+    seen: list[tuple[bool, frozenset[int]]] = []
+
+    def work(x: int) -> int:
+        cpus = frozenset(os.sched_getaffinity(0))
+        seen.append((threading.get_ident() == main, cpus))
+        if interrupt and len(cpus) == 1 and threading.get_ident() == main:
+            raise KeyboardInterrupt
+        return len(hashlib.sha256(_BLOB).digest()) + x  # releases the GIL: both threads run
+
+    if interrupt:
+        with pytest.raises(KeyboardInterrupt):
+            sample(work, range(20_000), cores=2, probe_threads=True)
+    else:
+        sample(work, range(20_000), cores=2, probe_threads=True)
+    assert os.sched_getaffinity(0) == before
+    pinned = {cpus for here, cpus in seen if here and cpus != before}
+    assert len(pinned) == 1 and len(next(iter(pinned))) == 1
+    if not interrupt:
+        helper = {cpus for here, cpus in seen if not here}
+        assert helper == {frozenset(before) - next(iter(pinned))}
+
+
 class RemoteSpy:
     """A remote runner that runs batches here and records when it was first called."""
 
@@ -850,7 +908,7 @@ def test_the_probe_runs_before_the_sample_moves_to_a_worker(
 
     monkeypatch.setattr(sampling, "_probe", probe)
     s = sample(python_loop, list(range(20_000)), cores=2, probe_threads=True,
-               remote=RemoteSpy(log), offload=lambda mean, n: True)
+               remote=RemoteSpy(log), offload=lambda mean, n, weigh: True)
     assert log[0] == "probe" and ("remote" in log) is goes_remote
     assert log.count("probe") == 1 and s.profile.thread_overlap == overlap
     assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
