@@ -203,7 +203,7 @@ cpdef double model_parallel_floor(Workload w, Machine m, bint processes, bint th
     """A lower bound on every process plan's (``processes``) and thread plan's
     (``threads``) predicted seconds, whatever the worker count and chunk size; ``1e300``
     when neither is asked for. Where serial beats it by the optimizer's margin, no plan
-    needs predicting (a 10 ms run of 0.1 us items spent ~8 % of its time on the search).
+    needs predicting (a cold 7 ms run of 0.1 us items spent ~1 % of its time searching).
 
     Processes: the cheapest start-up, the function sent once, the parent's share of every
     item (pickling, hand-out, receiving) or all the CPU work over the cores, whichever is

@@ -1827,7 +1827,8 @@ def execute(
     item, sampled ones included, runs in worker processes, so a crash (segfault,
     ``os._exit``) is a ``WorkerCrashedError`` for that item; with ``backend="auto"`` the
     first item runs in the calling process, and so do the next ones until they add up to
-    1 ms and show that a process plan could pay off (``optimizer._offload_rule``); then
+    1 ms and show that a process plan could pay off, moving their bytes included
+    (``optimizer._offload_rule``); then
     CPU-bound items of 50 us or more get the two-thread probe in the caller (a few rounds of
     ~4 ms of work: GIL-releasing work then keeps its sample in the caller, as a threads
     plan would run it), after which the rest of the sample runs in a worker; with

@@ -872,7 +872,12 @@ def test_the_probe_keeps_the_caller_on_its_cpu_then_gives_it_back(interrupt: boo
         with pytest.raises(KeyboardInterrupt):
             sample(work, range(20_000), cores=2, probe_threads=True)
     else:
-        sample(work, range(20_000), cores=2, probe_threads=True)
+        # On a loaded machine the helper may start too late for any item: probe again.
+        for _ in range(5):
+            sample(work, range(20_000), cores=2, probe_threads=True)
+            if not all(here for here, _ in seen):
+                break
+            seen.clear()
     assert os.sched_getaffinity(0) == before
     pinned = {cpus for here, cpus in seen if here and cpus != before}
     assert len(pinned) == 1 and len(next(iter(pinned))) == 1
