@@ -110,9 +110,9 @@ def check_int(
     Traceback (most recent call last):
     ValueError: f(): n must be an int in [1, 8]; got 0
     """
-    rule = f"an int in [{low}, {high}]" + (" or None" if none else "")
     if value is None and none:
         return None
+    rule = f"an int in [{low}, {high}]" + (" or None" if none else "")
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):
         fail(TypeError, where, name, rule, value, note)
     number = operator.index(value)  # type: ignore[arg-type]

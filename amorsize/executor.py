@@ -42,8 +42,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from operator import length_hint
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
+from amorsize import _telemetry
 from amorsize._core import SerialMap, SerialStream, serial_extend
 from amorsize._log import RUN_ID, log_item_failed, new_run_id
 from amorsize._observers import DispatchStoppedError, ItemFailure, RunObserver
@@ -243,6 +245,10 @@ def _check_backend(value: Any) -> str | Backend:
 def _is_async(func: Any) -> bool:
     """Whether calling ``func`` gives a coroutine: ``async def``, also through
     ``functools.partial``, a bound method, ``with_retry`` or an ``async def __call__``."""
+    if type(func) is FunctionType and not hasattr(func, "_is_coroutine_marker"):
+        # A plain function (most calls): its code says it all. (Python 3.12's
+        # inspect.markcoroutinefunction sets that attribute on functions it marks.)
+        return bool(func.__code__.co_flags & inspect.CO_COROUTINE)
     if inspect.iscoroutinefunction(func):
         return True
     core = sys.modules.get("amorsize._core")  # not loaded: func cannot be with_retry's
@@ -532,9 +538,7 @@ def _plain_options(is_async: bool, ordered_window: bool) -> _RunOptions:
 
 def _telemetry_observers(trace_chunks: bool) -> tuple[RunObserver, ...]:
     """The OpenTelemetry observer when a provider is set (none without opentelemetry)."""
-    from amorsize._telemetry import run_observer
-
-    obs = run_observer(trace_chunks)
+    obs = _telemetry.run_observer(trace_chunks)
     return () if obs is None else (obs,)
 
 
@@ -812,7 +816,10 @@ def _spill_on(backend: str | Backend, names: tuple[str, ...]) -> SpillRunner | N
         return None
     be = backend if isinstance(backend, Backend) and backend.name == "threads" else None
     runner = getattr(be or get_backend("threads"), "spill_runner", None)
-    return None if runner is None else cast("SpillRunner", runner())
+    if runner is None:
+        return None
+    spill: SpillRunner = runner()
+    return spill
 
 
 @dataclass(frozen=True)
@@ -1085,15 +1092,8 @@ class _Execution:
         self.opts = opts
         self.one_block = one_block
         self.n_items = _length(data)
-        observers = opts.observers
-        self.on_success = [o for o in observers if _overrides(o, "on_success", "on_success_block")]
-        self.knowers = [o for o in observers if _overrides(o, "known", "known_block")]
-        self.gates = [o for o in observers if _overrides(o, "allow_dispatch")]
-        self.watchers = [o for o in observers if _overrides(o, *_ITEM_HOOKS)]
-        self.chunk_ends = [o for o in observers if _overrides(o, "chunk_finished")]
+        self._sort_observers(opts.observers)
         self.run_id = new_run_id()  # names the run in logs and traces
-        self.chunk_watchers = [o for o in observers if _overrides(o, "on_chunk")]
-        self.reporters = [o for o in observers if _overrides(o, "on_report")]
         # Chunk times, only when someone looks at them (report=, an on_chunk observer); then
         # the dispatch time of each task in flight, for backends that measure nothing.
         self.timeline: Timeline | None = None
@@ -1129,6 +1129,19 @@ class _Execution:
         self.tasks_out = 0  # tasks dispatched and not yet back
         self.sharing: list[Any] = []  # limiter / budget in shared memory until _finish
         self.limits = _worker_limits(opts)
+
+    def _sort_observers(self, observers: tuple[RunObserver, ...]) -> None:
+        """Who is told what: the observers overriding each kind of hook."""
+        def overriding(*hooks: str) -> list[RunObserver]:
+            return [o for o in observers if _overrides(o, *hooks)] if observers else []
+
+        self.on_success = overriding("on_success", "on_success_block")
+        self.knowers = overriding("known", "known_block")
+        self.gates = overriding("allow_dispatch")
+        self.watchers = overriding(*_ITEM_HOOKS)
+        self.chunk_ends = overriding("chunk_finished")
+        self.chunk_watchers = overriding("on_chunk")
+        self.reporters = overriding("on_report")
 
     def result_blocks(self) -> Iterator[tuple[int, list[Any]]]:
         """The run: ``(start, values)`` blocks of consecutive results, in completion order."""

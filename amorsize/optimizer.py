@@ -224,7 +224,8 @@ def _validate(
     check_int("optimize(): ", "sample_size", sample_size, 1, none=True, note=" (None: adapt)")
     if isinstance(backends, str):
         backends = (backends,)
-    if not isinstance(backends, Sequence | set | frozenset) or not backends:
+    sequence = type(backends) is tuple or isinstance(backends, Sequence | set | frozenset)
+    if not sequence or not backends:
         msg = (
             f"optimize(): backends must be a non-empty sequence of backend names; got "
             f"{backends!r}. Use e.g. backends=('serial', 'processes', 'threads')."
@@ -253,9 +254,14 @@ def _validate(
 def _reason_serial_nothing(n_items: int, profile: Profile) -> str:
     if n_items == 0:
         return "there are no items, so there is nothing to parallelise"
+    threads = profile.on_threads
+    beside = (
+        f": the first one waited, so the next {threads} ran on {threads} threads beside it"
+        if threads else ""
+    )
     return (
         f"all {profile.n_sampled} item(s) already ran while sampling"
-        f" ({format_seconds(profile.sample_seconds)}), so nothing is left to parallelise"
+        f" ({format_seconds(profile.sample_seconds)}){beside}; nothing is left to run"
     )
 
 

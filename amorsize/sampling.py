@@ -179,9 +179,10 @@ class Profile:
     ``error_index`` / ``error`` name the first item that failed (by input index): sampling
     stopped there unless it kept going, and then ``n_failed`` of the ``n_sampled`` items
     failed (``n_crashed`` of them killed their worker process). ``in_caller`` items ran in
-    the calling process, the others in a worker process. ``thread_overlap`` is how far two
-    items overlapped on two threads (1: fully, the work releases the GIL; 0: not at all),
-    NaN when not probed (see ``sample``).
+    the calling process (``on_threads`` of them on threads beside a first item that waited:
+    ``sample``'s ``spill``), the others in a worker process. ``thread_overlap`` is how far
+    two items overlapped on two threads (1: fully, the work releases the GIL; 0: not at
+    all), NaN when not probed (see ``sample``).
 
     >>> sample(len, ["ab", "c"]).profile.n_sampled
     2
@@ -215,6 +216,7 @@ class Profile:
     error: BaseException | None = field(compare=False)
     sample_seconds: float
     thread_overlap: float = math.nan
+    on_threads: int = 0
 
     @property
     def cv(self) -> float:
@@ -715,6 +717,7 @@ class _Tally:
         self.n_failed = 0
         self.n_crashed = 0
         self.in_caller = 0
+        self.on_threads = 0  # of those, items spilled onto threads
         self.error_pos: int | None = None
         self.error: BaseException | None = None
         self.item_bytes: float | None = None  # ``_item_bytes``, once asked
@@ -1518,6 +1521,8 @@ def start_watcher() -> None:
     """Start the thread that watches first items for ``sample(spill=...)``, if not yet
     running in this process: on a busy machine a thread started just before the first
     item may run only after it."""
+    if _WATCHER.board is not None and _WATCHER.pid == os.getpid():
+        return  # running already (most calls)
     with contextlib.suppress(RuntimeError):
         _WATCHER.watch(None)
 
@@ -1600,6 +1605,7 @@ def _run_first_watched(
     runs = spilled.collect(False)
     for k, (ok, value, seconds, cpu, waits) in enumerate(runs):
         tally.in_caller += 1
+        tally.on_threads += 1
         tally.add_remote(first + k, ItemRun(
             ok, value, seconds, cpu, waits, 0, 1 if ok else getattr(value, "attempts", 1)
         ))
@@ -1650,6 +1656,7 @@ def _finish(
         error=tally.error,
         sample_seconds=wall,
         thread_overlap=overlap,
+        on_threads=tally.on_threads,
     )
     return Sample(profile=profile, results=tuple(tally.results), data=out_data)
 

@@ -192,6 +192,17 @@ def test_single_item_is_serial() -> None:
     assert "already ran" in r.reason
 
 
+@pytest.mark.parametrize(("on_threads", "words"), [
+    (0, "already ran while sampling (2 ms); nothing is left to run"),
+    (199, "the first one waited, so the next 199 ran on 199 threads beside it"),
+])  # fmt: skip
+def test_a_run_done_while_sampling_says_where_its_items_ran(on_threads: int, words: str) -> None:
+    """Every item ran in the sample: serial, and the reason says whether threads ran them."""
+    profile = _profile(1e-5, 200, n_sampled=200, on_threads=on_threads, sample_seconds=2e-3)
+    r = _plan(profile)
+    assert r.backend == "serial" and words in r.reason
+
+
 def test_data_shorter_than_sample() -> None:
     """sample_size above the length samples everything and stays serial."""
     r = optimize(inc, (x for x in range(4)), sample_size=100)

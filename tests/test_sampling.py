@@ -653,7 +653,7 @@ def test_waiting_first_item_spills_the_next_items_onto_threads(spill: Any) -> No
     assert s.results == tuple(x * 10 for x in range(30))
     assert sorted(func.started) == list(range(1, 30)) and len(func.threads) >= 2
     p = s.profile
-    assert p.n_sampled == 30 and p.exhausted and p.in_caller == 30
+    assert p.n_sampled == 30 and p.exhausted and p.in_caller == 30 and p.on_threads == 29
     assert len(p.item_seconds) == 30  # each spilled item was timed on its thread
 
 
@@ -719,8 +719,8 @@ class SpillSpy:
 def test_no_spill_unless_the_first_item_waits(func: Any, data: Any, kw: dict[str, Any]) -> None:
     """Only a waiting first item of an adaptive sample of a sequence spills."""
     spy = SpillSpy()
-    sample(func, data, spill=spy, **kw)
-    assert spy.calls == 0
+    s = sample(func, data, spill=spy, **kw)
+    assert spy.calls == 0 and s.profile.on_threads == 0
 
 
 def test_the_same_waiting_first_item_spills_from_a_list() -> None:
