@@ -6,17 +6,58 @@
 # from the caller, who was still sampling; that cost ~4 % of the CPU time of a 10 ms run
 # of 0.1 us items (benchmarks/bench_serial.py --cpu: execute / list comprehension, with
 # and without the wake-up). Here the watcher runs no Python until an item has looked
-# blocked; a quick item costs its caller a few lock operations and one wake-up.
+# blocked.
+#
+# Why an alarm. Where there is a timerfd (Linux), a post arms it for ``after`` seconds and
+# end() disarms it: a quick item wakes nobody. A wake-up per post put the watcher's CPU in
+# the process's address space, and from then on every munmap the caller made (freeing a
+# large list) sent that CPU a TLB-flush IPI, an exit to the hypervisor on a VM: ~70 us of
+# each execute() of 200k tiny items (perf record -e cpu-clock, benchmarks/bench_serial.py's
+# loop). Elsewhere a post releases a lock the watcher waits on.
 #
 #   caller:  post(watched, clock) ── item runs ── end()
 #   watcher: WatchBoard.wait(...) ─ nogil ─▶ returns only when the posted item waited
 #            ``checks`` times in a row (the caller's thread CPU clock and /proc state, read
-#            ``after`` seconds apart, then at doubling intervals): then Python spills.
+#            ``after`` seconds after the post, then at doubling intervals): then Python
+#            spills.
 
 cdef extern from *:
     """
     /* A clock's seconds, -1 if it cannot be read. Windows has no thread CPU clock id (and
        no watcher: sampling never posts there), so there every read fails. */
+    #if defined(__linux__)
+    #include <errno.h>
+    #include <stdint.h>
+    #include <string.h>
+    #include <sys/timerfd.h>
+    #include <unistd.h>
+    /* A one-shot alarm the watcher blocks on (-1: none here, or none could be made). */
+    static int amz_alarm_new(void) { return timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC); }
+    /* Ring in `seconds` (0: never, disarmed). */
+    static void amz_alarm_set(int fd, double seconds) {
+        struct itimerspec its;
+        memset(&its, 0, sizeof its);
+        if (seconds > 0.0) {
+            its.it_value.tv_sec = (time_t)seconds;
+            its.it_value.tv_nsec = (long)((seconds - (double)its.it_value.tv_sec) * 1e9);
+            if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) its.it_value.tv_nsec = 1;
+        }
+        (void)timerfd_settime(fd, 0, &its, NULL);
+    }
+    /* Block until the alarm rings: 0, or -1 if it cannot be read. */
+    static int amz_alarm_wait(int fd) {
+        uint64_t rings;
+        ssize_t n;
+        do { n = read(fd, &rings, sizeof rings); } while (n < 0 && errno == EINTR);
+        return n == (ssize_t)sizeof rings ? 0 : -1;
+    }
+    static void amz_alarm_close(int fd) { (void)close(fd); }
+    #else
+    static int amz_alarm_new(void) { return -1; }
+    static void amz_alarm_set(int fd, double seconds) { (void)fd; (void)seconds; }
+    static int amz_alarm_wait(int fd) { (void)fd; return -1; }
+    static void amz_alarm_close(int fd) { (void)fd; }
+    #endif
     #if defined(_WIN32)
     typedef long amz_clockid_t;
     static double amz_clock_seconds(amz_clockid_t clock) { (void)clock; return -1.0; }
@@ -58,6 +99,10 @@ cdef extern from *:
     ctypedef long amz_clockid_t
     double amz_clock_seconds(amz_clockid_t clock) noexcept nogil
     double amz_monotonic_seconds() noexcept nogil
+    int amz_alarm_new() noexcept nogil
+    void amz_alarm_set(int fd, double seconds) noexcept nogil
+    int amz_alarm_wait(int fd) noexcept nogil
+    void amz_alarm_close(int fd) noexcept nogil
     int amz_thread_blocked(long tid) noexcept nogil
 
 cdef extern from "pythread.h":
@@ -93,11 +138,14 @@ cdef class WatchBoard:
     >>> board.end()
     """
 
-    cdef PyThread_type_lock posted  # released by post: the watcher's wake-up
+    cdef PyThread_type_lock posted  # released by post: the watcher's wake-up (no alarm)
     cdef PyThread_type_lock running  # held while a posted item runs; released by end
     cdef PyThread_type_lock mutex  # guards the fields below between the two threads
+    cdef int alarm  # armed by post, disarmed by end: the watcher's wake-up (-1: none)
+    cdef double after  # ``wait``'s: how long after a post the alarm rings
     cdef amz_clockid_t clock
     cdef long tid
+    cdef double cpu0, t0  # the posting thread's CPU clock and the time, at the post
     cdef bint busy  # an item is posted and not ended
     cdef bint pending  # ``posted`` is released and the watcher has not taken it yet
     cdef readonly long long generation  # counts posts
@@ -113,8 +161,12 @@ cdef class WatchBoard:
         PyThread_acquire_lock(self.running, WAIT_LOCK)
         self.generation = 0
         self.watched = None
+        self.alarm = amz_alarm_new()
+        self.after = 0.0
 
     def __dealloc__(self) -> None:
+        if self.alarm >= 0:
+            amz_alarm_close(self.alarm)
         if self.posted != NULL:
             PyThread_free_lock(self.posted)
         if self.running != NULL:
@@ -124,6 +176,8 @@ cdef class WatchBoard:
 
     def post(self, object watched, long clock, long tid) -> bool:
         """Watch the caller's item from now on (False: the board is busy)."""
+        cdef double cpu0 = amz_clock_seconds(<amz_clockid_t>clock)
+        cdef bint wake = False
         PyThread_acquire_lock(self.mutex, WAIT_LOCK)
         if self.busy:
             PyThread_release_lock(self.mutex)
@@ -131,13 +185,19 @@ cdef class WatchBoard:
         self.busy = True
         self.clock = <amz_clockid_t>clock
         self.tid = tid
+        self.cpu0, self.t0 = cpu0, amz_monotonic_seconds()
         self.generation += 1
         self.watched = watched
         # Held while the item runs (the watcher may have left it released: an item it gave
         # up on ended after that).
         PyThread_acquire_lock(self.running, NOWAIT_LOCK)
-        wake = not self.pending
-        self.pending = True
+        if self.alarm >= 0:
+            # Under the mutex: another caller's end() must not disarm this post's alarm.
+            # Before the watcher's first wait, ring at once: it looks when it gets there.
+            amz_alarm_set(self.alarm, self.after if self.after > 0.0 else 1e-9)
+        else:
+            wake = not self.pending
+            self.pending = True
         PyThread_release_lock(self.mutex)
         if wake:  # a post the watcher has not taken yet wakes it already
             PyThread_release_lock(self.posted)
@@ -149,6 +209,8 @@ cdef class WatchBoard:
         if self.busy:
             self.busy = False
             self.watched = None
+            if self.alarm >= 0:
+                amz_alarm_set(self.alarm, 0.0)
             PyThread_release_lock(self.running)
         PyThread_release_lock(self.mutex)
 
@@ -165,16 +227,24 @@ cdef class WatchBoard:
         skipped. Called by the watcher thread only."""
         cdef long long generation = 0
         with nogil:
+            PyThread_acquire_lock(self.mutex, WAIT_LOCK)
+            self.after = after
+            PyThread_release_lock(self.mutex)
             while generation == 0:
-                PyThread_acquire_lock(self.posted, WAIT_LOCK)
+                if self.alarm < 0:
+                    PyThread_acquire_lock(self.posted, WAIT_LOCK)
+                elif amz_alarm_wait(self.alarm) != 0:
+                    # Unreadable (never seen): look every ``after`` rather than spin.
+                    PyThread_acquire_lock_timed(self.posted, <long long>(after * 1e6), 0)
                 generation = self._watch(after, max_cpu, checks)
         return generation
 
     cdef long long _watch(self, double after, double max_cpu, int checks) noexcept nogil:
         # The item posted last: its generation once it waited, 0 once it returned. Its state
         # is read here, not after taking the GIL: a CPU-bound item's thread waits for the
-        # GIL the watcher takes, and would read as blocked.
-        cdef double pause = after, cpu0, t0, cpu, now
+        # GIL the watcher takes, and would read as blocked. The first look comes ``after``
+        # seconds after the post (an alarm rings then: no wait is left).
+        cdef double interval = after, pause, cpu0, t0, cpu, now
         cdef int streak = 0
         cdef long long generation
         cdef amz_clockid_t clock
@@ -183,12 +253,13 @@ cdef class WatchBoard:
         PyThread_acquire_lock(self.mutex, WAIT_LOCK)
         self.pending = False  # this wake-up took the post
         generation, clock, tid = self.generation, self.clock, self.tid
+        cpu0, t0 = self.cpu0, self.t0
         if not self.busy:
             generation = 0  # it returned already
         PyThread_release_lock(self.mutex)
         if generation == 0:
             return 0
-        cpu0, t0 = amz_clock_seconds(clock), amz_monotonic_seconds()
+        pause = max(after - (amz_monotonic_seconds() - t0), 0.0)
         while True:
             if PyThread_acquire_lock_timed(
                 self.running, <long long>(pause * 1e6), 0
@@ -210,4 +281,5 @@ cdef class WatchBoard:
             if streak >= checks:
                 return generation
             if streak == 0:
-                pause *= 2.0
+                interval *= 2.0
+            pause = interval
