@@ -23,8 +23,6 @@
 
 cdef extern from *:
     """
-    /* A clock's seconds, -1 if it cannot be read. Windows has no thread CPU clock id (and
-       no watcher: sampling never posts there), so there every read fails. */
     #if defined(__linux__)
     #include <errno.h>
     #include <stdint.h>
@@ -58,6 +56,8 @@ cdef extern from *:
     static int amz_alarm_wait(int fd) { (void)fd; return -1; }
     static void amz_alarm_close(int fd) { (void)fd; }
     #endif
+    /* A clock's seconds, -1 if it cannot be read. Windows has no thread CPU clock id (and
+       no watcher: sampling never posts there), so there every read fails. */
     #if defined(_WIN32)
     typedef long amz_clockid_t;
     static double amz_clock_seconds(amz_clockid_t clock) { (void)clock; return -1.0; }

@@ -122,6 +122,16 @@ class ChunkSizer:
             return self.planned
         return min(self.planned, self._overhead_bound(item_seconds))
 
+    @property
+    def read_ahead(self) -> int:
+        """Items to read ahead of an input of unknown length: if it ends among them, the
+        tail's chunks can still be cut to finish together (``next_size(len(them))``).
+
+        >>> ChunkSizer(10, 2, item_seconds=1e-3, task_seconds=0.0).read_ahead
+        40
+        """
+        return TAIL_FACTOR * self.n_jobs * self.size
+
     def next_size(self, remaining: int | None) -> int:
         """Items in the next chunk; ``remaining`` is what is left to cut (None: unknown)."""
         size = self.size

@@ -1332,6 +1332,9 @@ class _Execution:
         """``(start, items)`` chunks read from ``it`` (index ``first`` on): the plan's size,
         or the sizer's (smaller toward the end of a known length, re-planned as they run)."""
         sizer, total, chunksize = self.sizer, self.n_items, self.chunksize
+        if sizer is not None and total is None:
+            yield from _read_ahead_chunks(it, first, sizer)
+            return
         index = first
         while True:
             if sizer is not None:
@@ -1699,6 +1702,31 @@ class _Execution:
             if running_error is None:
                 raise
             warnings.warn(f"{exc} (after the run failed)", RuntimeWarning, stacklevel=2)
+
+
+def _read_ahead_chunks(
+    it: Iterator[Any], first: int, sizer: ChunkSizer
+) -> Iterator[tuple[int, list[Any]]]:
+    """Chunks of an input of unknown length (a generator), read a tail's worth ahead: once
+    the input ends within what was read, the sizer knows what is left and cuts the last
+    chunks to finish together, as for a known length. Equal chunks of 1 ms items left one
+    of two workers idle for up to a chunk at the end (bench_oracle.py generator_1ms)."""
+    ahead: list[Any] = []
+    ended = False
+    index = first
+    while True:
+        if not ended:
+            want = sizer.read_ahead - len(ahead)
+            if want > 0:
+                got = list(islice(it, want))
+                ended = len(got) < want
+                ahead += got
+        if not ahead:
+            return
+        size = sizer.next_size(len(ahead) if ended else None)
+        items, ahead = ahead[:size], ahead[size:]
+        yield index, items
+        index += len(items)
 
 
 def _listed(

@@ -8,7 +8,9 @@ For each workload of ``workloads.py``:
 * amorsize: ``amorsize.execute(func, data)`` end to end, decision and sampling included
   (if ``execute`` is missing, ``optimize`` + the same Pool/ThreadPool as a proxy);
 * peers with their defaults: serial, ``Pool().map``, ``joblib.Parallel(n_jobs=-1)``,
-  ``mpire.WorkerPool().map``, ``ProcessPoolExecutor().map``.
+  ``mpire.WorkerPool().map``, ``ProcessPoolExecutor().map`` (joblib and mpire come with
+  the ``bench`` extra, ``pip install -e '.[bench]'``; without them their columns read "not
+  installed").
 
 Every configuration runs in a fresh spawned interpreter (no warm pools, no leftover memory;
 the timed part starts after the data is built). Oracle candidates slower than twice serial
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -96,11 +99,15 @@ def _ppe(f: Callable[[Any], Any], data: list[Any]) -> tuple[list[Any], dict[str,
 
 def _plan_info(plan: Any) -> dict[str, Any]:
     opt = getattr(plan, "optimization", None) or plan
+    profile = getattr(opt, "profile", None)
     return {
         "backend": str(getattr(plan, "backend", getattr(opt, "backend", "?"))),
         "n_jobs": int(getattr(plan, "n_jobs", getattr(opt, "n_jobs", 0)) or 0),
         "chunksize": int(getattr(plan, "chunksize", getattr(opt, "chunksize", 0)) or 0),
         "predicted_speedup": float(getattr(opt, "estimated_speedup", float("nan"))),
+        # Every item ran in the sample (a waiting first item spilled the rest onto threads).
+        "all_sampled": getattr(plan, "reused", 0) == getattr(plan, "items", -1),
+        "on_threads": int(getattr(profile, "on_threads", 0)),
     }
 
 
@@ -248,6 +255,14 @@ PEERS: dict[str, Callable[..., Any]] = {
     "mpire": _mpire,
     "ProcessPoolExecutor": _ppe,
 }
+# Peers from the `bench` extra: without them installed their column reads "not installed"
+# (a child that cannot import one would otherwise look like a run cut off at the timeout).
+_PEER_MODULES = {"joblib": "joblib", "mpire": "mpire"}
+
+
+def _installed(peer: str) -> bool:
+    module = _PEER_MODULES.get(peer)
+    return module is None or importlib.util.find_spec(module) is not None
 
 
 def measure(name: str, scale: float = 1.0, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -281,6 +296,9 @@ def measure(name: str, scale: float = 1.0, log: Callable[[str], None] = print) -
     peers = {"serial": serial}
     peer_timeout = max(10.0 * serial, 5.0)
     for pname in PEERS:
+        if not _installed(pname):
+            peers[pname] = math.nan
+            continue
         peers[pname], _ = _best(name, scale, ("peer", pname), peer_timeout, 2)
     row = {
         "workload": name,
@@ -323,10 +341,15 @@ def table(rows: list[dict[str, Any]], runs: int = 1) -> str:
         p = r["amorsize_plan"]
         plan = "serial" if p.get("backend") == "serial" else (
             f"{p.get('backend')} {p.get('n_jobs')}x{p.get('chunksize')}")
+        if p.get("all_sampled") and p.get("on_threads"):
+            plan = f"all in the sample ({p['on_threads']} on threads)"
         peers = []
         for k in peer_names:
             v = r["peers"][k]
-            peers.append(f">{r['peer_timeout_ratio']:.1f}" if math.isinf(v) else f"{v:.2f}")
+            if math.isnan(v):
+                peers.append("not installed")
+            else:
+                peers.append(f">{r['peer_timeout_ratio']:.1f}" if math.isinf(v) else f"{v:.2f}")
         ratio = f"{r['ratio']:.2f}"
         if "ratio_range" in r:
             ratio += f" ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
@@ -336,9 +359,10 @@ def table(rows: list[dict[str, Any]], runs: int = 1) -> str:
         )
     geo = [f"{_geo([r['ratio'] for r in rows]):.2f}"]
     for k in peer_names:
-        vals = [min(r["peers"][k], r["peer_timeout_ratio"]) for r in rows]
-        capped = any(math.isinf(r["peers"][k]) for r in rows)
-        geo.append(("≥" if capped else "") + f"{_geo(vals):.2f}")
+        ran = [r for r in rows if not math.isnan(r["peers"][k])]
+        vals = [min(r["peers"][k], r["peer_timeout_ratio"]) for r in ran]
+        capped = any(math.isinf(r["peers"][k]) for r in ran)
+        geo.append(("≥" if capped else "") + f"{_geo(vals):.2f}" if ran else "not installed")
     lines.append(
         f"| **geometric mean** | | | **{geo[0]}** | | " + " | ".join(geo[1:]) + " |"
     )

@@ -195,12 +195,38 @@ def test_adaptive_chunks_run_every_item_once_in_order(backend, kind, tmp_path, f
     assert 1 <= lo <= hi <= GROWTH * report.chunksize
 
 
-def test_tail_chunks_shrink_in_a_run(free_tasks):
-    """A run of known length ends with one-item chunks when tasks cost nothing."""
-    _, report = execute(square, range(5_000), backend="threads", n_jobs=2, return_plan=True)
+@pytest.mark.parametrize("feed", [range, lambda n: (x for x in range(n))], ids=["range", "generator"])
+def test_tail_chunks_shrink_in_a_run(feed, free_tasks):
+    """A run ends with one-item chunks when tasks cost nothing, whether its length is known
+    or only found at the end of a generator (read ahead)."""
+    results, report = execute(square, feed(5_000), backend="threads", n_jobs=2, return_plan=True)
+    assert results == [x * x for x in range(5_000)]
     assert report.chunk_sizes is not None
     assert report.chunk_sizes[0] == 1
     assert "smaller toward the end" in str(report)
+
+
+@pytest.mark.parametrize("n", [1, 39, 40, 41, 400])
+def test_a_generator_is_read_ahead_so_its_tail_shrinks(n: int) -> None:
+    """Chunks of an input of unknown length: every item once, in order, and once the input
+    ends within the read-ahead, the last chunks get smaller, as for a known length."""
+    sizer = ChunkSizer(10, 2, item_seconds=1e-3, task_seconds=0.0)
+    read: list[int] = []
+
+    def feed():
+        for x in range(n):
+            read.append(x)
+            yield x
+
+    chunks = []
+    for start, items in executor_module._read_ahead_chunks(feed(), 5, sizer):
+        assert len(read) - (start - 5 + len(items)) <= sizer.read_ahead  # bounded
+        chunks.append((start, items))
+    assert [x for _, items in chunks for x in items] == list(range(n))
+    assert [start for start, _ in chunks] == [5 + sum(len(i) for _, i in chunks[:k])
+                                              for k in range(len(chunks))]
+    sizes = [len(items) for _, items in chunks]
+    assert max(sizes) <= 10 and (n < 40 or sizes[-1] < 10)
 
 
 class _AfterSampling(RunObserver):
