@@ -1709,19 +1709,25 @@ def _read_ahead_chunks(
 ) -> Iterator[tuple[int, list[Any]]]:
     """Chunks of an input of unknown length (a generator), read a tail's worth ahead: once
     the input ends within what was read, the sizer knows what is left and cuts the last
-    chunks to finish together, as for a known length. Equal chunks of 1 ms items left one
-    of two workers idle for up to a chunk at the end (bench_oracle.py generator_1ms)."""
+    chunks to finish together, as for a known length. An input that raises has the items
+    it gave before run first; then its error ends the run, as it would unread."""
     ahead: list[Any] = []
     ended = False
+    broke: Exception | None = None
     index = first
     while True:
         if not ended:
             want = sizer.read_ahead - len(ahead)
             if want > 0:
-                got = list(islice(it, want))
-                ended = len(got) < want
-                ahead += got
+                had = len(ahead)
+                try:
+                    ahead.extend(islice(it, want))  # keeps what came before an error
+                except Exception as exc:
+                    broke = exc
+                ended = broke is not None or len(ahead) - had < want
         if not ahead:
+            if broke is not None:
+                raise broke
             return
         size = sizer.next_size(len(ahead) if ended else None)
         items, ahead = ahead[:size], ahead[size:]

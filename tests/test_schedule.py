@@ -229,6 +229,34 @@ def test_a_generator_is_read_ahead_so_its_tail_shrinks(n: int) -> None:
     assert max(sizes) <= 10 and (n < 40 or sizes[-1] < 10)
 
 
+def test_a_generator_that_raises_has_its_items_run_first() -> None:
+    """Items read ahead of an input's error are still cut into chunks; then it is raised."""
+    sizer = ChunkSizer(10, 2, item_seconds=1e-3, task_seconds=0.0)
+
+    def feed():
+        yield from range(25)
+        raise KeyError("input broke")
+
+    got: list[int] = []
+    with pytest.raises(KeyError, match="input broke"):
+        for _, items in executor_module._read_ahead_chunks(feed(), 0, sizer):
+            got += items
+    assert got == list(range(25))
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_an_input_that_raises_ends_a_parallel_run_with_its_error(backend: str) -> None:
+    """A generator raising mid-run is the run's error (not an item failure), in collect mode
+    too."""
+
+    def feed():
+        yield from range(3_000)
+        raise KeyError("input broke")
+
+    with pytest.raises(KeyError, match="input broke"):
+        execute(square, feed(), backend=backend, n_jobs=2, on_error="collect")
+
+
 class _AfterSampling(RunObserver):
     """Sets ``event`` when execute hands out the sampled results (before any chunk runs)."""
 
