@@ -1332,7 +1332,9 @@ class _Execution:
         """``(start, items)`` chunks read from ``it`` (index ``first`` on): the plan's size,
         or the sizer's (smaller toward the end of a known length, re-planned as they run)."""
         sizer, total, chunksize = self.sizer, self.n_items, self.chunksize
-        if sizer is not None and total is None:
+        if sizer is not None and total is None and self.one_block:
+            # execute() waits for the whole input anyway; execute_iter reads as workers
+            # take items, so that a live stream's results come out as soon as they can.
             yield from _read_ahead_chunks(it, first, sizer)
             return
         index = first
@@ -1710,7 +1712,7 @@ def _read_ahead_chunks(
     """Chunks of an input of unknown length (a generator), read a tail's worth ahead: once
     the input ends within what was read, the sizer knows what is left and cuts the last
     chunks to finish together, as for a known length. An input that raises has the items
-    it gave before run first; then its error ends the run, as it would unread."""
+    it gave before the error run first; then the error ends the run, as it always did."""
     ahead: list[Any] = []
     ended = False
     broke: Exception | None = None

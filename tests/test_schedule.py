@@ -229,6 +229,18 @@ def test_a_generator_is_read_ahead_so_its_tail_shrinks(n: int) -> None:
     assert max(sizes) <= 10 and (n < 40 or sizes[-1] < 10)
 
 
+@pytest.mark.parametrize(("one_block", "pulled"), [(True, 40), (False, 10)])
+def test_only_execute_reads_a_generator_ahead(one_block: bool, pulled: int) -> None:
+    """execute waits for all results anyway and reads a tail ahead; execute_iter reads one
+    chunk at a time, so that a live stream's first results are not held back."""
+    opts = executor_module._plain_options(False, False)
+    run = executor_module._Execution(square, iter(()), opts, one_block=one_block)
+    run.sizer = ChunkSizer(10, 2, item_seconds=1e-3, task_seconds=0.0)
+    source = itertools.count()
+    first = next(run._input_chunks(source, 0))
+    assert first == (0, list(range(10))) and next(source) == pulled
+
+
 def test_a_generator_that_raises_has_its_items_run_first() -> None:
     """Items read ahead of an input's error are still cut into chunks; then it is raised."""
     sizer = ChunkSizer(10, 2, item_seconds=1e-3, task_seconds=0.0)
