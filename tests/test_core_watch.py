@@ -8,6 +8,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -79,6 +80,24 @@ def test_a_blocked_item_is_reported_after_quick_ones() -> None:
     assert watcher.saw_blocked("blocked again")  # the watcher goes on
 
 
+def _in_forked_child(body: Callable[[], int]) -> int:
+    """``body()``'s code (0: as expected), run in a forked child; 1 if it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = body()
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return got[0] if got else 1
+
+
 def _times_blocked(native_id: int) -> int:
     """How often thread ``native_id`` of this process went to sleep so far."""
     with open(f"/proc/self/task/{native_id}/status", encoding="ascii") as f:
@@ -114,28 +133,17 @@ def test_without_an_alarm_a_post_wakes_the_watcher() -> None:
     releases the watcher's lock instead, and a blocked item is still reported."""
     import resource
 
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no new file descriptor from here on
-        code = 1
+    def without_descriptors() -> int:
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, lowest_free))
         try:
-            lowest_free = os.dup(0)
-            os.close(lowest_free)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, lowest_free))
-            try:
-                os.close(os.dup(0))
-                code = 3  # a descriptor was still free: the alarm would have been made
-            except OSError:
-                board = WatchBoard()
-                code = 0 if Watcher(board).saw_blocked("blocked") else 2
-        finally:
-            os.write(w, bytes([code]))
-            os._exit(0)
-    os.close(w)
-    got = os.read(r, 1)
-    os.close(r)
-    os.waitpid(pid, 0)
-    assert got == b"\x00", f"child reported {got!r}"
+            os.close(os.dup(0))
+            return 3  # a descriptor was still free: the alarm would have been made
+        except OSError:
+            return 0 if Watcher(WatchBoard()).saw_blocked("blocked") else 2
+
+    assert _in_forked_child(without_descriptors) == 0
 
 
 def test_an_item_off_the_cpu_but_runnable_is_not_reported() -> None:
@@ -200,32 +208,23 @@ def test_a_forked_child_gets_its_own_watcher() -> None:
     """The child has no watcher thread: its first watch starts one, and a waiting first
     item still spills there."""
     sampling.start_watcher()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report whether a waiting first item spilled, then leave
-        code = 1
-        try:
-            spilled = threading.Event()
-            gate = threading.Event()
 
-            def first_waits(x: int) -> int:
-                if x == 0:
-                    gate.wait(30.0)
-                else:
-                    spilled.set()
-                    gate.set()
-                return x
+    def spills() -> int:  # whether a waiting first item spilled in the child
+        spilled = threading.Event()
+        gate = threading.Event()
 
-            from amorsize.backends import get_backend
+        def first_waits(x: int) -> int:
+            if x == 0:
+                gate.wait(30.0)
+            else:
+                spilled.set()
+                gate.set()
+            return x
 
-            spill = get_backend("threads").spill_runner()
-            s = sampling.sample(first_waits, list(range(8)), spill=spill)
-            code = 0 if spilled.is_set() and s.results == tuple(range(8)) else 2
-        finally:
-            os.write(w, bytes([code]))
-            os._exit(0)
-    os.close(w)
-    got = os.read(r, 1)
-    os.close(r)
-    os.waitpid(pid, 0)
-    assert got == b"\x00", f"child reported {got!r}"
+        from amorsize.backends import get_backend
+
+        spill = get_backend("threads").spill_runner()
+        s = sampling.sample(first_waits, list(range(8)), spill=spill)
+        return 0 if spilled.is_set() and s.results == tuple(range(8)) else 2
+
+    assert _in_forked_child(spills) == 0
