@@ -111,6 +111,10 @@ _SCAN_BLOCK = 256
 # balance the load.
 _CHUNKS_PER_WORKER = 4
 _FALLBACK_CHUNK = 16
+# Workers a sample's batch may spread over once it leaves the caller: the batch is ~15
+# items (a few percent of the run), so more would start processes for a handful of items
+# each, for a plan that may yet be serial.
+_SAMPLE_WORKERS = 4
 
 _ON_ERROR = ("raise", "collect")
 # Backends whose chunk sizes adapt during a run (``_schedule``), with the machine fact that
@@ -612,6 +616,7 @@ def _remote_sampler(
     stop: bool,
     *,
     optional: bool = False,
+    workers: int = 1,
 ) -> Callable[[int, list[Any], float], list[ItemRun | None]]:
     """Run batches of sampled items in ``be``'s workers: a crash is reported, not fatal.
     (``be`` may be a function giving the backend when first needed: importing the
@@ -620,7 +625,8 @@ def _remote_sampler(
     ``be`` may be a function giving the backend on first use (most samples never leave
     the caller). ``optional`` (backend="auto"): a function that cannot reach the workers
     (not picklable, not importable there) leaves the items to the caller instead of
-    failing the run.
+    failing the run. A batch is shared by up to ``workers`` workers, in consecutive runs
+    of items: the plan that follows would start them anyway.
     """
 
     def run(first: int, items: list[Any], budget_s: float) -> list[ItemRun | None]:
@@ -631,8 +637,9 @@ def _remote_sampler(
         call = TimedCall(func, stop=stop, budget_s=budget_s)
         backend = be if isinstance(be, Backend) else be()
         try:
+            tasks = _sample_tasks(first, items, workers)
             for task, outcomes in backend.run(
-                call, iter([Task(first, items)]), n_jobs=1, max_in_flight=1
+                call, iter(tasks), n_jobs=len(tasks), max_in_flight=len(tasks)
             ):
                 all_ok = type(outcomes) is OkValues
                 for k, out in enumerate(outcomes):
@@ -644,6 +651,18 @@ def _remote_sampler(
         return [got.get(k) for k in range(len(items))]
 
     return run
+
+
+def _sample_tasks(first: int, items: list[Any], workers: int) -> list[Task]:
+    """``items`` (from input position ``first``) as up to ``workers`` consecutive tasks of
+    near-equal size.
+
+    >>> [(t.start, t.items) for t in _sample_tasks(10, [1, 2, 3], 2)]
+    [(10, [1]), (11, [2, 3])]
+    """
+    n = max(1, min(workers, len(items)))
+    cuts = [len(items) * k // n for k in range(n + 1)]
+    return [Task(first + a, items[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
 def _item_run(out: Outcome) -> ItemRun | None:
@@ -665,9 +684,15 @@ def _item_run(out: Outcome) -> ItemRun | None:
 
 
 def _sample_where(
-    backend: str | Backend, names: tuple[str, ...], func: Callable[[Any], Any], keep_going: bool
+    backend: str | Backend,
+    names: tuple[str, ...],
+    func: Callable[[Any], Any],
+    keep_going: bool,
+    n_jobs: int | None = None,
 ) -> dict[str, Any]:
-    """The optimizer's options saying where sampled items run (a worker or the caller)."""
+    """The optimizer's options saying where sampled items run (a worker or the caller),
+    and in how many workers (``n_jobs``, else the usable cores, at most
+    ``_SAMPLE_WORKERS``)."""
     if isinstance(backend, Backend) and backend.name == "processes":
         be: Backend | Callable[[], Backend] = backend
     elif backend in ("auto", "processes") and "processes" in names:
@@ -675,7 +700,10 @@ def _sample_where(
     else:
         return {}
     auto = backend == "auto"
-    return {"remote": _remote_sampler(be, func, not keep_going, optional=auto), "offload": auto}
+    cores = math.floor(get_system_info().usable_cores)
+    workers = max(1, min(n_jobs or cores, _SAMPLE_WORKERS))
+    runner = _remote_sampler(be, func, not keep_going, optional=auto, workers=workers)
+    return {"remote": runner, "offload": auto}
 
 
 def _make_plan(
@@ -805,7 +833,7 @@ def _ask_optimizer(
         keep_going=rules.keep_going,
         index_of=rules.index_of,
         spill=_spill_on(backend, names),
-        **_sample_where(backend, names, func, rules.keep_going),
+        **_sample_where(backend, names, func, rules.keep_going, opts.n_jobs),
     )
 
 
@@ -1880,7 +1908,7 @@ def execute(
     (``optimizer._offload_rule``); then
     CPU-bound items of 50 us or more get the two-thread probe in the caller (a few rounds of
     ~4 ms of work: GIL-releasing work then keeps its sample in the caller, as a threads
-    plan would run it), after which the rest of the sample runs in a worker; with
+    plan would run it), after which the rest of the sample runs in up to four workers; with
     ``"threads"`` or ``"dask"`` they run in the caller. Once a sampled item crashed a
     worker, serial and threads are ruled out.
     A sampled item that fails raises at once with ``on_error="raise"``; with ``"collect"``

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from amorsize import sampling
 from amorsize.backends import get_backend
-from amorsize.executor import _remote_sampler
+from amorsize.executor import _remote_sampler, _sample_tasks
 from amorsize.sampling import (
     MAX_SAMPLE_ITEMS,
     ProbeRound,
@@ -313,6 +313,35 @@ def test_offload_moves_the_rest_of_the_sample_to_a_worker() -> None:
     assert s.results == (0, 1, 2, 3, 4)
     assert s.profile.in_caller == 1 and s.profile.n_sampled == 5
     assert s.profile.mean_seconds >= 0.002
+
+
+def item_and_pid(x: int) -> tuple[int, int]:
+    if x == 0:
+        time.sleep(0.002)  # the sample moves to workers only after 1 ms of it
+    return x, os.getpid()
+
+
+def test_an_offloaded_batch_is_shared_by_the_workers() -> None:
+    """With ``workers=2`` the batch runs as two runs of items in two real worker processes,
+    and the results keep data order."""
+    runner = _remote_sampler(get_backend("processes"), item_and_pid, stop=True, workers=2)
+    s = sample(item_and_pid, list(range(20)), sample_size=9, remote=runner,
+               offload=lambda mean, n, weigh: True)
+    assert [x for x, _ in s.results] == list(range(9))
+    pids = [pid for _, pid in s.results[1:]]  # the first item ran in the caller
+    assert s.results[0][1] == os.getpid() and os.getpid() not in pids
+    assert pids == sorted(pids, key=pids.index) and len(set(pids)) == 2  # two runs
+
+
+@pytest.mark.parametrize(("n", "workers", "sizes"), [
+    (1, 4, [1]), (3, 2, [1, 2]), (8, 4, [2, 2, 2, 2]), (9, 1, [9]), (5, 0, [5]),
+])  # fmt: skip
+def test_sample_tasks_cut_consecutive_runs(n: int, workers: int, sizes: list[int]) -> None:
+    """Up to ``workers`` tasks of near-equal size, in order, covering every item once."""
+    tasks = _sample_tasks(7, list(range(n)), workers)
+    assert [len(t.items) for t in tasks] == sizes
+    assert [x for t in tasks for x in t.items] == list(range(n))
+    assert [t.start for t in tasks] == [7 + sum(sizes[:k]) for k in range(len(sizes))]
 
 
 def test_no_offload_keeps_the_sample_in_the_caller() -> None:
