@@ -616,7 +616,7 @@ def _remote_sampler(
     stop: bool,
     *,
     optional: bool = False,
-    workers: int = 1,
+    workers: int | None = 1,
 ) -> Callable[[int, list[Any], float], list[ItemRun | None]]:
     """Run batches of sampled items in ``be``'s workers: a crash is reported, not fatal.
     (``be`` may be a function giving the backend when first needed: importing the
@@ -625,14 +625,17 @@ def _remote_sampler(
     ``be`` may be a function giving the backend on first use (most samples never leave
     the caller). ``optional`` (backend="auto"): a function that cannot reach the workers
     (not picklable, not importable there) leaves the items to the caller instead of
-    failing the run. A batch is shared by up to ``workers`` workers, in consecutive runs
-    of items: the plan that follows would start them anyway.
+    failing the run. A batch is shared by up to ``workers`` workers (None: the usable
+    cores, at most ``_SAMPLE_WORKERS``, read when a batch first leaves the caller), in
+    consecutive runs of items: the plan that follows would start them anyway.
     """
 
     def run(first: int, items: list[Any], budget_s: float) -> list[ItemRun | None]:
-        nonlocal be
+        nonlocal be, workers
         if not isinstance(be, Backend):
             be = be()
+        if workers is None:
+            workers = max(1, min(math.floor(get_system_info().usable_cores), _SAMPLE_WORKERS))
         got: dict[int, ItemRun | None] = {}
         call = TimedCall(func, stop=stop, budget_s=budget_s)
         backend = be if isinstance(be, Backend) else be()
@@ -691,8 +694,8 @@ def _sample_where(
     n_jobs: int | None = None,
 ) -> dict[str, Any]:
     """The optimizer's options saying where sampled items run (a worker or the caller),
-    and in how many workers (``n_jobs``, else the usable cores, at most
-    ``_SAMPLE_WORKERS``)."""
+    and in how many workers (``n_jobs`` at most ``_SAMPLE_WORKERS``; None: see
+    ``_remote_sampler``)."""
     if isinstance(backend, Backend) and backend.name == "processes":
         be: Backend | Callable[[], Backend] = backend
     elif backend in ("auto", "processes") and "processes" in names:
@@ -700,8 +703,7 @@ def _sample_where(
     else:
         return {}
     auto = backend == "auto"
-    cores = math.floor(get_system_info().usable_cores)
-    workers = max(1, min(n_jobs or cores, _SAMPLE_WORKERS))
+    workers = None if n_jobs is None else max(1, min(n_jobs, _SAMPLE_WORKERS))
     runner = _remote_sampler(be, func, not keep_going, optional=auto, workers=workers)
     return {"remote": runner, "offload": auto}
 
