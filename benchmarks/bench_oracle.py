@@ -1,7 +1,8 @@
 """Issue 14: ``execute`` against the obvious alternative, on the work people bring most often.
 
-For each workload of ``workloads.ISSUE14`` (sleep-bound, tiny, GIL-releasing, ``async def``,
-a generator, skewed and bimodal costs):
+For each workload of ``workloads.ISSUE14`` (sleep-bound, tiny at 0.1 us, GIL-releasing,
+``async def``, a generator, skewed and bimodal costs, and ``tiny_xx``: ``x * x``, 0.04 us
+here, reported outside the targets' geometric mean and max):
 
 * the oracle: the fastest of serial (``[f(x) for x in data]``),
   ``multiprocessing.Pool(n).map(f, data, c)`` for n in {2, 4} and a few chunk sizes, and
@@ -15,7 +16,7 @@ a generator, skewed and bimodal costs):
 All in one process (``fork`` pools start in milliseconds), each contender run ``--repeats``
 times (median); a contender whose first run is slower than three times the best so far
 (plus 0.2 s) is cut short and not repeated. Where the oracle takes under 50 ms, it and
-execute then take turns nine times, and those medians are compared. A generator workload
+execute then take turns 21 times, and those medians are compared. A generator workload
 hands every contender a fresh generator expression. Prints the load average with the
 table.
 
@@ -57,13 +58,16 @@ from amorsize import backends
 
 _REPEATS = 3
 # Runs shorter than this are repeated _SHORT_REPEATS times (median), and the oracle and
-# execute then take turns: three medians of an 11 ms run (tiny_0.1us) moved 0.97-1.24
-# between runs of one build at load 1.4-3, and the same serial loop sped up from 13.5 to
-# 6.6 ms over nine runs in a row, so runs taken one contender after the other compared
-# execute's later runs with the oracle's earlier ones.
+# execute then take turns: three medians of an 11 ms run (200k items of x * x) moved
+# 0.97-1.24 between runs of one build at load 1.4-3, and the same serial loop sped up from
+# 13.5 to 6.6 ms over nine runs in a row, so runs taken one contender after the other
+# compared execute's later runs with the oracle's earlier ones. Nine turns left the tiny
+# rows' median moving 1.00-1.14 between runs of one build; 21 cost under 2 s a row.
 _SHORT_S = 0.05
-_SHORT_REPEATS = 9
+_SHORT_REPEATS = 21
 _GENERATOR_INPUT = {"generator_1ms"}
+# Rows beyond the issue's seven workloads: shown, but outside the targets' aggregates.
+_BEYOND_ISSUE = {"tiny_xx"}
 Runner = Callable[[Callable[[Any], Any], Iterable[Any], float], Any]
 
 
@@ -233,21 +237,19 @@ def _best_of(row: dict[str, Any], prefix: str, ns: Iterable[int]) -> float:
 
 def targets(rows: list[dict[str, Any]]) -> list[tuple[str, float, str]]:
     """(what, measured, target) for the issue's targets that these rows can check."""
-    done = [r for r in rows if "ratio" in r]
-    by = {r["workload"]: r for r in done}
+    by = {r["workload"]: r for r in rows if "ratio" in r}
+    done = [r for name, r in by.items() if name not in _BEYOND_ISSUE]
     out = []
     if done:
         out.append(("geometric mean execute/oracle", _geo([r["ratio"] for r in done]), "<= 1.05"))
         out.append(("max execute/oracle", max(r["ratio"] for r in done), "<= 1.20"))
-    if "tiny_0.1us" in by:
-        r = by["tiny_0.1us"]
-        out.append(
-            (
-                "tiny: execute / list comprehension",
-                r["execute_s"] / r["contenders_s"]["serial"],
-                "<= 1.05",
-            )
-        )
+    # The target is set at 0.1 us items; x*x, under half of that here, shows the same fixed
+    # cost two and a half times as large (reported, outside the issue's workloads).
+    for name, goal in (("tiny_0.1us", "<= 1.05"), ("tiny_xx", "none: 0.04 us items")):
+        if name in by:
+            r = by[name]
+            ratio = r["execute_s"] / r["contenders_s"]["serial"]
+            out.append((f"{name}: execute / list comprehension", ratio, goal))
     if "sleep_10ms" in by:
         r = by["sleep_10ms"]
         best = _best_of(r, "threads", (8, 16, 32, 64, 128))

@@ -1,9 +1,11 @@
 """A serial plan against the obvious alternative, measured in the same run.
 
-``execute(square, data)`` on 200,000 ints of ``x * x`` (~0.05-0.1 us each: serial is the
-plan) against ``[square(x) for x in data]``, and ``execute_iter`` against a generator
-expression, on a list and on a generator; sampling and the decision are included, as a
-user sees them. Generators are drained with ``deque(maxlen=0)`` on both sides.
+``execute(f, data)`` on 200,000 ints against ``[f(x) for x in data]``, and ``execute_iter``
+against a generator expression, on a list and on a generator; sampling and the decision are
+included, as a user sees them. Generators are drained with ``deque(maxlen=0)`` on both
+sides. Two item functions (serial is the plan for both): ``mix``, a multiplicative hash of
+~0.1 us, the item size issue 14 sets its target at, and ``square`` (``x * x``, ~0.04 us
+here), where the same fixed cost weighs two and a half times as much.
 
 Run (three times on a noisy machine), then print the ratios (min and median)::
 
@@ -13,7 +15,8 @@ Run (three times on a noisy machine), then print the ratios (min and median)::
 pytest-benchmark runs each contender's rounds back to back, so load that changes between
 contenders shows in the ratio; ``python benchmarks/bench_serial.py --interleaved [ROUNDS]``
 times the contenders in interleaved rounds instead (each round runs every contender once).
-``--cpu`` (after ``--interleaved ROUNDS``) reads this process's CPU time instead of the wall
+``--item square`` (after ``--interleaved ROUNDS``) times ``x * x`` instead of ``mix``;
+``--cpu`` reads this process's CPU time instead of the wall
 clock: on a shared machine the time other processes take is then left out (a serial plan
 runs in this process, so nothing of it is lost; a plan that started workers would be).
 
@@ -34,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from workloads import mix, square
 
 from amorsize import execute, execute_iter
 
@@ -41,18 +45,21 @@ N = 200_000
 DATA = list(range(N))
 
 
-def square(x: int) -> int:
-    return x * x
+ITEMS: dict[str, Callable[[int], int]] = {"mix": mix, "square": square}
 
 
-CONTENDERS: dict[str, Callable[[], Any]] = {
-    "listcomp": lambda: [square(x) for x in DATA],
-    "execute": lambda: execute(square, DATA),
-    "genexp": lambda: deque((square(x) for x in DATA), maxlen=0),
-    "execute_iter": lambda: deque(execute_iter(square, DATA), maxlen=0),
-    "genexp_generator": lambda: deque((square(x) for x in iter(DATA)), maxlen=0),
-    "execute_iter_generator": lambda: deque(execute_iter(square, iter(DATA)), maxlen=0),
-}
+def contenders(f: Callable[[int], int]) -> dict[str, Callable[[], Any]]:
+    """Every contender, each a call that runs ``f`` over ``DATA`` once."""
+    return {
+        "listcomp": lambda: [f(x) for x in DATA],
+        "execute": lambda: execute(f, DATA),
+        "genexp": lambda: deque((f(x) for x in DATA), maxlen=0),
+        "execute_iter": lambda: deque(execute_iter(f, DATA), maxlen=0),
+        "genexp_generator": lambda: deque((f(x) for x in iter(DATA)), maxlen=0),
+        "execute_iter_generator": lambda: deque(execute_iter(f, iter(DATA)), maxlen=0),
+    }
+
+
 # Each amorsize contender and the reference it must stay within 5 % of.
 PAIRS = {
     "execute": "listcomp",
@@ -61,14 +68,15 @@ PAIRS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONTENDERS))
-def test_tiny_serial(benchmark: Any, name: str) -> None:
-    """One contender on the tiny workload (the plan is serial)."""
-    fn = CONTENDERS[name]
+@pytest.mark.parametrize("item", list(ITEMS))
+@pytest.mark.parametrize("name", list(contenders(mix)))
+def test_tiny_serial(benchmark: Any, name: str, item: str) -> None:
+    """One contender on a tiny workload (the plan is serial)."""
+    fn = contenders(ITEMS[item])[name]
     if name.startswith("execute"):
-        _, plan = execute(square, DATA, return_plan=True)
+        _, plan = execute(ITEMS[item], DATA, return_plan=True)
         assert plan.backend == "serial", plan
-    benchmark.group = f"serial plan: x * x over {N:,} ints"
+    benchmark.group = f"serial plan: {item} over {N:,} ints"
     benchmark.pedantic(fn, rounds=30, iterations=1, warmup_rounds=2)
 
 
@@ -78,16 +86,20 @@ def _ratios(paths: list[str]) -> list[str]:
     for path in paths:
         with open(path, encoding="utf-8") as f:
             stats = {
-                b["params"]["name"]: b["stats"] for b in json.load(f)["benchmarks"]
+                (b["params"]["item"], b["params"]["name"]): b["stats"]
+                for b in json.load(f)["benchmarks"]
             }
-        for ours, ref in PAIRS.items():
-            lo = stats[ours]["min"] / stats[ref]["min"]
-            mid = stats[ours]["median"] / stats[ref]["median"]
-            lines.append(f"{path}: {ours}/{ref}: min {lo:.3f}, median {mid:.3f}")
+        for item in ITEMS:
+            for ours, ref in PAIRS.items():
+                lo = stats[item, ours]["min"] / stats[item, ref]["min"]
+                mid = stats[item, ours]["median"] / stats[item, ref]["median"]
+                lines.append(f"{path}: {item} {ours}/{ref}: min {lo:.3f}, median {mid:.3f}")
     return lines
 
 
-def _interleaved(rounds: int, clock: Callable[[], float] = time.perf_counter) -> list[str]:
+def _interleaved(
+    rounds: int, clock: Callable[[], float] = time.perf_counter, f: Callable[[int], int] = mix
+) -> list[str]:
     """The same ratios from interleaved rounds in this process (min and median).
 
     Each pair takes turns on its own, first one then the other ahead: what ran before a
@@ -95,14 +107,15 @@ def _interleaved(rounds: int, clock: Callable[[], float] = time.perf_counter) ->
     allocates its 200,000 results from fresh memory and took ~15 % longer than one that
     follows ``execute``, which had freed a list of the same size just before).
     """
-    times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    for fn in CONTENDERS.values():
+    runs = contenders(f)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
         fn()  # warm: machine facts read, functions pickled once
     for ours, ref in PAIRS.items():
         for k in range(rounds):
             for name in (ref, ours) if k % 2 == 0 else (ours, ref):
                 t0 = clock()
-                CONTENDERS[name]()
+                runs[name]()
                 times[name].append(clock() - t0)
     return [
         f"{ours}/{ref}: min {min(times[ours]) / min(times[ref]):.3f}, median "
@@ -114,15 +127,18 @@ def _interleaved(rounds: int, clock: Callable[[], float] = time.perf_counter) ->
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--interleaved"]:
         rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 30
-        cpu = "--cpu" in sys.argv[3:]
-        for line in _interleaved(rounds, time.process_time if cpu else time.perf_counter):
-            print(line)
+        flags = sys.argv[3:]
+        clock = time.process_time if "--cpu" in flags else time.perf_counter
+        item = flags[flags.index("--item") + 1] if "--item" in flags else "mix"
+        for line in _interleaved(rounds, clock, ITEMS[item]):
+            print(f"{item} {line}")
         sys.exit(0)
     for line in _ratios(sys.argv[1:]):
         print(line)
     if len(sys.argv) > 2:
         print("(runs:", len(sys.argv) - 1, "; median of the medians per pair below)")
-        for ours, ref in PAIRS.items():
-            meds = [float(x.split("median ")[1]) for x in _ratios(sys.argv[1:])
-                    if f"{ours}/{ref}:" in x]  # fmt: skip
-            print(f"{ours}/{ref}: {statistics.median(meds):.3f}")
+        for item in ITEMS:
+            for ours, ref in PAIRS.items():
+                meds = [float(x.split("median ")[1]) for x in _ratios(sys.argv[1:])
+                        if f" {item} {ours}/{ref}:" in x]  # fmt: skip
+                print(f"{item} {ours}/{ref}: {statistics.median(meds):.3f}")
