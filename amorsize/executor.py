@@ -483,7 +483,7 @@ class _RunOptions:
             and not _telemetry_observers(False)
         ):  # fmt: skip
             # The plain call (execute(func, data)): nothing to check, and the checks cost
-            # ~1 % of a 10 ms run of 0.1 us items (bench_oracle.py tiny_0.1us, cold).
+            # ~1 % of a 10 ms run of x * x items (bench_oracle.py tiny_xx, cold).
             return _plain_options(_is_async(func), ordered_window)
         jobs, chunk = _check_sizes(api, n_jobs, chunksize)
         be = _check_backend(backend)
@@ -1887,8 +1887,7 @@ def execute(
     metrics; ``trace_chunks=True`` adds a child span per chunk (docs/observability.md).
     ``rate_limit=`` (an ``amorsize.RateLimiter``) bounds the calls of ``func``, retries
     included, across every worker of the run, processes too (as does a policy's
-    ``RetryBudget``): both move into shared memory for the run, and a cluster backend,
-    which shared memory does not reach, is refused before anything runs.
+    ``RetryBudget``); a cluster backend, which shared memory does not reach, is refused.
     ``report="run.html"`` (or ``.png``, with the ``report`` extra) writes a picture of the run
     when it ends: each worker's chunks over time, throughput, the plan's predicted vs
     measured time, retries and failures (see ``amorsize.report``).
@@ -1902,21 +1901,13 @@ def execute(
     from inside a coroutine).
 
     Sampling (when the optimizer sizes the run) calls ``func`` with its retry policy, and no
-    sampled item runs twice. Where sampled items run: with ``backend="processes"`` every
-    item, sampled ones included, runs in worker processes, so a crash (segfault,
-    ``os._exit``) is a ``WorkerCrashedError`` for that item; with ``backend="auto"`` the
-    first item runs in the calling process, and so do the next ones until they add up to
-    1 ms and show that a process plan could pay off, moving their bytes included
-    (``optimizer._offload_rule``); then
-    CPU-bound items of 50 us or more get the two-thread probe in the caller (a few rounds of
-    ~4 ms of work: GIL-releasing work then keeps its sample in the caller, as a threads
-    plan would run it), after which the rest of the sample runs in up to four workers; with
-    ``"threads"`` or ``"dask"`` they run in the caller. Once a sampled item crashed a
-    worker, serial and threads are ruled out.
-    A sampled item that fails raises at once with ``on_error="raise"``; with ``"collect"``
-    or a dead-letter queue it is a data point (its time counts, its failure takes its slot)
-    and sampling goes on. With a checkpoint, only items it does not hold are sampled and
-    counted as remaining, and messages name input indices.
+    sampled item runs twice. With ``backend="processes"`` every item, sampled ones included,
+    runs in worker processes (a crash is that item's ``WorkerCrashedError``); with
+    ``"auto"`` the first items run in the caller, the rest of the sample in workers once
+    a process plan could pay off (docs/execute.md says when). A sampled item that fails
+    raises at once with ``on_error="raise"``; with ``"collect"`` or a dead-letter queue it
+    is a data point and sampling goes on. With a checkpoint, only items it does not hold
+    are sampled, and messages name input indices.
 
     >>> execute(abs, [-1, -2, 3], backend="serial")
     [1, 2, 3]
@@ -1931,6 +1922,15 @@ def execute(
         max_worker_memory=max_worker_memory,
     )  # fmt: skip
     run = _Execution(func, data, opts, one_block=True)
+    results = _collected(run)
+    if return_plan:
+        assert run.report is not None
+        return results, run.report
+    return results
+
+
+def _collected(run: _Execution) -> list[Any]:
+    """Every result of ``run``, in input order: its blocks come in completion order."""
     results: list[Any] = []
     extend = results.extend
     for start, values in run.result_blocks():
@@ -1946,9 +1946,6 @@ def execute(
             if end > len(results):
                 extend([None] * (end - len(results)))
             results[start:end] = values
-    if return_plan:
-        assert run.report is not None
-        return results, run.report
     return results
 
 
