@@ -16,9 +16,9 @@ pytest-benchmark runs each contender's rounds back to back, so load that changes
 contenders shows in the ratio; ``python benchmarks/bench_serial.py --interleaved [ROUNDS]``
 times the contenders in interleaved rounds instead (each round runs every contender once).
 ``--item square`` (after ``--interleaved ROUNDS``) times ``x * x`` instead of ``mix``;
-``--cpu`` reads this process's CPU time instead of the wall
-clock: on a shared machine the time other processes take is then left out (a serial plan
-runs in this process, so nothing of it is lost; a plan that started workers would be).
+``--cpu`` reads this process's CPU time instead of the wall clock: on a shared machine the
+time other processes take is then left out (a serial plan runs in this process, so
+nothing of it is lost; a plan that started workers would be).
 
 To compare two builds on a shared machine, alternate them, e.g. three times each::
 
