@@ -17,6 +17,23 @@ passes one built on the processes backend), where ``TimedCall`` measures each ca
 crash only fails its item. A failure either stops the sample or, with ``keep_going``, is a
 data point kept in its slot (``SampledFailure``).
 
+The two-thread probe (``sample(probe_threads=True)``): when the sample adapts and shows
+CPU work (not waiting) of at least ``PROBE_MIN_ITEM_S`` per item, with enough items left
+that the probe costs at most ``SAMPLE_FRACTION`` of the best parallel run, the next items
+run in rounds of about ``2 * PROBE_SIDE_S`` of work on two threads at once (in the calling
+process): their CPU seconds while both ran give ``Profile.thread_overlap``
+(``probe_overlap``). Their results are kept like any sampled item (a failure stops the
+probe; items the other thread ran past it are dropped, like a parallel run's, and stay in
+the data). With ``offload``, the probe runs in the caller just before the sample would
+move to ``remote``; if the threads overlapped, the rest of the sample stays in the caller.
+
+Spilling (``sample(spill=...)``): when the sample adapts and its first item runs in the
+caller, a watcher thread reads the caller's CPU clock while that item runs. Once it has
+waited (run ``SPILL_AFTER_S`` at under a tenth of a core), up to ``spill_items`` next items
+start on threads at once through ``spill``, and the sample takes them all: waiting work
+then loses no whole item time to a lone first item. A failure among them is handled as in
+the probe.
+
 >>> s = sample(abs, [-1, 2, -3])
 >>> s.results, s.profile.n_sampled
 ((1, 2, 3), 3)
@@ -1073,37 +1090,21 @@ def sample(
 
     ``sample_size`` fixes the count (else it adapts, see the module docstring; ``cores`` and
     ``assumed_length``, used when the length is unknown, at most ``UNKNOWN_SAMPLE_HORIZON``,
-    size the best-case parallel run that the sample must stay a small fraction of). Never draws more items from an iterator
-    than it runs.
+    size the best-case parallel run that the sample must stay a small fraction of). Never
+    draws more items from an iterator than it runs.
 
     Failures: by default sampling stops at the first item ``func`` raises on; the profile
     records it and ``results`` hold only the items before it. With ``keep_going`` a failed
-    item is a data point: its time counts, a ``SampledFailure`` takes its slot in
-    ``results``, and sampling goes on.
+    item is a data point (its time counts, a ``SampledFailure`` takes its slot).
 
     Where items run: in the calling thread, unless ``remote`` is given (a ``RemoteRunner``,
     running batches in a worker process). With ``remote`` alone every item runs there; with
     ``offload`` too, the first item runs in the caller, and so do the next ones until they
-    add up to 1 ms and ``offload`` (an ``OffloadRule``) says yes: then the rest of
-    the sample runs remotely. ``index_of`` maps a position in
-    ``data`` to the input index that messages name (a stream that skips items).
-
-    ``probe_threads``: when the sample adapts and shows CPU work (not waiting) of at least
-    ``PROBE_MIN_ITEM_S`` per item, with enough items left that the probe costs at most
-    ``SAMPLE_FRACTION`` of the best parallel run, the next items run in rounds of about
-    ``2 * PROBE_SIDE_S`` of work on two threads at once (in the calling process): their
-    CPU seconds while both ran give ``Profile.thread_overlap`` (``probe_overlap``). Their
-    results are kept like any sampled item (a failure stops the probe; items the other
-    thread ran past it are dropped, like a parallel run's, and stay in ``data``). With
-    ``offload``, the probe runs in the caller just before the sample would move to
-    ``remote``; if the threads overlapped, the rest of the sample stays in the caller.
-
-    ``spill``: when the sample adapts and its first item runs in the caller, a watcher
-    thread reads the caller's CPU clock while that item runs. Once it has waited (run
-    ``SPILL_AFTER_S`` at under a tenth of a core), up to ``spill_items`` next items start
-    on threads at once through ``spill``, and the sample takes them all: waiting work
-    then loses no whole item time to a lone first item. A failure among them is handled
-    as in the probe.
+    add up to 1 ms and ``offload`` (an ``OffloadRule``) says yes: then the rest of the
+    sample runs remotely. ``index_of`` maps a position in ``data`` to the input index that
+    messages name (a stream that skips items). ``probe_threads`` runs the two-thread probe
+    and ``spill`` starts up to ``spill_items`` next items on threads once a first item
+    waits (the module docstring tells both).
 
     >>> s = sample(str, iter(range(5)), sample_size=2)
     >>> s.results, list(s.data)
@@ -1123,12 +1124,7 @@ def sample(
     if spill is not None and here and src.seq is not None and not rules.fixed and limit > 1:
         # Sequences only: an iterator's next items would be drawn on the watcher's thread.
         _run_first_watched(func, src, tally, spill, min(spill_items, limit - 1))
-        n = len(tally.times)
-        if n and rules.enough(tally.wall, n, tally.cpu, tally.switches):
-            limit = src.pos  # enough already (the spilled items, or one slow item)
-        elif n and remote is not None and offload is not None and tally.wall >= _MIN_SAMPLE_S:
-            # as _run_here asks after each item
-            here = not offload(tally.timed / n, n, functools.partial(_item_bytes, src, tally))
+        limit, here = _after_first(src, tally, rules, limit, offload if remote else None)
     probe = probe_threads and not rules.fixed
     overlap = math.nan
     while src.pos < limit and not tally.stopped and not src.ended:
@@ -1151,6 +1147,20 @@ def sample(
         overlap = _probe(func, src, tally, rules)
     wall = time.perf_counter() - start
     return _finish(func, data, src, tally, wall, index_of or (lambda k: k), overlap)
+
+
+def _after_first(
+    src: _Source, tally: _Tally, rules: _Rules, limit: int, offload: OffloadRule | None
+) -> tuple[int, bool]:
+    """After the watched first item (and any spilled ones): the sample's new limit, and
+    whether the next items run in the caller (``offload``, asked as ``_run_here`` asks
+    after each item, may send them to a worker)."""
+    n = len(tally.times)
+    if n and rules.enough(tally.wall, n, tally.cpu, tally.switches):
+        return src.pos, True  # enough already (the spilled items, or one slow item)
+    if n and offload is not None and tally.wall >= _MIN_SAMPLE_S:
+        return limit, not offload(tally.timed / n, n, functools.partial(_item_bytes, src, tally))
+    return limit, True
 
 
 def _probe_size(tally: _Tally, rules: _Rules) -> tuple[int, int]:
