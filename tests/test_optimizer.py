@@ -696,34 +696,45 @@ def two_cores(monkeypatch: pytest.MonkeyPatch) -> SystemInfo:
 
 
 @pytest.mark.parametrize("how", ["collect", "dead_letter"])
-def test_failed_sample_does_not_force_serial(
-    tmp_path: Path, two_cores: SystemInfo, how: str
-) -> None:
-    """issue 12 item 10: a sample failing on item 0 is a data point: the plan stays parallel."""
+def test_failed_sample_is_a_data_point(tmp_path: Path, two_cores: SystemInfo, how: str) -> None:
+    """issue 12 item 10: a sample failing on item 0 goes on, and the failure is kept."""
     data = [(i, str(tmp_path)) for i in range(200)]
     kw: dict[str, Any] = (
         {"on_error": "collect"} if how == "collect" else {"dead_letter": tmp_path / "dl.db"}
     )
     results, plan = execute(busy_fails_first, data, return_plan=True, **kw)
-    # Which parallel plan wins depends on how busy the machine is while sampling (a crowded
-    # item looks like waiting): only "not serial because of the failure" is asserted.
-    assert plan.backend != "serial", plan.reason
+    # The plan itself depends on how busy the machine is while sampling (under load the
+    # sample can use up most items): the decision is tested on an injected profile below.
+    profile = plan.optimization.profile
+    assert profile.n_failed == 1 and profile.error_index == 0 and profile.n_sampled > 1
+    assert "raised on the first item" not in plan.reason
     assert isinstance(results[0], ItemFailure) and results[0].index == 0
     assert results[1:] == list(range(1, 200))
     assert [_calls(tmp_path, i) for i in range(200)] == [1] * 200  # nothing ran twice
     assert plan.failed == 1 and plan.completed == 199
 
 
+def test_failed_sample_does_not_force_serial() -> None:
+    """issue 12 item 10: CPU-bound items whose first one failed still go to processes."""
+    failed = _profile(
+        1e-3, 2000, n_failed=1, error_index=0, error=ValueError("bad 0"), in_caller=1
+    )
+    r = _plan(failed)
+    assert (r.backend, r.n_jobs) == ("processes", 2), r.reason
+
+
 def test_transient_sample_failure_is_retried_in_the_sample(
     tmp_path: Path, two_cores: SystemInfo
 ) -> None:
-    """issue 12 item 10: with retry=, the sample retries item 0, and the plan stays parallel."""
+    """issue 12 item 10: with retry=, the sample retries item 0, which then counts as a
+    success (the plan that follows is load-dependent: see the injected-profile test)."""
     Path(tmp_path, "once").touch()
     data = [(i, str(tmp_path)) for i in range(200)]
     with set_testing(True):
         results, plan = execute(busy_fails_first, data, retry=RetryPolicy(max_retries=2),
                                 return_plan=True)
-    assert plan.backend != "serial", plan.reason
+    profile = plan.optimization.profile
+    assert profile.n_failed == 0 and profile.error_index is None and profile.n_sampled > 1
     assert results == list(range(200))
     assert _calls(tmp_path, 0) == 2 and _calls(tmp_path, 1) == 1
 
