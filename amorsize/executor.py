@@ -638,10 +638,9 @@ def _remote_sampler(
             workers = max(1, min(math.floor(get_system_info().usable_cores), _SAMPLE_WORKERS))
         got: dict[int, ItemRun | None] = {}
         call = TimedCall(func, stop=stop, budget_s=budget_s)
-        backend = be if isinstance(be, Backend) else be()
         try:
             tasks = _sample_tasks(first, items, workers)
-            for task, outcomes in backend.run(
+            for task, outcomes in be.run(
                 call, iter(tasks), n_jobs=len(tasks), max_in_flight=len(tasks)
             ):
                 all_ok = type(outcomes) is OkValues
