@@ -169,8 +169,9 @@ _MEMORY_ITEMS = 4
 _BLOCK_ITEM_S = 2e-6
 _QUICK_RUN = 16
 _BLOCK_MAX = 256
-# Items this tiny are clearly tiny once this many ran in blocks (16 + 32 + 64 + 128) whose
-# per-item times agree within _BLOCK_AGREE: the mean is known well enough for any plan
+# Items this tiny are clearly tiny once this many ran in blocks (16 + 32 + 64 + 128) and
+# the last two blocks' per-item times agree within _BLOCK_AGREE: the mean is known well
+# enough for any plan
 # (each block averages its items, so the 1 ms floor against per-call clock noise does not
 # apply), and every further sampled item costs bookkeeping the run would not pay (a list
 # slot, a share of the profile's sums: ~0.1 ms per 2000 items, 1 % of a 200k-item run).
@@ -282,46 +283,47 @@ def _rss() -> int:
     Read from a descriptor kept open per process: opening /proc/self/statm costs ~35 us,
     a read at offset 0 ~1 us (the file is regenerated on each read), and the first
     sampled item of every run is read twice (on 0.1 us items, 0.7 % of a 200k-item run).
+    A forked child drops the parent's descriptor at the fork (``_forked``), so no read
+    asks for the process id (a system call each).
     """
     global _statm
-    pid = os.getpid()
     statm = _statm
     try:
-        if statm is None or statm[0] != pid:
-            statm = _open_statm(pid)
+        if statm is None:
+            statm = _open_statm()
         return int(os.pread(statm[1], 128, 0).split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         _statm = None  # closed behind our back, say: open it again next time
         return 0
 
 
-def _open_statm(pid: int) -> tuple[int, int]:
-    """``_statm`` for this process (an inherited one, the parent's file, is closed)."""
+def _open_statm() -> tuple[int, int]:
+    """``_statm`` for this process, opened once."""
     global _statm
     with _statm_lock:
-        statm = _statm
-        if statm is None or statm[0] != pid:
-            if statm is not None:
-                with contextlib.suppress(OSError):
-                    os.close(statm[1])
-            _statm = None
-            statm = _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
-        return statm
+        if _statm is None:
+            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+        return _statm
 
 
-# (pid, descriptor) of /proc/self/statm, opened by ``_rss`` in this process.
+# (pid that opened it, descriptor) of /proc/self/statm, opened by ``_rss``.
 _statm: tuple[int, int] | None = None
 _statm_lock = threading.Lock()
 
 
-def _new_statm_lock() -> None:
-    # A forked child gets a fresh lock: another thread may have held the parent's.
-    global _statm_lock
+def _forked() -> None:
+    """In a forked child: a fresh lock (another thread may have held the parent's), and
+    the parent's descriptor closed (it reads the parent's memory)."""
+    global _statm_lock, _statm
     _statm_lock = threading.Lock()
+    if _statm is not None:
+        with contextlib.suppress(OSError):
+            os.close(_statm[1])
+        _statm = None
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_statm_lock)
+    os.register_at_fork(after_in_child=_forked)
 
 
 def _voluntary_switches() -> int:
@@ -976,7 +978,10 @@ def _run_blocks(
     size = _QUICK_RUN
     meter = _Meter(tally, src)
     own = _OwnTime()
-    lo, hi = math.inf, 0.0  # the fastest and slowest block of 64 or more, per item
+    # Per item, the last block of 64 or more, and the two last as (faster, slower): two in
+    # a row that agree tell the mean, so a block an interrupt or page faults slowed
+    # down costs a block or two more, not the rest of MAX_SAMPLE_ITEMS.
+    last, lo, hi = math.inf, math.inf, 0.0
     while not verdict and src.pos < limit and not tally.stopped:
         first = src.pos
         items = src.take(min(size, limit - first))
@@ -1002,7 +1007,7 @@ def _run_blocks(
             src.give_back(len(items) - n_run)  # not run: they stay in the data
             tally.fail(first + n_ok, failure, sec, getattr(failure, "attempts", 1))
         if n_run >= _BLOCK_ALIKE_MIN:  # smaller blocks carry the block's fixed cost
-            lo, hi = min(lo, sec), max(hi, sec)
+            lo, hi, last = min(last, sec), max(last, sec), sec
         if times and (meter.spent(t1) >= _MIN_SAMPLE_S or rules.budget_s <= 0):
             verdict = meter.verdict(tally, rules, offload, timed, t1)
         elif _clearly_tiny(rules, ran, lo, hi):
@@ -1013,8 +1018,9 @@ def _run_blocks(
 
 
 def _clearly_tiny(rules: _Rules, ran: int, lo: float, hi: float) -> bool:
-    """Whether ``ran`` items timed in blocks of ``lo`` to ``hi`` seconds per item are
-    enough: tiny, and alike (see ``_BLOCK_ENOUGH``). A fixed sample size runs in full."""
+    """Whether ``ran`` items timed in blocks, the last two of ``lo`` and ``hi`` seconds per
+    item, are enough: tiny, and alike (see ``_BLOCK_ENOUGH``). A fixed sample size runs in
+    full."""
     return (
         not rules.fixed and ran >= _BLOCK_ENOUGH and 0.0 < hi < _BLOCK_ITEM_S
         and hi <= _BLOCK_AGREE * max(lo, 50e-9)
@@ -1489,9 +1495,9 @@ class _Watch:
 
 class _Watcher:
     """The process's one watcher thread, started on first use (again in a forked child,
-    which has none): starting a thread per sample cost ~80 us, a tiny run's budget. It
-    waits in the compiled core (``WatchBoard``), without the GIL, until an item looks
-    blocked: a quick first item never hands it the GIL."""
+    which has none: ``reset`` runs at the fork): starting a thread per sample cost ~80 us,
+    a tiny run's budget. It waits in the compiled core (``WatchBoard``), without the GIL,
+    until an item looks blocked: a quick first item never hands it the GIL."""
 
     def __init__(self) -> None:
         self.reset()
@@ -1499,7 +1505,6 @@ class _Watcher:
     def reset(self) -> None:
         """As new: in a forked child (no watcher thread there, maybe a lock held)."""
         self.lock = threading.Lock()
-        self.pid = -1
         self.board: WatchBoard | None = None
 
     def watch(self, watch: _Watch | None) -> None:
@@ -1507,10 +1512,10 @@ class _Watcher:
         thread (a first call starts it early, so that it runs in time)."""
         with self.lock:
             board = self.board
-            if board is None or self.pid != os.getpid():
+            if board is None:
                 board = WatchBoard()
                 _thread.start_new_thread(self._loop, (board,))
-                self.board, self.pid = board, os.getpid()
+                self.board = board
         if watch is not None and board.post(watch, watch.clock, watch.tid):
             watch.board = board
 
@@ -1531,7 +1536,7 @@ def start_watcher() -> None:
     """Start the thread that watches first items for ``sample(spill=...)``, if not yet
     running in this process: on a busy machine a thread started just before the first
     item may run only after it."""
-    if _WATCHER.board is not None and _WATCHER.pid == os.getpid():
+    if _WATCHER.board is not None:
         return  # running already (most calls)
     with contextlib.suppress(RuntimeError):
         _WATCHER.watch(None)

@@ -946,3 +946,41 @@ def test_the_probe_runs_before_the_sample_moves_to_a_worker(
     assert log[0] == "probe" and ("remote" in log) is goes_remote
     assert log.count("probe") == 1 and s.profile.thread_overlap == overlap
     assert s.results == tuple(python_loop(x) for x in range(s.profile.n_sampled))
+
+
+class _VirtualClock:
+    """``sampling.time`` for a test: every clock reads virtual seconds that only ``func``
+    advances (CPU time = wall time: never preempted, never waiting)."""
+
+    def __init__(self) -> None:
+        self.now = 1.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    thread_time = process_time = monotonic = perf_counter
+
+
+@pytest.mark.parametrize(
+    ("slow", "n_sampled"),
+    [
+        (range(0), 256),  # alike from the start: 16 one by one, then 16 + 32 + 64 + 128
+        (range(128, 256), 768),  # the block of 128 slowed: two blocks of 256 more
+        (range(64, 128), 512),  # the first block of 64 slowed: one block of 256 more
+    ],
+    ids=["alike", "block-128-slowed", "block-64-slowed"],
+)
+def test_one_disturbed_block_does_not_run_the_sample_to_its_cap(
+    monkeypatch: pytest.MonkeyPatch, slow: range, n_sampled: int
+) -> None:
+    """Tiny items stop sampling once the last two blocks agree, one slow block between."""
+    clock = _VirtualClock()
+    monkeypatch.setattr(sampling, "time", clock)
+
+    def tiny(x: int) -> int:
+        clock.now += 300e-9 if x in slow else 100e-9  # an interrupt, page faults: 3x
+        return x
+
+    s = sample(tiny, list(range(200_000)))
+    assert s.profile.n_sampled == n_sampled < MAX_SAMPLE_ITEMS
+    assert s.results == tuple(range(n_sampled))
