@@ -414,8 +414,7 @@ def _optimize(
     t_sample = time.perf_counter()
     rule = None
     if remote is not None and offload:
-        warm = warm_workers() if callable(warm_workers) else warm_workers
-        rule = _offload_rule(system, warm, _planned_length(data))
+        rule = _offload_rule(system, warm_workers, _planned_length(data))
     s = sample(
         func, data, sample_size=sample_size, cores=system.usable_cores,
         assumed_length=ASSUMED_UNKNOWN_LENGTH, keep_going=keep_going, remote=remote,
@@ -444,7 +443,7 @@ def _planned_length(data: Iterable[Any]) -> int:
     return ASSUMED_UNKNOWN_LENGTH if hint < 0 else hint
 
 
-def _offload_rule(system: SystemInfo, warm: int, total: int) -> OffloadRule:
+def _offload_rule(system: SystemInfo, warm: int | Callable[[], int], total: int) -> OffloadRule:
     """Whether items this slow could make a process plan pay off: then sample in a worker.
 
     A lower bound on any process plan (``model_parallel_floor``'s, with what the sample
@@ -455,15 +454,21 @@ def _offload_rule(system: SystemInfo, warm: int, total: int) -> OffloadRule:
     ``_OFFLOAD_MIN_ITEM_S`` never pay. The bytes are weighed only when the rest of the
     rule says yes: 2500 items of 200 KB that took 0.1 ms each went to a worker (45 ms of
     a 0.3 s serial job, bench_quality.py big_input_200kb) though moving one costs 0.35 ms.
+    ``warm`` (running workers) may be a callable: it is asked once, when first needed (it
+    polls each worker process; most samples never get that far).
     """
     cores = max(system.usable_cores, 1.0)
-    fixed = system.process_roundtrip_s + (
-        0.0 if warm > 0 else system.process_startup_s + system.process_startup_per_worker_s
-    )
+    asked: list[int] = []  # ``warm``'s answer, once asked
+
+    def fixed() -> float:
+        if not asked:
+            asked.append(warm() if callable(warm) else warm)
+        start = system.process_startup_s + system.process_startup_per_worker_s
+        return system.process_roundtrip_s + (0.0 if asked[0] > 0 else start)
 
     def pays(rest: int, mean: float, parent: float) -> bool:
         share = max(parent, (mean + parent) / cores)
-        return rest * mean > MIN_SPEEDUP * (fixed + rest * share)
+        return rest * mean > MIN_SPEEDUP * (fixed() + rest * share)
 
     def could_pay(mean: float, done: int, item_bytes: Callable[[], float]) -> bool:
         rest = max(total - done, 0)

@@ -766,6 +766,21 @@ def test_offload_rule_on_injected_facts() -> None:
     assert _offload_rule(_facts(), 2, 1000)(5e-6, 100, small)  # warm workers start for free
 
 
+def test_offload_rule_counts_warm_workers_only_when_needed() -> None:
+    """The warm-worker count (a poll of each worker process) is asked once, and never for
+    items too quick to move."""
+    asked: list[int] = []
+
+    def warm() -> int:
+        asked.append(1)
+        return 2
+
+    small = lambda: 60.0  # noqa: E731
+    rule = _offload_rule(_facts(), warm, 1000)
+    assert not rule(1e-7, 500, small) and asked == []
+    assert rule(5e-6, 100, small) and rule(1e-3, 1, small) and asked == [1]
+
+
 @pytest.mark.parametrize(
     ("item_bytes", "moves"),
     [(60.0, True), (10e3, True), (200e3, False), (math.inf, False)],
