@@ -58,3 +58,30 @@ def _signing_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     where = tmp_path_factory.mktemp("amorsize-config")
     with _private_dir("AMORSIZE_CONFIG_DIR", where, amorsize._signing._reset) as path:
         yield path
+
+
+def _run_in_forked_child(body: Callable[[], int]) -> int:
+    """``body()``'s code (0: as expected), run in a forked child; 1 if it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = body()
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return got[0] if got else 1
+
+
+@pytest.fixture
+def in_forked_child() -> Callable[[Callable[[], int]], int]:
+    """Runs a check in a forked child (``os.fork``): its code, 0 when as expected."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork")
+    return _run_in_forked_child
+

@@ -80,24 +80,6 @@ def test_a_blocked_item_is_reported_after_quick_ones() -> None:
     assert watcher.saw_blocked("blocked again")  # the watcher goes on
 
 
-def _in_forked_child(body: Callable[[], int]) -> int:
-    """``body()``'s code (0: as expected), run in a forked child; 1 if it raised."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = body()
-        finally:
-            os.write(w, bytes([code]))
-            os._exit(0)
-    os.close(w)
-    got = os.read(r, 1)
-    os.close(r)
-    os.waitpid(pid, 0)
-    return got[0] if got else 1
-
-
 def _times_blocked(native_id: int) -> int:
     """How often thread ``native_id`` of this process went to sleep so far."""
     with open(f"/proc/self/task/{native_id}/status", encoding="ascii") as f:
@@ -127,8 +109,9 @@ def test_quick_items_wake_nobody() -> None:
     assert watcher.reports.empty()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_without_an_alarm_a_post_wakes_the_watcher() -> None:
+def test_without_an_alarm_a_post_wakes_the_watcher(
+    in_forked_child: Callable[[Callable[[], int]], int],
+) -> None:
     """Where no alarm can be made (here: no file descriptor left for the timerfd), a post
     releases the watcher's lock instead, and a blocked item is still reported."""
     import resource
@@ -143,7 +126,7 @@ def test_without_an_alarm_a_post_wakes_the_watcher() -> None:
         except OSError:
             return 0 if Watcher(WatchBoard()).saw_blocked("blocked") else 2
 
-    assert _in_forked_child(without_descriptors) == 0
+    assert in_forked_child(without_descriptors) == 0
 
 
 def test_an_item_off_the_cpu_but_runnable_is_not_reported() -> None:
@@ -203,8 +186,9 @@ def test_posts_from_many_threads_never_share_the_board() -> None:
     assert watcher.saw_blocked("after the storm")
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_gets_its_own_watcher() -> None:
+def test_a_forked_child_gets_its_own_watcher(
+    in_forked_child: Callable[[Callable[[], int]], int],
+) -> None:
     """The child has no watcher thread: its first watch starts one, and a waiting first
     item still spills there."""
     sampling.start_watcher()
@@ -227,4 +211,4 @@ def test_a_forked_child_gets_its_own_watcher() -> None:
         s = sampling.sample(first_waits, list(range(8)), spill=spill)
         return 0 if spilled.is_set() and s.results == tuple(range(8)) else 2
 
-    assert _in_forked_child(spills) == 0
+    assert in_forked_child(spills) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -158,3 +159,14 @@ def test_nothing_is_logged_on_the_success_path(caplog: pytest.LogCaptureFixture)
         execute(abs, range(50), backend="threads", n_jobs=2, retry=RetryPolicy(max_retries=2))
         execute(abs, range(50), backend="serial", circuit_breaker=breaker)
     assert [r for r in caplog.records if r.name.startswith("amorsize")] == []
+
+
+def test_a_forked_child_names_its_runs_with_its_own_pid(
+    in_forked_child: Callable[[Callable[[], int]], int],
+) -> None:
+    """Run ids start with the process id in hex, a forked child's own (read once, at fork)."""
+    from amorsize._log import new_run_id
+
+    assert new_run_id().split("-")[0] == f"{os.getpid():x}"
+    assert in_forked_child(lambda: int(new_run_id().split("-")[0] != f"{os.getpid():x}")) == 0
+
