@@ -16,7 +16,7 @@ here, reported outside the targets' geometric mean and max):
 All in one process (``fork`` pools start in milliseconds), each contender run ``--repeats``
 times (median); a contender whose first run is slower than three times the best so far
 (plus 0.2 s) is cut short and not repeated. Where the oracle takes under 50 ms, it and
-execute then take turns 21 times, and those medians are compared. A generator workload
+execute then take turns 41 times, and those medians are compared. A generator workload
 hands every contender a fresh generator expression. Prints the load average with the
 table.
 
@@ -62,9 +62,11 @@ _REPEATS = 3
 # 0.97-1.24 between runs of one build at load 1.4-3, and the same serial loop sped up from
 # 13.5 to 6.6 ms over nine runs in a row, so runs taken one contender after the other
 # compared execute's later runs with the oracle's earlier ones. Nine turns left the tiny
-# rows' median moving 1.00-1.14 between runs of one build; 21 cost under 2 s a row.
+# rows' median moving 1.00-1.14 between runs of one build; 21 moved it 0.98-1.07 (a run's
+# 200k-item loops vary +-5 % one to the next); 41 moved it 1.03-1.04 in four runs
+# (tiny_0.1us; tiny_xx 1.08-1.12), for ~2 s more a row.
 _SHORT_S = 0.05
-_SHORT_REPEATS = 21
+_SHORT_REPEATS = 41
 _GENERATOR_INPUT = {"generator_1ms"}
 # Rows beyond the issue's seven workloads: shown, but outside the targets' aggregates.
 _BEYOND_ISSUE = {"tiny_xx"}
