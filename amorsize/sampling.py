@@ -171,10 +171,10 @@ _QUICK_RUN = 16
 _BLOCK_MAX = 256
 # Items this tiny are clearly tiny once this many ran in blocks (16 + 32 + 64 + 128) and
 # the last two blocks' per-item times agree within _BLOCK_AGREE: the mean is known well
-# enough for any plan
-# (each block averages its items, so the 1 ms floor against per-call clock noise does not
-# apply), and every further sampled item costs bookkeeping the run would not pay (a list
-# slot, a share of the profile's sums: ~0.1 ms per 2000 items, 1 % of a 200k-item run).
+# enough for any plan (each block averages its items, so the 1 ms floor against per-call
+# clock noise does not apply), and every further sampled item costs bookkeeping the run
+# would not pay (a list slot, a share of the profile's sums: ~0.1 ms per 2000 items, 1 %
+# of a 200k-item run).
 _BLOCK_ENOUGH = 240
 _BLOCK_AGREE = 2.0
 # Blocks compared for that: smaller ones carry a visible share of the block's own cost
@@ -978,9 +978,10 @@ def _run_blocks(
     size = _QUICK_RUN
     meter = _Meter(tally, src)
     own = _OwnTime()
-    # Per item, the last block of 64 or more, and the two last as (faster, slower): two in
-    # a row that agree tell the mean, so a block an interrupt or page faults slowed
-    # down costs a block or two more, not the rest of MAX_SAMPLE_ITEMS.
+    # Seconds per item of the last block of 64 or more (``last``), and of the last two
+    # (``lo`` the faster, ``hi`` the slower): two in a row that agree tell the mean, so a
+    # block that an interrupt or page faults slowed costs a block or two more, not the
+    # rest of MAX_SAMPLE_ITEMS.
     last, lo, hi = math.inf, math.inf, 0.0
     while not verdict and src.pos < limit and not tally.stopped:
         first = src.pos
