@@ -84,4 +84,3 @@ def in_forked_child() -> Callable[[Callable[[], int]], int]:
     if not hasattr(os, "fork"):
         pytest.skip("needs fork")
     return _run_in_forked_child
-

@@ -169,4 +169,3 @@ def test_a_forked_child_names_its_runs_with_its_own_pid(
 
     assert new_run_id().split("-")[0] == f"{os.getpid():x}"
     assert in_forked_child(lambda: int(new_run_id().split("-")[0] != f"{os.getpid():x}")) == 0
-
