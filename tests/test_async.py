@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,24 @@ def test_a_waiting_sample_starts_the_next_items_at_once() -> None:
     results, plan = execute(_gated(100, started, []), range(100), return_plan=True)
     assert results == list(range(100))
     assert plan.reused == 100  # every item ran in the sample, none waited for another wave
+
+
+def test_a_busy_first_look_is_taken_again() -> None:
+    """A loop kept busy through the first look (a garbage collection, a first call's
+    imports: here 3 ms of CPU in item 0) is looked at again: waiting items still spill."""
+    started: list[int] = []
+    gate: list[asyncio.Event] = []
+    waiting = _gated(100, started, gate)
+
+    async def item(x: int) -> int:
+        if x == 0:
+            end = time.thread_time() + 3e-3  # CPU, not a wait: the loop reads as busy
+            while time.thread_time() < end:
+                pass
+        return await waiting(x)
+
+    results, plan = execute(item, range(100), return_plan=True)
+    assert results == list(range(100)) and plan.reused == 100
 
 
 def test_the_caller_n_jobs_caps_the_sample() -> None:

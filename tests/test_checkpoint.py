@@ -1189,9 +1189,11 @@ def test_batches_cannot_be_moved(tmp_path: Path, move: str) -> None:
         donor = tmp_path / "donor"
         donor.mkdir()
         donor_path, _ = _tagged_file(donor)
-        row = sqlite3.connect(donor_path).execute(
+        donor_db = sqlite3.connect(donor_path)
+        row = donor_db.execute(
             "SELECT n, runs, hashes, results, digest, mac FROM checkpoint_batches WHERE id = 1"
         ).fetchone()
+        donor_db.close()  # (an unclosed connection is a ResourceWarning from CPython 3.13)
         _tamper(path, lambda conn: conn.execute(
             "UPDATE checkpoint_batches SET n=?, runs=?, hashes=?, results=?, digest=?, mac=? WHERE id = 1", row
         ))
